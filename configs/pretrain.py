@@ -92,6 +92,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = s['eval_every']  # validation cadence (and always at the end)
   c.eval.rate = 0.15  # fixed evaluation masking rate, whatever the training rate
+  c.eval.split = (0.8, 0.1, 0.1)  # fixed evaluation corruption split, whatever the training split
   c.eval.num_batches = 50  # validation batches per evaluation (0 = the whole split)
   c.eval.batch_size = 64  # validation batch size
   c.eval.seed = 1234  # fixed key for validation masks: every evaluation asks the same question

@@ -1,0 +1,90 @@
+"""Orbax checkpoints of the whole train state: save, resume, and fall back past damaged steps."""
+
+import pathlib
+import shutil
+import time
+from typing import Any, Callable
+
+import orbax.checkpoint as ocp
+
+STATE, META = 'state', 'meta'
+
+
+class Checkpointer:
+  """Wraps an orbax CheckpointManager with items 'state' (pytree) and 'meta' (JSON)."""
+
+  def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True,
+               log: Callable[[str], None] = print):
+    self.directory = pathlib.Path(directory).absolute()
+    self.log = log
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(self.directory, options=self._options, item_names=(STATE, META))
+
+  def all_steps(self) -> list[int]:
+    """Returns the committed step numbers, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """Returns the newest committed step (not verified to restore), or None."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    """Starts saving state and meta at step (in the background when async)."""
+    self._manager.save(step, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Returns (state, meta) of step, restored onto the shardings in abstract_state."""
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+    return out[STATE], dict(out[META])
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    """Returns (step, state, meta) of the newest step that restores, moving damaged ones aside."""
+    for step in reversed(self.all_steps()):
+      try:
+        state, meta = self.restore(step, abstract_state)
+        return step, state, meta
+      except Exception as e:  # orbax raises ValueError, KeyError or bare Exception for damage.
+        if _is_shape_mismatch(e):
+          raise ValueError(f'checkpoint {self.directory / str(step)} does not fit this model: '
+                           f'{_first_line(e)}') from None
+        aside = self._move_aside(step)
+        self.log(f'WARNING: checkpoint step {step} does not restore ({type(e).__name__}: '
+                 f'{_first_line(e)}); moved to {aside}, trying the previous step')
+    return None
+
+  def _move_aside(self, step: int) -> pathlib.Path:
+    """Moves a damaged step directory out of the manager's view (never deletes it)."""
+    self._manager.wait_until_finished()
+    src = self.directory / str(step)
+    dst_root = self.directory.parent / (self.directory.name + '_damaged')
+    dst_root.mkdir(parents=True, exist_ok=True)
+    dst = dst_root / f'{step}.{time.strftime("%Y%m%d-%H%M%S")}'
+    shutil.move(str(src), str(dst))
+    self._manager.close()
+    self._manager = self._open()
+    return dst
+
+  def wait(self) -> None:
+    """Blocks until pending background saves are committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Commits pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0][:300] if text else ''
+
+
+def _is_shape_mismatch(e: BaseException) -> bool:
+  text = str(e).lower()
+  return 'shape' in text and ('mismatch' in text or 'does not match' in text or 'expected' in text)

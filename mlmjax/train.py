@@ -1,0 +1,507 @@
+"""MLM training loop: `python -m mlmjax.train --config configs/pretrain.py:tiny --workdir runs/x`."""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mlmjax import checkpoint, evaluate, input_pipeline, losses, masking, model, optim, sharding
+
+# Parameters carry logical axis names as metadata only; shardings are applied by jit.
+nnx.use_eager_sharding(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging: one progress line per window, metrics.jsonl, TensorBoard, all from process 0 only.
+
+
+class Reporter:
+  """Writes the progress line, log.txt, metrics.jsonl and TensorBoard events of a workdir."""
+
+  def __init__(self, workdir: pathlib.Path, *, enabled: bool, resume_step: int | None):
+    self.workdir = workdir
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      self._truncate_metrics(resume_step)
+
+  def log(self, text: str) -> None:
+    """Prints a line and appends it to log.txt."""
+    if not self.enabled:
+      return
+    print(text, flush=True)
+    with open(self.workdir / 'log.txt', 'a') as f:
+      f.write(text + '\n')
+
+  def _truncate_metrics(self, resume_step: int | None) -> None:
+    """Drops metrics.jsonl records past the step a resumed run continues from."""
+    path = self.workdir / 'metrics.jsonl'
+    if not path.exists():
+      return
+    keep = []
+    for line in path.read_text().splitlines():
+      try:
+        if resume_step is not None and json.loads(line).get('step', 0) <= resume_step:
+          keep.append(line)
+      except json.JSONDecodeError:
+        continue  # a line cut short by a crash
+    tmp = path.with_suffix('.jsonl.tmp')
+    tmp.write_text(''.join(line + '\n' for line in keep))
+    os.replace(tmp, path)
+
+  def write(self, step: int, record: dict[str, float]) -> None:
+    """Appends one record to metrics.jsonl and TensorBoard."""
+    if not self.enabled:
+      return
+    with open(self.workdir / 'metrics.jsonl', 'a') as f:
+      f.write(json.dumps({'step': step, **record}) + '\n')
+    if self._tb is None:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tb = tf.summary.create_file_writer(str(self.workdir / 'tensorboard'))
+    with self._tb.as_default(step=step):
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      for k, v in record.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          tf.summary.scalar(k, v)
+    self._tb.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the TensorBoard writer."""
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+def _atomic_write_json(path: pathlib.Path, obj: Any) -> None:
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config checks that name the key and the allowed values.
+
+
+def validate_config(config) -> None:
+  """Raises ValueError naming the key for values that cannot work."""
+  t = config.train
+  for key, val in (('train.num_steps', t.num_steps), ('train.batch_size', t.batch_size),
+                   ('train.seq_len', t.seq_len), ('train.log_every_steps', t.log_every_steps),
+                   ('eval.every_steps', config.eval.every_steps),
+                   ('ckpt.every_steps', config.ckpt.every_steps),
+                   ('eval.batch_size', config.eval.batch_size)):
+    if not isinstance(val, int) or val <= 0:
+      raise ValueError(f'{key}={val!r} must be a positive integer')
+  if t.seq_len > config.model.max_position:
+    raise ValueError(f'train.seq_len={t.seq_len} exceeds model.max_position={config.model.max_position}')
+  if not 0.0 < float(config.eval.rate) < 1.0:
+    raise ValueError(f'eval.rate={config.eval.rate} must be in (0, 1)')
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"model.dtype={config.model.dtype!r}: choose 'float32' or 'bfloat16'")
+  if not 0.0 <= float(config.model.dropout_rate) < 1.0:
+    raise ValueError(f'model.dropout_rate={config.model.dropout_rate} must be in [0, 1)')
+  # Building the specs validates masking.rate, masking.split, masking.selection.
+  masking.spec_from_config(config.masking, vocab_size=config.tokenizer.vocab_size, seq_len=t.seq_len)
+  optim.learning_rate_schedule(config.optim, t.num_steps)
+
+
+def encoder_config_from(config, vocab_size: int) -> model.EncoderConfig:
+  """Returns the EncoderConfig named by config.model for a vocabulary size."""
+  m = config.model
+  return model.encoder_config(
+      m.size, vocab_size=vocab_size, max_position=m.max_position, pre_layer_norm=m.pre_layer_norm,
+      dropout_rate=m.dropout_rate, attention_dropout_rate=m.dropout_rate, dtype=m.dtype,
+      attention_impl=m.attention_impl or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train state: a pytree {params (pure dict), opt_state, step}, initialized sharded.
+
+
+def abstract_model(enc_cfg: model.EncoderConfig, seed: int):
+  """Returns (graphdef, abstract param State) without allocating parameters."""
+  abstract = nnx.eval_shape(lambda: model.BertForMLM(enc_cfg, rngs=nnx.Rngs(seed)))
+  return nnx.split(abstract, nnx.Param)
+
+
+def state_shardings(param_state, abstract_state, tx, mesh, rules=sharding.DEFAULT_RULES):
+  """Returns NamedShardings for {params, opt_state, step} from the parameters' logical names."""
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(param_state))
+  p_shard = sharding.tree_shardings(logical, abstract_state['params'], mesh, rules)
+  o_shard = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_state['opt_state'], p_shard,
+      transform_non_params=lambda _: sharding.replicated(mesh),
+      is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  return {'params': p_shard, 'opt_state': o_shard, 'step': sharding.replicated(mesh)}
+
+
+def make_init_fn(enc_cfg: model.EncoderConfig, tx, seed: int) -> Callable[[], dict]:
+  """Returns a function that builds the initial train state (to be jitted with out_shardings)."""
+
+  def init():
+    m = model.BertForMLM(enc_cfg, rngs=nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.split(m, nnx.Param)[1])
+    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+
+  return init
+
+
+def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: bool) -> Callable:
+  """Returns train_step(state, tokens, seed_key) -> (state, metric sums); masks from fold_in(key, step)."""
+
+  def train_step(state, tokens, seed_key):
+    step_key = jax.random.fold_in(seed_key, state['step'])
+    mask_key, drop_key = jax.random.split(step_key)
+    mb = masking.mask_tokens(mask_key, tokens, spec)
+
+    def loss_fn(params):
+      logits = nnx.merge(graphdef, params)(
+          mb.inputs, mb.positions, dropout_rng=drop_key if dropout else None)
+      loss_sum, weight = losses.cross_entropy_sum(logits, mb.labels, mb.weights)
+      return loss_sum / jnp.maximum(weight, 1.0), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    sums = losses.mlm_metric_sums(logits, mb.labels, mb.weights, mb.kinds)
+    sums.update(steps=jnp.ones((), jnp.float32), loss_mean_sum=loss,
+                grad_norm_sum=optax.global_norm(grads),
+                lr_sum=jnp.asarray(schedule(state['step']), jnp.float32),
+                tokens=jnp.sum(tokens != 0).astype(jnp.float32))
+    new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}
+    return new_state, sums
+
+  return train_step
+
+
+def _window_record(sums: dict) -> dict[str, float]:
+  """Returns the progress-line numbers from summed train metrics over a logging window."""
+  s = {k: float(v) for k, v in sums.items()}
+  m = losses.finalize_metrics(s)
+  n = max(s['steps'], 1.0)
+  return {'train/loss': m['loss'], 'train/accuracy': m['accuracy'],
+          'train/accuracy_at_mask': m['accuracy_at_mask'], 'train/grad_norm': s['grad_norm_sum'] / n,
+          'train/lr': s['lr_sum'] / n, 'train/step_loss_mean': s['loss_mean_sum'] / n}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+@dataclasses.dataclass
+class _Progress:
+  """Bookkeeping that a checkpoint carries beside the arrays."""
+  wall_time_s: float = 0.0
+  tokens_seen: float = 0.0
+  best_eval_loss: float = float('inf')
+  best_eval_step: int = -1
+
+
+def run(config, workdir, *, stop_after: int | None = None) -> dict:
+  """Trains (or resumes) an MLM run in workdir; returns the summary dict also written to summary.json.
+
+  stop_after: end this invocation after that many steps (checkpointing first), as a crash would.
+  """
+  t_start = time.perf_counter()
+  validate_config(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _check_writable(workdir)
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh)
+  dp = sharding.data_parallel_size(mesh)
+  for key, b in (('train.batch_size', config.train.batch_size), ('eval.batch_size', config.eval.batch_size)):
+    if b % dp:
+      raise ValueError(f'{key}={b} must be divisible by the {dp} data-parallel devices of mesh.shape')
+  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', max_to_keep=config.ckpt.max_to_keep,
+                                 async_save=config.ckpt.async_save,
+                                 log=lambda s: print(s, flush=True) if is_main else None)
+  latest = ckpt.latest_step()
+  reporter = Reporter(workdir, enabled=is_main, resume_step=latest if latest is not None else 0)
+  log = reporter.log
+  log(f'mlmjax: workdir {workdir} | devices {jax.device_count()} ({jax.devices()[0].platform}) '
+      f'| mesh {dict(mesh.shape)} | processes {jax.process_count()}')
+
+  data = input_pipeline.prepare_data(config, workdir, log=log if is_main else (lambda s: None))
+  tokenizer, cache = data.tokenizer, data.cache
+  if is_main:
+    _write_config(workdir, config, log)
+
+  enc_cfg = encoder_config_from(config, tokenizer.vocab_size)
+  seq_len = config.train.seq_len
+  spec = masking.spec_from_config(config.masking, vocab_size=tokenizer.vocab_size, seq_len=seq_len)
+  eval_spec = masking.MaskingSpec(
+      vocab_size=tokenizer.vocab_size, rate=float(config.eval.rate), split=tuple(config.eval.split),
+      max_predictions=masking.default_max_predictions(float(config.eval.rate), seq_len, 'exact'),
+      selection='exact')
+  schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
+  tx = optim.make_optimizer(config.optim, config.train.num_steps)
+
+  graphdef, param_state = abstract_model(enc_cfg, config.seed)
+  init_fn = make_init_fn(enc_cfg, tx, config.seed)
+  abstract_state = jax.eval_shape(init_fn)
+  shardings = state_shardings(param_state, abstract_state, tx, mesh)
+  abstract_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 abstract_state, shardings)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state['params']))
+
+  # Resume order: this workdir's checkpoint > init_from > scratch.
+  progress = _Progress()
+  restored = ckpt.restore_latest(abstract_target)
+  if restored is not None:
+    step0, state, meta = restored
+    progress = _Progress(**meta.get('progress', {}))
+    _check_resume_meta(meta, cache, tokenizer, config, log)
+    log(f'resumed from step {step0} (checkpoint {ckpt.directory / str(step0)})')
+  else:
+    state = jax.jit(init_fn, out_shardings=shardings)()
+    if config.init_from:
+      state = _init_params_from(config.init_from, state, abstract_target, log)
+    step0 = 0
+    log(f'initialized {config.model.size} encoder: {n_params / 1e6:.2f} M parameters')
+
+  num_steps = config.train.num_steps
+  local_batch = config.train.batch_size // jax.process_count()
+  batches = input_pipeline.train_batches(
+      cache.train_rows, global_batch=config.train.batch_size, seed=config.seed, start_step=step0,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      prefetch=config.data.prefetch)
+  spe = input_pipeline.steps_per_epoch(len(cache.train_rows), config.train.batch_size)
+  val_batches = input_pipeline.eval_batches(cache.val_rows, batch_size=config.eval.batch_size,
+                                            num_batches=config.eval.num_batches)
+  if not val_batches:
+    log('WARNING: the validation split is empty; evaluation is skipped (raise data.val_fraction)')
+  unigram, successor = evaluate.baseline_tables(cache.train_rows, tokenizer.vocab_size)
+
+  seed_key = jax.random.key(config.seed)
+  data_spec = sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+      make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0),
+      in_shardings=(shardings, data_spec, None), out_shardings=(shardings, None), donate_argnums=0)
+  eval_step = evaluate.make_eval_step(graphdef, eval_spec)
+
+  def to_global(rows):
+    lo = jax.process_index() * (len(rows) // jax.process_count())
+    return sharding.global_batch(rows[lo:lo + len(rows) // jax.process_count()], mesh)
+
+  def run_eval(step):
+    if not val_batches:
+      return None
+    metrics = evaluate.evaluate(eval_step, state['params'], val_batches, seed=config.eval.seed,
+                                unigram=unigram, successor=successor, to_device=to_global)
+    record = {f'eval/{k}' if not k.startswith('baseline/') else k: v for k, v in metrics.items()}
+    reporter.write(step, record)
+    if metrics['loss'] < progress.best_eval_loss:
+      progress.best_eval_loss, progress.best_eval_step = metrics['loss'], step
+    log(f'eval  step {step}: loss {metrics["loss"]:.4f} | acc {metrics["accuracy"]:.4f} | '
+        f'acc@[MASK] {metrics["accuracy_at_mask"]:.4f} (unigram {record["baseline/unigram_accuracy_at_mask"]:.4f}, '
+        f'bigram {record["baseline/bigram_accuracy_at_mask"]:.4f}) | acc@random '
+        f'{metrics["accuracy_at_random"]:.4f} | acc@keep {metrics["accuracy_at_keep"]:.4f}')
+    return record
+
+  last_good = {'step': step0 if restored is not None else None}
+
+  def save(step):
+    meta = {'step': step, 'data': input_pipeline.data_position(step, len(cache.train_rows),
+                                                               config.train.batch_size),
+            'seed': config.seed, 'cache_key': cache.key, 'tokenizer': tokenizer.fingerprint,
+            'progress': dataclasses.asdict(progress)}
+    meta['progress']['wall_time_s'] = progress.wall_time_s + (time.perf_counter() - t_start)
+    ckpt.save(step, state, meta)
+    last_good['step'] = step
+
+  log(f'training steps {step0}..{num_steps} | batch {config.train.batch_size} x {seq_len} tokens | '
+      f'{spe} steps per epoch | masking {spec.selection} rate {spec.rate} split {spec.split}')
+  eval_record = None
+  window, t_window, window_steps = None, time.perf_counter(), 0
+  step = step0
+  stop_at = num_steps if stop_after is None else min(num_steps, step0 + stop_after)
+  max_wall = float(config.train.max_wall_minutes) * 60
+  try:
+    while step < stop_at:
+      rows = next(batches)
+      state, sums = train_step(state, sharding.global_batch(rows, mesh), seed_key)
+      window = sums if window is None else jax.tree.map(jnp.add, window, sums)
+      step += 1
+      window_steps += 1
+      wall_stop = max_wall > 0 and time.perf_counter() - t_start > max_wall
+      done = step == stop_at or wall_stop
+      if step % config.train.log_every_steps == 0 or done:
+        host = jax.device_get(window)
+        record = _window_record(host)
+        if not math.isfinite(record['train/loss']):
+          where = (f'checkpoint step {last_good["step"]} in {ckpt.directory}'
+                   if last_good['step'] is not None else 'no checkpoint yet')
+          raise FloatingPointError(
+              f'non-finite training loss at step {step - window_steps + 1}..{step}; '
+              f'last good checkpoint: {where}. Lower optim.learning_rate or check the data.')
+        dt = time.perf_counter() - t_window
+        tokens = float(host['tokens'])
+        progress.tokens_seen += tokens
+        record['train/tokens_per_s'] = config.train.batch_size * seq_len * window_steps / dt
+        record['train/step_time_s'] = dt / window_steps
+        record['train/epoch'] = step / spe
+        reporter.write(step, record)
+        eta = (num_steps - step) * dt / window_steps
+        log(f'step {step}/{num_steps} | loss {record["train/loss"]:.4f} | '
+            f'acc {record["train/accuracy"]:.4f} | lr {record["train/lr"]:.2e} | '
+            f'{record["train/tokens_per_s"] / 1e3:.1f}k tok/s | {record["train/step_time_s"] * 1e3:.0f} ms/step | '
+            f'ETA {_fmt_time(eta)}')
+        window, t_window, window_steps = None, time.perf_counter(), 0
+      if step % config.eval.every_steps == 0 or step == num_steps:
+        eval_record = run_eval(step)
+      if step % config.ckpt.every_steps == 0 or done:
+        save(step)
+      if wall_stop:
+        log(f'stopping at step {step}: train.max_wall_minutes={config.train.max_wall_minutes} reached')
+        break
+  finally:
+    ckpt.close()
+    reporter.close()
+
+  progress.wall_time_s += time.perf_counter() - t_start
+  if eval_record is None and step == num_steps and val_batches:
+    eval_record = run_eval(step)
+  summary = {'step': step, 'num_steps': num_steps, 'finished': step >= num_steps,
+             'tokens_seen': progress.tokens_seen, 'wall_time_s': progress.wall_time_s,
+             'num_params': n_params, 'best_eval_loss': progress.best_eval_loss,
+             'best_eval_step': progress.best_eval_step, 'variant': config.variant,
+             'masking': {'rate': spec.rate, 'split': list(spec.split), 'selection': spec.selection},
+             'eval_rate': eval_spec.rate, 'data': cache.stats}
+  if eval_record:
+    summary.update(eval_record)
+  if is_main:
+    _atomic_write_json(workdir / 'summary.json', summary)
+    if eval_record:
+      log(_final_table(eval_record))
+  return summary
+
+
+def _final_table(r: dict) -> str:
+  """Returns the validation accuracy by kind of position beside the baselines on the same masks."""
+  lines = ['validation at the fixed evaluation masks:',
+           f'  loss {r["eval/loss"]:.4f}  perplexity {r["eval/perplexity"]:.1f}',
+           f'  accuracy, all selected positions   {r["eval/accuracy"]:.4f}',
+           f'  accuracy where the input is [MASK]  {r["eval/accuracy_at_mask"]:.4f}'
+           f'   (unigram baseline {r["baseline/unigram_accuracy_at_mask"]:.4f}, '
+           f'bigram baseline {r["baseline/bigram_accuracy_at_mask"]:.4f})',
+           f'  accuracy where the input is random  {r["eval/accuracy_at_random"]:.4f}',
+           f'  accuracy where the input is kept    {r["eval/accuracy_at_keep"]:.4f}']
+  uni = r['baseline/unigram_accuracy_at_mask']
+  if uni > 0:
+    lines.append(f'  [MASK] accuracy is {r["eval/accuracy_at_mask"] / uni:.2f}x the unigram baseline')
+  return '\n'.join(lines)
+
+
+def _check_writable(workdir: pathlib.Path) -> None:
+  """Raises early when the workdir cannot be written."""
+  probe = workdir / '.write_probe'
+  try:
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise PermissionError(f'workdir {workdir} is not writable ({e.strerror}); choose another --workdir') from None
+
+
+def _write_config(workdir: pathlib.Path, config, log) -> None:
+  """Writes config.json, noting keys that differ from a previous run in the same workdir."""
+  path = workdir / 'config.json'
+  new = json.loads(config.to_json_best_effort())
+  if path.exists():
+    try:
+      old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+      old = {}
+    diffs = sorted(_flat_diff(old, new))
+    if diffs:
+      log(f'note: config differs from the previous run in this workdir: {", ".join(diffs)}')
+  _atomic_write_json(path, new)
+
+
+def _flat_diff(a: dict, b: dict, prefix: str = '') -> list[str]:
+  out = []
+  for k in set(a) | set(b):
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += _flat_diff(va, vb, f'{prefix}{k}.')
+    elif va != vb:
+      out.append(f'{prefix}{k}')
+  return out
+
+
+def _check_resume_meta(meta: dict, cache, tokenizer, config, log) -> None:
+  """Warns when a resumed run's data or seed differ from what its checkpoint was trained with."""
+  if meta.get('tokenizer') not in (None, tokenizer.fingerprint):
+    raise ValueError('the checkpoint was trained with a different tokenizer than '
+                     f'{tokenizer.model_path}; use a new --workdir')
+  if meta.get('cache_key') not in (None, cache.key):
+    log('WARNING: the token cache differs from the one this checkpoint was trained on '
+        '(data.* changed); the data order will not continue exactly')
+  if meta.get('seed') not in (None, config.seed):
+    log(f'WARNING: seed changed from {meta.get("seed")} to {config.seed} on resume')
+
+
+def _init_params_from(source: str, state: dict, abstract_target: dict, log) -> dict:
+  """Returns state with encoder/head parameters loaded from another run's latest checkpoint."""
+  src = pathlib.Path(source)
+  ckpt_dir = src / 'checkpoints' if (src / 'checkpoints').is_dir() else src
+  if not ckpt_dir.is_dir():
+    raise FileNotFoundError(f'init_from={source!r}: no such workdir or checkpoint directory')
+  other = checkpoint.Checkpointer(ckpt_dir, async_save=False, log=log)
+  try:
+    restored = other.restore_latest(abstract_target)
+  finally:
+    other.close()
+  if restored is None:
+    raise FileNotFoundError(f'init_from={source!r}: no restorable checkpoint in {ckpt_dir}')
+  step, loaded, _ = restored
+  log(f'initialized parameters from {ckpt_dir / str(step)} (fresh optimizer)')
+  return {**state, 'params': loaded['params']}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv=None) -> None:
+  """Parses --config/--workdir flags and calls run()."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  flags_ = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/pretrain.py:tiny.',
+                                  flag_values=flags_, lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.',
+                      flag_values=flags_)
+  argv = sys.argv if argv is None else argv
+  try:
+    flags_(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    sys.exit(f'error: {e}')
+  if flags_.config is None or flags_.workdir is None:
+    sys.exit('usage: python -m mlmjax.train --config configs/pretrain.py:tiny --workdir runs/demo '
+             '[--config.KEY=VALUE ...]')
+  try:
+    run(flags_.config, flags_.workdir)
+  except (ValueError, FileNotFoundError, PermissionError, FloatingPointError) as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  main()
