@@ -1,0 +1,456 @@
+"""Token cache on disk, packing to [CLS] ... [SEP] rows, and the resumable tf.data batch stream.
+
+Data order is a pure function of (seed, epoch): the batch of step s is
+rows[epoch_permutation(N, seed, e)[i*B:(i+1)*B]] with (e, i) = divmod(s, steps_per_epoch), so a
+resumed run needs only its step to continue exactly where it stopped. Each epoch drops the last
+N % B rows of its permutation (different rows each epoch).
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import time
+import uuid
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from mlmjax import tokenizer as tokenizer_lib
+from mlmjax.tokenizer import CLS_ID, PAD_ID, SEP_ID
+
+CACHE_FORMAT = 1  # bump when packing or the cache layout changes: old caches get a new key
+MIN_CHUNK = 8  # shortest document piece worth starting at the end of a row
+_ENCODE_CHUNK = 1024  # documents per encode_batch call
+_DONE = 'DONE'
+
+
+def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list[int], list[int]]:
+  """Returns (train indices, val indices), chosen by a blake2b hash of each document's text."""
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f'data.val_fraction={val_fraction} must satisfy 0 <= data.val_fraction < 1')
+  train, val = [], []
+  for i, doc in enumerate(documents):
+    digest = hashlib.blake2b(doc.encode('utf-8'), digest_size=8).digest()
+    # The hash read as a uniform number in [0, 1): a document's split never depends on the others.
+    u = int.from_bytes(digest, 'big') / 2.0**64
+    (val if u < val_fraction else train).append(i)
+  return train, val
+
+
+def _plan_chunks(lengths: np.ndarray, seq_len: int, min_chunk: int) -> np.ndarray:
+  """Returns (K, 4) int64 rows (row, column, source offset, length): one per [CLS] piece [SEP]."""
+  plan = []
+  row, col, src = 0, 0, 0
+  for n in lengths.tolist():
+    while n > 0:
+      room = seq_len - col - 2  # tokens that fit between a new [CLS] and its [SEP]
+      if n <= room or (room >= min_chunk) or (col == 0):
+        take = min(n, room)
+        plan.append((row, col, src, take))
+        col += take + 2
+        src += take
+        n -= take
+        if seq_len - col < 3:  # not even one token fits with its [CLS] and [SEP]
+          row, col = row + 1, 0
+      else:
+        row, col = row + 1, 0
+  return np.array(plan, dtype=np.int64).reshape(-1, 4)
+
+
+def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, *,
+                   min_chunk: int = MIN_CHUNK) -> np.ndarray:
+  """Returns (N, seq_len) int32 rows of back-to-back [CLS] piece [SEP] units, PAD at row ends.
+
+  Documents keep their order. A document longer than the room left in a row is cut: the part that
+  fits ends this row (when at least min_chunk tokens fit; otherwise the row is closed) and the rest
+  starts the next row as a new unit. Empty documents are skipped.
+  """
+  if seq_len < 3:
+    raise ValueError(f'train.seq_len={seq_len} must be at least 3 ([CLS], one token, [SEP])')
+  lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+  flat = (np.concatenate([np.asarray(t, dtype=np.int32).reshape(-1) for t in token_lists])
+          if len(token_lists) else np.zeros(0, np.int32))
+  plan = _plan_chunks(lengths, seq_len, min_chunk)
+  num_rows = int(plan[-1, 0]) + 1 if len(plan) else 0
+  out = np.full(num_rows * seq_len, PAD_ID, dtype=np.int32)
+  if not len(plan):
+    return out.reshape(0, seq_len)
+  row, col, src, n = plan.T
+  start = row * seq_len + col  # flat position of each unit's [CLS]
+  out[start] = CLS_ID
+  out[start + n + 1] = SEP_ID
+  # Flat destination of every content token: its unit's start + 1 + its index within the unit.
+  unit_of_token = np.repeat(np.arange(len(plan)), n)
+  within = np.arange(len(unit_of_token)) - np.repeat(np.cumsum(n) - n, n)
+  out[start[unit_of_token] + 1 + within] = flat[src[unit_of_token] + within]
+  return out.reshape(num_rows, seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCache:
+  """Packed train/val rows on disk (memory-mapped) with their build statistics."""
+  key: str
+  directory: pathlib.Path
+  train_rows: np.ndarray  # (N, L) int32, memory-mapped
+  val_rows: np.ndarray  # (M, L) int32, memory-mapped
+  stats: dict
+
+
+def token_cache_key(corpus_key: str, tokenizer_fingerprint: str, *, seq_len: int,
+                    val_fraction: float, seed: int) -> str:
+  """Returns the cache directory name for this corpus, tokenizer, packing and split."""
+  spec = json.dumps({'format': CACHE_FORMAT, 'corpus': corpus_key,
+                     'tokenizer': tokenizer_fingerprint, 'seq_len': int(seq_len),
+                     'val_fraction': float(val_fraction), 'seed': int(seed),
+                     'min_chunk': MIN_CHUNK}, sort_keys=True)
+  return f'tokens-L{int(seq_len)}-{hashlib.sha256(spec.encode()).hexdigest()[:20]}'
+
+
+def _is_complete(directory: pathlib.Path) -> bool:
+  """Returns whether `directory` holds a finished cache (DONE is written last)."""
+  return all((directory / f).is_file() for f in ('train.npy', 'val.npy', 'stats.json', _DONE))
+
+
+def _load(directory: pathlib.Path, key: str) -> TokenCache:
+  """Returns the TokenCache stored in a complete `directory`."""
+  stats = json.loads((directory / 'stats.json').read_text())
+  return TokenCache(key=key, directory=directory,
+                    train_rows=np.load(directory / 'train.npy', mmap_mode='r'),
+                    val_rows=np.load(directory / 'val.npy', mmap_mode='r'), stats=stats)
+
+
+def _matches(stats: dict, tokenizer: tokenizer_lib.Tokenizer, seq_len: int) -> bool:
+  """Returns whether cached stats were built with this tokenizer and seq_len."""
+  return (stats.get('tokenizer_fingerprint') == tokenizer.fingerprint
+          and stats.get('seq_len') == seq_len and stats.get('format') == CACHE_FORMAT)
+
+
+def _host_tag() -> str:
+  """Returns a short filesystem-safe tag of this host's name."""
+  return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_dir(cache_root: pathlib.Path, key: str) -> pathlib.Path:
+  """Returns a fresh build directory name that records this host and process."""
+  return cache_root / f'.{key}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+
+
+def _remove_dead_temps(cache_root: pathlib.Path, key: str, log: Callable[[str], None]) -> None:
+  """Deletes build directories of `key` left by processes of this host that no longer run."""
+  for tmp in cache_root.glob(f'.{key}.tmp-{_host_tag()}-*'):
+    try:
+      os.kill(int(tmp.name.split('-')[-2]), 0)  # raises ProcessLookupError when it is gone
+      continue
+    except PermissionError:
+      continue  # alive, owned by another user
+    except (ProcessLookupError, ValueError):
+      pass
+    log(f'token cache: removing {tmp}, left by a build that did not finish')
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
+  """Writes `array` to `path` as .npy and flushes it to disk."""
+  with open(path, 'wb') as f:
+    np.save(f, array)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _encode_all(tokenizer: tokenizer_lib.Tokenizer, docs: list[str]) -> list[list[int]]:
+  """Returns the ids of each document, encoded in batches."""
+  ids = []
+  for i in range(0, len(docs), _ENCODE_CHUNK):
+    ids.extend(tokenizer.encode_batch(docs[i:i + _ENCODE_CHUNK]))
+  return ids
+
+
+def _split_stats(token_lists: list[list[int]], rows: np.ndarray) -> dict:
+  """Returns JSON-able counts for one split."""
+  tokens = int(sum(len(t) for t in token_lists))
+  return {'documents': len(token_lists), 'empty_documents': sum(1 for t in token_lists if not t),
+          'tokens': tokens, 'rows': int(rows.shape[0]),
+          'padding_fraction': float((rows == PAD_ID).mean()) if rows.size else 0.0}
+
+
+def _build(directory: pathlib.Path, key: str, documents: Sequence[str],
+           tokenizer: tokenizer_lib.Tokenizer, seq_len: int, val_fraction: float,
+           seed: int) -> dict:
+  """Splits, encodes, shuffles and packs the documents into `directory`; returns the stats."""
+  train_idx, val_idx = split_documents(documents, val_fraction)
+  rng = np.random.default_rng(seed)
+  stats = {'format': CACHE_FORMAT, 'key': key, 'seq_len': seq_len,
+           'tokenizer_fingerprint': tokenizer.fingerprint, 'vocab_size': tokenizer.vocab_size,
+           'val_fraction': val_fraction, 'seed': seed, 'min_chunk': MIN_CHUNK}
+  for name, idx in (('train', train_idx), ('val', val_idx)):
+    # Shuffled document order, so that one row mixes documents from anywhere in the corpus.
+    order = [idx[j] for j in rng.permutation(len(idx))]
+    token_lists = _encode_all(tokenizer, [documents[i] for i in order])
+    rows = pack_documents(token_lists, seq_len)
+    _save_npy(directory / f'{name}.npy', rows)
+    stats[name] = _split_stats(token_lists, rows)
+  return stats
+
+
+def load_or_build_token_cache(cache_root: str | os.PathLike, key: str, *,
+                              documents_fn: Callable[[], Sequence[str]],
+                              tokenizer: tokenizer_lib.Tokenizer, seq_len: int,
+                              val_fraction: float, seed: int,
+                              log: Callable[[str], None] = print) -> TokenCache:
+  """Returns the token cache cache_root/key, building it (atomically) only when not complete."""
+  cache_root = pathlib.Path(cache_root)
+  final = cache_root / key
+  if _is_complete(final):
+    cache = _load(final, key)
+    if _matches(cache.stats, tokenizer, seq_len):
+      log(f'token cache: reusing {final} ({cache.stats["train"]["rows"]} train rows, '
+          f'{cache.stats["val"]["rows"]} val rows)')
+      return cache
+    log(f'token cache: {final} was built with another tokenizer or seq_len; rebuilding it')
+  elif final.exists():
+    log(f'token cache: {final} is incomplete (no {_DONE} marker); rebuilding it')
+  start = time.perf_counter()
+  cache_root.mkdir(parents=True, exist_ok=True)
+  _remove_dead_temps(cache_root, key, log)
+  tmp = _temp_dir(cache_root, key)
+  tmp.mkdir()
+  try:
+    documents = list(documents_fn())
+    stats = _build(tmp, key, documents, tokenizer, seq_len, val_fraction, seed)
+    stats['build_seconds'] = round(time.perf_counter() - start, 3)
+    (tmp / 'stats.json').write_text(json.dumps(stats, indent=1, sort_keys=True))
+    (tmp / _DONE).write_text('')
+    if final.exists():
+      shutil.rmtree(final)
+    try:
+      os.rename(tmp, final)
+    except OSError:
+      if not _is_complete(final):  # another process finished the same cache first: use theirs
+        raise
+      shutil.rmtree(tmp, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  cache = _load(final, key)
+  s = cache.stats
+  log(f'token cache: built {final} in {time.perf_counter() - start:.1f}s: '
+      f'train {s["train"]["documents"]} docs, {s["train"]["tokens"]} tokens, '
+      f'{s["train"]["rows"]} rows ({100 * s["train"]["padding_fraction"]:.1f}% padding); '
+      f'val {s["val"]["documents"]} docs, {s["val"]["rows"]} rows')
+  return cache
+
+
+def steps_per_epoch(num_rows: int, global_batch: int) -> int:
+  """Returns the number of full global batches in one pass over num_rows rows."""
+  if global_batch <= 0:
+    raise ValueError(f'train.batch_size={global_batch} must be positive')
+  steps = num_rows // global_batch
+  if steps == 0:
+    raise ValueError(f'train.batch_size={global_batch} exceeds the {num_rows} packed training rows: '
+                     'lower train.batch_size (or train.seq_len) or use more text')
+  return steps
+
+
+def data_position(step: int, num_rows: int, global_batch: int) -> dict:
+  """Returns {'epoch': e, 'offset': i}: step `step` reads batch i of epoch e."""
+  epoch, offset = divmod(int(step), steps_per_epoch(num_rows, global_batch))
+  return {'epoch': epoch, 'offset': offset}
+
+
+def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+  """Returns the row order of `epoch`, a pure function of (num_rows, seed, epoch)."""
+  if seed < 0 or epoch < 0:
+    raise ValueError(f'seed={seed} and epoch={epoch} must be non-negative')
+  return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def _batch_indices(perm: np.ndarray, offset: int, global_batch: int, process_index: int,
+                   process_count: int) -> np.ndarray:
+  """Returns the row indices of this process's slice of batch `offset` of an epoch."""
+  local = global_batch // process_count
+  first = offset * global_batch + process_index * local
+  return perm[first:first + local]
+
+
+def _gather(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
+  """Returns rows[idx] as an array, reading a memmap in ascending index order."""
+  order = np.argsort(idx, kind='stable')
+  out = np.empty((len(idx), rows.shape[1]), dtype=np.int32)
+  out[order] = rows[idx[order]]
+  return out
+
+
+def global_batch_rows(rows: np.ndarray, step: int, *, global_batch: int, seed: int) -> np.ndarray:
+  """Returns the (global_batch, L) rows of step `step` (the reference for train_batches)."""
+  epoch, offset = divmod(int(step), steps_per_epoch(len(rows), global_batch))
+  perm = epoch_permutation(len(rows), seed, epoch)
+  return _gather(rows, _batch_indices(perm, offset, global_batch, 0, 1))
+
+
+def _import_tf():
+  """Returns tensorflow, hidden from the accelerators JAX owns."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):
+      pass  # already initialized, or no such device type
+  return tf
+
+
+def train_batches(rows: np.ndarray, *, global_batch: int, seed: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1,
+                  prefetch: int = 2) -> Iterator[np.ndarray]:
+  """Returns an endless iterator of this process's (global_batch // process_count, L) batches.
+
+  The batch of step s is the same whatever start_step the iterator began at.
+  """
+  if global_batch % process_count:
+    raise ValueError(f'train.batch_size={global_batch} must be divisible by the number of '
+                     f'processes ({process_count})')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must be in [0, {process_count})')
+  if rows.ndim != 2:
+    raise ValueError(f'rows must be (num_rows, seq_len), got shape {rows.shape}')
+  num_rows, seq_len = rows.shape
+  spe = steps_per_epoch(num_rows, global_batch)
+  local = global_batch // process_count
+  perms = {}  # the current epoch's permutation, computed once per epoch
+
+  def fetch(step):
+    epoch, offset = divmod(int(step), spe)
+    if epoch not in perms:
+      perms.clear()
+      perms[epoch] = epoch_permutation(num_rows, seed, epoch)
+    idx = _batch_indices(perms[epoch], offset, global_batch, process_index, process_count)
+    return _gather(rows, idx)
+
+  tf = _import_tf()
+  ds = tf.data.Dataset.range(int(start_step), 2**62)
+  ds = ds.map(lambda s: tf.ensure_shape(tf.numpy_function(fetch, [s], tf.int32),
+                                        (local, seq_len)))
+  if prefetch > 0:
+    ds = ds.prefetch(prefetch)
+  return ds.as_numpy_iterator()
+
+
+def eval_batches(rows: np.ndarray, *, batch_size: int, num_batches: int = 0) -> list[np.ndarray]:
+  """Returns fixed in-order (batch_size, L) validation batches; the last is padded with PAD rows."""
+  if batch_size <= 0:
+    raise ValueError(f'eval.batch_size={batch_size} must be positive')
+  if num_batches < 0:
+    raise ValueError(f'eval.num_batches={num_batches} must be >= 0 (0 = the whole split)')
+  total = -(-len(rows) // batch_size)
+  count = min(total, num_batches) if num_batches else total
+  batches = []
+  for b in range(count):
+    part = np.asarray(rows[b * batch_size:(b + 1) * batch_size], dtype=np.int32)
+    if len(part) < batch_size:
+      part = np.concatenate([part, np.full((batch_size - len(part), rows.shape[1]), PAD_ID,
+                                           np.int32)])
+    batches.append(part)
+  return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole data stage for a run: corpus -> tokenizer -> token cache, each cached on disk.
+
+
+@dataclasses.dataclass
+class PreparedData:
+  """What a run reads: its tokenizer and its token cache."""
+  tokenizer: tokenizer_lib.Tokenizer
+  cache: TokenCache
+
+
+def cache_root(data_cfg) -> pathlib.Path:
+  """Returns the cache directory: data.cache_dir, else $MLMJAX_CACHE, else ~/.cache/mlmjax."""
+  root = data_cfg.cache_dir or os.environ.get('MLMJAX_CACHE') or os.path.expanduser('~/.cache/mlmjax')
+  return pathlib.Path(root)
+
+
+def _digest(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def cleaned_documents(data_cfg, root: pathlib.Path, *, log=print) -> list[str]:
+  """Returns the cleaned corpus, from root/corpus/<key>.jsonl when an earlier run wrote it."""
+  from mlmjax import corpus  # pylint: disable=g-import-not-at-top
+  key = corpus.corpus_key(data_cfg)
+  path = root / 'corpus' / f'{key}.jsonl'
+  if path.exists():
+    with open(path, encoding='utf-8') as f:
+      return [json.loads(line) for line in f]
+  t = time.perf_counter()
+  docs, report = corpus.load_documents(data_cfg)
+  log(f'corpus {data_cfg.corpus!r}: {len(docs)} documents after cleaning '
+      f'({time.perf_counter() - t:.1f} s)\n{report.summary()}')
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f'{path.name}.tmp-{_host_tag()}')
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for d in docs:
+      f.write(json.dumps(d, ensure_ascii=False) + '\n')
+  os.replace(tmp, path)
+  return docs
+
+
+def prepare_data(config, workdir, *, log=print) -> PreparedData:
+  """Returns the tokenizer and token cache of a run, building (and caching) whatever is missing.
+
+  Tokenizer order: workdir/tokenizer.model (a resumed run) > tokenizer.path > cached > trained on
+  the training split. The tokenizer used is always copied to workdir/tokenizer.model.
+  """
+  from mlmjax import corpus  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  root = cache_root(config.data)
+  ckey = corpus.corpus_key(config.data)
+  docs_memo = {}
+
+  def documents():
+    if 'docs' not in docs_memo:
+      docs_memo['docs'] = cleaned_documents(config.data, root, log=log)
+    return docs_memo['docs']
+
+  in_workdir = workdir / 'tokenizer.model'
+  t_cfg = config.tokenizer
+  if in_workdir.exists():
+    tokenizer = tokenizer_lib.Tokenizer.load(in_workdir)
+  elif t_cfg.path:
+    tokenizer = tokenizer_lib.Tokenizer.load(t_cfg.path)
+  else:
+    tok_path = root / 'tokenizers' / (_digest(ckey, config.data.val_fraction, t_cfg.to_dict()) + '.model')
+    if tok_path.exists():
+      tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
+    else:
+      docs = documents()
+      train_idx, _ = split_documents(docs, config.data.val_fraction)
+      t = time.perf_counter()
+      tokenizer = tokenizer_lib.train_tokenizer(
+          [docs[i] for i in train_idx], tok_path, vocab_size=t_cfg.vocab_size,
+          model_type=t_cfg.model_type, character_coverage=t_cfg.character_coverage,
+          max_sentences=t_cfg.max_sentences, seed=config.seed)
+      log(f'trained a {t_cfg.model_type} tokenizer, {tokenizer.vocab_size} pieces '
+          f'({time.perf_counter() - t:.1f} s)')
+  if not in_workdir.exists() and jax_process_index() == 0:
+    tmp = in_workdir.with_name('tokenizer.model.tmp')
+    tmp.write_bytes(tokenizer.serialized_model)
+    os.replace(tmp, in_workdir)
+
+  # Packing order uses a fixed seed, so runs that differ only in config.seed share one cache;
+  # config.seed drives the per-epoch row order instead.
+  key = token_cache_key(ckey, tokenizer.fingerprint, seq_len=config.train.seq_len,
+                        val_fraction=config.data.val_fraction, seed=0)
+  cache = load_or_build_token_cache(root / 'tokens', key, documents_fn=documents, tokenizer=tokenizer,
+                                    seq_len=config.train.seq_len,
+                                    val_fraction=config.data.val_fraction, seed=0, log=log)
+  return PreparedData(tokenizer, cache)
+
+
+def jax_process_index() -> int:
+  """Returns jax.process_index() (0 when JAX is not initialized for several processes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index()

@@ -1,0 +1,251 @@
+"""Sentencepiece tokenizer: training, loading, fixed special ids and word-start flags.
+
+Policies (decided here, relied on downstream):
+- Special ids are fixed: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4; every other id is a text piece.
+- Normalization is whitespace only: every Unicode whitespace character becomes a space, runs of
+  spaces collapse, ends are stripped. Unicode normalization (NFC/NFKC) and cleaning belong to
+  corpus.py. With byte fallback, `decode(encode(x)) == ' '.join(x.split())` for any text x that does
+  not contain the literal strings '[CLS]', '[SEP]' or '[MASK]'.
+- '[CLS]', '[SEP]', '[MASK]' are sentencepiece control symbols: `encode` never produces them, so
+  a corpus that happens to contain the literal string '[MASK]' is encoded as ordinary text and
+  cannot corrupt packed rows. `encode_with_specials` is for text where such literals are meant as
+  specials (fill-mask input): it splits on them and inserts their ids.
+- Word starts: a piece starts a word when it begins with '▁'; special ids count as word starts;
+  byte-fallback pieces <0x..> are continuations, because sentencepiece always emits the word's
+  '▁' (alone or in a piece) before them, so the word is already started.
+"""
+
+import hashlib
+import io
+import os
+import pathlib
+import re
+import sys
+import tempfile
+from typing import Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
+NUM_SPECIAL = 5  # ids < NUM_SPECIAL are special
+SPECIAL_PIECES = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
+MODEL_TYPES = ('unigram', 'bpe')
+
+_SPECIAL_IDS = {'[CLS]': CLS_ID, '[SEP]': SEP_ID, '[MASK]': MASK_ID}
+_SPECIAL_LITERAL = re.compile(r'(\[CLS\]|\[SEP\]|\[MASK\])')
+_WORD_START = '\u2581'  # sentencepiece's visible space '▁'
+_NUM_BYTE_PIECES = 256
+# Training lines longer than this are cut at a space: sentencepiece silently drops sentences over
+# max_sentence_length bytes (4192 by default), which would lose every State of the Union address.
+_MAX_LINE_CHARS = 2048
+_MAX_LINE_BYTES = 4 * _MAX_LINE_CHARS + 64  # UTF-8 takes at most 4 bytes per character
+
+
+def _whitespace_rules() -> str:
+  """Returns a sentencepiece normalization TSV mapping every non-space whitespace to a space."""
+  chars = [c for c in range(sys.maxunicode + 1) if chr(c).isspace() and c != 0x20]
+  return ''.join(f'{c:X}\t20\n' for c in chars)
+
+
+def _split_long(line: str, max_chars: int) -> Iterator[str]:
+  """Yields pieces of `line` of at most max_chars characters, cut at the last space if any."""
+  while len(line) > max_chars:
+    cut = line.rfind(' ', 0, max_chars)
+    if cut <= 0:
+      cut = max_chars
+    yield line[:cut]
+    line = line[cut:].lstrip()
+  if line:
+    yield line
+
+
+def _training_lines(documents: Sequence[str], max_sentences: int, seed: int) -> list[str]:
+  """Returns the non-blank lines of the documents, deterministically subsampled to max_sentences."""
+  lines = [piece for doc in documents for line in doc.split('\n') if line.strip()
+           for piece in _split_long(line.strip(), _MAX_LINE_CHARS)]
+  if max_sentences and len(lines) > max_sentences:
+    keep = np.sort(np.random.default_rng(seed).choice(len(lines), max_sentences, replace=False))
+    lines = [lines[i] for i in keep]
+  return lines
+
+
+def _vocab_error(message: str, vocab_size: int) -> ValueError:
+  """Returns a one-line error naming tokenizer.vocab_size from a sentencepiece trainer message."""
+  limit = re.search(r'<= (\d+)', message)
+  hint = f' (at most {limit.group(1)} for this text)' if limit else ''
+  return ValueError(f'tokenizer.vocab_size={vocab_size} does not fit the training text{hint}: '
+                    f'lower tokenizer.vocab_size or train on more text. sentencepiece said: '
+                    f'{message.splitlines()[-1]}')
+
+
+def _without_rule_path(model: bytes) -> bytes:
+  """Returns the model without the temporary rule-file path, so equal training gives equal bytes.
+
+  The rules themselves stay compiled into normalizer_spec.precompiled_charsmap.
+  """
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(model)
+  proto.normalizer_spec.ClearField('normalization_rule_tsv')
+  return proto.SerializeToString(deterministic=True)
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+  """Writes `data` to a temporary file next to `path`, then renames it into place."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def train_tokenizer(documents: Sequence[str], model_path: str | os.PathLike, *,
+                    vocab_size: int = 8000, model_type: str = 'unigram',
+                    character_coverage: float = 0.9995, max_sentences: int = 2_000_000,
+                    seed: int = 0, num_threads: int = 2) -> 'Tokenizer':
+  """Trains a sentencepiece model on the documents' lines, writes it to model_path, returns it.
+
+  Deterministic: the same documents and arguments give the same model bytes (the line sample is
+  drawn here from `seed`; sentencepiece's own sampling is switched off).
+  """
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f'tokenizer.model_type={model_type!r} is not supported; '
+                     f'use one of {MODEL_TYPES}')
+  min_vocab = NUM_SPECIAL + _NUM_BYTE_PIECES + 1
+  if vocab_size < min_vocab:
+    raise ValueError(f'tokenizer.vocab_size={vocab_size} is too small: byte fallback and the '
+                     f'special ids need at least {min_vocab}; raise tokenizer.vocab_size')
+  lines = _training_lines(documents, max_sentences, seed)
+  if not lines:
+    raise ValueError('train_tokenizer: the documents hold no non-blank line to train on; '
+                     'check data.corpus')
+  with tempfile.TemporaryDirectory() as tmp:
+    rules = pathlib.Path(tmp) / 'whitespace.tsv'
+    rules.write_text(_whitespace_rules())
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=iter(lines), model_writer=model, model_type=model_type,
+          vocab_size=vocab_size, character_coverage=character_coverage,
+          pad_id=PAD_ID, pad_piece=SPECIAL_PIECES[PAD_ID], unk_id=UNK_ID,
+          unk_piece=SPECIAL_PIECES[UNK_ID], bos_id=-1, eos_id=-1,
+          control_symbols=list(SPECIAL_PIECES[CLS_ID:]), byte_fallback=True,
+          normalization_rule_tsv=str(rules), input_sentence_size=0,
+          max_sentence_length=_MAX_LINE_BYTES, num_threads=num_threads, minloglevel=2)
+    except RuntimeError as e:
+      if 'ocabulary size' in str(e):
+        raise _vocab_error(str(e), vocab_size) from None
+      raise
+  data = _without_rule_path(model.getvalue())
+  path = pathlib.Path(model_path)
+  _write_atomically(path, data)
+  return Tokenizer(data, str(path))
+
+
+def _check_specials(sp: spm.SentencePieceProcessor, path: str) -> None:
+  """Raises ValueError naming `path` unless ids 0..4 are [PAD] [UNK] [CLS] [SEP] [MASK]."""
+  n = sp.get_piece_size()
+  found = tuple(sp.id_to_piece(i) for i in range(min(n, NUM_SPECIAL)))
+  if found != SPECIAL_PIECES or sp.pad_id() != PAD_ID or sp.unk_id() != UNK_ID:
+    raise ValueError(f'{path}: ids 0-4 are {found}, expected {SPECIAL_PIECES}; this model was '
+                     'not trained by mlmjax.tokenizer.train_tokenizer: retrain it or clear '
+                     'tokenizer.path')
+
+
+class Tokenizer:
+  """A loaded sentencepiece model with mlmjax's special ids and word-start flags."""
+
+  def __init__(self, serialized_model: bytes, model_path: str = '<memory>'):
+    self.serialized_model = bytes(serialized_model)
+    self.model_path = str(model_path)
+    self.fingerprint = hashlib.sha256(self.serialized_model).hexdigest()
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(self.serialized_model)
+    except (RuntimeError, OSError) as e:
+      raise ValueError(f'{self.model_path}: not a sentencepiece model ({e}); point tokenizer.path '
+                       'at a .model file') from None
+    _check_specials(self._sp, self.model_path)
+    self.vocab_size = self._sp.get_piece_size()
+    self.word_start_table = self._word_start_table()
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> 'Tokenizer':
+    """Returns the tokenizer stored at `path` (FileNotFoundError / ValueError naming the file)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f'tokenizer model {path} does not exist; set tokenizer.path to an '
+                              'existing .model file or leave it empty to train one')
+    return cls(path.read_bytes(), str(path))
+
+  def __getstate__(self) -> dict:
+    return {'serialized_model': self.serialized_model, 'model_path': self.model_path}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(state['serialized_model'], state['model_path'])
+
+  def __repr__(self) -> str:
+    return (f'Tokenizer({self.model_path!r}, vocab_size={self.vocab_size}, '
+            f'fingerprint={self.fingerprint[:12]})')
+
+  def _word_start_table(self) -> np.ndarray:
+    """Returns (vocab_size,) bool: special ids and pieces beginning with '▁'."""
+    table = np.array([self._sp.id_to_piece(i).startswith(_WORD_START) and not self._sp.is_byte(i)
+                      for i in range(self._sp.get_piece_size())], dtype=bool)
+    table[:NUM_SPECIAL] = True
+    return table
+
+  def encode(self, text: str) -> list[int]:
+    """Returns sentencepiece's ids for `text`; never special ids, even for a literal '[MASK]'."""
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+    """Returns encode() of each text, computed by sentencepiece's threaded batch encoder."""
+    return self._sp.encode(list(texts), num_threads=num_threads)
+
+  def encode_with_specials(self, text: str) -> list[int]:
+    """Returns ids where the literals '[CLS]', '[SEP]', '[MASK]' in `text` become their special ids."""
+    ids = []
+    for part in _SPECIAL_LITERAL.split(text):
+      if part in _SPECIAL_IDS:
+        ids.append(_SPECIAL_IDS[part])
+      elif part.strip():
+        ids.extend(self._sp.encode(part))
+    return ids
+
+  def decode(self, ids) -> str:
+    """Returns the text of `ids`: [PAD] dropped, [UNK]/[CLS]/[SEP]/[MASK] written as words."""
+    parts, run = [], []
+    for i in (int(i) for i in np.asarray(ids).reshape(-1)):
+      if i >= NUM_SPECIAL:
+        run.append(i)
+        continue
+      if run:
+        parts.append(self._sp.decode(run))
+        run = []
+      if i != PAD_ID:
+        parts.append(SPECIAL_PIECES[i])
+    if run:
+      parts.append(self._sp.decode(run))
+    return ' '.join(parts)
+
+  def id_to_piece(self, i: int) -> str:
+    """Returns the piece string of id `i`."""
+    return self._sp.id_to_piece(int(i))
+
+  def piece_to_id(self, p: str) -> int:
+    """Returns the id of piece `p` (UNK_ID when the piece is not in the vocabulary)."""
+    return self._sp.piece_to_id(p)
+
+  def word_starts(self, ids) -> np.ndarray:
+    """Returns bool flags, shaped like `ids`: True where the id begins a word (see module doc)."""
+    return self.word_start_table[np.asarray(ids)]
