@@ -1,0 +1,349 @@
+"""Tests for mlmjax.masking: selection counts and rates, corruption split, buffer layout, errors."""
+
+import importlib.util
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from mlmjax import masking
+from mlmjax.masking import KIND_KEEP, KIND_MASK, KIND_RANDOM, MaskingSpec
+
+PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
+FIRST_REGULAR = 5
+SEQ_LEN = 128
+VOCAB = 8000
+
+_jit_mask = jax.jit(masking.mask_tokens, static_argnums=2)
+
+
+def _packed_rows(seed: int, batch: int, seq_len: int, vocab: int) -> np.ndarray:
+  """Returns (batch, seq_len) int32 rows of [CLS] ... [SEP] units, PAD tails; rows 0-1 all PAD."""
+  rng = np.random.default_rng(seed)
+  rows = np.full((batch, seq_len), PAD, np.int32)
+  for b in range(2, batch):  # rows 0 and 1 stay all PAD
+    fill = seq_len if rng.random() < 0.25 else int(rng.integers(seq_len // 4, seq_len))
+    pos = 0
+    while fill - pos >= 3:
+      n = int(rng.integers(1, min(fill - pos - 2, 60) + 1))
+      text = rng.integers(FIRST_REGULAR, vocab, n)
+      # Unknown pieces and a stray literal [MASK] occur in real text; neither may be selected.
+      odd = rng.random(n)
+      text[odd < 0.03] = UNK
+      text[(odd >= 0.03) & (odd < 0.04)] = MASK
+      rows[b, pos:pos + n + 2] = np.concatenate([[CLS], text, [SEP]])
+      pos += n + 2
+  return rows
+
+
+@pytest.fixture(scope='module')
+def tokens() -> np.ndarray:
+  """Returns a 2048 x 128 packed batch with well over 10^5 candidate positions."""
+  rows = _packed_rows(0, 2048, SEQ_LEN, VOCAB)
+  assert (rows >= FIRST_REGULAR).sum() >= 100_000
+  assert {PAD, UNK, CLS, SEP, MASK} <= set(np.unique(rows).tolist())
+  return rows
+
+
+def _np(batch: masking.MaskedBatch) -> masking.MaskedBatch:
+  """Returns the batch with every field as a numpy array."""
+  return masking.MaskedBatch(*(np.asarray(x) for x in batch))
+
+
+def _run(tokens, rate, key=0, **spec_kw) -> masking.MaskedBatch:
+  """Returns the numpy MaskedBatch for a spec built from spec_kw (vocab_size defaults to VOCAB)."""
+  spec = MaskingSpec(**{'vocab_size': VOCAB, 'max_predictions': SEQ_LEN, **spec_kw})
+  # `rate` goes in as a jit argument, so specs that differ only in rate share one compilation.
+  return _np(_jit_mask(jax.random.key(key), tokens, spec, rate))
+
+
+def _tol(p: float, n: int) -> float:
+  """Returns 5 standard errors of a binomial proportion p estimated from n draws."""
+  return 5.0 * math.sqrt(p * (1.0 - p) / n)
+
+
+def _expected_exact_counts(tokens: np.ndarray, rate: float, max_predictions: int) -> np.ndarray:
+  """Returns BERT's per-row count min(max(1, round(rate * n)), P), 0 for rows without candidates."""
+  n = (tokens >= FIRST_REGULAR).sum(axis=1)
+  # Same float32 product and half-to-even rounding as the device computation.
+  k = np.round(np.float32(rate) * n.astype(np.float32)).astype(np.int64)
+  return np.where(n > 0, np.minimum(np.maximum(k, 1), max_predictions), 0)
+
+
+@pytest.mark.parametrize('rate,max_predictions,capped', [
+    (0.15, SEQ_LEN, False),
+    (0.4, SEQ_LEN, False),
+    (0.8, SEQ_LEN, False),
+    (0.15, 20, False),  # BERT's buffer: always large enough at 15%
+    (0.4, 20, True),  # buffer smaller than the count: truncated to 20
+])
+def test_exact_count_per_row_matches_formula(tokens, rate, max_predictions, capped):
+  out = _run(tokens, rate=rate, max_predictions=max_predictions)
+  expected = _expected_exact_counts(tokens, rate, max_predictions)
+  np.testing.assert_array_equal(out.selected.sum(axis=1), expected)
+  np.testing.assert_array_equal(out.weights.sum(axis=1), expected)
+  uncapped = _expected_exact_counts(tokens, rate, SEQ_LEN)
+  assert (uncapped > max_predictions).any() == capped
+
+
+@pytest.mark.parametrize('rate', [0.15, 0.4, 0.8])
+def test_bernoulli_overall_rate(tokens, rate):
+  max_predictions = SEQ_LEN  # no truncation, so the rate is unbiased
+  out = _run(tokens, rate=rate, selection='bernoulli')
+  n_cand = int((tokens >= FIRST_REGULAR).sum())
+  observed = out.selected.sum() / n_cand
+  assert abs(observed - rate) < _tol(rate, n_cand), (observed, rate)
+  # Counts vary per row (unlike 'exact'), yet never exceed the buffer.
+  counts = out.selected.sum(axis=1)
+  assert counts.max() <= max_predictions
+  assert np.any(counts != _expected_exact_counts(tokens, rate, max_predictions))
+
+
+def test_bernoulli_truncation_is_random_not_positional(tokens):
+  p = 5
+  out = _run(tokens, rate=0.5, selection='bernoulli', max_predictions=p)
+  cand = tokens >= FIRST_REGULAR
+  n_cand = cand.sum(axis=1)
+  counts = out.selected.sum(axis=1)
+  assert counts.max() <= p
+  full = n_cand >= 60  # P(Binomial(60, 0.5) < 5) ~ 1e-12: these rows always overflow the buffer
+  assert full.sum() > 200
+  np.testing.assert_array_equal(counts[full], p)
+  # Where the kept ones fall among a row's candidates, as a fraction: uniform on [0, 1) when the
+  # truncation is random, near 0 if the first positions were kept.
+  cand_index = np.cumsum(cand, axis=1) - 1
+  frac = (cand_index / np.maximum(n_cand, 1)[:, None])[out.selected & full[:, None]]
+  sd_uniform = math.sqrt(1.0 / 12.0)
+  assert abs(frac.mean() - 0.5) < 5.0 * sd_uniform / math.sqrt(frac.size), frac.mean()
+
+
+@pytest.mark.parametrize('selection', ['exact', 'bernoulli'])
+def test_never_selects_special_tokens_and_all_pad_rows_are_empty(tokens, selection):
+  out = _run(tokens, rate=0.8, selection=selection)
+  assert (tokens[out.selected] >= FIRST_REGULAR).all()
+  for special in (PAD, UNK, CLS, SEP, MASK):
+    assert not out.selected[tokens == special].any()
+  for row in (0, 1):  # the all-PAD rows
+    assert not out.selected[row].any()
+    assert (out.weights[row] == 0).all()
+    np.testing.assert_array_equal(out.inputs[row], tokens[row])
+
+
+@pytest.mark.parametrize('split', [(0.8, 0.1, 0.1), (0.5, 0.2, 0.3)])
+def test_corruption_split_frequencies(tokens, split):
+  out = _run(tokens, rate=0.4, split=split)
+  kinds = out.kinds[out.weights > 0]
+  n = kinds.size
+  assert n > 40_000
+  for kind, p in zip((KIND_MASK, KIND_RANDOM, KIND_KEEP), split):
+    observed = (kinds == kind).mean()
+    assert abs(observed - p) < _tol(p, n), (kind, observed, p)
+
+
+@pytest.mark.parametrize('split', [
+    (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)])
+def test_edge_splits_are_exact(tokens, split):
+  out = _run(tokens, rate=0.4, split=split)
+  kinds = out.kinds[out.weights > 0]
+  for kind, p in zip((KIND_MASK, KIND_RANDOM, KIND_KEEP), split):
+    if p == 0:
+      assert not (kinds == kind).any(), (kind, split)
+    else:
+      assert (kinds == kind).any(), (kind, split)
+  if split[0] == 0:
+    # No [MASK] is introduced: the only MASK ids are the literal ones already in the text.
+    np.testing.assert_array_equal(out.inputs == MASK, tokens == MASK)
+  if split[2] == 1:
+    np.testing.assert_array_equal(out.inputs, tokens)
+  if split[0] == 1:
+    assert (out.inputs[out.selected] == MASK).all()
+
+
+def test_random_replacements_in_range_and_uniform(tokens):
+  vocab = 50  # 45 regular ids, so each bucket gets thousands of draws
+  regular = tokens >= FIRST_REGULAR
+  small = np.where(regular, tokens % (vocab - FIRST_REGULAR) + FIRST_REGULAR, tokens)
+  out = _run(small, rate=0.8, split=(0.0, 1.0, 0.0), vocab_size=vocab)
+  drawn = out.inputs[out.selected]
+  assert drawn.size > 50_000
+  assert drawn.min() >= FIRST_REGULAR and drawn.max() < vocab
+  counts = np.bincount(drawn - FIRST_REGULAR, minlength=vocab - FIRST_REGULAR)
+  assert (counts > 0).all()
+  assert stats.chisquare(counts).pvalue > 1e-6
+  big = _run(tokens, rate=0.8, split=(0.0, 1.0, 0.0))
+  drawn = big.inputs[big.selected]
+  assert drawn.min() >= FIRST_REGULAR and drawn.max() < VOCAB
+
+
+@pytest.mark.parametrize('selection,rate,p', [('exact', 0.15, 20), ('bernoulli', 0.5, 5)])
+def test_buffer_layout_and_consistency(tokens, selection, rate, p):
+  out = _run(tokens, rate=rate, selection=selection, max_predictions=p)
+  batch = tokens.shape[0]
+  assert out.inputs.shape == tokens.shape and out.inputs.dtype == np.int32
+  assert out.selected.shape == tokens.shape and out.selected.dtype == np.bool_
+  for field in (out.positions, out.labels, out.kinds):
+    assert field.shape == (batch, p) and field.dtype == np.int32
+  assert out.weights.shape == (batch, p) and out.weights.dtype == np.float32
+
+  n = out.weights.sum(axis=1).astype(int)
+  real = np.arange(p)[None, :] < n[:, None]
+  np.testing.assert_array_equal(out.weights, real.astype(np.float32))  # real slots come first
+  # Padding slots: position 0, label 0, KIND_KEEP.
+  assert (out.positions[~real] == 0).all() and (out.labels[~real] == 0).all()
+  assert (out.kinds[~real] == KIND_KEEP).all()
+  # Strictly ascending positions among real slots.
+  steps = np.diff(out.positions, axis=1)
+  assert (steps[real[:, 1:]] > 0).all()
+  # Labels are the original tokens; `selected` is exactly the set of reported positions.
+  rows = np.arange(batch)[:, None]
+  np.testing.assert_array_equal(out.labels[real], tokens[rows, out.positions][real])
+  from_slots = np.zeros_like(out.selected)
+  from_slots[np.broadcast_to(rows, real.shape)[real], out.positions[real]] = True
+  np.testing.assert_array_equal(from_slots, out.selected)
+  # Inputs: untouched outside the selection and at KIND_KEEP, [MASK] at KIND_MASK.
+  np.testing.assert_array_equal(out.inputs[~out.selected], tokens[~out.selected])
+  slot_inputs = out.inputs[rows, out.positions]
+  keep = real & (out.kinds == KIND_KEEP)
+  mask = real & (out.kinds == KIND_MASK)
+  rand = real & (out.kinds == KIND_RANDOM)
+  assert keep.any() and mask.any() and rand.any()
+  np.testing.assert_array_equal(slot_inputs[keep], out.labels[keep])
+  assert (slot_inputs[mask] == MASK).all()
+  assert ((slot_inputs[rand] >= FIRST_REGULAR) & (slot_inputs[rand] < VOCAB)).all()
+
+
+def test_buffer_larger_than_sequence(tokens):
+  short = tokens[:, :16]
+  out = _run(short, rate=0.8, max_predictions=40)
+  assert out.positions.shape == (short.shape[0], 40)
+  np.testing.assert_array_equal(out.weights.sum(axis=1), _expected_exact_counts(short, 0.8, 40))
+  assert (out.weights[:, 16:] == 0).all()
+
+
+def test_determinism_and_fresh_masks_per_step(tokens):
+  spec = MaskingSpec(vocab_size=VOCAB)
+  key = jax.random.key(7)
+  first = _np(_jit_mask(key, tokens, spec, 0.15))
+  again = _np(_jit_mask(key, tokens, spec, 0.15))
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+  step1 = _np(_jit_mask(jax.random.fold_in(key, 1), tokens, spec, 0.15))
+  step2 = _np(_jit_mask(jax.random.fold_in(key, 2), tokens, spec, 0.15))
+  assert (step1.selected != step2.selected).any()
+  assert (step1.selected != first.selected).any()
+  # Same count per row (exact), different positions.
+  np.testing.assert_array_equal(step1.weights.sum(axis=1), step2.weights.sum(axis=1))
+
+
+def test_typed_and_legacy_keys_agree(tokens):
+  spec = MaskingSpec(vocab_size=VOCAB, selection='bernoulli', max_predictions=SEQ_LEN)
+  typed = _np(_jit_mask(jax.random.key(3), tokens, spec, 0.15))
+  legacy = _np(_jit_mask(jax.random.PRNGKey(3), tokens, spec, 0.15))  # raw uint32 key
+  for a, b in zip(typed, legacy):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('selection', ['exact', 'bernoulli'])
+def test_traced_rate_matches_python_float(tokens, selection):
+  spec = MaskingSpec(vocab_size=VOCAB, rate=0.4, selection=selection, max_predictions=SEQ_LEN)
+  key = jax.random.key(11)
+  traces = []
+
+  @jax.jit
+  def step(rate, toks):
+    traces.append(rate)
+    return masking.mask_tokens(key, toks, spec, rate)
+
+  traced = _np(step(np.float32(0.4), tokens))
+  # rate=None: spec.rate (0.4) enters the computation as a Python constant.
+  from_spec = _np(_jit_mask(key, tokens, spec, None))
+  for a, b in zip(traced, from_spec):
+    np.testing.assert_array_equal(a, b)
+  lower = _np(step(np.float32(0.15), tokens))
+  assert lower.selected.sum() < traced.selected.sum()
+  assert len(traces) == 1  # one compilation serves every rate
+
+
+def test_spec_is_hashable_and_normalizes_split():
+  a = MaskingSpec(vocab_size=100, split=[0.8, 0.1, 0.1])
+  b = MaskingSpec(vocab_size=100)
+  assert a == b and hash(a) == hash(b)
+  assert isinstance(a.split, tuple)
+
+
+@pytest.mark.parametrize('kwargs,key', [
+    (dict(rate=0.0), 'masking.rate'),
+    (dict(rate=1.0), 'masking.rate'),
+    (dict(rate=-0.1), 'masking.rate'),
+    (dict(rate=1.5), 'masking.rate'),
+    (dict(split=(0.8, 0.1, 0.2)), 'masking.split'),
+    (dict(split=(0.9, 0.2, -0.1)), 'masking.split'),
+    (dict(split=(0.5, 0.5)), 'masking.split'),
+    (dict(selection='random'), 'masking.selection'),
+    (dict(max_predictions=0), 'masking.max_predictions'),
+    (dict(vocab_size=5), 'vocab_size'),
+])
+def test_validation_errors_name_the_key(kwargs, key):
+  with pytest.raises(ValueError, match=key) as err:
+    MaskingSpec(**{'vocab_size': 100, **kwargs})
+  assert len(str(err.value).splitlines()) <= 2
+  if key == 'masking.selection':
+    assert "'exact'" in str(err.value) and "'bernoulli'" in str(err.value)
+
+
+def test_python_rate_override_is_validated(tokens):
+  with pytest.raises(ValueError, match='rate'):
+    masking.mask_tokens(jax.random.key(0), tokens[:4], MaskingSpec(vocab_size=VOCAB), 1.2)
+
+
+def test_default_max_predictions():
+  assert masking.default_max_predictions(0.15, 128, 'exact') == 20  # BERT's published setting
+  for seq_len in (16, 64, 128, 512):
+    for rate in (0.05, 0.1, 0.15, 0.3, 0.5, 0.8, 0.95):
+      exact = masking.default_max_predictions(rate, seq_len, 'exact')
+      assert max(1, round(rate * seq_len)) <= exact <= seq_len
+      bern = masking.default_max_predictions(rate, seq_len, 'bernoulli')
+      assert bern <= seq_len
+      if bern < seq_len:
+        # P(count > buffer); mean + 4 sd is ~3e-5 for a normal, a little more for a skewed binomial.
+        assert stats.binom.sf(bern, seq_len, rate) < 1e-3
+  with pytest.raises(ValueError, match='masking.selection'):
+    masking.default_max_predictions(0.15, 128, 'poisson')
+
+
+def _pretrain_config(variant: str):
+  """Returns configs/pretrain.py's get_config(variant), loaded from its file."""
+  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'pretrain.py'
+  module_spec = importlib.util.spec_from_file_location('pretrain_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def test_spec_from_config():
+  cfg = _pretrain_config('tiny')
+  kw = dict(vocab_size=cfg.tokenizer.vocab_size, seq_len=cfg.train.seq_len)
+  spec = masking.spec_from_config(cfg.masking, **kw)
+  assert spec.max_predictions == masking.default_max_predictions(
+      cfg.masking.rate, cfg.train.seq_len, cfg.masking.selection)
+  assert (spec.rate, spec.split, spec.selection) == (
+      cfg.masking.rate, tuple(cfg.masking.split), cfg.masking.selection)
+  assert spec.vocab_size == cfg.tokenizer.vocab_size
+  cfg.masking.max_predictions = 7
+  assert masking.spec_from_config(cfg.masking, **kw).max_predictions == 7
+  cfg.masking.max_predictions = 0
+  cfg.masking.selection = 'bernoulli'
+  cfg.masking.rate = 0.4
+  bern = masking.spec_from_config(cfg.masking, **kw)
+  assert bern.max_predictions == masking.default_max_predictions(
+      0.4, cfg.train.seq_len, 'bernoulli')
+  cfg.masking.selection = 'spans'
+  with pytest.raises(ValueError, match='masking.selection'):
+    masking.spec_from_config(cfg.masking, **kw)
+  cfg.masking.selection = 'exact'
+  cfg.masking.max_predictions = -1
+  with pytest.raises(ValueError, match='masking.max_predictions'):
+    masking.spec_from_config(cfg.masking, **kw)
