@@ -1,0 +1,344 @@
+"""Tests for mlmjax/corpus.py: sources, cleaning rules and counts, errors, keys, pydocs, TFDS."""
+
+import collections
+import gzip
+import hashlib
+import importlib.util
+import inspect
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import ftfy
+import numpy as np
+import pytest
+import scipy.optimize
+import scipy.special
+
+from mlmjax import corpus
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _data_cfg(**overrides):
+  """Returns the `data` section of the tiny pretraining config with `overrides` applied."""
+  spec = importlib.util.spec_from_file_location(
+      'pretrain_config', os.path.join(REPO, 'configs', 'pretrain.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config('tiny').data
+  for name, value in overrides.items():
+    setattr(cfg, name, value)
+  return cfg
+
+
+def _write(path, text, encoding='utf-8'):
+  path.write_bytes(text.encode(encoding) if isinstance(text, str) else text)
+  return str(path)
+
+
+def _jsonl(path, rows):
+  return _write(path, ''.join(json.dumps(r) + '\n' for r in rows))
+
+
+def _digest(docs):
+  return hashlib.sha256('\x00'.join(docs).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# pydocs
+
+@pytest.fixture(scope='module')
+def pydocs():
+  return corpus.pydocs_documents()
+
+
+def test_pydocs_is_deterministic_in_and_across_processes(pydocs):
+  assert corpus.pydocs_documents() == pydocs
+  # A fresh interpreter with another string-hash seed and nothing imported beforehand.
+  code = ('import hashlib; from mlmjax import corpus; '
+          "print(hashlib.sha256('\\x00'.join(corpus.pydocs_documents()).encode()).hexdigest())")
+  env = dict(os.environ, PYTHONHASHSEED='12345', PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=120, check=True)
+  assert out.stdout.strip() == _digest(pydocs)
+
+
+def test_pydocs_is_several_mb_of_english(pydocs):
+  text = '\n'.join(pydocs)
+  assert len(text) > 4_000_000
+  assert len(pydocs) == len(set(pydocs))
+  non_space = len(re.sub(r'\s+', '', text))
+  letters = len(re.sub(r'[^A-Za-z]+', '', text))
+  assert letters / non_space > 0.6  # prose with some code and math, not symbol soup
+  counts = collections.Counter(re.findall(r'[a-z]+', text.lower()))
+  top = [w for w, _ in counts.most_common(20)]
+  assert top[0] == 'the'
+  assert {'of', 'and', 'to', 'is', 'a'} <= set(top)
+
+
+def test_pydocs_holds_topics_stdlib_numpy_and_scipy_docstrings(pydocs):
+  import pydoc_data.topics  # pylint: disable=g-import-not-at-top
+  docs = set(pydocs)
+  assert inspect.cleandoc(pydoc_data.topics.topics['assert']) in docs
+  for obj in (json.dumps, collections.OrderedDict.move_to_end, np.linalg.solve,
+              np.ndarray.reshape, scipy.optimize.brentq, scipy.special.gamma):
+    assert '# may vary' not in obj.__doc__  # such lines are dropped: the rest would differ
+    assert inspect.cleandoc(obj.__doc__) in docs, obj
+
+
+def test_pydocs_skips_modules_with_side_effects(pydocs):
+  del pydocs  # built: nothing it walked may have opened a browser or printed the Zen
+  assert 'antigravity' not in sys.modules and 'this' not in sys.modules
+
+
+def test_pydocs_through_load_documents_drops_trivial_docstrings(pydocs):
+  docs, report = corpus.load_documents(_data_cfg(corpus='pydocs', min_chars=40))
+  assert report.documents_in == len(pydocs)
+  assert report.dropped['too_short'] > 0
+  assert min(map(len, docs)) >= 40
+
+
+# ---------------------------------------------------------------------------------------------
+# .txt
+
+def test_txt_splits_on_blank_lines_and_unwraps(tmp_path):
+  text = ('\ufeffFirst paragraph, wrapped\nover two lines.\r\n\r\n'
+          'Second   one\n  indented continuation \n \t \n\n\n'
+          'Third\n')
+  path = _write(tmp_path / 'a.txt', text)
+  assert list(corpus.read_raw_documents(path)) == [
+      'First paragraph, wrapped over two lines.', 'Second   one indented continuation', 'Third']
+
+
+def test_txt_gzip_and_comma_separated_globs_in_sorted_order(tmp_path):
+  (tmp_path / 'd').mkdir()
+  _write(tmp_path / 'd' / 'b.txt', 'from b\n')
+  _write(tmp_path / 'd' / 'a.txt', 'from a\n\nalso a\n')
+  (tmp_path / 'c.txt.gz').write_bytes(gzip.compress(b'from c\n'))
+  spec = f'{tmp_path}/c.txt.gz, {tmp_path}/d/*.txt, {tmp_path}/d/a.txt'
+  assert list(corpus.read_raw_documents(spec)) == ['from c', 'from a', 'also a', 'from b']
+
+
+def test_txt_real_novel_keeps_every_word_in_paragraphs(shared_data):
+  path = shared_data / 'pretrain' / 'general' / 'austen.txt'
+  if not path.exists():
+    pytest.skip(f'{path} is absent')
+  text = path.read_text(encoding='utf-8')
+  docs = list(corpus.read_raw_documents(str(path)))
+  paragraphs = [p for p in re.split(r'\n\s*\n', text) if p.strip()]
+  assert len(docs) == len(paragraphs) > 10_000
+  assert all('\n' not in d for d in docs)
+  assert ' '.join(docs).split() == text.split()  # unwrapping loses or reorders no word
+
+
+# ---------------------------------------------------------------------------------------------
+# .jsonl
+
+def test_jsonl_reads_text_field_and_skips_blank_lines(tmp_path):
+  path = _write(tmp_path / 'a.jsonl', '{"id": 1, "body": "one"}\n\n{"body": "two", "x": null}\n')
+  assert list(corpus.read_raw_documents(path, text_field='body')) == ['one', 'two']
+
+
+@pytest.mark.parametrize('line,expected', [
+    ('{"body": "ok"', ['line 2', 'not valid JSON']),
+    ('["body"]', ['line 2', 'expected a JSON object']),
+    ('{"text": "x"}', ['line 2', "no field 'body'", 'data.text_field']),
+    ('{"body": 3}', ['line 2', "field 'body' is int"]),
+])
+def test_jsonl_bad_lines_name_file_line_and_field(tmp_path, line, expected):
+  path = _write(tmp_path / 'bad.jsonl', '{"body": "fine"}\n' + line + '\n')
+  with pytest.raises(ValueError) as e:
+    list(corpus.read_raw_documents(path, text_field='body'))
+  for part in [path, *expected]:
+    assert part in str(e.value)
+
+
+def test_real_bbc_mojibake_is_repaired(shared_data):
+  path = shared_data / 'tasks' / 'bbc_news_topic5.jsonl'
+  if not path.exists():
+    pytest.skip(f'{path} is absent')
+  raw = list(itertools.islice(corpus.read_raw_documents(str(path)), 200))
+  broken = [t for t in raw if 'Â£' in t]
+  assert broken
+  for text in broken:
+    cleaned = corpus.clean_document(text)
+    assert 'Â' not in cleaned
+    assert cleaned.count('£') == text.count('Â£')
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleaning rules
+
+@pytest.mark.parametrize('raw,kwargs,expected', [
+    ('price (Â£600m) &amp; more', {}, 'price (£600m) & more'),
+    ('price (Â£600m) &amp; more', {'fix_text': False}, 'price (Â£600m) &amp; more'),
+    ('cafe\u0301', {'fix_text': False}, 'caf\u00e9'),
+    ('cafe\u0301', {'fix_text': False, 'normalization': ''}, 'cafe\u0301'),
+    ('\ufb01ne \u2460', {'fix_text': False, 'normalization': 'NFKC'}, 'fine 1'),
+    ('a\x00b\x07c\u200bd\ufeffe\tf\r\ng\rh', {}, 'abcde f\ng\nh'),
+    ('  a  b   \n\n\n\n c \t\n', {}, 'a b\n\n c'),
+])
+def test_clean_document_rules(raw, kwargs, expected):
+  assert corpus.clean_document(raw, **kwargs) == expected
+
+
+def test_fast_paths_match_ftfy_and_cleaning_is_idempotent(pydocs, shared_data):
+  samples = [d for d in pydocs if not d.isascii() or '&' in d][:150] + pydocs[::100]
+  bbc = shared_data / 'tasks' / 'bbc_news_topic5.jsonl'
+  if bbc.exists():
+    samples += list(itertools.islice(corpus.read_raw_documents(str(bbc)), 150))
+  for text in samples:
+    cleaned = corpus.clean_document(text, normalization='')
+    reference = corpus.clean_document(ftfy.fix_text(text, normalization=None), fix_text=False,
+                                      normalization='')
+    assert cleaned == reference
+    assert corpus.clean_document(cleaned) == corpus.clean_document(text)
+    assert corpus.clean_document(corpus.clean_document(text)) == corpus.clean_document(text)
+
+
+def test_report_counts_each_rule_and_dedup_keeps_first(tmp_path):
+  long = 'x' * 40
+  rows = [
+      'Â£ mojibake ' + long,            # fix_text
+      'cafe\u0301 ' + long,             # normalization
+      'ctrl\u200b ' + long,             # control_chars (ftfy keeps zero-width spaces)
+      'spaces   here ' + long,          # whitespace
+      'first copy ' + long,             # kept
+      'first  copy ' + long,            # whitespace, then a duplicate of the row above
+      '   ',                            # whitespace, then empty
+      'short',                          # too_short
+      'y' * 39 + '!',                   # exactly min_chars=40: kept
+      'tail one ' + long, 'tail two ' + long,  # max_documents=7 keeps one of these
+  ]
+  path = _jsonl(tmp_path / 'rows.jsonl', [{'text': t} for t in rows])
+  docs, report = corpus.load_documents(_data_cfg(corpus=path, min_chars=40, max_documents=7))
+  assert docs == ['£ mojibake ' + long, 'caf\u00e9 ' + long, 'ctrl ' + long,
+                  'spaces here ' + long, 'first copy ' + long, 'y' * 39 + '!', 'tail one ' + long]
+  assert report.changed == {'fix_text': 1, 'normalization': 1, 'control_chars': 1,
+                            'whitespace': 3}
+  assert report.dropped == {'empty': 1, 'too_short': 1, 'duplicate': 1, 'max_documents': 1}
+  assert report.documents_in == len(rows) == report.documents_out + sum(report.dropped.values())
+  assert report.chars_in == sum(map(len, rows))
+  assert report.chars_out == sum(map(len, docs))
+  assert 'duplicate 1' in report.summary() and 'whitespace 3' in report.summary()
+  undeduped, report = corpus.load_documents(_data_cfg(corpus=path, dedup=False))
+  assert undeduped.count('first copy ' + long) == 2 and report.dropped['duplicate'] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+def test_missing_file_and_empty_glob_name_the_path_and_key(tmp_path):
+  for spec in (str(tmp_path / 'nope.txt'), str(tmp_path / '*.txt')):
+    for fn in (corpus.load_documents, corpus.corpus_key):
+      with pytest.raises(FileNotFoundError, match='data.corpus') as e:
+        fn(_data_cfg(corpus=spec))
+      assert spec in str(e.value)
+
+
+def test_empty_corpus_names_source_and_counts(tmp_path):
+  path = _write(tmp_path / 'tiny.txt', 'too short\n\nalso short\n')
+  with pytest.raises(ValueError) as e:
+    corpus.load_documents(_data_cfg(corpus=path, min_chars=40))
+  assert path in str(e.value) and 'too_short 2' in str(e.value) and 'data.min_chars' in str(e.value)
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path):
+  path = _write(tmp_path / 'latin1.txt', 'fine line\n\nstill fine\ncaf\u00e9 au lait\n', 'latin-1')
+  with pytest.raises(ValueError, match='is not UTF-8 at line 4') as e:
+    corpus.load_documents(_data_cfg(corpus=path))
+  assert path in str(e.value)
+
+
+def test_bad_extension_directory_and_config_values(tmp_path):
+  path = _write(tmp_path / 'doc.md', 'text')
+  with pytest.raises(ValueError, match=r'\.txt, \.jsonl'):
+    corpus.read_raw_documents(path)
+  with pytest.raises(FileNotFoundError, match='is a directory'):
+    corpus.read_raw_documents(str(tmp_path))
+  with pytest.raises(ValueError, match='data.normalization'):
+    corpus.load_documents(_data_cfg(normalization='NFX'))
+  with pytest.raises(ValueError, match='data.min_chars'):
+    corpus.corpus_key(_data_cfg(min_chars=-1))
+  with pytest.raises(ValueError, match='data.corpus'):
+    corpus.load_documents(_data_cfg(corpus=' '))
+
+
+# ---------------------------------------------------------------------------------------------
+# corpus_key
+
+def test_corpus_key_tracks_files_and_cleaning_fields(tmp_path):
+  path = _write(tmp_path / 'a.txt', 'some text here\n')
+  cfg = _data_cfg(corpus=path)
+  key = corpus.corpus_key(cfg)
+  assert key == corpus.corpus_key(_data_cfg(corpus=path)) and len(key) == 16
+  changes = dict(text_field='body', max_documents=5, min_chars=3, fix_text=False,
+                 normalization='NFKC', dedup=False, corpus='pydocs')
+  keys = {name: corpus.corpus_key(_data_cfg(**{'corpus': path, name: value}))
+          for name, value in changes.items()}
+  assert len(set(keys.values()) | {key}) == len(changes) + 1
+  stat = os.stat(path)
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  touched = corpus.corpus_key(cfg)
+  _write(tmp_path / 'a.txt', 'some text here, longer\n')
+  assert len({key, touched, corpus.corpus_key(cfg)}) == 3
+  tfds_keys = {corpus.corpus_key(_data_cfg(corpus='tfds:x', tfds_split=s)) for s in ('a', 'b')}
+  assert len(tfds_keys) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS
+
+def test_tfds_missing_data_fails_fast_with_one_line(tmp_path):
+  import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+  cfg = _data_cfg(corpus='tfds:imdb_reviews', tfds_data_dir=str(tmp_path))
+  start = time.monotonic()  # the import (seconds) is not the point: TFDS's retries (~200 s) are
+  with pytest.raises(FileNotFoundError) as e:
+    corpus.load_documents(cfg)
+  assert time.monotonic() - start < 30
+  message = str(e.value)
+  assert '\n' not in message and str(tmp_path) in message
+  assert 'data.tfds_data_dir' in message and 'data.tfds_download' in message
+
+
+@pytest.fixture(scope='module')
+def tiny_tfds(tmp_path_factory):
+  """Returns (data_dir, texts) of a small TFDS dataset built locally, without a network."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  texts = [f'Example document number {i} for the local TFDS builder.' for i in range(20)]
+  texts.append(texts[0])
+
+  class MlmjaxCorpusTestTexts(tfds.core.GeneratorBasedBuilder):
+    """Twenty-one short texts (one repeated) with an id."""
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {'text': tfds.features.Text(), 'id': np.int64}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, text in enumerate(texts):
+        yield i, {'text': text, 'id': i}
+
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  MlmjaxCorpusTestTexts(data_dir=data_dir).download_and_prepare()
+  return data_dir, texts
+
+
+def test_tfds_reads_a_locally_built_dataset(tiny_tfds):
+  data_dir, texts = tiny_tfds
+  cfg = _data_cfg(corpus='tfds:mlmjax_corpus_test_texts', tfds_data_dir=data_dir)
+  docs, report = corpus.load_documents(cfg)
+  assert sorted(docs) == sorted(set(texts))
+  assert report.documents_in == len(texts) and report.dropped['duplicate'] == 1
+  assert corpus.load_documents(cfg)[0] == docs
+  with pytest.raises(ValueError, match="'body' is not a feature.*id, text"):
+    corpus.load_documents(_data_cfg(corpus=cfg.corpus, tfds_data_dir=data_dir, text_field='body'))
