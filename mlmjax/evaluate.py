@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from mlmjax import losses, masking
+from mlmjax import model as model_lib
 from mlmjax import tokenizer as tok
 
 # Rows read for the baseline counts: enough for stable argmaxes, bounded for huge corpora.
@@ -39,8 +40,9 @@ def make_eval_step(graphdef, spec: masking.MaskingSpec) -> Callable:
 
   def step(params, tokens, key, unigram, successor):
     mb = masking.mask_tokens(key, tokens, spec)
-    model = nnx.merge(graphdef, params)
-    logits = model(mb.inputs, mb.positions, dropout_rng=None)
+    position_ids, doc_ids = model_lib.packed_layout(tokens)
+    logits = nnx.merge(graphdef, params)(mb.inputs, mb.positions, position_ids=position_ids,
+                                          doc_ids=doc_ids)
     sums = losses.mlm_metric_sums(logits, mb.labels, mb.weights, mb.kinds)
     at_mask = mb.weights * (mb.kinds == masking.KIND_MASK)
     prev = jnp.take_along_axis(mb.inputs, jnp.maximum(mb.positions - 1, 0), axis=1)

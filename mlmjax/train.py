@@ -66,13 +66,11 @@ class Reporter:
     with open(self.workdir / 'metrics.jsonl', 'a') as f:
       f.write(json.dumps({'step': step, **record}) + '\n')
     if self._tb is None:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tb = tf.summary.create_file_writer(str(self.workdir / 'tensorboard'))
-    with self._tb.as_default(step=step):
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      for k, v in record.items():
-        if isinstance(v, (int, float)) and math.isfinite(v):
-          tf.summary.scalar(k, v)
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(self.workdir / 'tensorboard'))
+    for k, v in record.items():
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
     self._tb.flush()
 
   def close(self) -> None:
@@ -112,6 +110,8 @@ def validate_config(config) -> None:
     raise ValueError(f'train.seq_len={t.seq_len} exceeds model.max_position={config.model.max_position}')
   if not 0.0 < float(config.eval.rate) < 1.0:
     raise ValueError(f'eval.rate={config.eval.rate} must be in (0, 1)')
+  if config.model.size not in model.SIZES:
+    raise ValueError(f'model.size={config.model.size!r}: choose one of {sorted(model.SIZES)}')
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"model.dtype={config.model.dtype!r}: choose 'float32' or 'bfloat16'")
   if not 0.0 <= float(config.model.dropout_rate) < 1.0:
@@ -169,10 +169,13 @@ def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: 
     step_key = jax.random.fold_in(seed_key, state['step'])
     mask_key, drop_key = jax.random.split(step_key)
     mb = masking.mask_tokens(mask_key, tokens, spec)
+    # Unit layout from the uncorrupted rows: positions restart and attention stops at each [CLS].
+    position_ids, doc_ids = model.packed_layout(tokens)
 
     def loss_fn(params):
       logits = nnx.merge(graphdef, params)(
-          mb.inputs, mb.positions, dropout_rng=drop_key if dropout else None)
+          mb.inputs, mb.positions, position_ids=position_ids, doc_ids=doc_ids,
+          dropout_rng=drop_key if dropout else None)
       loss_sum, weight = losses.cross_entropy_sum(logits, mb.labels, mb.weights)
       return loss_sum / jnp.maximum(weight, 1.0), logits
 
@@ -238,6 +241,10 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   log(f'mlmjax: workdir {workdir} | devices {jax.device_count()} ({jax.devices()[0].platform}) '
       f'| mesh {dict(mesh.shape)} | processes {jax.process_count()}')
 
+  if not jax.config.jax_compilation_cache_dir:
+    # Reruns, resumes and sweeps reuse compiled steps instead of paying XLA's compile again.
+    jax.config.update('jax_compilation_cache_dir', str(input_pipeline.cache_root(config.data) / 'xla'))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   data = input_pipeline.prepare_data(config, workdir, log=log if is_main else (lambda s: None))
   tokenizer, cache = data.tokenizer, data.cache
   if is_main:
@@ -366,8 +373,10 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
         window, t_window, window_steps = None, time.perf_counter(), 0
       if step % config.eval.every_steps == 0 or step == num_steps:
         eval_record = run_eval(step)
+        t_window = time.perf_counter()  # evaluation time is not training throughput
       if step % config.ckpt.every_steps == 0 or done:
         save(step)
+        t_window = time.perf_counter()
       if wall_stop:
         log(f'stopping at step {step}: train.max_wall_minutes={config.train.max_wall_minutes} reached')
         break

@@ -18,3 +18,38 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f'{SHARED_DATA} is absent (a fresh clone has no ../shared)')
   return SHARED_DATA
+
+
+@pytest.fixture(scope='session')
+def topics_corpus(tmp_path_factory):
+  """Returns a .txt corpus of Python's help topics (~460 KB that every Python ships)."""
+  from pydoc_data.topics import topics
+  path = tmp_path_factory.mktemp('corpus') / 'topics.txt'
+  path.write_text('\n\n'.join(topics[k] for k in sorted(topics)), encoding='utf-8')
+  return path
+
+
+@pytest.fixture(scope='session')
+def cache_dir(tmp_path_factory):
+  """Returns one token/tokenizer cache directory shared by the whole test session."""
+  return tmp_path_factory.mktemp('mlmjax_cache')
+
+
+@pytest.fixture
+def tiny_config(topics_corpus, cache_dir):
+  """Returns the tiny pretraining config shrunk to run a few steps in seconds."""
+  from configs import pretrain
+  c = pretrain.get_config('tiny')
+  c.data.corpus = str(topics_corpus)
+  c.data.cache_dir = str(cache_dir)
+  c.tokenizer.vocab_size = 1000
+  c.train.seq_len = 64
+  c.train.batch_size = 8
+  c.train.num_steps = 8
+  c.train.log_every_steps = 1
+  c.optim.warmup_steps = 2
+  c.eval.every_steps = 4
+  c.eval.batch_size = 8
+  c.eval.num_batches = 2
+  c.ckpt.every_steps = 4
+  return c

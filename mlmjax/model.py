@@ -1,0 +1,301 @@
+"""BERT-style Flax NNX encoder over packed rows, with a sparse (gathered) MLM head."""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_ATTENTION_IMPLS = (None, '', 'xla', 'cudnn')
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Shape and numerics of the encoder; parameters are always float32."""
+  vocab_size: int
+  hidden_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 2
+  intermediate_size: int = 512
+  max_position: int = 512
+  type_vocab_size: int = 2
+  dropout_rate: float = 0.1  # hidden dropout (embeddings, attention output, MLP output)
+  attention_dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-12  # BERT's value
+  pre_layer_norm: bool = True  # False = BERT's original post-LN
+  initializer_range: float = 0.02  # truncated-normal std, as BERT
+  dtype: str = 'float32'  # compute dtype: 'float32' or 'bfloat16'
+  attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...)
+
+  def __post_init__(self):
+    if self.dtype not in _DTYPES:
+      raise ValueError(f'model.dtype: {self.dtype!r} is not supported; use one of {sorted(_DTYPES)}')
+    if self.attention_impl not in _ATTENTION_IMPLS:
+      raise ValueError(f"model.attention_impl: {self.attention_impl!r} is not supported; "
+                       "use '' (XLA chooses), 'xla' or 'cudnn'")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'model: hidden_size {self.hidden_size} is not divisible by '
+                       f'num_heads {self.num_heads}; change one of them')
+    for name in ('dropout_rate', 'attention_dropout_rate'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f'model.{name}: {getattr(self, name)} must be in [0, 1)')
+
+  @property
+  def compute_dtype(self) -> Any:
+    """Returns the jnp dtype that matmuls and activations use."""
+    return _DTYPES[self.dtype]
+
+
+def _size(layers: int, hidden: int, heads: int) -> dict[str, int]:
+  return dict(num_layers=layers, hidden_size=hidden, num_heads=heads, intermediate_size=4 * hidden)
+
+
+# mini/small/base/large are BERT's published shapes (Turc et al. 2019; Devlin et al. 2019).
+SIZES: dict[str, dict] = {
+    'tiny': _size(2, 128, 2),
+    'mini': _size(4, 256, 4),
+    'small': _size(4, 512, 8),
+    'base': _size(12, 768, 12),
+    'large': _size(24, 1024, 16),
+}
+
+
+def encoder_config(size: str, *, vocab_size: int, **overrides) -> EncoderConfig:
+  """Returns the EncoderConfig of named shape `size`, with `overrides` applied."""
+  if size not in SIZES:
+    raise ValueError(f'model.size: unknown size {size!r}; choose one of {list(SIZES)}')
+  fields = {f.name for f in dataclasses.fields(EncoderConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f'model: unknown encoder setting(s) {unknown}; known: {sorted(fields)}')
+  return EncoderConfig(vocab_size=vocab_size, **{**SIZES[size], **overrides})
+
+
+def packed_layout(tokens: jax.Array, *, cls_id: int = 2,
+                  pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Returns (position_ids, doc_ids), both (B, L) int32, from the [CLS] markers of packed rows."""
+  tokens = jnp.asarray(tokens)
+  idx = jnp.arange(tokens.shape[-1], dtype=jnp.int32)
+  # Column 0 always opens a unit, so a row that does not start with [CLS] is still one unit.
+  starts = (tokens == cls_id) | (idx == 0)
+  real = (tokens != pad_id).astype(jnp.int32)
+  doc_ids = jnp.cumsum(starts.astype(jnp.int32), axis=-1) * real
+  last_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=tokens.ndim - 1)
+  position_ids = (idx - last_start) * real
+  return position_ids.astype(jnp.int32), doc_ids.astype(jnp.int32)
+
+
+def attention_mask(doc_ids: jax.Array) -> jax.Array:
+  """Returns the (B, 1, L, L) bool mask: query and key in the same unit, key not padding."""
+  same = doc_ids[:, :, None] == doc_ids[:, None, :]
+  return (same & (doc_ids[:, None, :] > 0))[:, None]
+
+
+def _param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
+  # Values are drawn flat and reshaped: eager (un-jitted) init compiles one sampler per distinct
+  # shape, and flat draws share samplers across shapes of equal size (tiny model init 13 s -> 4 s).
+  def flat_init(key, shape, dtype):
+    return init(key, (math.prod(shape),), dtype).reshape(shape)
+  # eager_sharding=False: names are metadata only, so construction needs no mesh; sharding.py maps
+  # them to mesh axes (nnx.get_partition_spec) and shards through jit out_shardings.
+  partitioned = nnx.with_partitioning(flat_init, tuple(names), eager_sharding=False)
+  return nnx.Param(partitioned(rngs.params(), tuple(shape), jnp.float32))
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Returns x with inverted dropout applied, or x itself when key is None or rate is 0."""
+  if key is None or rate == 0.0:
+    return x
+  # Flat draw, as in _param: eager calls then share one compiled sampler per size.
+  keep = jax.random.bernoulli(key, 1.0 - rate, (x.size,)).reshape(x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
+  return None if key is None else jax.random.fold_in(key, i)
+
+
+class Dense(nnx.Module):
+  """Affine map contracting the last `n_in` input axes with the first `n_in` kernel axes."""
+
+  def __init__(self, config: EncoderConfig, shape, names, *, n_in: int = 1, rngs: nnx.Rngs):
+    self.n_in = n_in
+    self.dtype = config.compute_dtype
+    init = jax.nn.initializers.truncated_normal(config.initializer_range)
+    self.kernel = _param(rngs, init, shape, names)
+    self.bias = _param(rngs, jax.nn.initializers.zeros, shape[n_in:], names[n_in:])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=self.n_in)
+    return y + self.bias[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm whose statistics are float32; returns the compute dtype."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    self.eps = config.layer_norm_eps
+    self.dtype = config.compute_dtype
+    h = config.hidden_size
+    self.scale = _param(rngs, jax.nn.initializers.ones, (h,), ('embed',))
+    self.bias = _param(rngs, jax.nn.initializers.zeros, (h,), ('embed',))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def _attend_with_dropout(q, k, v, mask, rate: float, key: jax.Array) -> jax.Array:
+  """Returns softmax(q k^T / sqrt(d)) v with dropout on the probabilities, (B, T, N, D)."""
+  logits = jnp.einsum('btnd,bsnd->bnts', q, k, preferred_element_type=jnp.float32)
+  logits = logits / np.sqrt(q.shape[-1])
+  # A finite fill (as jax.nn.dot_product_attention uses) keeps fully masked padding rows finite.
+  logits = jnp.where(mask, logits, 0.7 * jnp.finfo(jnp.float32).min)
+  probs = _dropout(jax.nn.softmax(logits, axis=-1), rate, key)
+  return jnp.einsum('bnts,bsnd->btnd', probs.astype(v.dtype), v)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with BERT's query/key/value/output projections."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    h, n = config.hidden_size, config.num_heads
+    qkv = ((h, n, h // n), ('embed', 'heads', 'kv'))
+    self.query = Dense(config, *qkv, rngs=rngs)
+    self.key = Dense(config, *qkv, rngs=rngs)
+    self.value = Dense(config, *qkv, rngs=rngs)
+    self.output = Dense(config, (n, h // n, h), ('heads', 'kv', 'embed'), n_in=2, rngs=rngs)
+    self.rate = config.attention_dropout_rate
+    self.impl = config.attention_impl or None
+
+  def __call__(self, x: jax.Array, mask: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+    q, k, v = self.query(x), self.key(x), self.value(x)
+    if dropout_rng is not None and self.rate > 0.0:
+      out = _attend_with_dropout(q, k, v, mask, self.rate, dropout_rng)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
+    return self.output(out)
+
+
+class Mlp(nnx.Module):
+  """Position-wise feed-forward block: dense, exact GELU, dense."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    h, i = config.hidden_size, config.intermediate_size
+    self.intermediate = Dense(config, (h, i), ('embed', 'mlp'), rngs=rngs)
+    self.output = Dense(config, (i, h), ('mlp', 'embed'), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.output(jax.nn.gelu(self.intermediate(x), approximate=False))
+
+
+class Block(nnx.Module):
+  """One transformer layer, pre-LN or post-LN per the config."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    self.pre_ln = config.pre_layer_norm
+    self.rate = config.dropout_rate
+    self.attention = Attention(config, rngs=rngs)
+    self.attention_norm = LayerNorm(config, rngs=rngs)
+    self.mlp = Mlp(config, rngs=rngs)
+    self.mlp_norm = LayerNorm(config, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+    keys = [_fold(dropout_rng, i) for i in range(3)]
+    if self.pre_ln:
+      x = x + _dropout(self.attention(self.attention_norm(x), mask, keys[0]), self.rate, keys[1])
+      return x + _dropout(self.mlp(self.mlp_norm(x)), self.rate, keys[2])
+    x = self.attention_norm(x + _dropout(self.attention(x, mask, keys[0]), self.rate, keys[1]))
+    return self.mlp_norm(x + _dropout(self.mlp(x), self.rate, keys[2]))
+
+
+class Encoder(nnx.Module):
+  """Embeddings plus a stack of transformer blocks; holds only nnx.Params."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    h = config.hidden_size
+    init = jax.nn.initializers.truncated_normal(config.initializer_range)
+    self.token_embed = _param(rngs, init, (config.vocab_size, h), ('vocab', 'embed'))
+    self.position_embed = _param(rngs, init, (config.max_position, h), (None, 'embed'))
+    self.type_embed = _param(rngs, init, (config.type_vocab_size, h), (None, 'embed'))
+    self.embed_norm = LayerNorm(config, rngs=rngs)
+    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = LayerNorm(config, rngs=rngs) if config.pre_layer_norm else None
+
+  def __call__(self, input_ids: jax.Array, *, type_ids: jax.Array | None = None,
+               position_ids: jax.Array | None = None, doc_ids: jax.Array | None = None,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Returns hidden states (B, L, H) in the compute dtype."""
+    if input_ids.shape[-1] > self.config.max_position:
+      raise ValueError(f'model.max_position: {self.config.max_position} is shorter than the '
+                       f'sequence length {input_ids.shape[-1]}; raise it or lower train.seq_len')
+    if position_ids is None or doc_ids is None:
+      pos, doc = packed_layout(input_ids)
+      position_ids = pos if position_ids is None else position_ids
+      doc_ids = doc if doc_ids is None else doc_ids
+    if type_ids is None:
+      type_ids = jnp.zeros_like(input_ids)
+    x = (jnp.take(self.token_embed[...], input_ids, axis=0)
+         + jnp.take(self.position_embed[...], position_ids, axis=0)
+         + jnp.take(self.type_embed[...], type_ids, axis=0))
+    rate = self.config.dropout_rate
+    x = _dropout(self.embed_norm(x), rate, _fold(dropout_rng, 0))
+    mask = attention_mask(doc_ids)
+    for i, layer in enumerate(self.layers):
+      x = layer(x, mask, _fold(dropout_rng, i + 1))
+    return x if self.final_norm is None else self.final_norm(x)
+
+
+class MlmHead(nnx.Module):
+  """BERT's MLM transform (dense, GELU, LayerNorm) and a decoder tied to the token embedding."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    h = config.hidden_size
+    self.dtype = config.compute_dtype
+    self.transform = Dense(config, (h, h), ('embed', None), rngs=rngs)
+    self.norm = LayerNorm(config, rngs=rngs)
+    self.bias = _param(rngs, jax.nn.initializers.zeros, (config.vocab_size,), ('vocab',))
+
+  def __call__(self, hidden: jax.Array, embedding: jax.Array) -> jax.Array:
+    """Returns float32 logits (..., V) for hidden states (..., H) and the (V, H) embedding."""
+    x = self.norm(jax.nn.gelu(self.transform(hidden), approximate=False))
+    logits = jnp.einsum('...h,vh->...v', x.astype(self.dtype), embedding.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    return logits + self.bias[...]
+
+
+class BertForMLM(nnx.Module):
+  """Encoder plus MLM head; the head runs only at the requested prediction positions."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    self.encoder = Encoder(config, rngs=rngs)
+    self.mlm_head = MlmHead(config, rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array, pred_positions: jax.Array, *,
+               type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
+               doc_ids: jax.Array | None = None,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Returns float32 logits (B, P, V) at pred_positions (B, P)."""
+    hidden = self.encoder(input_ids, type_ids=type_ids, position_ids=position_ids,
+                          doc_ids=doc_ids, dropout_rng=dropout_rng)
+    gathered = jnp.take_along_axis(hidden, pred_positions[..., None].astype(jnp.int32), axis=1)
+    return self.mlm_head(gathered, self.encoder.token_embed[...])
+
+  def dense_logits(self, input_ids: jax.Array, **kwargs) -> jax.Array:
+    """Returns float32 logits (B, L, V) at every position; takes the encoder's keywords."""
+    return self.mlm_head(self.encoder(input_ids, **kwargs), self.encoder.token_embed[...])
+
+
+def count_params(params) -> int:
+  """Returns the number of scalars in a module's Params, a State, or any pytree of arrays."""
+  if isinstance(params, nnx.Module):
+    params = nnx.state(params, nnx.Param)
+  return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(params)))

@@ -1,0 +1,180 @@
+"""End-to-end tests of mlmjax.train.run: a few steps, exact resume, workdir contents, failures."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from mlmjax import predict, train
+from mlmjax import tokenizer as tok
+
+
+def _train_losses(workdir: pathlib.Path) -> dict[int, float]:
+  """Returns {step: train loss} from a workdir's metrics.jsonl."""
+  out = {}
+  for line in (workdir / 'metrics.jsonl').read_text().splitlines():
+    rec = json.loads(line)
+    if 'train/loss' in rec:
+      out[rec['step']] = rec['train/loss']
+  return out
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, topics_corpus, cache_dir):
+  """Returns (config, workdir, summary) of one uninterrupted 8-step tiny run."""
+  from configs import pretrain  # the module fixture cannot use the function-scoped tiny_config
+  c = pretrain.get_config('tiny')
+  c.data.corpus = str(topics_corpus)
+  c.data.cache_dir = str(cache_dir)
+  c.tokenizer.vocab_size = 1000
+  c.train.seq_len = 64
+  c.train.batch_size = 8
+  c.train.num_steps = 8
+  c.train.log_every_steps = 1
+  c.optim.warmup_steps = 2
+  c.eval.every_steps = 4
+  c.eval.batch_size = 8
+  c.eval.num_batches = 2
+  c.ckpt.every_steps = 4
+  workdir = tmp_path_factory.mktemp('reference')
+  return c, workdir, train.run(c, workdir)
+
+
+def test_workdir_holds_everything(reference_run):
+  config, workdir, summary = reference_run
+  for name in ('config.json', 'tokenizer.model', 'metrics.jsonl', 'summary.json', 'log.txt'):
+    assert (workdir / name).is_file(), name
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert json.loads((workdir / 'config.json').read_text())['train']['num_steps'] == 8
+  on_disk = json.loads((workdir / 'summary.json').read_text())
+  for key in ('eval/loss', 'eval/accuracy', 'eval/accuracy_at_mask', 'eval/accuracy_at_random',
+              'eval/accuracy_at_keep', 'baseline/unigram_accuracy_at_mask',
+              'baseline/bigram_accuracy_at_mask', 'tokens_seen', 'wall_time_s', 'best_eval_loss'):
+    assert key in on_disk, key
+    assert np.isfinite(on_disk[key]), key
+  assert on_disk['step'] == 8 and on_disk['finished']
+  assert summary['eval/loss'] == pytest.approx(on_disk['eval/loss'])
+  # The loss starts near log(vocab) for a fresh model and the accuracies are probabilities.
+  losses = _train_losses(workdir)
+  assert sorted(losses) == list(range(1, 9))
+  assert abs(losses[1] - np.log(1000)) < 1.5
+  assert 0.0 <= on_disk['eval/accuracy_at_mask'] <= 1.0
+  ckpts = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert ckpts == [4, 8]
+  # The tokenizer in the workdir is the one the run used: its specials are fixed.
+  t = tok.Tokenizer.load(workdir / 'tokenizer.model')
+  assert t.vocab_size == 1000 and t.id_to_piece(tok.MASK_ID) == '[MASK]'
+
+
+def test_resume_continues_with_same_data_and_masks(reference_run, tmp_path):
+  config, ref_dir, _ = reference_run
+  # Stop after 3 steps (a checkpoint is written on stopping, as on preemption), then rerun.
+  first = train.run(config, tmp_path, stop_after=3)
+  assert first['step'] == 3 and not first['finished']
+  assert sorted(_train_losses(tmp_path)) == [1, 2, 3]
+  second = train.run(config, tmp_path)
+  assert second['step'] == 8
+  ref, resumed = _train_losses(ref_dir), _train_losses(tmp_path)
+  assert sorted(resumed) == list(range(1, 9))  # one record per step, none duplicated
+  for step in range(1, 9):
+    assert resumed[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), step
+  a, b = predict.load_run(ref_dir), predict.load_run(tmp_path)
+  assert a.step == b.step == 8
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+  assert second['eval/loss'] == pytest.approx(reference_run[2]['eval/loss'], rel=1e-5)
+
+
+def test_rerun_of_finished_run_trains_no_more(reference_run, tmp_path):
+  config, workdir, summary = reference_run
+  again = train.run(config, workdir)
+  assert again['step'] == 8
+  assert again['eval/loss'] == pytest.approx(summary['eval/loss'], rel=1e-6)
+
+
+def test_fill_mask(reference_run, capsys):
+  _, workdir, _ = reference_run
+  run = predict.load_run(workdir)
+  out = predict.fill_mask(run, 'Return the [MASK] of the [MASK].', top_k=4)
+  assert len(out) == 2 and all(len(c) == 4 for c in out)
+  for cands in out:
+    probs = [p for _, p in cands]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert not any(w in tok.SPECIAL_PIECES for w, _ in cands)
+  predict.main(['--workdir', str(workdir), '--top_k', '3', 'The [MASK] is here.'])
+  printed = capsys.readouterr().out
+  assert '[MASK] #1:' in printed
+  with pytest.raises(ValueError, match='no \\[MASK\\]'):
+    predict.fill_mask(run, 'Nothing hidden here.')
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tiny_config, tmp_path):
+  c = tiny_config
+  c.optim.learning_rate = 1e30  # diverges within a few steps
+  c.optim.grad_clip_norm = 0.0
+  c.optim.warmup_steps = 0
+  c.ckpt.every_steps = 1
+  c.train.num_steps = 50
+  with pytest.raises(FloatingPointError) as err:
+    train.run(c, tmp_path)
+  msg = str(err.value)
+  assert 'non-finite training loss at step' in msg and 'last good checkpoint' in msg
+  assert len(msg.splitlines()) <= 2
+
+
+def _one_or_two_lines(e: BaseException) -> str:
+  msg = str(e)
+  assert 1 <= len(msg.strip().splitlines()) <= 2, msg
+  return msg
+
+
+def test_bad_inputs_give_short_errors(tiny_config, tmp_path):
+  c = tiny_config
+  c.data.corpus = str(tmp_path / 'missing.txt')
+  with pytest.raises(FileNotFoundError) as e:
+    train.run(c, tmp_path / 'w1')
+  assert 'missing.txt' in _one_or_two_lines(e.value)
+
+  empty = tmp_path / 'empty.txt'
+  empty.write_text('\n\n\n')
+  c.data.corpus = str(empty)
+  with pytest.raises(ValueError) as e:
+    train.run(c, tmp_path / 'w2')
+  assert 'empty.txt' in _one_or_two_lines(e.value)
+
+  latin = tmp_path / 'latin1.txt'
+  latin.write_bytes('Caf\u00e9 au lait is served here every morning.\n'.encode('latin-1'))
+  c.data.corpus = str(latin)
+  with pytest.raises(ValueError) as e:
+    train.run(c, tmp_path / 'w3')
+  assert 'latin1.txt' in _one_or_two_lines(e.value) and 'UTF-8' in str(e.value)
+
+
+@pytest.mark.parametrize('key,value,needle', [
+    ('masking.rate', 1.5, 'masking.rate'),
+    ('masking.rate', 0.0, 'masking.rate'),
+    ('masking.split', (0.8, 0.1, 0.2), 'masking.split'),
+    ('masking.selection', 'poisson', 'masking.selection'),
+    ('train.batch_size', 0, 'train.batch_size'),
+    ('optim.decay', 'step', 'optim.decay'),
+    ('model.size', 'huge', 'model.size'),
+])
+def test_bad_config_values_name_the_key(tiny_config, tmp_path, key, value, needle):
+  section, field = key.split('.')
+  setattr(getattr(tiny_config, section), field, value)
+  with pytest.raises(ValueError) as e:
+    train.run(tiny_config, tmp_path)
+  assert needle in _one_or_two_lines(e.value)
+
+
+def test_cli_rejects_unknown_key_in_one_line(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    train.main(['train', '--config', 'configs/pretrain.py:tiny', '--workdir', str(tmp_path),
+                '--config.masking.ratee=0.3'])
+  msg = str(e.value.code)
+  assert 'ratee' in msg and len(msg.strip().splitlines()) <= 2
+  with pytest.raises(SystemExit) as e:
+    train.main(['train', '--config', 'configs/pretrain.py:enormous', '--workdir', str(tmp_path)])
+  assert 'enormous' in str(e.value.code)
