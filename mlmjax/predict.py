@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mlmjax import checkpoint, sharding
+from mlmjax import checkpoint, corpus, sharding
 from mlmjax import tokenizer as tok
 
 
@@ -67,7 +67,10 @@ def fill_mask(run: LoadedRun, texts, top_k: int = 5) -> list[list[list[tuple[str
   model = nnx.merge(run.graphdef, run.params)
   out = []
   for text in texts:
-    ids = run.tokenizer.encode_with_specials(text)
+    # The same cleaning the training corpus had, so the text meets the model as training text did.
+    clean = corpus.clean_document(text, fix_text=bool(run.config.data.fix_text),
+                                  normalization=str(run.config.data.normalization))
+    ids = run.tokenizer.encode_with_specials(clean)
     if tok.MASK_ID not in ids:
       raise ValueError(f'no [MASK] in {text!r}: write [MASK] where a token should be predicted')
     ids = [tok.CLS_ID] + ids[:max_len - 2] + [tok.SEP_ID]

@@ -488,6 +488,20 @@ def _init_params_from(source: str, state: dict, abstract_target: dict, log) -> d
 # Command line.
 
 
+def _flag_error(e: BaseException) -> str:
+  """Returns a one-line message for a flag or config-override error (no traceback)."""
+  while not isinstance(e, KeyError) and isinstance(e.__cause__ or e.__context__, KeyError):
+    e = e.__cause__ or e.__context__
+  if isinstance(e, KeyError) and e.args:
+    lines = [l.strip() for l in str(e.args[0]).splitlines() if l.strip()]
+    hint = f' ({lines[1]})' if len(lines) > 1 else ''
+    return f'unknown config key {lines[0]}{hint}; see configs/pretrain.py for the keys'
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  useful = [l for l in lines if not l.startswith(('Traceback', 'File ', '^', '~'))]
+  last = useful[-1] if useful else str(e)
+  return last if last == lines[0] else f'{lines[0].rstrip(":")}: {last}'
+
+
 def main(argv=None) -> None:
   """Parses --config/--workdir flags and calls run()."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
@@ -499,10 +513,15 @@ def main(argv=None) -> None:
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.',
                       flag_values=flags_)
   argv = sys.argv if argv is None else argv
+  for i, arg in enumerate(argv):
+    value = arg.split('=', 1)[1] if arg.startswith('--config=') else (
+        argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
+    if value is not None and not os.path.isfile(value.split(':', 1)[0]):
+      sys.exit(f'error: --config: no such config file {value.split(":", 1)[0]!r}')
   try:
     flags_(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    sys.exit(f'error: {e}')
+    sys.exit(f'error: {_flag_error(e)}')
   if flags_.config is None or flags_.workdir is None:
     sys.exit('usage: python -m mlmjax.train --config configs/pretrain.py:tiny --workdir runs/demo '
              '[--config.KEY=VALUE ...]')

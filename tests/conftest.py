@@ -35,21 +35,31 @@ def cache_dir(tmp_path_factory):
   return tmp_path_factory.mktemp('mlmjax_cache')
 
 
+@pytest.fixture(scope='session')
+def make_tiny_config(topics_corpus, cache_dir):
+  """Returns a function building the tiny pretraining config shrunk to run a few steps in seconds."""
+
+  def make():
+    from configs import pretrain
+    c = pretrain.get_config('tiny')
+    c.data.corpus = str(topics_corpus)
+    c.data.cache_dir = str(cache_dir)
+    c.tokenizer.vocab_size = 1000
+    c.train.seq_len = 64
+    c.train.batch_size = 8
+    c.train.num_steps = 8
+    c.train.log_every_steps = 1
+    c.optim.warmup_steps = 2
+    c.eval.every_steps = 4
+    c.eval.batch_size = 8
+    c.eval.num_batches = 2
+    c.ckpt.every_steps = 4
+    return c
+
+  return make
+
+
 @pytest.fixture
-def tiny_config(topics_corpus, cache_dir):
-  """Returns the tiny pretraining config shrunk to run a few steps in seconds."""
-  from configs import pretrain
-  c = pretrain.get_config('tiny')
-  c.data.corpus = str(topics_corpus)
-  c.data.cache_dir = str(cache_dir)
-  c.tokenizer.vocab_size = 1000
-  c.train.seq_len = 64
-  c.train.batch_size = 8
-  c.train.num_steps = 8
-  c.train.log_every_steps = 1
-  c.optim.warmup_steps = 2
-  c.eval.every_steps = 4
-  c.eval.batch_size = 8
-  c.eval.num_batches = 2
-  c.ckpt.every_steps = 4
-  return c
+def tiny_config(make_tiny_config):
+  """Returns a fresh shrunk tiny config (see make_tiny_config) that a test may edit."""
+  return make_tiny_config()

@@ -22,22 +22,9 @@ def _train_losses(workdir: pathlib.Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope='module')
-def reference_run(tmp_path_factory, topics_corpus, cache_dir):
+def reference_run(tmp_path_factory, make_tiny_config):
   """Returns (config, workdir, summary) of one uninterrupted 8-step tiny run."""
-  from configs import pretrain  # the module fixture cannot use the function-scoped tiny_config
-  c = pretrain.get_config('tiny')
-  c.data.corpus = str(topics_corpus)
-  c.data.cache_dir = str(cache_dir)
-  c.tokenizer.vocab_size = 1000
-  c.train.seq_len = 64
-  c.train.batch_size = 8
-  c.train.num_steps = 8
-  c.train.log_every_steps = 1
-  c.optim.warmup_steps = 2
-  c.eval.every_steps = 4
-  c.eval.batch_size = 8
-  c.eval.num_batches = 2
-  c.ckpt.every_steps = 4
+  c = make_tiny_config()
   workdir = tmp_path_factory.mktemp('reference')
   return c, workdir, train.run(c, workdir)
 
