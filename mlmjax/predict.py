@@ -64,7 +64,12 @@ def fill_mask(run: LoadedRun, texts, top_k: int = 5) -> list[list[list[tuple[str
   single = isinstance(texts, str)
   texts = [texts] if single else list(texts)
   max_len = int(run.config.train.seq_len)
-  model = nnx.merge(run.graphdef, run.params)
+  # One compiled forward for every text: rows padded to seq_len, [MASK] slots to a multiple of 8.
+  @jax.jit
+  def probs_fn(params, ids, pos):
+    logits = nnx.merge(run.graphdef, params)(ids, pos)
+    return jax.nn.softmax(logits.at[..., :tok.NUM_SPECIAL].set(-jnp.inf), axis=-1)  # no specials
+
   out = []
   for text in texts:
     # The same cleaning the training corpus had, so the text meets the model as training text did.
@@ -75,9 +80,14 @@ def fill_mask(run: LoadedRun, texts, top_k: int = 5) -> list[list[list[tuple[str
       raise ValueError(f'no [MASK] in {text!r}: write [MASK] where a token should be predicted')
     ids = [tok.CLS_ID] + ids[:max_len - 2] + [tok.SEP_ID]
     positions = [i for i, t in enumerate(ids) if t == tok.MASK_ID]
-    logits = model(jnp.asarray([ids], jnp.int32), jnp.asarray([positions], jnp.int32))[0]
-    logits = logits.at[:, :tok.NUM_SPECIAL].set(-jnp.inf)  # never propose a special token
-    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    if not positions:
+      raise ValueError(f'every [MASK] in {text!r} lies past train.seq_len={max_len} tokens')
+    slots = -(-len(positions) // 8) * 8
+    padded_ids = np.zeros((1, max_len), np.int32)
+    padded_ids[0, :len(ids)] = ids
+    padded_pos = np.zeros((1, slots), np.int32)
+    padded_pos[0, :len(positions)] = positions
+    probs = np.asarray(probs_fn(run.params, padded_ids, padded_pos))[0, :len(positions)]
     per_mask = []
     for row in probs:
       best = np.argsort(-row)[:top_k]
