@@ -5,9 +5,14 @@ import shutil
 import time
 from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
 
 STATE, META = 'state', 'meta'
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint that is intact but was written for a different model or optimizer."""
 
 
 class Checkpointer:
@@ -39,6 +44,7 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Returns (state, meta) of step, restored onto the shardings in abstract_state."""
+    self._check_fits(step, abstract_state)
     out = self._manager.restore(step, args=ocp.args.Composite(
         **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
     return out[STATE], dict(out[META])
@@ -49,6 +55,8 @@ class Checkpointer:
       try:
         state, meta = self.restore(step, abstract_state)
         return step, state, meta
+      except CheckpointMismatchError:
+        raise  # an intact checkpoint of another model: not damage, leave it in place
       except Exception as e:  # orbax raises ValueError, KeyError or bare Exception for damage.
         if _is_shape_mismatch(e):
           raise ValueError(f'checkpoint {self.directory / str(step)} does not fit this model: '
@@ -57,6 +65,28 @@ class Checkpointer:
         self.log(f'WARNING: checkpoint step {step} does not restore ({type(e).__name__}: '
                  f'{_first_line(e)}); moved to {aside}, trying the previous step')
     return None
+
+  def _check_fits(self, step: int, abstract_state: Any) -> None:
+    """Raises CheckpointMismatchError naming a leaf whose stored shape or presence differs."""
+    stored = _stored_shapes(self.directory / str(step) / STATE)
+    if stored is None:
+      return  # unreadable metadata is damage; the restore attempt reports it
+    wanted = {_path_str(p): tuple(x.shape)
+              for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    where = f'checkpoint {self.directory / str(step)} does not fit this model'
+    fix = 'use a new --workdir, or the config the checkpoint was trained with'
+    bad = [p for p, shape in wanted.items() if stored.get(p, shape) not in (shape, None)]
+    if bad:
+      bad.sort(key=lambda p: not p.startswith('params'))  # name a parameter before its moments
+      more = f' (and {len(bad) - 1} more arrays)' if len(bad) > 1 else ''
+      raise CheckpointMismatchError(
+          f'{where}: {bad[0]} has shape {stored[bad[0]]} in the checkpoint but {wanted[bad[0]]} '
+          f'in the model{more};\n{fix}')
+    missing, extra = sorted(wanted.keys() - stored.keys()), sorted(stored.keys() - wanted.keys())
+    if missing or extra:
+      raise CheckpointMismatchError(
+          f'{where}: the model has {len(missing)} arrays the checkpoint lacks ({missing[:2]}) and '
+          f'the checkpoint {len(extra)} the model lacks ({extra[:2]});\n{fix}')
 
   def _move_aside(self, step: int) -> pathlib.Path:
     """Moves a damaged step directory out of the manager's view (never deletes it)."""
@@ -87,4 +117,35 @@ def _first_line(e: BaseException) -> str:
 
 def _is_shape_mismatch(e: BaseException) -> bool:
   text = str(e).lower()
-  return 'shape' in text and ('mismatch' in text or 'does not match' in text or 'expected' in text)
+  return 'shape' in text and ('mismatch' in text or 'does not match' in text or 'expected' in text
+                              or 'not compatible with the stored shape' in text)
+
+
+def _path_str(path) -> str:
+  """Returns 'a/b/0/c' for a pytree key path (dict keys, indices, namedtuple fields alike)."""
+  parts = []
+  for k in path:
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+def _stored_shapes(item_dir: pathlib.Path) -> dict[str, tuple | None] | None:
+  """Returns {leaf path: shape or None} from a saved pytree's metadata, or None if unreadable."""
+  # The handler alone reads the _METADATA file: no async machinery, no cross-host barriers.
+  reader = ocp.StandardCheckpointHandler()
+  try:
+    tree = reader.metadata(item_dir)
+  except Exception:  # pylint: disable=broad-except  # missing or corrupt metadata: damage
+    return None
+  finally:
+    reader.close()
+  leaves = jax.tree_util.tree_leaves_with_path(tree) if tree is not None else []
+  if not leaves:
+    return None
+  return {_path_str(p): (tuple(x.shape) if getattr(x, 'shape', None) is not None else None)
+          for p, x in leaves}

@@ -29,9 +29,20 @@ def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+# Leaf names never decayed whatever their rank: attention q/k/v biases are (heads, head_dim).
+_NO_DECAY_NAMES = ('bias', 'scale')
+
+
+def _leaf_name(path) -> str | None:
+  """Returns the last dict key or attribute name of a pytree path, or None."""
+  last = path[-1] if path else None
+  return getattr(last, 'key', getattr(last, 'name', None))
+
+
 def decay_mask(params):
   """Returns a tree of bools: True for matrices (kernels, embeddings), False for LayerNorm and biases."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and _leaf_name(path) not in _NO_DECAY_NAMES, params)
 
 
 def make_optimizer(optim_cfg, num_steps: int) -> optax.GradientTransformation:

@@ -1,0 +1,241 @@
+"""Tests of mlmjax.checkpoint: round trips, async commits, falling back past damage, mismatches."""
+
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import pretrain
+from mlmjax import checkpoint, optim
+
+
+def _params(kernel_shape=(128, 128)) -> dict:
+  """Returns a small parameter tree; the kernel is large enough to get its own data file."""
+  rng = np.random.default_rng(0)
+  return {'dense': {'kernel': jnp.asarray(rng.normal(size=kernel_shape), jnp.float32),
+                    'bias': jnp.asarray(rng.normal(size=kernel_shape[-1:]), jnp.float32)},
+          'norm': {'scale': jnp.ones(kernel_shape[-1:], jnp.float32)}}
+
+
+def _train_state(shift: float = 0.0, kernel_shape=(128, 128)) -> dict:
+  """Returns {params, opt_state, step} after one real AdamW update, so the moments are non-zero."""
+  cfg = pretrain.get_config('tiny').optim
+  cfg.warmup_steps = 0
+  tx = optim.make_optimizer(cfg, 10)
+  params = jax.tree.map(lambda x: x + shift, _params(kernel_shape))
+  opt_state = tx.init(params)
+  grads = jax.tree.map(lambda x: 0.1 * x + 0.01, params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return {'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
+          'step': jnp.asarray(7 + int(shift), jnp.int32)}
+
+
+def _target(state) -> dict:
+  """Returns the abstract restore target: shapes, dtypes and a sharding per leaf."""
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), state)
+
+
+def _assert_same(a, b) -> None:
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _adam_states(tree) -> list:
+  return [s for s in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)]
+
+
+def _checkpointer(directory, log: list | None = None, **kw) -> checkpoint.Checkpointer:
+  sink = [] if log is None else log
+  return checkpoint.Checkpointer(directory, log=sink.append, **kw)
+
+
+def test_round_trip_keeps_optax_namedtuples_and_shardings(tmp_path):
+  state = _train_state()
+  ck = _checkpointer(tmp_path / 'checkpoints', async_save=False)
+  ck.save(3, state, {'progress': {'tokens_seen': 12.0}, 'seed': 0})
+  ck.close()
+  ck = _checkpointer(tmp_path / 'checkpoints', async_save=False)
+  target = _target(state)
+  restored, meta = ck.restore(3, target)
+  ck.close()
+  assert meta == {'progress': {'tokens_seen': 12.0}, 'seed': 0}
+  _assert_same(restored, state)  # tree structures compare node types: namedtuples stay namedtuples
+  (adam,) = _adam_states(restored)
+  assert float(jnp.abs(adam.mu['dense']['kernel']).sum()) > 0  # a real, non-zero moment came back
+  assert int(adam.count) == 1
+  for x, t in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+    assert x.sharding == t.sharding
+
+
+def test_async_save_then_close_commits(tmp_path):
+  states = {1: _train_state(0.0), 2: _train_state(1.0)}
+  ck = _checkpointer(tmp_path / 'checkpoints', async_save=True)
+  for step, state in states.items():
+    ck.save(step, state, {'step': step})
+  ck.close()
+  names = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  assert names == ['1', '2']  # no *.orbax-checkpoint-tmp left behind
+  ck = _checkpointer(tmp_path / 'checkpoints', async_save=True)
+  assert ck.all_steps() == [1, 2] and ck.latest_step() == 2
+  step, restored, meta = ck.restore_latest(_target(states[2]))
+  ck.close()
+  assert step == 2 and meta == {'step': 2}
+  _assert_same(restored, states[2])
+
+
+def test_max_to_keep_prunes_old_steps(tmp_path):
+  state = _train_state()
+  ck = _checkpointer(tmp_path / 'checkpoints', async_save=False, max_to_keep=2)
+  for step in (1, 2, 3):
+    ck.save(step, state, {})
+  ck.close()
+  ck = _checkpointer(tmp_path / 'checkpoints')
+  assert ck.all_steps() == [2, 3]
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['2', '3']
+  ck.close()
+
+
+def test_restore_latest_of_an_empty_directory_is_none(tmp_path):
+  ck = _checkpointer(tmp_path / 'checkpoints')
+  assert ck.latest_step() is None
+  assert ck.restore_latest(_target(_train_state())) is None
+  ck.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Damage. Orbax writes, per step: _CHECKPOINT_METADATA, meta/ (JSON), and state/ with _METADATA
+# (the tree), manifest.ocdbt and d/ (the OCDBT index), ocdbt.process_0/d/ (array data files).
+
+
+def _data_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Returns the state item's data files, largest first."""
+  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.parent.name == 'd']
+  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def _remove_data_file(step_dir):
+  big = _data_files(step_dir)[0]
+  assert big.stat().st_size > 32_000  # the kernel's bytes are in it, not just an index node
+  big.unlink()
+
+
+def _truncate_data_file(step_dir):
+  big = _data_files(step_dir)[0]
+  assert big.stat().st_size > 32_000
+  os.truncate(big, big.stat().st_size // 2)
+
+
+def _remove_metadata(step_dir):
+  (step_dir / 'state' / '_METADATA').unlink()
+  (step_dir / '_CHECKPOINT_METADATA').unlink()
+
+
+def _remove_state_item(step_dir):
+  shutil.rmtree(step_dir / 'state')
+
+
+# Orbax's reads of a damaged step can leave a failed coroutine behind that Python reports later.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.parametrize('damage', [_remove_data_file, _truncate_data_file, _remove_metadata,
+                                    _remove_state_item], ids=lambda f: f.__name__.strip('_'))
+def test_restore_latest_falls_back_past_a_damaged_step(tmp_path, damage):
+  ckpt_dir = tmp_path / 'checkpoints'
+  good, newer = _train_state(0.0), _train_state(1.0)
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  ck.save(1, good, {'step': 1})
+  ck.save(2, newer, {'step': 2})
+  ck.close()
+  damage(ckpt_dir / '2')
+  files_left = sorted(p.relative_to(ckpt_dir / '2') for p in (ckpt_dir / '2').rglob('*'))
+
+  log = []
+  ck = _checkpointer(ckpt_dir, log, async_save=False)
+  assert ck.latest_step() == 2  # orbax does not notice the damage by itself
+  step, restored, meta = ck.restore_latest(_target(good))
+  assert (step, meta) == (1, {'step': 1})
+  _assert_same(restored, good)
+  assert ck.all_steps() == [1] and ck.latest_step() == 1
+  ck.close()
+  # The damaged step is moved aside whole, never deleted; the good one stays in place.
+  (aside,) = (tmp_path / 'checkpoints_damaged').iterdir()
+  assert aside.name.startswith('2.')
+  assert sorted(p.relative_to(aside) for p in aside.rglob('*')) == files_left
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ['1']
+  assert len(log) == 1 and 'step 2' in log[0] and str(aside) in log[0]
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_restore_latest_with_every_step_damaged_is_none(tmp_path):
+  ckpt_dir = tmp_path / 'checkpoints'
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  ck.save(1, _train_state(0.0), {})
+  ck.save(2, _train_state(1.0), {})
+  ck.close()
+  for step in ('1', '2'):
+    _remove_state_item(ckpt_dir / step)
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  assert ck.restore_latest(_target(_train_state())) is None
+  ck.close()
+  assert len(list((tmp_path / 'checkpoints_damaged').iterdir())) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint of another model is not damage: a clear error, and nothing is moved.
+
+
+def _assert_untouched(tmp_path):
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1', '2']
+  assert not (tmp_path / 'checkpoints_damaged').exists()
+
+
+def test_shape_mismatch_names_the_parameter_and_moves_nothing(tmp_path):
+  ckpt_dir = tmp_path / 'checkpoints'
+  state = _train_state()
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  ck.save(1, state, {})
+  ck.save(2, state, {})
+  ck.close()
+  log = []
+  ck = _checkpointer(ckpt_dir, log, async_save=False)
+  other = _target(_train_state(kernel_shape=(96, 128)))
+  with pytest.raises(ValueError) as e:
+    ck.restore_latest(other)
+  msg = str(e.value)
+  assert 'params/dense/kernel' in msg and '(128, 128)' in msg and '(96, 128)' in msg, msg
+  assert str(ckpt_dir / '2') in msg and len(msg.splitlines()) <= 2
+  with pytest.raises(ValueError, match='params/dense/kernel'):
+    ck.restore(1, other)
+  assert log == []
+  _assert_untouched(tmp_path)
+  # The intact checkpoints still restore into the model they were written for.
+  step, restored, _ = ck.restore_latest(_target(state))
+  ck.close()
+  assert step == 2
+  _assert_same(restored, state)
+
+
+def test_structure_mismatch_is_an_error_not_damage(tmp_path):
+  ckpt_dir = tmp_path / 'checkpoints'
+  state = _train_state()
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  ck.save(1, state, {})
+  ck.save(2, state, {})
+  ck.close()
+  fewer = _target(state)
+  del fewer['params']['norm']  # e.g. a post-LN model against a pre-LN checkpoint
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  with pytest.raises(ValueError, match='params/norm/scale') as e:
+    ck.restore_latest(fewer)
+  ck.close()
+  assert len(str(e.value).splitlines()) <= 2
+  _assert_untouched(tmp_path)
