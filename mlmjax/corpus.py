@@ -467,8 +467,8 @@ def _stable(doc: str) -> str:
   return _SET_LITERAL.sub(lambda m: '``{' + ', '.join(sorted(m[1].split(', '))) + '}``', doc)
 
 
-def _object_docs(obj: Any, seen: set[int]) -> Iterator[str]:
-  """Yields the docstrings of `obj` and, for a class, of its public members (each object once)."""
+def _object_docs(obj: Any, seen: set[int], allowed: frozenset[str]) -> Iterator[str]:
+  """Yields the docstrings of `obj` and, for a class, of its own public members (each object once)."""
   target = getattr(obj, '__func__', obj)
   if id(target) in seen:
     return
@@ -479,12 +479,39 @@ def _object_docs(obj: Any, seen: set[int]) -> Iterator[str]:
   if isinstance(obj, type):
     members = vars(obj)
     for name in sorted(members):
-      if not name.startswith('_'):
-        yield from _object_docs(members[name], seen)
+      # Methods other libraries attach to stdlib classes (e.g. logging.Logger) are not ours.
+      if not name.startswith('_') and _owned(getattr(members[name], '__func__', members[name]),
+                                             allowed):
+        yield from _object_docs(members[name], seen, allowed)
 
 
 def pydocs_documents() -> list[str]:
-  """Returns the embedded corpus: Python topics and stdlib/numpy/scipy docstrings, raw."""
+  """Returns the embedded corpus: Python topics and stdlib/numpy/scipy docstrings, raw.
+
+  Built in a fresh interpreter, so that nothing the calling process imported or patched (torch,
+  transformers, pytest hooks) changes a docstring, and the thousands of modules it imports do not
+  stay loaded in the caller.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (package_parent, os.environ.get('PYTHONPATH', '')) if p))
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'pydocs.json')
+    code = ('import json, sys; from mlmjax import corpus; '
+            'json.dump(corpus._walk_pydocs(), open(sys.argv[1], "w", encoding="utf-8"))')
+    proc = subprocess.run([sys.executable, '-c', code, out], env=env, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode:
+      tail = (proc.stderr.strip().splitlines() or ['(no output)'])[-1]
+      raise RuntimeError(f'building the embedded pydocs corpus failed: {tail}')
+    with open(out, encoding='utf-8') as f:
+      return json.load(f)
+
+
+def _walk_pydocs() -> list[str]:
+  """Returns the embedded corpus walked in this process (pydocs_documents runs it in a fresh one)."""
   import pydoc_data.topics  # pylint: disable=g-import-not-at-top
   topics = pydoc_data.topics.topics
   docs = [topics[key] for key in sorted(topics)]
@@ -511,6 +538,6 @@ def pydocs_documents() -> list[str]:
           continue
         with contextlib.suppress(Exception):  # an exotic object whose attributes raise
           if _owned(obj, allowed):
-            docs.extend(_object_docs(obj, seen))
+            docs.extend(_object_docs(obj, seen, allowed))
   texts = (_stable(d) for d in docs)
   return list(dict.fromkeys(t for t in texts if t.strip()))

@@ -61,11 +61,26 @@ def test_pydocs_is_deterministic_in_and_across_processes(pydocs):
   assert corpus.pydocs_documents() == pydocs
   # A fresh interpreter with another string-hash seed and nothing imported beforehand.
   code = ('import hashlib; from mlmjax import corpus; '
-          "print(hashlib.sha256('\\x00'.join(corpus.pydocs_documents()).encode()).hexdigest())")
+          "print(hashlib.sha256('\\x00'.join(corpus._walk_pydocs()).encode()).hexdigest())")
   env = dict(os.environ, PYTHONHASHSEED='12345', PYTHONPATH=REPO)
   out = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=120, check=True)
   assert out.stdout.strip() == _digest(pydocs)
+
+
+def test_pydocs_ignores_what_the_caller_patched_into_the_stdlib(pydocs, monkeypatch):
+  import inspect
+  import logging
+
+  def shout(self):
+    """A method some library attached to logging.Logger: not part of the embedded corpus."""
+
+  def getsourcefile(obj):
+    """A replacement some library installed over inspect.getsourcefile."""
+
+  monkeypatch.setattr(logging.Logger, 'shout', shout, raising=False)
+  monkeypatch.setattr(inspect, 'getsourcefile', getsourcefile)
+  assert corpus.pydocs_documents() == pydocs
 
 
 def test_pydocs_is_several_mb_of_english(pydocs):
