@@ -43,7 +43,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.data.prefetch = 2  # batches tf.data prepares ahead
 
   c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.path = ''  # an existing sentencepiece .model to use instead of training one
+  c.tokenizer.path = ''  # an existing sentencepiece .model (or WordPiece vocab.txt / tokenizer.json) to use instead of training one
   c.tokenizer.vocab_size = s['vocab_size']  # pieces, the 5 special ids included
   c.tokenizer.model_type = 'unigram'  # 'unigram' or 'bpe'
   c.tokenizer.character_coverage = 0.9995  # sentencepiece character coverage; the rest byte-fallback
@@ -56,7 +56,13 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.masking.max_predictions = 0  # prediction buffer per sequence; 0 derives it from rate and seq_len
 
   c.model = ml_collections.ConfigDict()
-  c.model.size = s['model']  # named shape: tiny, mini, small, base, large
+  c.model.size = s['model']  # named shape: tiny, mini, small, base, large, or 'custom' (the four keys below)
+  c.model.hidden_size = 0  # > 0 overrides the named size's hidden width (imported checkpoints set it)
+  c.model.num_layers = 0  # > 0 overrides the named size's number of transformer blocks
+  c.model.num_heads = 0  # > 0 overrides the named size's attention heads
+  c.model.intermediate_size = 0  # > 0 overrides the named size's MLP width
+  c.model.type_vocab_size = 2  # token-type (segment) embeddings, as BERT
+  c.model.layer_norm_eps = 1e-12  # LayerNorm epsilon (BERT's value)
   c.model.pre_layer_norm = True  # pre-LN (stable at high lr); False is BERT's original post-LN
   c.model.dropout_rate = s['dropout']  # hidden and attention dropout
   c.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)

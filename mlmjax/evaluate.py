@@ -15,14 +15,21 @@ from mlmjax import tokenizer as tok
 _BASELINE_MAX_ROWS = 200_000
 
 
-def baseline_tables(train_rows: np.ndarray, vocab_size: int) -> tuple[int, np.ndarray]:
-  """Returns (most frequent regular id, successor table: most frequent next regular id per id or -1)."""
+def baseline_tables(train_rows: np.ndarray, vocab_size: int,
+                    special_mask: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+  """Returns (most frequent regular id, successor table: most frequent next regular id per id or -1).
+
+  special_mask: (vocab_size,) bool of special ids (the tokenizer's); None means ids < NUM_SPECIAL.
+  """
+  if special_mask is None:
+    special_mask = np.arange(vocab_size) < tok.NUM_SPECIAL
+  special_mask = np.asarray(special_mask, dtype=bool)
   rows = np.asarray(train_rows[:_BASELINE_MAX_ROWS], dtype=np.int64)
   flat = rows.ravel()
-  counts = np.bincount(flat[flat >= tok.NUM_SPECIAL], minlength=vocab_size)
+  counts = np.bincount(flat[~special_mask[flat]], minlength=vocab_size)
   unigram = int(np.argmax(counts))
   prev, nxt = rows[:, :-1].ravel(), rows[:, 1:].ravel()
-  keep = nxt >= tok.NUM_SPECIAL
+  keep = ~special_mask[nxt]
   codes, n = np.unique(prev[keep] * vocab_size + nxt[keep], return_counts=True)
   a, b = codes // vocab_size, codes % vocab_size
   # Sort by (prev, count desc, next asc) so the first row of each prev is its argmax (ties -> lowest id).
@@ -35,12 +42,12 @@ def baseline_tables(train_rows: np.ndarray, vocab_size: int) -> tuple[int, np.nd
   return unigram, successor
 
 
-def make_eval_step(graphdef, spec: masking.MaskingSpec) -> Callable:
+def make_eval_step(graphdef, spec: masking.MaskingSpec, cls_id: int = tok.CLS_ID) -> Callable:
   """Returns jitted (params, tokens, key, unigram, successor) -> metric sums incl. baseline hits."""
 
   def step(params, tokens, key, unigram, successor):
     mb = masking.mask_tokens(key, tokens, spec)
-    position_ids, doc_ids = model_lib.packed_layout(tokens)
+    position_ids, doc_ids = model_lib.packed_layout(tokens, cls_id=cls_id, pad_id=spec.pad_id)
     logits = nnx.merge(graphdef, params)(mb.inputs, mb.positions, position_ids=position_ids,
                                           doc_ids=doc_ids)
     sums = losses.mlm_metric_sums(logits, mb.labels, mb.weights, mb.kinds)

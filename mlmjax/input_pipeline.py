@@ -62,7 +62,8 @@ def _plan_chunks(lengths: np.ndarray, seq_len: int, min_chunk: int) -> np.ndarra
 
 
 def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, *,
-                   min_chunk: int = MIN_CHUNK) -> np.ndarray:
+                   min_chunk: int = MIN_CHUNK, cls_id: int = CLS_ID,
+                   sep_id: int = SEP_ID) -> np.ndarray:
   """Returns (N, seq_len) int32 rows of back-to-back [CLS] piece [SEP] units, PAD at row ends.
 
   Documents keep their order. A document longer than the room left in a row is cut: the part that
@@ -81,8 +82,8 @@ def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, *,
     return out.reshape(0, seq_len)
   row, col, src, n = plan.T
   start = row * seq_len + col  # flat position of each unit's [CLS]
-  out[start] = CLS_ID
-  out[start + n + 1] = SEP_ID
+  out[start] = cls_id
+  out[start + n + 1] = sep_id
   # Flat destination of every content token: its unit's start + 1 + its index within the unit.
   unit_of_token = np.repeat(np.arange(len(plan)), n)
   within = np.arange(len(unit_of_token)) - np.repeat(np.cumsum(n) - n, n)
@@ -190,7 +191,7 @@ def _build(directory: pathlib.Path, key: str, documents: Sequence[str],
     # Shuffled document order, so that one row mixes documents from anywhere in the corpus.
     order = [idx[j] for j in rng.permutation(len(idx))]
     token_lists = _encode_all(tokenizer, [documents[i] for i in order])
-    rows = pack_documents(token_lists, seq_len)
+    rows = pack_documents(token_lists, seq_len, cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id)
     _save_npy(directory / f'{name}.npy', rows)
     stats[name] = _split_stats(token_lists, rows)
   return stats
@@ -401,8 +402,9 @@ def cleaned_documents(data_cfg, root: pathlib.Path, *, log=print) -> list[str]:
 def prepare_data(config, workdir, *, log=print) -> PreparedData:
   """Returns the tokenizer and token cache of a run, building (and caching) whatever is missing.
 
-  Tokenizer order: workdir/tokenizer.model (a resumed run) > tokenizer.path > cached > trained on
-  the training split. The tokenizer used is always copied to workdir/tokenizer.model.
+  Tokenizer order: workdir/tokenizer.model or .json (a resumed run) > tokenizer.path (a .model,
+  vocab.txt or tokenizer.json) > cached > trained on the training split. The tokenizer used is
+  always copied to workdir/tokenizer.model (sentencepiece) or workdir/tokenizer.json (WordPiece).
   """
   from mlmjax import corpus  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
@@ -415,12 +417,12 @@ def prepare_data(config, workdir, *, log=print) -> PreparedData:
       docs_memo['docs'] = cleaned_documents(config.data, root, log=log)
     return docs_memo['docs']
 
-  in_workdir = workdir / 'tokenizer.model'
+  stored = [workdir / n for n in tokenizer_lib.WORKDIR_FILES if (workdir / n).exists()]
   t_cfg = config.tokenizer
-  if in_workdir.exists():
-    tokenizer = tokenizer_lib.Tokenizer.load(in_workdir)
+  if stored:
+    tokenizer = tokenizer_lib.load_any(stored[0])
   elif t_cfg.path:
-    tokenizer = tokenizer_lib.Tokenizer.load(t_cfg.path)
+    tokenizer = tokenizer_lib.load_any(t_cfg.path)
   else:
     tok_path = root / 'tokenizers' / (_digest(ckey, config.data.val_fraction, t_cfg.to_dict()) + '.model')
     if tok_path.exists():
@@ -435,8 +437,9 @@ def prepare_data(config, workdir, *, log=print) -> PreparedData:
           max_sentences=t_cfg.max_sentences, seed=config.seed)
       log(f'trained a {t_cfg.model_type} tokenizer, {tokenizer.vocab_size} pieces '
           f'({time.perf_counter() - t:.1f} s)')
-  if not in_workdir.exists() and jax_process_index() == 0:
-    tmp = in_workdir.with_name('tokenizer.model.tmp')
+  in_workdir = workdir / tokenizer.file_name
+  if not stored and jax_process_index() == 0:
+    tmp = in_workdir.with_name(tokenizer.file_name + '.tmp')
     tmp.write_bytes(tokenizer.serialized_model)
     os.replace(tmp, in_workdir)
 

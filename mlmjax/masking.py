@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KIND_MASK, KIND_RANDOM, KIND_KEEP = 0, 1, 2  # what a selected position was turned into
 
@@ -24,6 +25,7 @@ class MaskingSpec:
   first_regular_id: int = 5  # ids below are special: never selected, never drawn as replacements
   mask_id: int = 4
   pad_id: int = 0
+  special_ids: tuple[int, ...] = ()  # further special ids >= first_regular_id (WordPiece vocabs)
 
   def __post_init__(self):
     _check_rate(self.rate, 'masking.rate')
@@ -45,9 +47,11 @@ class MaskingSpec:
       raise ValueError(
           f'masking.max_predictions must be an integer >= 1 (0 in the config derives it from '
           f'rate and seq_len); got {self.max_predictions!r}.')
-    if self.vocab_size <= self.first_regular_id:
+    object.__setattr__(self, 'special_ids', tuple(sorted({int(i) for i in self.special_ids})))
+    num_special = self.first_regular_id + sum(i >= self.first_regular_id for i in self.special_ids)
+    if self.vocab_size <= num_special:
       raise ValueError(
-          f'tokenizer.vocab_size must exceed the {self.first_regular_id} special ids so that '
+          f'tokenizer.vocab_size must exceed the {num_special} special ids so that '
           f'random replacements exist; got {self.vocab_size}.')
 
 
@@ -82,8 +86,21 @@ def default_max_predictions(rate: float, seq_len: int, selection: str) -> int:
   return max(1, min(size, seq_len))
 
 
-def spec_from_config(masking_cfg: Any, *, vocab_size: int, seq_len: int) -> MaskingSpec:
-  """Returns the MaskingSpec for a `masking` config section (max_predictions 0 = derived)."""
+def special_fields(special_mask: Any, *, mask_id: int, pad_id: int) -> dict[str, Any]:
+  """Returns MaskingSpec keywords (first_regular_id, special_ids, mask_id, pad_id) for a bool table."""
+  special = np.asarray(special_mask, dtype=bool)
+  regular = np.flatnonzero(~special)
+  first = int(regular[0]) if len(regular) else len(special)
+  later = tuple(int(i) for i in np.flatnonzero(special[first:]) + first)
+  return dict(first_regular_id=first, special_ids=later, mask_id=int(mask_id), pad_id=int(pad_id))
+
+
+def spec_from_config(masking_cfg: Any, *, vocab_size: int, seq_len: int,
+                     tokenizer: Any = None) -> MaskingSpec:
+  """Returns the MaskingSpec for a `masking` config section (max_predictions 0 = derived).
+
+  tokenizer: when given, its special ids (special_mask, mask_id, pad_id) replace the defaults.
+  """
   max_predictions = masking_cfg.max_predictions
   if (isinstance(max_predictions, bool) or not isinstance(max_predictions, int)
       or max_predictions < 0):
@@ -93,9 +110,22 @@ def spec_from_config(masking_cfg: Any, *, vocab_size: int, seq_len: int) -> Mask
   if max_predictions == 0:
     max_predictions = default_max_predictions(
         masking_cfg.rate, seq_len, masking_cfg.selection)
+  specials = {} if tokenizer is None else special_fields(
+      tokenizer.special_mask, mask_id=tokenizer.mask_id, pad_id=tokenizer.pad_id)
   return MaskingSpec(
       vocab_size=vocab_size, rate=masking_cfg.rate, split=tuple(masking_cfg.split),
-      max_predictions=max_predictions, selection=masking_cfg.selection)
+      max_predictions=max_predictions, selection=masking_cfg.selection, **specials)
+
+
+def _regular_draws(rng: jax.Array, shape: tuple[int, ...], spec: MaskingSpec) -> jax.Array:
+  """Returns int32 ids drawn uniformly from the non-special ids of the vocabulary."""
+  if not spec.special_ids:
+    return jax.random.randint(rng, shape, spec.first_regular_id, spec.vocab_size, dtype=jnp.int32)
+  special = np.zeros(spec.vocab_size, dtype=bool)
+  special[:spec.first_regular_id] = True
+  special[list(spec.special_ids)] = True
+  regular = jnp.asarray(np.flatnonzero(~special), dtype=jnp.int32)
+  return regular[jax.random.randint(rng, shape, 0, regular.shape[0], dtype=jnp.int32)]
 
 
 def _selection_counts(candidates: jax.Array, scores: jax.Array, rate: jax.Array,
@@ -134,6 +164,8 @@ def mask_tokens(rng: jax.Array, tokens: jax.Array, spec: MaskingSpec,
   k_select, k_kind, k_replace = jax.random.split(rng, 3)
 
   candidates = tokens >= spec.first_regular_id
+  if spec.special_ids:
+    candidates &= ~jnp.isin(tokens, jnp.asarray(spec.special_ids, jnp.int32))
   # Uniforms lie in [0, 1), so a score of 2 never beats a candidate.
   scores = jnp.where(candidates, jax.random.uniform(k_select, tokens.shape), 2.0)
   order = jnp.argsort(scores, axis=1, stable=True)
@@ -142,8 +174,7 @@ def mask_tokens(rng: jax.Array, tokens: jax.Array, spec: MaskingSpec,
   selected = rank < count[:, None]
 
   kinds_full = _corruption_kinds(k_kind, tokens.shape, spec)
-  replacements = jax.random.randint(
-      k_replace, tokens.shape, spec.first_regular_id, spec.vocab_size, dtype=jnp.int32)
+  replacements = _regular_draws(k_replace, tokens.shape, spec)
   inputs = jnp.where(selected & (kinds_full == KIND_MASK), spec.mask_id, tokens)
   inputs = jnp.where(selected & (kinds_full == KIND_RANDOM), replacements, inputs)
 

@@ -19,7 +19,7 @@ from mlmjax import tokenizer as tok
 class LoadedRun:
   """A trained run: its config, tokenizer, model definition and parameters."""
   config: ml_collections.ConfigDict
-  tokenizer: tok.Tokenizer
+  tokenizer: object  # tok.Tokenizer or wordpiece.WordPieceTokenizer
   graphdef: object
   params: dict
   step: int
@@ -29,11 +29,15 @@ def load_run(workdir) -> LoadedRun:
   """Returns the config, tokenizer and latest restorable parameters of a workdir."""
   from mlmjax import optim, train  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
-  for name in ('config.json', 'tokenizer.model', 'checkpoints'):
+  for name in ('config.json', 'checkpoints'):
     if not (workdir / name).exists():
       raise FileNotFoundError(f'{workdir / name} is missing: is {workdir} a workdir written by mlmjax.train?')
+  stored = [workdir / n for n in tok.WORKDIR_FILES if (workdir / n).exists()]
+  if not stored:
+    raise FileNotFoundError(f'{workdir} holds no tokenizer ({" or ".join(tok.WORKDIR_FILES)}): '
+                            'is it a workdir written by mlmjax.train or mlmjax.convert?')
   config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
-  tokenizer = tok.Tokenizer.load(workdir / 'tokenizer.model')
+  tokenizer = tok.load_any(stored[0])
   enc_cfg = train.encoder_config_from(config, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   graphdef, param_state = train.abstract_model(enc_cfg, config.seed)
@@ -61,14 +65,18 @@ def _display(piece: str) -> str:
 def fill_mask(run: LoadedRun, texts, top_k: int = 5) -> list[list[list[tuple[str, float]]]]:
   """Returns, per text and per [MASK] in it, the top_k (token, probability) predictions."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mlmjax import model  # pylint: disable=g-import-not-at-top
+  t = run.tokenizer
   single = isinstance(texts, str)
   texts = [texts] if single else list(texts)
   max_len = int(run.config.train.seq_len)
   # One compiled forward for every text: rows padded to seq_len, [MASK] slots to a multiple of 8.
   @jax.jit
   def probs_fn(params, ids, pos):
-    logits = nnx.merge(run.graphdef, params)(ids, pos)
-    return jax.nn.softmax(logits.at[..., :tok.NUM_SPECIAL].set(-jnp.inf), axis=-1)  # no specials
+    position_ids, doc_ids = model.packed_layout(ids, cls_id=t.cls_id, pad_id=t.pad_id)
+    logits = nnx.merge(run.graphdef, params)(ids, pos, position_ids=position_ids, doc_ids=doc_ids)
+    logits = jnp.where(jnp.asarray(t.special_mask), -jnp.inf, logits)  # never predict a special
+    return jax.nn.softmax(logits, axis=-1)
 
   out = []
   for text in texts:
@@ -76,14 +84,14 @@ def fill_mask(run: LoadedRun, texts, top_k: int = 5) -> list[list[list[tuple[str
     clean = corpus.clean_document(text, fix_text=bool(run.config.data.fix_text),
                                   normalization=str(run.config.data.normalization))
     ids = run.tokenizer.encode_with_specials(clean)
-    if tok.MASK_ID not in ids:
+    if t.mask_id not in ids:
       raise ValueError(f'no [MASK] in {text!r}: write [MASK] where a token should be predicted')
-    ids = [tok.CLS_ID] + ids[:max_len - 2] + [tok.SEP_ID]
-    positions = [i for i, t in enumerate(ids) if t == tok.MASK_ID]
+    ids = [t.cls_id] + ids[:max_len - 2] + [t.sep_id]
+    positions = [i for i, x in enumerate(ids) if x == t.mask_id]
     if not positions:
       raise ValueError(f'every [MASK] in {text!r} lies past train.seq_len={max_len} tokens')
     slots = -(-len(positions) // 8) * 8
-    padded_ids = np.zeros((1, max_len), np.int32)
+    padded_ids = np.full((1, max_len), t.pad_id, np.int32)
     padded_ids[0, :len(ids)] = ids
     padded_pos = np.zeros((1, slots), np.int32)
     padded_pos[0, :len(positions)] = positions

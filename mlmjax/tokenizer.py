@@ -33,6 +33,9 @@ NUM_SPECIAL = 5  # ids < NUM_SPECIAL are special
 SPECIAL_PIECES = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 MODEL_TYPES = ('unigram', 'bpe')
 
+# The tokenizer file a workdir holds: sentencepiece, or a WordPiece tokenizers-library JSON.
+WORKDIR_FILES = ('tokenizer.model', 'tokenizer.json')
+
 _SPECIAL_IDS = {'[CLS]': CLS_ID, '[SEP]': SEP_ID, '[MASK]': MASK_ID}
 _SPECIAL_LITERAL = re.compile(r'(\[CLS\]|\[SEP\]|\[MASK\])')
 _WORD_START = '\u2581'  # sentencepiece's visible space '▁'
@@ -177,6 +180,10 @@ class Tokenizer:
     _check_specials(self._sp, self.model_path)
     self.vocab_size = self._sp.get_piece_size()
     self.word_start_table = self._word_start_table()
+    self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+        PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)
+    self.special_mask = np.arange(self.vocab_size) < NUM_SPECIAL  # ids never selected or drawn
+    self.file_name = WORKDIR_FILES[0]  # the name a workdir stores this tokenizer under
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> 'Tokenizer':
@@ -249,3 +256,25 @@ class Tokenizer:
   def word_starts(self, ids) -> np.ndarray:
     """Returns bool flags, shaped like `ids`: True where the id begins a word (see module doc)."""
     return self.word_start_table[np.asarray(ids)]
+
+
+def load_any(path: str | os.PathLike):
+  """Returns the Tokenizer (.model) or wordpiece.WordPieceTokenizer (vocab.txt, tokenizer.json) at path.
+
+  A directory (a workdir or a Hugging Face model directory) is searched for tokenizer.model,
+  tokenizer.json, then vocab.txt.
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    found = [path / n for n in (*WORKDIR_FILES, 'vocab.txt') if (path / n).is_file()]
+    if not found:
+      raise FileNotFoundError(f'{path} holds no tokenizer.model, tokenizer.json or vocab.txt; '
+                              'point tokenizer.path at a tokenizer file')
+    path = found[0]
+  if path.suffix == '.model':
+    return Tokenizer.load(path)
+  if path.suffix in ('.json', '.txt'):
+    from mlmjax import wordpiece  # pylint: disable=g-import-not-at-top
+    return wordpiece.WordPieceTokenizer.load(path)
+  raise ValueError(f'{path}: unknown tokenizer file type; tokenizer.path takes a sentencepiece '
+                   '.model, a WordPiece vocab.txt or a tokenizers tokenizer.json')

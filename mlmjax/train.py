@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from mlmjax import checkpoint, evaluate, input_pipeline, losses, masking, model, optim, sharding
+from mlmjax import tokenizer as tokenizer_lib
 
 # Parameters carry logical axis names as metadata only; shardings are applied by jit.
 nnx.use_eager_sharding(False)
@@ -110,8 +111,9 @@ def validate_config(config) -> None:
     raise ValueError(f'train.seq_len={t.seq_len} exceeds model.max_position={config.model.max_position}')
   if not 0.0 < float(config.eval.rate) < 1.0:
     raise ValueError(f'eval.rate={config.eval.rate} must be in (0, 1)')
-  if config.model.size not in model.SIZES:
-    raise ValueError(f'model.size={config.model.size!r}: choose one of {sorted(model.SIZES)}')
+  if config.model.size not in (*model.SIZES, 'custom'):
+    raise ValueError(f'model.size={config.model.size!r}: choose one of {sorted(model.SIZES)} '
+                     "or 'custom' (with model.hidden_size, num_layers, num_heads, intermediate_size)")
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"model.dtype={config.model.dtype!r}: choose 'float32' or 'bfloat16'")
   if not 0.0 <= float(config.model.dropout_rate) < 1.0:
@@ -121,11 +123,23 @@ def validate_config(config) -> None:
   optim.learning_rate_schedule(config.optim, t.num_steps)
 
 
+_SHAPE_KEYS = ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size')
+
+
 def encoder_config_from(config, vocab_size: int) -> model.EncoderConfig:
-  """Returns the EncoderConfig named by config.model for a vocabulary size."""
+  """Returns the EncoderConfig named by config.model (size, then non-zero shape keys) for a vocab."""
   m = config.model
-  return model.encoder_config(
-      m.size, vocab_size=vocab_size, max_position=m.max_position, pre_layer_norm=m.pre_layer_norm,
+  # Configs written before the shape keys existed lack them: .get keeps their meaning.
+  shape = dict(model.SIZES.get(m.size, {}))
+  for key in _SHAPE_KEYS:
+    if int(m.get(key, 0) or 0):
+      shape[key] = int(m.get(key))
+    elif key not in shape:
+      raise ValueError(f"model.{key} must be set (> 0) when model.size='custom'")
+  return model.EncoderConfig(
+      vocab_size=vocab_size, **shape, max_position=m.max_position,
+      type_vocab_size=int(m.get('type_vocab_size', 2)),
+      layer_norm_eps=float(m.get('layer_norm_eps', 1e-12)), pre_layer_norm=m.pre_layer_norm,
       dropout_rate=m.dropout_rate, attention_dropout_rate=m.dropout_rate, dtype=m.dtype,
       attention_impl=m.attention_impl or None)
 
@@ -162,7 +176,8 @@ def make_init_fn(enc_cfg: model.EncoderConfig, tx, seed: int) -> Callable[[], di
   return init
 
 
-def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: bool) -> Callable:
+def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: bool,
+                    cls_id: int = tokenizer_lib.CLS_ID) -> Callable:
   """Returns train_step(state, tokens, seed_key) -> (state, metric sums); masks from fold_in(key, step)."""
 
   def train_step(state, tokens, seed_key):
@@ -170,7 +185,7 @@ def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: 
     mask_key, drop_key = jax.random.split(step_key)
     mb = masking.mask_tokens(mask_key, tokens, spec)
     # Unit layout from the uncorrupted rows: positions restart and attention stops at each [CLS].
-    position_ids, doc_ids = model.packed_layout(tokens)
+    position_ids, doc_ids = model.packed_layout(tokens, cls_id=cls_id, pad_id=spec.pad_id)
 
     def loss_fn(params):
       logits = nnx.merge(graphdef, params)(
@@ -252,11 +267,13 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
 
   enc_cfg = encoder_config_from(config, tokenizer.vocab_size)
   seq_len = config.train.seq_len
-  spec = masking.spec_from_config(config.masking, vocab_size=tokenizer.vocab_size, seq_len=seq_len)
+  spec = masking.spec_from_config(config.masking, vocab_size=tokenizer.vocab_size, seq_len=seq_len,
+                                  tokenizer=tokenizer)
   eval_spec = masking.MaskingSpec(
       vocab_size=tokenizer.vocab_size, rate=float(config.eval.rate), split=tuple(config.eval.split),
       max_predictions=masking.default_max_predictions(float(config.eval.rate), seq_len, 'exact'),
-      selection='exact')
+      selection='exact', **masking.special_fields(tokenizer.special_mask, mask_id=tokenizer.mask_id,
+                                                  pad_id=tokenizer.pad_id))
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
 
@@ -294,14 +311,16 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
                                             num_batches=config.eval.num_batches)
   if not val_batches:
     log('WARNING: the validation split is empty; evaluation is skipped (raise data.val_fraction)')
-  unigram, successor = evaluate.baseline_tables(cache.train_rows, tokenizer.vocab_size)
+  unigram, successor = evaluate.baseline_tables(cache.train_rows, tokenizer.vocab_size,
+                                                tokenizer.special_mask)
 
   seed_key = jax.random.key(config.seed)
   data_spec = sharding.batch_sharding(mesh)
   train_step = jax.jit(
-      make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0),
+      make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0,
+                      cls_id=tokenizer.cls_id),
       in_shardings=(shardings, data_spec, None), out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = evaluate.make_eval_step(graphdef, eval_spec)
+  eval_step = evaluate.make_eval_step(graphdef, eval_spec, cls_id=tokenizer.cls_id)
 
   def to_global(rows):
     lo = jax.process_index() * (len(rows) // jax.process_count())

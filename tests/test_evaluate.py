@@ -1,0 +1,200 @@
+"""Tests of mlmjax.evaluate: n-gram baseline tables and the fixed-mask evaluation loop."""
+
+import collections
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mlmjax import evaluate, masking, model
+from mlmjax import tokenizer as tok
+
+VOCAB, SEQ, BATCH, NUM_BATCHES = 64, 32, 16, 20
+
+
+# ---------------------------------------------------------------------------------------------
+# baseline_tables against a plain-Python count
+
+
+_DEFAULT_SPECIAL = frozenset(range(tok.NUM_SPECIAL))
+
+
+def _reference_tables(rows: np.ndarray, vocab: int,
+                      special: frozenset = _DEFAULT_SPECIAL) -> tuple[int, list[int]]:
+  """Returns (unigram, successor) counted with dicts: argmax ties go to the lowest id."""
+  uni = collections.Counter(int(t) for t in rows.ravel() if t not in special)
+  unigram = min(uni, key=lambda t: (-uni[t], t))
+  nxt = collections.defaultdict(collections.Counter)
+  for row in rows.tolist():
+    for a, b in zip(row[:-1], row[1:]):
+      if b not in special:  # a special or PAD never counts as a successor
+        nxt[a][b] += 1
+  successor = [-1] * vocab
+  for a, counts in nxt.items():
+    successor[a] = min(counts, key=lambda t: (-counts[t], t))
+  return unigram, successor
+
+
+def _markov_rows(seed: int, n: int, seq: int = SEQ, vocab: int = VOCAB) -> np.ndarray:
+  """Returns packed [CLS] unit [SEP] rows; (7 * id + 3) % vocab follows an id 60% of the time."""
+  rng = np.random.default_rng(seed)
+  rows = np.zeros((n, seq), np.int32)
+  for r in range(n):
+    pos, end = 0, seq - int(rng.integers(0, 6))
+    while end - pos >= 6:
+      length = int(rng.integers(3, end - pos - 1))
+      unit = [int(rng.integers(tok.NUM_SPECIAL, vocab))]
+      for _ in range(length - 1):
+        follow = (7 * unit[-1] + 3) % vocab
+        if rng.random() < 0.6 and follow >= tok.NUM_SPECIAL:
+          unit.append(follow)
+        else:
+          unit.append(int(rng.integers(tok.NUM_SPECIAL, vocab)))
+      rows[r, pos:pos + length + 2] = [tok.CLS_ID, *unit, tok.SEP_ID]
+      pos += length + 2
+  return rows
+
+
+def test_baseline_tables_hand_made_ties_and_specials():
+  rows = np.array([[2, 7, 9, 3, 0, 0],
+                   [2, 7, 8, 3, 0, 0],
+                   [2, 9, 7, 4, 1, 3]], np.int32)
+  unigram, successor = evaluate.baseline_tables(rows, 12)
+  assert unigram == 7  # 7 three times, 9 twice, 8 once
+  assert successor[7] == 8  # 7 -> 9 and 7 -> 8 once each: the tie goes to the lower id
+  assert successor[2] == 7  # [CLS] may precede: 7 twice against 9 once
+  assert successor[9] == 7  # 9 -> [SEP] is not counted
+  for never in (3, 0, 4, 1, 8, 10, 11):  # only specials (or nothing) follow these
+    assert successor[never] == -1, never
+  assert successor.dtype == np.int32 and successor.shape == (12,)
+
+
+@pytest.mark.parametrize('seed,vocab,ids', [(0, 40, 40), (1, 300, 300), (2, 300, 12)])
+def test_baseline_tables_match_a_python_count(seed, vocab, ids):
+  rng = np.random.default_rng(seed)
+  rows = rng.integers(0, ids, size=(60, 24)).astype(np.int32)  # specials and PAD mixed in
+  unigram, successor = evaluate.baseline_tables(rows, vocab)
+  ref_unigram, ref_successor = _reference_tables(rows, vocab)
+  assert unigram == ref_unigram
+  assert successor.tolist() == ref_successor
+
+
+def test_baseline_tables_with_a_tokenizer_special_mask():
+  rng = np.random.default_rng(3)
+  rows = rng.integers(0, 20, size=(80, 16)).astype(np.int32)
+  special = frozenset({0, 1, 2, 3, 4, 7, 11})  # e.g. a WordPiece vocabulary's extra specials
+  mask = np.isin(np.arange(20), sorted(special))
+  unigram, successor = evaluate.baseline_tables(rows, 20, mask)
+  ref_unigram, ref_successor = _reference_tables(rows, 20, special)
+  assert unigram == ref_unigram and unigram not in special
+  assert successor.tolist() == ref_successor
+  assert not set(successor.tolist()) & special
+
+
+def test_baseline_tables_learn_the_markov_rule():
+  unigram, successor = evaluate.baseline_tables(_markov_rows(0, 400), VOCAB)
+  assert unigram >= tok.NUM_SPECIAL
+  for a in range(tok.NUM_SPECIAL, VOCAB):
+    follow = (7 * a + 3) % VOCAB
+    if follow >= tok.NUM_SPECIAL:
+      assert successor[a] == follow, a
+
+
+# ---------------------------------------------------------------------------------------------
+# make_eval_step + evaluate on a tiny randomly initialized model
+
+
+def _eval_spec() -> masking.MaskingSpec:
+  """Returns the evaluation MaskingSpec as train.run builds it for the default special ids."""
+  return masking.MaskingSpec(
+      vocab_size=VOCAB, rate=0.15, split=(0.8, 0.1, 0.1),
+      max_predictions=masking.default_max_predictions(0.15, SEQ, 'exact'), selection='exact')
+
+
+@pytest.fixture(scope='module')
+def setup():
+  """Returns (eval_step, params, val batches, unigram, successor) for a fresh tiny model."""
+  enc_cfg = model.encoder_config('tiny', vocab_size=VOCAB, max_position=SEQ, dropout_rate=0.0,
+                                 attention_dropout_rate=0.0)
+  graphdef, state = nnx.split(model.BertForMLM(enc_cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  params = nnx.to_pure_dict(state)
+  unigram, successor = evaluate.baseline_tables(_markov_rows(0, 400), VOCAB)
+  rows = _markov_rows(1, BATCH * NUM_BATCHES)
+  batches = [rows[i * BATCH:(i + 1) * BATCH] for i in range(NUM_BATCHES)]
+  step = evaluate.make_eval_step(graphdef, _eval_spec())
+  return step, params, batches, unigram, successor
+
+
+@pytest.fixture(scope='module')
+def metrics(setup) -> dict:
+  step, params, batches, unigram, successor = setup
+  return evaluate.evaluate(step, params, batches, seed=1234, unigram=unigram, successor=successor)
+
+
+def test_metrics_are_finite_and_sensible(metrics):
+  for key in ('loss', 'accuracy', 'perplexity', 'accuracy_at_mask', 'accuracy_at_random',
+              'accuracy_at_keep', 'baseline/unigram_accuracy_at_mask',
+              'baseline/bigram_accuracy_at_mask', 'predictions'):
+    assert math.isfinite(metrics[key]), key
+  assert abs(metrics['loss'] - math.log(VOCAB)) < 1.0  # a fresh model is near-uniform
+  assert metrics['perplexity'] == pytest.approx(math.exp(metrics['loss']), rel=1e-6)
+  for key in ('accuracy', 'accuracy_at_mask', 'baseline/bigram_accuracy_at_mask'):
+    assert 0.0 <= metrics[key] <= 1.0, key
+
+
+def test_same_seed_same_numbers_other_seed_other_masks(setup, metrics):
+  step, params, batches, unigram, successor = setup
+  again = evaluate.evaluate(step, params, batches, seed=1234, unigram=unigram, successor=successor)
+  assert again == metrics
+  other = evaluate.evaluate(step, params, batches, seed=99, unigram=unigram, successor=successor)
+  assert other['loss'] != metrics['loss']
+
+
+def _masks(batches, seed: int) -> list[masking.MaskedBatch]:
+  """Returns the MaskedBatch of each batch under evaluate's keys: fold_in(key(seed), index)."""
+  base = jax.random.key(seed)
+  return [jax.tree.map(np.asarray, masking.mask_tokens(jax.random.fold_in(base, i),
+                                                       jnp.asarray(rows), _eval_spec()))
+          for i, rows in enumerate(batches)]
+
+
+def test_mask_share_of_predictions_is_about_the_split(setup, metrics):
+  _, _, batches, _, _ = setup
+  n = metrics['predictions']
+  masks = _masks(batches, 1234)
+  assert n == sum(float(m.weights.sum()) for m in masks)
+  n_mask = sum(float((m.weights * (m.kinds == masking.KIND_MASK)).sum()) for m in masks)
+  assert n > 1000
+  assert abs(n_mask / n - 0.8) < 5 * math.sqrt(0.8 * 0.2 / n)
+  # The [MASK] slots are exactly where the inputs now hold the [MASK] id.
+  for m in masks:
+    at = np.take_along_axis(m.inputs, m.positions, axis=1)
+    real_mask = (m.weights > 0) & (m.kinds == masking.KIND_MASK)
+    assert (at[real_mask] == tok.MASK_ID).all()
+
+
+def test_baseline_accuracies_match_numpy_on_the_same_masks(setup, metrics):
+  _, _, batches, unigram, successor = setup
+  hits_uni = hits_bi = count = 0.0
+  for m in _masks(batches, 1234):
+    real = (m.weights > 0) & (m.kinds == masking.KIND_MASK)
+    # The bigram guess reads the (possibly corrupted) input just before each prediction slot.
+    prev = np.take_along_axis(m.inputs, np.maximum(m.positions - 1, 0), axis=1)
+    guess = successor[prev]
+    guess = np.where(guess < 0, unigram, guess)
+    hits_uni += float((real & (m.labels == unigram)).sum())
+    hits_bi += float((real & (m.labels == guess)).sum())
+    count += float(real.sum())
+  assert metrics['baseline/unigram_accuracy_at_mask'] == pytest.approx(hits_uni / count, rel=1e-6)
+  assert metrics['baseline/bigram_accuracy_at_mask'] == pytest.approx(hits_bi / count, rel=1e-6)
+  # On Markov text the bigram baseline knows the rule and beats the unigram one by far.
+  assert hits_bi > 3 * max(hits_uni, 1.0)
+
+
+def test_empty_validation_split_is_a_clear_error(setup):
+  step, params, _, unigram, successor = setup
+  with pytest.raises(ValueError, match='data.val_fraction'):
+    evaluate.evaluate(step, params, [], seed=0, unigram=unigram, successor=successor)
