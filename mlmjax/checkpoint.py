@@ -110,6 +110,22 @@ class Checkpointer:
     self._manager.close()
 
 
+def restore_latest_in(directory, abstract_state: Any, *, what: str,
+                      log: Callable[[str], None] = print) -> tuple[int, Any, dict]:
+  """Returns (step, state, meta) of the newest restorable step in another run's directory.
+
+  Raises FileNotFoundError starting with `what` (e.g. "init_from='runs/x'") when there is none.
+  """
+  ckpt = Checkpointer(directory, async_save=False, log=log)
+  try:
+    restored = ckpt.restore_latest(abstract_state)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f'{what}: no restorable checkpoint in {directory}')
+  return restored
+
+
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return text[0][:300] if text else ''

@@ -47,14 +47,8 @@ def load_run(workdir) -> LoadedRun:
   mesh = sharding.make_mesh(one_device, devices=jax.devices()[:1])
   shardings = train.state_shardings(param_state, abstract, tx, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', async_save=False)
-  try:
-    restored = ckpt.restore_latest(target)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f'no restorable checkpoint in {workdir / "checkpoints"}')
-  step, state, _ = restored
+  step, state, _ = checkpoint.restore_latest_in(workdir / 'checkpoints', target,
+                                                what=f'workdir {workdir}')
   return LoadedRun(config, tokenizer, graphdef, state['params'], step)
 
 

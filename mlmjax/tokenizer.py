@@ -164,7 +164,30 @@ def _check_specials(sp: spm.SentencePieceProcessor, path: str) -> None:
                      'tokenizer.path')
 
 
-class Tokenizer:
+class TokenizerBase:
+  """What every mlmjax tokenizer shares: pickling by model bytes, repr, word-start flags."""
+  serialized_model: bytes
+  model_path: str
+  vocab_size: int
+  fingerprint: str
+  word_start_table: np.ndarray
+
+  def __getstate__(self) -> dict:
+    return {'serialized_model': self.serialized_model, 'model_path': self.model_path}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(state['serialized_model'], state['model_path'])
+
+  def __repr__(self) -> str:
+    return (f'{type(self).__name__}({self.model_path!r}, vocab_size={self.vocab_size}, '
+            f'fingerprint={self.fingerprint[:12]})')
+
+  def word_starts(self, ids) -> np.ndarray:
+    """Returns bool flags, shaped like `ids`: True where the id begins a word (see module doc)."""
+    return self.word_start_table[np.asarray(ids)]
+
+
+class Tokenizer(TokenizerBase):
   """A loaded sentencepiece model with mlmjax's special ids and word-start flags."""
 
   def __init__(self, serialized_model: bytes, model_path: str = '<memory>'):
@@ -193,16 +216,6 @@ class Tokenizer:
       raise FileNotFoundError(f'tokenizer model {path} does not exist; set tokenizer.path to an '
                               'existing .model file or leave it empty to train one')
     return cls(path.read_bytes(), str(path))
-
-  def __getstate__(self) -> dict:
-    return {'serialized_model': self.serialized_model, 'model_path': self.model_path}
-
-  def __setstate__(self, state: dict) -> None:
-    self.__init__(state['serialized_model'], state['model_path'])
-
-  def __repr__(self) -> str:
-    return (f'Tokenizer({self.model_path!r}, vocab_size={self.vocab_size}, '
-            f'fingerprint={self.fingerprint[:12]})')
 
   def _word_start_table(self) -> np.ndarray:
     """Returns (vocab_size,) bool: special ids and pieces beginning with '▁'."""
@@ -252,10 +265,6 @@ class Tokenizer:
   def piece_to_id(self, p: str) -> int:
     """Returns the id of piece `p` (UNK_ID when the piece is not in the vocabulary)."""
     return self._sp.piece_to_id(p)
-
-  def word_starts(self, ids) -> np.ndarray:
-    """Returns bool flags, shaped like `ids`: True where the id begins a word (see module doc)."""
-    return self.word_start_table[np.asarray(ids)]
 
 
 def load_any(path: str | os.PathLike):

@@ -491,14 +491,8 @@ def _init_params_from(source: str, state: dict, abstract_target: dict, log) -> d
   ckpt_dir = src / 'checkpoints' if (src / 'checkpoints').is_dir() else src
   if not ckpt_dir.is_dir():
     raise FileNotFoundError(f'init_from={source!r}: no such workdir or checkpoint directory')
-  other = checkpoint.Checkpointer(ckpt_dir, async_save=False, log=log)
-  try:
-    restored = other.restore_latest(abstract_target)
-  finally:
-    other.close()
-  if restored is None:
-    raise FileNotFoundError(f'init_from={source!r}: no restorable checkpoint in {ckpt_dir}')
-  step, loaded, _ = restored
+  step, loaded, _ = checkpoint.restore_latest_in(ckpt_dir, abstract_target,
+                                                 what=f'init_from={source!r}', log=log)
   log(f'initialized parameters from {ckpt_dir / str(step)} (fresh optimizer)')
   return {**state, 'params': loaded['params']}
 

@@ -22,6 +22,8 @@ from typing import Sequence
 import numpy as np
 import tokenizers
 
+from mlmjax import tokenizer as tokenizer_lib
+
 SPECIAL_PIECES = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 _SPECIAL_LITERAL = re.compile(r'(\[CLS\]|\[SEP\]|\[MASK\])')
 _UNUSED = re.compile(r'^\[unused\d+\]$')
@@ -61,7 +63,7 @@ def _without_added_tokens(serialized: str) -> tokenizers.Tokenizer:
   return tokenizers.Tokenizer.from_str(json.dumps(spec))
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(tokenizer_lib.TokenizerBase):
   """A tokenizers-library WordPiece model with the methods and attributes of tokenizer.Tokenizer."""
 
   def __init__(self, serialized_model: bytes, model_path: str = '<memory>'):
@@ -119,16 +121,6 @@ class WordPieceTokenizer:
       return cls(t.to_str().encode('utf-8'), str(path))
     return cls(path.read_bytes(), str(path))
 
-  def __getstate__(self) -> dict:
-    return {'serialized_model': self.serialized_model, 'model_path': self.model_path}
-
-  def __setstate__(self, state: dict) -> None:
-    self.__init__(state['serialized_model'], state['model_path'])
-
-  def __repr__(self) -> str:
-    return (f'WordPieceTokenizer({self.model_path!r}, vocab_size={self.vocab_size}, '
-            f'fingerprint={self.fingerprint[:12]})')
-
   def encode(self, text: str) -> list[int]:
     """Returns the WordPiece ids of `text`; never special ids, even for a literal '[MASK]'."""
     return self._plain.encode(text, add_special_tokens=False).ids
@@ -161,10 +153,6 @@ class WordPieceTokenizer:
     """Returns the id of piece `p` (unk_id when the piece is not in the vocabulary)."""
     i = self._tok.token_to_id(p)
     return self.unk_id if i is None else i
-
-  def word_starts(self, ids) -> np.ndarray:
-    """Returns bool flags, shaped like `ids`: True where the id begins a word (see module doc)."""
-    return self.word_start_table[np.asarray(ids)]
 
   def save_vocab(self, path: str | os.PathLike) -> None:
     """Writes the vocabulary as a vocab.txt (one piece per line, in id order) to `path`."""

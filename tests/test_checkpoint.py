@@ -193,6 +193,13 @@ def test_restore_latest_with_every_step_damaged_is_none(tmp_path):
 # A checkpoint of another model is not damage: a clear error, and nothing is moved.
 
 
+def _save_steps_1_and_2(ckpt_dir, state):
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  ck.save(1, state, {})
+  ck.save(2, state, {})
+  ck.close()
+
+
 def _assert_untouched(tmp_path):
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1', '2']
   assert not (tmp_path / 'checkpoints_damaged').exists()
@@ -201,10 +208,7 @@ def _assert_untouched(tmp_path):
 def test_shape_mismatch_names_the_parameter_and_moves_nothing(tmp_path):
   ckpt_dir = tmp_path / 'checkpoints'
   state = _train_state()
-  ck = _checkpointer(ckpt_dir, async_save=False)
-  ck.save(1, state, {})
-  ck.save(2, state, {})
-  ck.close()
+  _save_steps_1_and_2(ckpt_dir, state)
   log = []
   ck = _checkpointer(ckpt_dir, log, async_save=False)
   other = _target(_train_state(kernel_shape=(96, 128)))
@@ -227,10 +231,7 @@ def test_shape_mismatch_names_the_parameter_and_moves_nothing(tmp_path):
 def test_structure_mismatch_is_an_error_not_damage(tmp_path):
   ckpt_dir = tmp_path / 'checkpoints'
   state = _train_state()
-  ck = _checkpointer(ckpt_dir, async_save=False)
-  ck.save(1, state, {})
-  ck.save(2, state, {})
-  ck.close()
+  _save_steps_1_and_2(ckpt_dir, state)
   fewer = _target(state)
   del fewer['params']['norm']  # e.g. a post-LN model against a pre-LN checkpoint
   ck = _checkpointer(ckpt_dir, async_save=False)
