@@ -111,6 +111,20 @@ def test_import_matches_transformers(tmp_path, shape, head):
   jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
+def test_pytorch_bin_reads_the_same_tensors_as_safetensors(tmp_path):
+  d = hf_dir(tmp_path, head=True, **SHAPES[0])
+  m = transformers.BertForMaskedLM.from_pretrained(d)
+  bin_dir = tmp_path / 'bin'  # an older checkpoint: config.json plus a torch pickle of the weights
+  bin_dir.mkdir()
+  (bin_dir / 'config.json').write_text((d / 'config.json').read_text())
+  torch.save(m.state_dict(), bin_dir / 'pytorch_model.bin')
+  a, b = convert.read_weights(d), convert.read_weights(bin_dir)
+  shared = set(a) & set(b)
+  assert {k for k in a if 'decoder.weight' not in k} <= shared  # a tied decoder may be left out
+  for k in shared:
+    np.testing.assert_array_equal(a[k], b[k])
+
+
 @pytest.mark.parametrize('field,value', [
     ('hidden_act', 'gelu_new'), ('position_embedding_type', 'relative_key'),
     ('is_decoder', True), ('tie_word_embeddings', False), ('model_type', 'roberta')])
