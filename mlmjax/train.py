@@ -247,11 +247,9 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   for key, b in (('train.batch_size', config.train.batch_size), ('eval.batch_size', config.eval.batch_size)):
     if b % dp:
       raise ValueError(f'{key}={b} must be divisible by the {dp} data-parallel devices of mesh.shape')
-  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', max_to_keep=config.ckpt.max_to_keep,
-                                 async_save=config.ckpt.async_save,
-                                 log=lambda s: print(s, flush=True) if is_main else None)
-  latest = ckpt.latest_step()
-  reporter = Reporter(workdir, enabled=is_main, resume_step=latest if latest is not None else 0)
+  ckpt_dir = workdir / 'checkpoints'
+  saved = [int(p.name) for p in ckpt_dir.glob('*') if p.is_dir() and p.name.isdigit()]
+  reporter = Reporter(workdir, enabled=is_main, resume_step=max(saved, default=0))
   log = reporter.log
   log(f'mlmjax: workdir {workdir} | devices {jax.device_count()} ({jax.devices()[0].platform}) '
       f'| mesh {dict(mesh.shape)} | processes {jax.process_count()}')
@@ -285,27 +283,6 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
                                  abstract_state, shardings)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state['params']))
 
-  # Resume order: this workdir's checkpoint > init_from > scratch.
-  progress = _Progress()
-  restored = ckpt.restore_latest(abstract_target)
-  if restored is not None:
-    step0, state, meta = restored
-    progress = _Progress(**meta.get('progress', {}))
-    _check_resume_meta(meta, cache, tokenizer, config, log)
-    log(f'resumed from step {step0} (checkpoint {ckpt.directory / str(step0)})')
-  else:
-    state = jax.jit(init_fn, out_shardings=shardings)()
-    if config.init_from:
-      state = _init_params_from(config.init_from, state, abstract_target, log)
-    step0 = 0
-    log(f'initialized {config.model.size} encoder: {n_params / 1e6:.2f} M parameters')
-
-  num_steps = config.train.num_steps
-  local_batch = config.train.batch_size // jax.process_count()
-  batches = input_pipeline.train_batches(
-      cache.train_rows, global_batch=config.train.batch_size, seed=config.seed, start_step=step0,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      prefetch=config.data.prefetch)
   spe = input_pipeline.steps_per_epoch(len(cache.train_rows), config.train.batch_size)
   val_batches = input_pipeline.eval_batches(cache.val_rows, batch_size=config.eval.batch_size,
                                             num_batches=config.eval.num_batches)
@@ -313,6 +290,35 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
     log('WARNING: the validation split is empty; evaluation is skipped (raise data.val_fraction)')
   unigram, successor = evaluate.baseline_tables(cache.train_rows, tokenizer.vocab_size,
                                                 tokenizer.special_mask)
+
+  # Resume order: this workdir's checkpoint > init_from > scratch.
+  progress = _Progress()
+  ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=config.ckpt.max_to_keep,
+                                 async_save=config.ckpt.async_save,
+                                 log=lambda s: print(s, flush=True) if is_main else None)
+  try:
+    restored = ckpt.restore_latest(abstract_target)
+    if restored is not None:
+      step0, state, meta = restored
+      progress = _Progress(**meta.get('progress', {}))
+      _check_resume_meta(meta, cache, tokenizer, config, log)
+      log(f'resumed from step {step0} (checkpoint {ckpt.directory / str(step0)})')
+    else:
+      state = jax.jit(init_fn, out_shardings=shardings)()
+      if config.init_from:
+        state = _init_params_from(config.init_from, state, abstract_target, log)
+      step0 = 0
+      log(f'initialized {config.model.size} encoder: {n_params / 1e6:.2f} M parameters')
+  except BaseException:
+    ckpt.close()
+    reporter.close()
+    raise
+
+  num_steps = config.train.num_steps
+  batches = input_pipeline.train_batches(
+      cache.train_rows, global_batch=config.train.batch_size, seed=config.seed, start_step=step0,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      prefetch=config.data.prefetch)
 
   seed_key = jax.random.key(config.seed)
   data_spec = sharding.batch_sharding(mesh)
