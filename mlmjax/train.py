@@ -5,7 +5,9 @@ import json
 import math
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mlmjax import checkpoint, evaluate, input_pipeline, losses, masking, model, optim, sharding
 from mlmjax import tokenizer as tokenizer_lib
@@ -231,10 +234,51 @@ class _Progress:
   best_eval_step: int = -1
 
 
+class StopRequest:
+  """Context manager turning SIGTERM/SIGINT into a flag the loop polls; restores the old handlers.
+
+  Installs nothing outside the main thread, or in a jax.distributed run, where JAX's preemption
+  notifier owns SIGTERM and every host must stop at the step reached_preemption_sync_point agrees on.
+  A second SIGINT raises KeyboardInterrupt (abort without waiting for the checkpoint).
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> 'StopRequest':
+    if threading.current_thread() is threading.main_thread() and not jax.distributed.is_initialized():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if signum == signal.SIGINT and self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __exit__(self, *exc) -> None:
+    for sig, previous in self._previous.items():
+      # None means a handler installed outside Python; the default is the closest restorable one.
+      signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+    self._previous.clear()
+
+
+def reached_preemption_sync_point(step: int) -> bool:
+  """Returns True at the step JAX's preemption service picked for saving (False where it is off)."""
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # jax.distributed is up but jax_enable_preemption_service is off
+    return False
+
+
 def run(config, workdir, *, stop_after: int | None = None) -> dict:
   """Trains (or resumes) an MLM run in workdir; returns the summary dict also written to summary.json.
 
   stop_after: end this invocation after that many steps (checkpointing first), as a crash would.
+  SIGTERM/SIGINT during training (or JAX's multi-host preemption sync point) saves a checkpoint at
+  the current step, waits for it to commit and returns with summary['preempted'] = True.
   """
   t_start = time.perf_counter()
   validate_config(config)
@@ -365,6 +409,8 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   step = step0
   stop_at = num_steps if stop_after is None else min(num_steps, step0 + stop_after)
   max_wall = float(config.train.max_wall_minutes) * 60
+  preempted = False
+  stop = StopRequest().__enter__()
   try:
     while step < stop_at:
       rows = next(batches)
@@ -373,7 +419,9 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
       step += 1
       window_steps += 1
       wall_stop = max_wall > 0 and time.perf_counter() - t_start > max_wall
-      done = step == stop_at or wall_stop
+      # A stop request at the last step changes nothing: the run just finishes.
+      preempted = step < stop_at and (stop.signum is not None or reached_preemption_sync_point(step))
+      done = step == stop_at or wall_stop or preempted
       if step % config.train.log_every_steps == 0 or done:
         host = jax.device_get(window)
         record = _window_record(host)
@@ -402,17 +450,27 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
       if step % config.ckpt.every_steps == 0 or done:
         save(step)
         t_window = time.perf_counter()
+      if preempted:
+        ckpt.wait()
+        why = signal.Signals(stop.signum).name if stop.signum is not None else 'preemption sync point'
+        log(f'preempted at step {step} ({why}): checkpoint saved to {ckpt.directory / str(step)}, '
+            'rerun the same command to resume')
+        break
       if wall_stop:
         log(f'stopping at step {step}: train.max_wall_minutes={config.train.max_wall_minutes} reached')
         break
   finally:
-    ckpt.close()
-    reporter.close()
+    try:
+      ckpt.close()  # commits pending asynchronous saves, also when an exception ends the loop
+      reporter.close()
+    finally:
+      stop.__exit__(None, None, None)
 
   progress.wall_time_s += time.perf_counter() - t_start
   if eval_record is None and step == num_steps and val_batches:
     eval_record = run_eval(step)
   summary = {'step': step, 'num_steps': num_steps, 'finished': step >= num_steps,
+             'preempted': preempted,
              'tokens_seen': progress.tokens_seen, 'wall_time_s': progress.wall_time_s,
              'num_params': n_params, 'best_eval_loss': progress.best_eval_loss,
              'best_eval_step': progress.best_eval_step, 'variant': config.variant,
