@@ -58,9 +58,6 @@ class Checkpointer:
       except CheckpointMismatchError:
         raise  # an intact checkpoint of another model: not damage, leave it in place
       except Exception as e:  # orbax raises ValueError, KeyError or bare Exception for damage.
-        if _is_shape_mismatch(e):
-          raise ValueError(f'checkpoint {self.directory / str(step)} does not fit this model: '
-                           f'{_first_line(e)}') from None
         aside = self._move_aside(step)
         self.log(f'WARNING: checkpoint step {step} does not restore ({type(e).__name__}: '
                  f'{_first_line(e)}); moved to {aside}, trying the previous step')
@@ -129,12 +126,6 @@ def restore_latest_in(directory, abstract_state: Any, *, what: str,
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return text[0][:300] if text else ''
-
-
-def _is_shape_mismatch(e: BaseException) -> bool:
-  text = str(e).lower()
-  return 'shape' in text and ('mismatch' in text or 'does not match' in text or 'expected' in text
-                              or 'not compatible with the stored shape' in text)
 
 
 def _path_str(path) -> str:

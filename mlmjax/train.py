@@ -581,7 +581,7 @@ def _flag_error(e: BaseException) -> str:
 
 def main(argv=None) -> None:
   """Parses --config/--workdir flags and calls run()."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   flags_ = flags.FlagValues()
