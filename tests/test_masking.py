@@ -347,3 +347,269 @@ def test_spec_from_config():
   cfg.masking.max_predictions = -1
   with pytest.raises(ValueError, match='masking.max_predictions'):
     masking.spec_from_config(cfg.masking, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit strategies (whole_word, span, pmi) on real text, and rate schedules.
+
+UNIT_LEN = 128
+
+
+@pytest.fixture(scope='module')
+def real():
+  """Returns (tokenizer, packed rows, long rows without inner specials, PMI vocab) of pydoc topics."""
+  from pydoc_data.topics import topics
+
+  from mlmjax import input_pipeline, pmi
+  from mlmjax import tokenizer as tok_lib
+  import tempfile
+  docs = [topics[k] for k in sorted(topics)]
+  with tempfile.TemporaryDirectory() as d:
+    tok = tok_lib.train_tokenizer(docs, pathlib.Path(d) / 'u.model', vocab_size=2000)
+  ids = [tok.encode(doc) for doc in docs]
+  rows = input_pipeline.pack_documents(ids, UNIT_LEN)
+  flat = np.concatenate([np.asarray(i, np.int32) for i in ids])
+  flat = flat[flat >= FIRST_REGULAR]
+  long_rows = flat[:len(flat) // 2048 * 2048].reshape(-1, 2048)
+  vocab = pmi.build_pmi_vocab(rows, tok.special_mask, min_count=5, size=3000)
+  assert (rows >= FIRST_REGULAR).sum() >= 100_000 and long_rows.size >= 100_000
+  return tok, rows, long_rows, vocab
+
+
+_jit_units = jax.jit(masking.mask_tokens, static_argnums=2)
+
+
+def _unit_run(real, strategy, rate, key=0, rows=None, **kw):
+  """Returns (numpy MaskedBatch, spec) for a unit strategy on the real rows, buffer = row length."""
+  tok, packed, _, vocab = real
+  rows = packed if rows is None else rows
+  spec = MaskingSpec(vocab_size=tok.vocab_size, strategy=strategy,
+                     **{'max_predictions': rows.shape[1], **kw})
+  tables = masking.tables_for(spec, tok, vocab)
+  return _np(_jit_units(jax.random.key(key), rows, spec, rate, tables)), spec
+
+
+def _unit_lengths(mb):
+  """Returns (B, L) int32: at each unit start, its number of selected tokens (0 elsewhere)."""
+  out = np.zeros(mb.units.shape, np.int32)
+  for b in range(mb.units.shape[0]):
+    np.add.at(out[b], mb.units[b][mb.selected[b]], 1)
+  return out
+
+
+def _words(tok, rows):
+  """Returns (B, L) int word index per position: a word starts at a '▁' piece or after a special."""
+  cand = rows >= FIRST_REGULAR
+  prev_special = np.concatenate([np.ones_like(cand[:, :1]), ~cand[:, :-1]], axis=1)
+  return np.cumsum(tok.word_starts(rows) | ~cand | prev_special, axis=1)
+
+
+@pytest.mark.parametrize('strategy', ['whole_word', 'span', 'pmi'])
+@pytest.mark.parametrize('rate', [0.15, 0.4, 0.8])
+def test_unit_strategy_token_rate_and_whole_units(real, strategy, rate):
+  rows = real[1]
+  mb, _ = _unit_run(real, strategy, rate)
+  cand = rows >= FIRST_REGULAR
+  assert not (mb.selected & ~cand).any()  # never [PAD], [CLS], [SEP], [UNK] or [MASK]
+  # A unit is selected as a whole: every candidate of a unit shares the unit's selection.
+  first_sel = np.take_along_axis(mb.selected, mb.units, 1)
+  assert (mb.selected == (first_sel & cand)).all()
+  # Units are contiguous: unit starts never decrease and each start is its own unit's start.
+  assert (np.diff(mb.units, axis=1) >= 0).all()
+  assert (np.take_along_axis(mb.units, mb.units, 1) == mb.units).all()
+  # Token budget per row as BERT's exact rule; the unit crossing it is kept with probability
+  # (budget - before) / length, a Bernoulli of variance <= length^2 / 4 per row.
+  n = cand.sum(1)
+  budget = np.where(n > 0, np.maximum(np.round(np.float32(rate) * n.astype(np.float32)), 1), 0)
+  lengths = np.zeros(mb.units.shape, np.int32)
+  for b in range(len(rows)):
+    np.add.at(lengths[b], mb.units[b][cand[b]], 1)
+  sd = math.sqrt((lengths.max(1).astype(np.float64) ** 2 / 4).sum())
+  assert abs(mb.selected.sum() - budget.sum()) <= 5 * sd + 1, (mb.selected.sum(), budget.sum(), sd)
+  assert (mb.weights.sum(1) == mb.selected.sum(1)).all()
+
+
+@pytest.mark.parametrize('rate', [0.15, 0.4, 0.8])
+def test_whole_word_never_splits_a_word(real, rate):
+  tok, rows = real[0], real[1]
+  mb, _ = _unit_run(real, 'whole_word', rate, key=3)
+  words = _words(tok, rows)
+  cand = rows >= FIRST_REGULAR
+  for b in range(0, len(rows), 7):
+    for w in np.unique(words[b][mb.selected[b]]):
+      assert mb.selected[b][(words[b] == w) & cand[b]].all()
+
+
+@pytest.mark.parametrize('span_words', [True, False])
+@pytest.mark.parametrize('rate', [0.15, 0.4, 0.8])
+def test_span_lengths_match_truncated_geometric(real, rate, span_words):
+  tok, long_rows = real[0], real[2]
+  mb, spec = _unit_run(real, 'span', rate, key=5, rows=long_rows, span_words=span_words)
+  starts = np.unique(mb.units[0][mb.selected[0]])
+  # Spans are contiguous runs of whole words (or tokens).
+  words = _words(tok, long_rows) if span_words else np.cumsum(np.ones_like(long_rows), axis=1)
+  lengths = []
+  for b in range(len(long_rows)):
+    for s in np.unique(mb.units[b][mb.selected[b]]):
+      member = np.flatnonzero(mb.units[b] == s)
+      assert (np.diff(member) == 1).all() and mb.selected[b][member].all()
+      if member[-1] == long_rows.shape[1] - 1:
+        continue  # the last span of a row may be cut by the row's end
+      assert words[b][member[0]] != words[b][member[0] - 1] if member[0] else True
+      lengths.append(len(np.unique(words[b][member])))
+  lengths = np.asarray(lengths)
+  p, m = spec.span_p, spec.span_max
+  mean = masking.truncated_geometric_mean(p, m)
+  support = np.arange(1, m + 1)
+  w = p * (1 - p) ** (support - 1)
+  sd = math.sqrt((w * (support - mean) ** 2).sum() / w.sum())
+  assert lengths.max() <= m and lengths.min() >= 1 and len(starts) > 0
+  # Budget rounding keeps one span per row with a size-biased length: far below 4.5 se here.
+  assert abs(lengths.mean() - mean) <= 4.5 * sd / math.sqrt(len(lengths)), (lengths.mean(), mean)
+
+
+def _greedy_reference(row, cand, grams):
+  """Returns unit starts of the left-to-right longest PMI-match segmentation (pure Python)."""
+  starts, i = np.zeros(len(row), bool), 0
+  while i < len(row):
+    starts[i] = True
+    step = 1
+    for n in range(masking.PMI_MAX_N, 1, -1):
+      if i + n <= len(row) and cand[i:i + n].all() and tuple(row[i:i + n]) in grams:
+        step = n
+        break
+    i += step
+  return starts
+
+
+@pytest.mark.parametrize('rate', [0.15, 0.4, 0.8])
+def test_pmi_ngrams_are_masked_whole(real, rate):
+  rows, vocab = real[1], real[3]
+  mb, _ = _unit_run(real, 'pmi', rate, key=7)
+  grams = {tuple(g[:n]) for g, n in zip(vocab['ngrams'].tolist(), vocab['length'].tolist())}
+  assert len(grams) == len(vocab['ngrams']) > 1000
+  cand = rows >= FIRST_REGULAR
+  multi = 0
+  for b in range(0, len(rows), 5):
+    ref = _greedy_reference(rows[b], cand[b], grams) | ~cand[b]
+    ref |= np.concatenate([[True], ~cand[b][:-1]])
+    assert (ref == (mb.units[b] == np.arange(rows.shape[1]))).all(), b
+    for s in np.flatnonzero(ref):
+      unit = mb.units[b] == s
+      assert mb.selected[b][unit].all() or not mb.selected[b][unit].any()
+      multi += unit.sum() > 1 and mb.selected[b][s]
+  assert multi > 50  # n-grams really were selected as units
+
+
+@pytest.mark.parametrize('strategy', ['whole_word', 'span', 'pmi'])
+def test_unit_corruption_split_per_unit(real, strategy):
+  rows = real[1]
+  mb, _ = _unit_run(real, strategy, 0.4, key=11)
+  kinds_at = np.full(rows.shape, -1)
+  np.put_along_axis(kinds_at, mb.positions, np.where(mb.weights > 0, mb.kinds, -1), 1)
+  unit_kinds = []
+  for b in range(len(rows)):
+    for s in np.unique(mb.units[b][mb.selected[b]]):
+      k = kinds_at[b][(mb.units[b] == s) & mb.selected[b]]
+      assert (k == k[0]).all()  # one draw per unit
+      unit_kinds.append(k[0])
+  unit_kinds = np.asarray(unit_kinds)
+  n = len(unit_kinds)
+  for kind, p in zip((KIND_MASK, KIND_RANDOM, KIND_KEEP), (0.8, 0.1, 0.1)):
+    assert abs((unit_kinds == kind).mean() - p) <= 4.5 * math.sqrt(p * (1 - p) / n)
+  sel = mb.selected
+  masked = np.zeros_like(sel)
+  np.put_along_axis(masked, mb.positions, (mb.kinds == KIND_MASK) & (mb.weights > 0), 1)
+  assert (mb.inputs[masked] == MASK).all()
+  keep = np.zeros_like(sel)
+  np.put_along_axis(keep, mb.positions, (mb.kinds == KIND_KEEP) & (mb.weights > 0), 1)
+  assert (mb.inputs[keep] == rows[keep]).all()
+  assert (mb.inputs[~sel] == rows[~sel]).all()
+
+
+@pytest.mark.parametrize('strategy', ['whole_word', 'span', 'pmi'])
+@pytest.mark.parametrize('split', [(1.0, 0.0, 0.0), (0.0, 0.0, 1.0)])
+def test_unit_edge_splits(real, strategy, split):
+  rows = real[1]
+  mb, _ = _unit_run(real, strategy, 0.3, key=2, split=split)
+  sel = mb.selected
+  assert sel.sum() > 1000
+  if split[0] == 1.0:
+    assert (mb.inputs[sel] == MASK).all()
+  else:
+    assert (mb.inputs == rows).all()
+  assert (mb.inputs[~sel] == rows[~sel]).all()
+
+
+def test_unit_bernoulli_rate(real):
+  rows = real[1]
+  cand = rows >= FIRST_REGULAR
+  for strategy in ('whole_word', 'span'):
+    mb, _ = _unit_run(real, strategy, 0.3, key=4, selection='bernoulli')
+    lengths = np.zeros(mb.units.shape, np.int32)
+    for b in range(len(rows)):
+      np.add.at(lengths[b], mb.units[b][cand[b]], 1)
+    # Units enter independently with probability rate: variance sum(len^2) * rate * (1 - rate).
+    sd = math.sqrt((lengths.astype(np.float64) ** 2).sum() * 0.3 * 0.7)
+    assert abs(mb.selected.sum() - 0.3 * cand.sum()) <= 4.5 * sd
+
+
+def test_unit_strategies_need_tables(real):
+  tok, rows = real[0], real[1]
+  for strategy in ('whole_word', 'pmi'):
+    spec = MaskingSpec(vocab_size=tok.vocab_size, strategy=strategy, max_predictions=64)
+    with pytest.raises(ValueError, match=strategy):
+      masking.mask_tokens(jax.random.key(0), rows[:4], spec)
+  with pytest.raises(ValueError, match='masking.strategy'):
+    MaskingSpec(vocab_size=100, strategy='words')
+
+
+def test_unit_buffer_overflow_drops_whole_units(real):
+  rows = real[1]
+  mb, _ = _unit_run(real, 'span', 0.8, key=9, max_predictions=20)
+  assert (mb.selected.sum(1) <= 20).all()
+  first_sel = np.take_along_axis(mb.selected, mb.units, 1)
+  assert (mb.selected == (first_sel & (rows >= FIRST_REGULAR))).all()
+
+
+def test_default_buffer_holds_unit_strategies(real):
+  tok, rows = real[0], real[1]
+  for strategy in ('whole_word', 'span', 'pmi'):
+    size = masking.default_max_predictions(0.15, UNIT_LEN, 'exact', strategy)
+    assert math.ceil(0.15 * UNIT_LEN) < size <= UNIT_LEN
+    full, _ = _unit_run(real, strategy, 0.15, key=1)
+    capped, _ = _unit_run(real, strategy, 0.15, key=1, max_predictions=size)
+    # The default buffer drops (almost) nothing.
+    assert capped.selected.sum() >= 0.98 * full.selected.sum()
+
+
+@pytest.mark.parametrize('kind,kw,expected', [
+    ('linear', dict(rate=0.3, rate_end=0.15, rate_steps=1000),
+     {0: 0.3, 250: 0.2625, 500: 0.225, 1000: 0.15, 5000: 0.15}),
+    ('cosine', dict(rate=0.3, rate_end=0.15, rate_steps=1000),
+     {0: 0.3, 500: 0.225, 1000: 0.15, 1001: 0.15}),
+    ('step', dict(rate=0.15, rate_boundaries=(100, 200), rate_values=(0.4, 0.3, 0.15)),
+     {0: 0.4, 99: 0.4, 100: 0.3, 199: 0.3, 200: 0.15, 10_000: 0.15}),
+    ('constant', dict(rate=0.25), {0: 0.25, 123: 0.25}),
+])
+def test_rate_schedules_exact_at_chosen_steps(kind, kw, expected):
+  import ml_collections
+  cfg = ml_collections.ConfigDict({'rate_schedule': kind, **kw})
+  sched = masking.rate_schedule_from_config(cfg, num_steps=4000)
+  jitted = jax.jit(sched.__call__)
+  for step, rate in expected.items():
+    assert sched.at(step) == pytest.approx(rate, abs=1e-12)
+    assert float(jitted(step)) == pytest.approx(rate, abs=2e-8)
+    if step == 0 or rate == expected[max(expected)]:  # end points are exact in float32 too
+      assert float(jitted(step)) == np.float32(rate)
+  assert sched.max_rate == max(expected.values())
+
+
+def test_rate_schedule_errors():
+  import ml_collections
+  bad = [dict(rate_schedule='exp', rate=0.2), dict(rate_schedule='linear', rate=0.2, rate_end=1.5),
+         dict(rate_schedule='step', rate=0.2, rate_boundaries=(5,), rate_values=(0.2,)),
+         dict(rate_schedule='step', rate=0.2, rate_boundaries=(5, 3), rate_values=(0.2, 0.1, 0.3))]
+  for kw in bad:
+    with pytest.raises(ValueError, match='masking.rate'):
+      masking.rate_schedule_from_config(ml_collections.ConfigDict(kw), 100)
