@@ -40,6 +40,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.data.dedup = True  # drop exact duplicate documents
   c.data.val_fraction = 0.05  # fraction of documents held out for validation (by content hash)
   c.data.cache_dir = ''  # token cache; '' uses $MLMJAX_CACHE or ~/.cache/mlmjax
+  c.data.bad_input = 'skip'  # binary/empty files, bad UTF-8, long lines, bad JSONL rows: 'skip' (counted) or 'error'
+  c.data.max_line_chars = 1_000_000  # longer lines are bad input (minified data, dumps)
   c.data.prefetch = 2  # batches tf.data prepares ahead
 
   c.tokenizer = ml_collections.ConfigDict()
@@ -54,6 +56,17 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.masking.split = (0.8, 0.1, 0.1)  # of selected tokens: [MASK], random token, unchanged
   c.masking.selection = 'exact'  # 'exact': round(rate * n) per sequence; 'bernoulli': each token independently
   c.masking.max_predictions = 0  # prediction buffer per sequence; 0 derives it from rate and seq_len
+  c.masking.strategy = 'token'  # unit of selection: 'token', 'whole_word', 'span' or 'pmi'; the rate counts tokens
+  c.masking.span_p = 0.2  # span: lengths ~ Geometric(span_p) truncated to [1, span_max] (SpanBERT)
+  c.masking.span_max = 10  # span: longest span
+  c.masking.span_words = True  # span: lengths count whole words (SpanBERT), not tokens
+  c.masking.pmi_vocab_size = 10_000  # pmi: n-grams (n = 2..5) with the highest PMI_n, from the token cache
+  c.masking.pmi_min_count = 10  # pmi: n-grams seen fewer times are not scored
+  c.masking.rate_schedule = 'constant'  # 'constant', 'linear', 'cosine' (rate -> rate_end) or 'step'
+  c.masking.rate_end = 0.15  # linear/cosine: the rate reached after rate_steps
+  c.masking.rate_steps = 0  # linear/cosine: steps to reach rate_end; 0 = train.num_steps
+  c.masking.rate_boundaries = (0,)  # step: steps where the next value starts (ascending)
+  c.masking.rate_values = (0.15, 0.15)  # step: one more value than boundaries
 
   c.model = ml_collections.ConfigDict()
   c.model.size = s['model']  # named shape: tiny, mini, small, base, large, or 'custom' (the four keys below)
@@ -75,6 +88,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.train.seq_len = s['seq_len']  # tokens per packed sequence, [CLS]/[SEP] included
   c.train.log_every_steps = 50  # progress line and metrics.jsonl cadence
   c.train.max_wall_minutes = 0.0  # stop (and checkpoint) after this many minutes; 0 = no limit
+  c.train.max_skipped_batches = 0  # non-finite steps skipped (no update) before stopping; 0 stops at the first
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = s['lr']  # peak learning rate
@@ -102,6 +116,14 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.eval.num_batches = 50  # validation batches per evaluation (0 = the whole split)
   c.eval.batch_size = 64  # validation batch size
   c.eval.seed = 1234  # fixed key for validation masks: every evaluation asks the same question
+
+  # jax.distributed: empty/0/-1 leaves a value to $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES,
+  # $JAX_PROCESS_ID, then to JAX's cluster detection (automatic on a multi-host TPU VM).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ''  # 'host:port' of process 0; '' = environment / auto-detect
+  c.distributed.num_processes = 0  # processes in the run; 0 = environment / auto-detect
+  c.distributed.process_id = -1  # this process's index; -1 = environment / auto-detect
+  c.distributed.initialization_timeout = 300  # seconds to wait for every process to connect
 
   c.init_from = ''  # workdir or checkpoint to initialize the encoder from (fine-tuning, DAPT)
   c.lock()

@@ -1,11 +1,13 @@
 """Orbax checkpoints of the whole train state: save, resume, and fall back past damaged steps."""
 
+import math
 import pathlib
 import shutil
 import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 STATE, META = 'state', 'meta'
@@ -13,6 +15,10 @@ STATE, META = 'state', 'meta'
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint that is intact but was written for a different model or optimizer."""
+
+
+class DiskSpaceError(ValueError):
+  """Too little free disk for the checkpoints a run keeps, found before training starts."""
 
 
 class Checkpointer:
@@ -105,6 +111,41 @@ class Checkpointer:
     """Commits pending saves and releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def state_bytes(abstract_state: Any) -> int:
+  """Returns the bytes of all arrays of a (abstract) train state: one checkpoint's payload."""
+  leaves = jax.tree.leaves(abstract_state)
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
+
+
+def check_disk_space(directory, abstract_state: Any, *, max_to_keep: int) -> tuple[int, int] | None:
+  """Raises DiskSpaceError when directory's disk cannot hold the checkpoints a run keeps.
+
+  Orbax writes a new step before it deletes the oldest, so a run holds max_to_keep + 1 steps at
+  once; the steps already in directory/checkpoints count as written. Returns (needed, free) bytes,
+  or None where the free space cannot be read (e.g. a gs:// path).
+  """
+  directory = pathlib.Path(directory)
+  per_step = state_bytes(abstract_state)
+  written = sum(f.stat().st_size for d in (directory / 'checkpoints').glob('*')
+                if d.is_dir() and d.name.isdigit() for f in d.rglob('*') if f.is_file())
+  needed = max(per_step * (max_to_keep + 1) - written, per_step)
+  try:
+    free = shutil.disk_usage(directory).free
+  except OSError:
+    return None
+  if needed > free:
+    raise DiskSpaceError(
+        f'workdir {directory} has {_size_text(free)} free but the checkpoints need '
+        f'{_size_text(needed)} more ({max_to_keep} + 1 steps of {_size_text(per_step)}); '
+        'free space, lower ckpt.max_to_keep or choose another --workdir')
+  return needed, free
+
+
+def _size_text(n: int) -> str:
+  """Returns n bytes as 'x.xx GiB' or 'x.x MiB'."""
+  return f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB'
 
 
 def restore_latest_in(directory, abstract_state: Any, *, what: str,

@@ -27,6 +27,15 @@
   otherwise missing data fails at once. `data.max_documents` stops cleaning, not reading: to read
   a part of a large dataset, slice the split (`train[:1%]`).
 
+Bad input in files, with `data.bad_input='skip'` (the default) skipped and counted in
+`CleaningReport.skipped` (the first of each kind is quoted in the log), with `'error'` a one-line
+error naming the file and line: binary files (a NUL byte in the first 8 KiB: also UTF-16/32 text),
+empty files, unreadable gzip files (the rest of a truncated one), lines that are not UTF-8 or longer
+than `data.max_line_chars` (in a `.txt` file the whole paragraph holding such a line is dropped,
+never spliced), `.jsonl` rows that are not a JSON object and rows without a string in
+`data.text_field`. A file named literally in `data.corpus` (not only through a glob) that is
+binary, empty or not gzip is an error under either policy: it was asked for by name.
+
 Cleaning, in order, with per-rule counts in `CleaningReport`: ftfy mojibake / HTML-entity repair,
 Unicode normalization, control and zero-width characters, whitespace; then documents that are
 empty, shorter than `data.min_chars`, or exact duplicates are dropped, and `data.max_documents`
@@ -51,6 +60,7 @@ import sys
 import types
 import unicodedata
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -58,10 +68,15 @@ import ftfy
 
 CORPUS_BUILDER_VERSION = 1
 
-_NORMALIZATIONS = ('NFC', 'NFKC', 'NFD', 'NFKD', '')
+NORMALIZATIONS = ('NFC', 'NFKC', 'NFD', 'NFKD', '')
+BAD_INPUT_POLICIES = ('skip', 'error')
 _SUFFIXES = ('.txt', '.jsonl', '.txt.gz', '.jsonl.gz')
 _DROP_RULES = ('empty', 'too_short', 'duplicate', 'max_documents')
 _CHANGE_RULES = ('fix_text', 'normalization', 'control_chars', 'whitespace')
+# What data.bad_input='skip' skips, counted in CleaningReport.skipped.
+BAD_INPUT_KINDS = ('binary_files', 'empty_files', 'unreadable_files', 'not_utf8_lines',
+                   'long_lines', 'bad_json_rows', 'missing_field_rows')
+_SNIFF_BYTES = 8192  # a NUL byte this early marks a file as binary (as git and grep decide)
 
 
 @dataclasses.dataclass
@@ -74,16 +89,38 @@ class CleaningReport:
   dropped: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(_DROP_RULES, 0))
   changed: dict[str, int] = dataclasses.field(
       default_factory=lambda: dict.fromkeys(_CHANGE_RULES, 0))
+  skipped: dict[str, int] = dataclasses.field(
+      default_factory=lambda: dict.fromkeys(BAD_INPUT_KINDS, 0))
+  first_skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # kind -> its message
 
   def summary(self) -> str:
-    """Returns a few human-readable lines: totals, drops and changes per rule."""
+    """Returns a few human-readable lines: totals, drops, changes, skipped bad input and where."""
     counts = lambda d: ', '.join(f'{k} {v:,}' for k, v in d.items())
     return '\n'.join([
         f'documents: {self.documents_in:,} in -> {self.documents_out:,} out; '
         f'characters: {self.chars_in:,} in -> {self.chars_out:,} out',
         f'dropped: {counts(self.dropped)}',
         f'changed: {counts(self.changed)}',
+        f'skipped bad input: {counts(self.skipped)}',
+        *(f'  first {kind}: {message}' for kind, message in self.first_skipped.items()),
     ])
+
+
+class BadInput:
+  """Applies data.bad_input while files are read: raises in 'error' mode, counts in 'skip' mode."""
+
+  def __init__(self, policy: str = 'error', max_line_chars: int = 1_000_000):
+    self.policy = policy
+    self.max_line_chars = max_line_chars
+    self.counts = dict.fromkeys(BAD_INPUT_KINDS, 0)
+    self.first: dict[str, str] = {}
+
+  def __call__(self, kind: str, message: str, *, strict: bool = False) -> None:
+    """Raises ValueError(message) in 'error' mode or when strict; otherwise counts `kind`."""
+    if strict or self.policy == 'error':
+      raise ValueError(message)
+    self.counts[kind] += 1
+    self.first.setdefault(kind, message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,8 +198,8 @@ def clean_document(text: str, *, fix_text: bool = True, normalization: str = 'NF
 
 
 def _check_normalization(normalization: str) -> None:
-  if normalization not in _NORMALIZATIONS:
-    raise ValueError(f'data.normalization={normalization!r} is not one of {_NORMALIZATIONS} '
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f'data.normalization={normalization!r} is not one of {NORMALIZATIONS} '
                      "('' turns normalization off)")
 
 
@@ -202,7 +239,15 @@ def _options(data_cfg: Any) -> dict[str, Any]:
   """Returns the validated cleaning fields of `data_cfg`."""
   opts = {name: getattr(data_cfg, name) for name in
           ('text_field', 'max_documents', 'min_chars', 'fix_text', 'normalization', 'dedup')}
+  # Configs written before these keys existed read as the defaults.
+  opts['bad_input'] = getattr(data_cfg, 'bad_input', 'skip')
+  opts['max_line_chars'] = getattr(data_cfg, 'max_line_chars', 1_000_000)
   _check_normalization(opts['normalization'])
+  if opts['bad_input'] not in BAD_INPUT_POLICIES:
+    raise ValueError(f'data.bad_input={opts["bad_input"]!r}: choose one of {BAD_INPUT_POLICIES}')
+  value = opts['max_line_chars']
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f'data.max_line_chars={value!r} must be an integer >= 1')
   for name in ('max_documents', 'min_chars'):
     if isinstance(opts[name], bool) or not isinstance(opts[name], int) or opts[name] < 0:
       raise ValueError(f'data.{name}={opts[name]!r} must be an integer >= 0')
@@ -243,17 +288,23 @@ def load_documents(data_cfg: Any) -> tuple[list[str], CleaningReport]:
   """Returns the cleaned, deduplicated, filtered documents of `data_cfg.corpus` and a report."""
   opts = _options(data_cfg)
   spec = _spec(data_cfg)
+  bad = BadInput(opts['bad_input'], opts['max_line_chars'])
   raw = read_raw_documents(spec, text_field=opts['text_field'], tfds_split=data_cfg.tfds_split,
                            tfds_data_dir=data_cfg.tfds_data_dir,
-                           tfds_download=data_cfg.tfds_download)
+                           tfds_download=data_cfg.tfds_download, bad_input=bad)
   docs, report = _clean_all(raw, fix_text=opts['fix_text'], normalization=opts['normalization'],
                             min_chars=opts['min_chars'], dedup=opts['dedup'],
                             max_documents=opts['max_documents'])
+  report.skipped, report.first_skipped = dict(bad.counts), dict(bad.first)
   if not docs:
     counts = ', '.join(f'{k} {v}' for k, v in report.dropped.items() if v)
+    skipped = ', '.join(f'{k} {v}' for k, v in report.skipped.items() if v)
+    first = next(iter(report.first_skipped.values()), None)
     raise ValueError(f'data.corpus={spec!r} has no documents left after cleaning '
-                     f'({report.documents_in} read; dropped: {counts or "none"}); '
-                     f'check the source or lower data.min_chars={opts["min_chars"]}')
+                     f'({report.documents_in} read; dropped: {counts or "none"}; '
+                     f'skipped bad input: {skipped or "none"}); check the source or lower '
+                     f'data.min_chars={opts["min_chars"]}'
+                     + (f'\nfirst skipped: {first}' if first else ''))
   return docs, report
 
 
@@ -261,20 +312,28 @@ def load_documents(data_cfg: Any) -> tuple[list[str], CleaningReport]:
 # Sources
 
 def read_raw_documents(spec: str, *, text_field: str = 'text', tfds_split: str = 'train',
-                       tfds_data_dir: str = '', tfds_download: bool = False) -> Iterator[str]:
-  """Returns an iterator over the raw (uncleaned) documents of `spec`; bad paths fail here."""
+                       tfds_data_dir: str = '', tfds_download: bool = False,
+                       bad_input: BadInput | None = None) -> Iterator[str]:
+  """Returns an iterator over the raw (uncleaned) documents of `spec`; bad paths fail here.
+
+  bad_input: what to do with bad files, lines and rows (None: raise at the first, as 'error').
+  """
   spec = spec.strip()
   if spec == 'pydocs':
     return iter(pydocs_documents())
   if spec.startswith('tfds:'):
     return _read_tfds(spec[len('tfds:'):], text_field, tfds_split, tfds_data_dir, tfds_download)
-  paths = _expand_paths(spec)
-  return _read_files(paths, text_field)
+  return _read_files(_expand_sources(spec), text_field, bad_input or BadInput('error'))
 
 
 def _expand_paths(spec: str) -> list[str]:
   """Returns the files named by comma-separated paths/globs, each glob sorted, without repeats."""
-  paths = []
+  return list(_expand_sources(spec))
+
+
+def _expand_sources(spec: str) -> dict[str, bool]:
+  """Returns {file: named literally (not only matched by a glob)} in _expand_paths' order."""
+  paths = {}
   for part in (p.strip() for p in spec.split(',')):
     if not part:
       continue
@@ -296,74 +355,124 @@ def _expand_paths(spec: str) -> list[str]:
       if not path.endswith(_SUFFIXES):
         raise ValueError(f'data.corpus: {path} has an unsupported extension; supported: '
                          f'{", ".join(_SUFFIXES)}')
-      if path not in paths:
-        paths.append(path)
+      paths[path] = paths.get(path, False) or not glob.has_magic(pattern)
   if not paths:
     raise FileNotFoundError(f'data.corpus={spec!r} names no files')
   return paths
 
 
-def _read_files(paths: list[str], text_field: str) -> Iterator[str]:
-  for path in paths:
+def _read_files(sources: dict[str, bool], text_field: str, bad: BadInput) -> Iterator[str]:
+  for path, literal in sources.items():
+    if _bad_file(path, bad, strict=literal):
+      continue
     if path.endswith(('.jsonl', '.jsonl.gz')):
-      yield from _read_jsonl(path, text_field)
+      yield from _read_jsonl(path, text_field, bad, literal)
     else:
-      yield from _read_txt(path)
+      yield from _read_txt(path, bad, literal)
 
 
-def _decoded_lines(path: str) -> Iterator[tuple[int, str]]:
-  """Yields (line number, line) of a UTF-8 file, raising a one-line error on bad bytes."""
+def _bad_file(path: str, bad: BadInput, *, strict: bool) -> bool:
+  """Returns whether `path` is binary or not gzip (reported to `bad`), from its first bytes."""
   opener = gzip.open if path.endswith('.gz') else open
   try:
     with opener(path, 'rb') as f:
-      for lineno, raw in enumerate(f, 1):
-        try:
-          line = raw.decode('utf-8')
-        except UnicodeDecodeError as e:
-          raise ValueError(f'corpus file {path} is not UTF-8 at line {lineno}: byte '
-                           f'{raw[e.start:e.start + 1]!r} at column {e.start + 1} ({e.reason}); '
-                           're-encode it as UTF-8') from None
-        if lineno == 1:
-          line = line.removeprefix('\ufeff')
+      head = f.read(_SNIFF_BYTES)
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+    bad('unreadable_files', f'corpus file {path} is not a valid gzip file ({e})', strict=strict)
+    return True
+  nul = head.find(b'\x00')
+  if nul >= 0:
+    bad('binary_files', f'corpus file {path} looks binary (NUL byte at offset {nul}; UTF-16/32 '
+        'text looks the same): name only UTF-8 text files in data.corpus', strict=strict)
+    return True
+  return False
+
+
+def _decoded_lines(path: str, bad: BadInput, strict_file: bool) -> Iterator[tuple[int, str | None]]:
+  """Yields (line number, line) of a UTF-8 file; the line is None where `bad` skipped it."""
+  opener = gzip.open if path.endswith('.gz') else open
+  max_chars = bad.max_line_chars
+  limit = 4 * max_chars + 4  # UTF-8 takes at most 4 bytes per character: more is over max_chars
+  seen_text = skipped = False
+  lineno = 0
+  try:
+    with opener(path, 'rb') as f:
+      while raw := f.readline(limit):
+        lineno += 1
+        where = f'corpus file {path} line {lineno}'
+        too_long = len(raw) == limit and not raw.endswith(b'\n')
+        while too_long and (rest := f.readline(1 << 20)) and not rest.endswith(b'\n'):
+          pass  # read past the rest of an over-long line without holding it
+        line = None
+        if not too_long:
+          try:
+            line = raw.decode('utf-8')
+          except UnicodeDecodeError as e:
+            bad('not_utf8_lines', f'corpus file {path} is not UTF-8 at line {lineno}: byte '
+                f'{raw[e.start:e.start + 1]!r} at column {e.start + 1} ({e.reason}); '
+                're-encode it as UTF-8')
+            skipped = True
+            yield lineno, None
+            continue
+          if lineno == 1:
+            line = line.removeprefix('\ufeff')
+          too_long = len(line.rstrip('\r\n')) > max_chars
+        if too_long:
+          bad('long_lines', f'{where} is longer than data.max_line_chars={max_chars} characters '
+              '(minified data or a dump?)')
+          skipped = True
+          yield lineno, None
+          continue
+        seen_text = seen_text or not line.isspace()
         yield lineno, line
-  except (gzip.BadGzipFile, EOFError) as e:
-    raise ValueError(f'corpus file {path} is not a valid gzip file ({e})') from None
+  except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+    bad('unreadable_files', f'corpus file {path} is not a valid gzip file after line {lineno} '
+        f'({e}); the rest of it is skipped', strict=strict_file)
+    return
+  if not seen_text and not skipped:
+    bad('empty_files', f'corpus file {path} is empty (no text)', strict=strict_file)
 
 
-def _read_txt(path: str) -> Iterator[str]:
+def _read_txt(path: str, bad: BadInput, strict_file: bool) -> Iterator[str]:
   """Yields the blank-line-separated documents of a text file, wrapped lines joined by spaces."""
-  block = []
-  for _, line in _decoded_lines(path):
+  block, spoiled = [], False
+  for _, line in _decoded_lines(path, bad, strict_file):
+    if line is None:
+      spoiled = True  # the paragraph around a skipped line is dropped, never spliced
+      continue
     line = line.strip()
     if line:
       block.append(line)
-    elif block:
-      yield ' '.join(block)
-      block = []
-  if block:
+    elif block or spoiled:
+      if not spoiled:
+        yield ' '.join(block)
+      block, spoiled = [], False
+  if block and not spoiled:
     yield ' '.join(block)
 
 
-def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
+def _read_jsonl(path: str, text_field: str, bad: BadInput, strict_file: bool) -> Iterator[str]:
   """Yields `text_field` of each JSON object line of a .jsonl file."""
-  for lineno, line in _decoded_lines(path):
-    if not line.strip():
+  for lineno, line in _decoded_lines(path, bad, strict_file):
+    if line is None or not line.strip():
       continue
     where = f'corpus file {path} line {lineno}'
     try:
       row = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f'{where}: not valid JSON ({e.msg} at column {e.colno}); '
-                       'each line must be one JSON object') from None
+      bad('bad_json_rows', f'{where}: not valid JSON ({e.msg} at column {e.colno}); '
+          'each line must be one JSON object')
+      continue
     if not isinstance(row, dict):
-      raise ValueError(f'{where}: expected a JSON object, got {type(row).__name__}')
-    if text_field not in row:
-      raise ValueError(f'{where} has no field {text_field!r} (fields: {", ".join(row)}); '
-                       'set data.text_field to the field that holds the text')
-    if not isinstance(row[text_field], str):
-      raise ValueError(f'{where}: field {text_field!r} is {type(row[text_field]).__name__}, '
-                       'not a string')
-    yield row[text_field]
+      bad('bad_json_rows', f'{where}: expected a JSON object, got {type(row).__name__}')
+    elif text_field not in row:
+      bad('missing_field_rows', f'{where} has no field {text_field!r} (fields: '
+          f'{", ".join(row)}); set data.text_field to the field that holds the text')
+    elif not isinstance(row[text_field], str):
+      bad('missing_field_rows', f'{where}: field {text_field!r} is '
+          f'{type(row[text_field]).__name__}, not a string')
+    else:
+      yield row[text_field]
 
 
 def _read_tfds(name: str, text_field: str, split: str, data_dir: str,

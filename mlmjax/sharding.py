@@ -1,6 +1,7 @@
 """Device mesh from the config, logical-axis rules, and host batches as global arrays."""
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -92,3 +93,55 @@ def data_parallel_size(mesh: Mesh) -> int:
 def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
   """Returns this process's rows as its part of one global array sharded over the batch axes."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local)
+
+
+def _cluster_detected() -> bool:
+  """Returns True when one of the cluster environments JAX auto-detects is present (TPU VM, SLURM...)."""
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top  (JAX's own detection list)
+    return any(not env.opt_in_only_method and env.is_env_present()
+               for env in clusters.ClusterEnv._cluster_types)  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except  (a moved private API, or a metadata query failing)
+    return False
+
+
+def maybe_initialize_distributed(config) -> bool:
+  """Starts jax.distributed from config.distributed, the environment or cluster auto-detection.
+
+  Returns whether jax.distributed is up. Explicit settings win: distributed.coordinator_address
+  (else $JAX_COORDINATOR_ADDRESS), distributed.num_processes (else $JAX_NUM_PROCESSES) and
+  distributed.process_id (else $JAX_PROCESS_ID); JAX fills what is unset from its cluster detection.
+  With nothing set, it starts only where JAX detects a cluster (a multi-host TPU VM, SLURM, Open
+  MPI, Kubernetes), by calling jax.distributed.initialize() with no arguments; a single host with
+  nothing configured stays single-process.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  cfg = config.get('distributed') or {}  # configs written before the section existed
+  env = os.environ
+  address = str(cfg.get('coordinator_address', '') or env.get('JAX_COORDINATOR_ADDRESS', ''))
+  try:
+    num = int(cfg.get('num_processes', 0) or env.get('JAX_NUM_PROCESSES', 0) or 0)
+    pid = int(cfg.get('process_id', -1))
+    pid = int(env['JAX_PROCESS_ID']) if pid < 0 and env.get('JAX_PROCESS_ID') else pid
+  except ValueError as e:
+    raise ValueError(f'distributed: num_processes/process_id (or $JAX_NUM_PROCESSES/$JAX_PROCESS_ID) '
+                     f'must be integers ({e})') from None
+  if not (address or num > 0 or pid >= 0 or _cluster_detected()):
+    return False
+  kwargs = dict(coordinator_address=address or None, num_processes=num if num > 0 else None,
+                process_id=pid if pid >= 0 else None)
+  timeout = int(cfg.get('initialization_timeout', 0) or 0)
+  if timeout > 0:
+    kwargs['initialization_timeout'] = timeout
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'distributed: {e} (set distributed.coordinator_address, num_processes and '
+                     'process_id, or the JAX_* environment variables)') from None
+  except RuntimeError as e:
+    if 'must be called before' in str(e):
+      raise RuntimeError('distributed: jax.distributed must start before JAX touches a device; call '
+                         'train.run (or sharding.maybe_initialize_distributed) first in the process') from None
+    raise
+  return True

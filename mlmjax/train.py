@@ -18,7 +18,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mlmjax import checkpoint, evaluate, input_pipeline, losses, masking, model, optim, sharding
+from mlmjax import (checkpoint, config_check, evaluate, input_pipeline, losses, masking, model,
+                    optim, pmi, sharding)
 from mlmjax import tokenizer as tokenizer_lib
 
 # Parameters carry logical axis names as metadata only; shardings are applied by jit.
@@ -101,28 +102,13 @@ def _atomic_write_json(path: pathlib.Path, obj: Any) -> None:
 
 
 def validate_config(config) -> None:
-  """Raises ValueError naming the key for values that cannot work."""
+  """Raises ValueError naming the key for values that cannot work (see config_check)."""
+  config_check.check_config(config)
   t = config.train
-  for key, val in (('train.num_steps', t.num_steps), ('train.batch_size', t.batch_size),
-                   ('train.seq_len', t.seq_len), ('train.log_every_steps', t.log_every_steps),
-                   ('eval.every_steps', config.eval.every_steps),
-                   ('ckpt.every_steps', config.ckpt.every_steps),
-                   ('eval.batch_size', config.eval.batch_size)):
-    if not isinstance(val, int) or val <= 0:
-      raise ValueError(f'{key}={val!r} must be a positive integer')
-  if t.seq_len > config.model.max_position:
-    raise ValueError(f'train.seq_len={t.seq_len} exceeds model.max_position={config.model.max_position}')
-  if not 0.0 < float(config.eval.rate) < 1.0:
-    raise ValueError(f'eval.rate={config.eval.rate} must be in (0, 1)')
-  if config.model.size not in (*model.SIZES, 'custom'):
-    raise ValueError(f'model.size={config.model.size!r}: choose one of {sorted(model.SIZES)} '
-                     "or 'custom' (with model.hidden_size, num_layers, num_heads, intermediate_size)")
-  if config.model.dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f"model.dtype={config.model.dtype!r}: choose 'float32' or 'bfloat16'")
-  if not 0.0 <= float(config.model.dropout_rate) < 1.0:
-    raise ValueError(f'model.dropout_rate={config.model.dropout_rate} must be in [0, 1)')
+  encoder_config_from(config, config.tokenizer.vocab_size)  # model shape keys, heads, dtype
   # Building the specs validates masking.rate, masking.split, masking.selection.
-  masking.spec_from_config(config.masking, vocab_size=config.tokenizer.vocab_size, seq_len=t.seq_len)
+  masking.spec_from_config(config.masking, vocab_size=config.tokenizer.vocab_size, seq_len=t.seq_len,
+                           num_steps=t.num_steps)
   optim.learning_rate_schedule(config.optim, t.num_steps)
 
 
@@ -180,13 +166,24 @@ def make_init_fn(enc_cfg: model.EncoderConfig, tx, seed: int) -> Callable[[], di
 
 
 def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: bool,
-                    cls_id: int = tokenizer_lib.CLS_ID) -> Callable:
-  """Returns train_step(state, tokens, seed_key) -> (state, metric sums); masks from fold_in(key, step)."""
+                    cls_id: int = tokenizer_lib.CLS_ID, *,
+                    rate_schedule: masking.RateSchedule | None = None,
+                    tables: masking.MaskingTables | None = None) -> Callable:
+  """Returns train_step(state, tokens, seed_key) -> (state, metric sums); masks from fold_in(key, step).
+
+  rate_schedule: the masking rate at each step (None: spec.rate); tables: for unit strategies.
+  """
 
   def train_step(state, tokens, seed_key):
     step_key = jax.random.fold_in(seed_key, state['step'])
     mask_key, drop_key = jax.random.split(step_key)
-    mb = masking.mask_tokens(mask_key, tokens, spec)
+    rate = None if rate_schedule is None else rate_schedule(state['step'])
+    mb = masking.mask_tokens(mask_key, tokens, spec, rate=rate, tables=tables)
+    candidates = tokens >= spec.first_regular_id
+    if spec.special_ids:
+      candidates &= ~jnp.isin(tokens, jnp.asarray(spec.special_ids, jnp.int32))
+    mask_stats = {'mask_rate_sum': jnp.asarray(spec.rate if rate is None else rate, jnp.float32),
+                  'selected': mb.weights.sum(), 'candidates': candidates.sum().astype(jnp.float32)}
     # Unit layout from the uncorrupted rows: positions restart and attention stops at each [CLS].
     position_ids, doc_ids = model.packed_layout(tokens, cls_id=cls_id, pad_id=spec.pad_id)
 
@@ -198,13 +195,23 @@ def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: 
       return loss_sum / jnp.maximum(weight, 1.0), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
+    # A non-finite loss or gradient applies no update; the step (data order, masks) still advances
+    # and the host decides from `nonfinite` whether to stop (train.max_skipped_batches).
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                     (params, opt_state), (state['params'], state['opt_state']))
     sums = losses.mlm_metric_sums(logits, mb.labels, mb.weights, mb.kinds)
-    sums.update(steps=jnp.ones((), jnp.float32), loss_mean_sum=loss,
-                grad_norm_sum=optax.global_norm(grads),
+    sums.update(steps=jnp.ones((), jnp.float32), loss_mean_sum=loss, grad_norm_sum=grad_norm,
                 lr_sum=jnp.asarray(schedule(state['step']), jnp.float32),
                 tokens=jnp.sum(tokens != 0).astype(jnp.float32))
+    sums.update(mask_stats)
+    # Zeroed on a skipped step, so that the window's metrics stay finite.
+    sums = {k: jnp.where(ok, v, jnp.zeros_like(v)) for k, v in sums.items()}
+    # 0: applied; 1: non-finite loss; 2: finite loss, non-finite gradient norm.
+    sums['nonfinite'] = jnp.where(ok, 0.0, jnp.where(jnp.isfinite(loss), 2.0, 1.0))
     new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}
     return new_state, sums
 
@@ -218,7 +225,9 @@ def _window_record(sums: dict) -> dict[str, float]:
   n = max(s['steps'], 1.0)
   return {'train/loss': m['loss'], 'train/accuracy': m['accuracy'],
           'train/accuracy_at_mask': m['accuracy_at_mask'], 'train/grad_norm': s['grad_norm_sum'] / n,
-          'train/lr': s['lr_sum'] / n, 'train/step_loss_mean': s['loss_mean_sum'] / n}
+          'train/lr': s['lr_sum'] / n, 'train/step_loss_mean': s['loss_mean_sum'] / n,
+          'train/mask_rate': s['mask_rate_sum'] / n,
+          'train/mask_rate_realized': s['selected'] / max(s['candidates'], 1.0)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +241,24 @@ class _Progress:
   tokens_seen: float = 0.0
   best_eval_loss: float = float('inf')
   best_eval_step: int = -1
+  skipped_batches: int = 0  # steps whose non-finite loss or gradient applied no update
+
+
+def _count_nonfinite(flags, first_step: int, progress: _Progress, max_skipped: int,
+                     last_good: str, log: Callable[[str], None]) -> None:
+  """Counts and logs the skipped steps among per-step `nonfinite` flags; raises past max_skipped."""
+  for i, flag in enumerate(flags):
+    if not flag:
+      continue
+    step, what = first_step + i, 'training loss' if flag == 1 else 'gradient norm'
+    progress.skipped_batches += 1
+    if progress.skipped_batches > max_skipped:
+      allowed = f' after {max_skipped} skipped (train.max_skipped_batches)' if max_skipped else ''
+      raise FloatingPointError(
+          f'non-finite {what} at step {step}{allowed}; last good checkpoint: {last_good}. '
+          'Lower optim.learning_rate or check the data.')
+    log(f'skipped non-finite batch at step {step} ({progress.skipped_batches} of {max_skipped}): '
+        f'non-finite {what}, no update applied')
 
 
 class StopRequest:
@@ -281,6 +308,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   the current step, waits for it to commit and returns with summary['preempted'] = True.
   """
   t_start = time.perf_counter()
+  sharding.maybe_initialize_distributed(config)  # first: before anything touches a device
   validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -310,7 +338,14 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   enc_cfg = encoder_config_from(config, tokenizer.vocab_size)
   seq_len = config.train.seq_len
   spec = masking.spec_from_config(config.masking, vocab_size=tokenizer.vocab_size, seq_len=seq_len,
-                                  tokenizer=tokenizer)
+                                  tokenizer=tokenizer, num_steps=config.train.num_steps)
+  rate_schedule = masking.rate_schedule_from_config(config.masking, config.train.num_steps)
+  pmi_vocab = None
+  if spec.strategy == 'pmi':
+    pmi_vocab = pmi.load_or_build_pmi_vocab(
+        input_pipeline.cache_root(config.data), cache.key, cache.train_rows, tokenizer.special_mask,
+        min_count=config.masking.pmi_min_count, size=config.masking.pmi_vocab_size, log=log)
+  tables = masking.tables_for(spec, tokenizer, pmi_vocab)
   eval_spec = masking.MaskingSpec(
       vocab_size=tokenizer.vocab_size, rate=float(config.eval.rate), split=tuple(config.eval.split),
       max_predictions=masking.default_max_predictions(float(config.eval.rate), seq_len, 'exact'),
@@ -326,6 +361,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   abstract_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                  abstract_state, shardings)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state['params']))
+  checkpoint.check_disk_space(workdir, abstract_state, max_to_keep=config.ckpt.max_to_keep)
 
   spe = input_pipeline.steps_per_epoch(len(cache.train_rows), config.train.batch_size)
   val_batches = input_pipeline.eval_batches(cache.val_rows, batch_size=config.eval.batch_size,
@@ -368,7 +404,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   data_spec = sharding.batch_sharding(mesh)
   train_step = jax.jit(
       make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0,
-                      cls_id=tokenizer.cls_id),
+                      cls_id=tokenizer.cls_id, rate_schedule=rate_schedule, tables=tables),
       in_shardings=(shardings, data_spec, None), out_shardings=(shardings, None), donate_argnums=0)
   eval_step = evaluate.make_eval_step(graphdef, eval_spec, cls_id=tokenizer.cls_id)
 
@@ -403,7 +439,8 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
     last_good['step'] = step
 
   log(f'training steps {step0}..{num_steps} | batch {config.train.batch_size} x {seq_len} tokens | '
-      f'{spe} steps per epoch | masking {spec.selection} rate {spec.rate} split {spec.split}')
+      f'{spe} steps per epoch | masking {spec.strategy} ({spec.selection}) rate {_describe(rate_schedule)} '
+      f'split {spec.split} | buffer {spec.max_predictions}')
   eval_record = None
   window, t_window, window_steps = None, time.perf_counter(), 0
   step = step0
@@ -411,10 +448,12 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   max_wall = float(config.train.max_wall_minutes) * 60
   preempted = False
   stop = StopRequest().__enter__()
+  pending = []  # per-step `nonfinite` flags on the device, fetched where the host syncs anyway
   try:
     while step < stop_at:
       rows = next(batches)
       state, sums = train_step(state, sharding.global_batch(rows, mesh), seed_key)
+      pending.append(sums['nonfinite'])
       window = sums if window is None else jax.tree.map(jnp.add, window, sums)
       step += 1
       window_steps += 1
@@ -422,15 +461,21 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
       # A stop request at the last step changes nothing: the run just finishes.
       preempted = step < stop_at and (stop.signum is not None or reached_preemption_sync_point(step))
       done = step == stop_at or wall_stop or preempted
+      where = (f'checkpoint step {last_good["step"]} in {ckpt.directory}'
+               if last_good['step'] is not None else 'no checkpoint yet')
+      # Before every log line and every save, so that a checkpoint's skip count is exact.
+      if step % config.train.log_every_steps == 0 or step % config.ckpt.every_steps == 0 or done:
+        _count_nonfinite(jax.device_get(pending), step - len(pending) + 1, progress,
+                         int(config.train.get('max_skipped_batches', 0)), where, log)
+        pending = []
       if step % config.train.log_every_steps == 0 or done:
         host = jax.device_get(window)
         record = _window_record(host)
-        if not math.isfinite(record['train/loss']):
-          where = (f'checkpoint step {last_good["step"]} in {ckpt.directory}'
-                   if last_good['step'] is not None else 'no checkpoint yet')
+        if not math.isfinite(record['train/loss']) and host['steps'] > 0:  # skipped steps count 0
           raise FloatingPointError(
               f'non-finite training loss at step {step - window_steps + 1}..{step}; '
               f'last good checkpoint: {where}. Lower optim.learning_rate or check the data.')
+        record['train/skipped_batches'] = float(progress.skipped_batches)
         dt = time.perf_counter() - t_window
         tokens = float(host['tokens'])
         progress.tokens_seen += tokens
@@ -441,6 +486,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
         eta = (num_steps - step) * dt / window_steps
         log(f'step {step}/{num_steps} | loss {record["train/loss"]:.4f} | '
             f'acc {record["train/accuracy"]:.4f} | lr {record["train/lr"]:.2e} | '
+            f'mask rate {rate_schedule.at(step - 1):.3f} | '
             f'{record["train/tokens_per_s"] / 1e3:.1f}k tok/s | {record["train/step_time_s"] * 1e3:.0f} ms/step | '
             f'ETA {_fmt_time(eta)}')
         window, t_window, window_steps = None, time.perf_counter(), 0
@@ -474,7 +520,9 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
              'tokens_seen': progress.tokens_seen, 'wall_time_s': progress.wall_time_s,
              'num_params': n_params, 'best_eval_loss': progress.best_eval_loss,
              'best_eval_step': progress.best_eval_step, 'variant': config.variant,
-             'masking': {'rate': spec.rate, 'split': list(spec.split), 'selection': spec.selection},
+             'skipped_batches': progress.skipped_batches,
+             'masking': {'rate': spec.rate, 'split': list(spec.split), 'selection': spec.selection,
+                         'strategy': spec.strategy, 'schedule': dataclasses.asdict(rate_schedule)},
              'eval_rate': eval_spec.rate, 'data': cache.stats}
   if eval_record:
     summary.update(eval_record)
@@ -483,6 +531,15 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
     if eval_record:
       log(_final_table(eval_record))
   return summary
+
+
+def _describe(r: masking.RateSchedule) -> str:
+  """Returns the rate schedule in a few words for the log."""
+  if r.kind == 'constant':
+    return f'{r.start}'
+  if r.kind == 'step':
+    return f'step {r.values} at {r.boundaries}'
+  return f'{r.kind} {r.start} -> {r.end} over {r.steps} steps'
 
 
 def _final_table(r: dict) -> str:
@@ -589,6 +646,11 @@ def main(argv=None) -> None:
                                   flag_values=flags_, lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.',
                       flag_values=flags_)
+  flags.DEFINE_bool('dry_run', False, 'Compile the train step for the mesh from abstract shapes, '
+                    'print per-device memory and FLOPs, and exit without training.',
+                    flag_values=flags_)
+  flags.DEFINE_string('topology', '', 'With --dry_run: compile for a named TPU topology, e.g. '
+                      'v5e:2x2 (needs libtpu).', flag_values=flags_)
   argv = sys.argv if argv is None else argv
   for i, arg in enumerate(argv):
     value = arg.split('=', 1)[1] if arg.startswith('--config=') else (
@@ -599,12 +661,19 @@ def main(argv=None) -> None:
     flags_(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
     sys.exit(f'error: {_flag_error(e)}')
-  if flags_.config is None or flags_.workdir is None:
+  if flags_.config is None or (flags_.workdir is None and not flags_.dry_run):
     sys.exit('usage: python -m mlmjax.train --config configs/pretrain.py:tiny --workdir runs/demo '
-             '[--config.KEY=VALUE ...]')
+             '[--config.KEY=VALUE ...] [--dry_run [--topology v5e:2x2]]')
+  if flags_.topology and not flags_.dry_run:
+    sys.exit('error: --topology only applies with --dry_run')
   try:
+    if flags_.dry_run:
+      from mlmjax import compile_check  # pylint: disable=g-import-not-at-top
+      print(compile_check.format_report(
+          compile_check.compile_report(flags_.config, topology=flags_.topology)), flush=True)
+      return
     run(flags_.config, flags_.workdir)
-  except (ValueError, FileNotFoundError, PermissionError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, PermissionError, FloatingPointError, RuntimeError) as e:
     sys.exit(f'error: {e}')
 
 

@@ -240,3 +240,54 @@ def test_structure_mismatch_is_an_error_not_damage(tmp_path):
   ck.close()
   assert len(str(e.value).splitlines()) <= 2
   _assert_untouched(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk space, checked before training starts.
+
+
+def test_state_bytes_counts_params_and_both_adam_moments():
+  state = _train_state()
+  abstract = jax.eval_shape(lambda: state)
+  n_params = sum(x.size for x in jax.tree.leaves(state['params']))
+  counters = [x for x in jax.tree.leaves(abstract) if x.shape == ()]
+  assert len(counters) == 3 and all(x.dtype == jnp.int32 for x in counters)  # step, Adam, schedule
+  # float32 params, mu and nu, plus the three int32 counters.
+  assert checkpoint.state_bytes(abstract) == 3 * 4 * n_params + 3 * 4
+  assert checkpoint.state_bytes(abstract) == sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
+
+
+def test_disk_check_reports_workdir_need_and_free_space(tmp_path, monkeypatch):
+  state = _train_state()
+  abstract = jax.eval_shape(lambda: state)
+  per_step = checkpoint.state_bytes(abstract)
+  needed, free = checkpoint.check_disk_space(tmp_path, abstract, max_to_keep=3)
+  assert needed == 4 * per_step and free == shutil.disk_usage(tmp_path).free
+
+  # The disk is the environment, not the thing under test: make it nearly full.
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(shutil, 'disk_usage',
+                      lambda path: usage._replace(free=4 * per_step - 1))
+  with pytest.raises(checkpoint.DiskSpaceError) as e:
+    checkpoint.check_disk_space(tmp_path, abstract, max_to_keep=3)
+  msg = str(e.value)
+  assert str(tmp_path) in msg and 'ckpt.max_to_keep' in msg and '\n' not in msg
+  assert f'{(4 * per_step - 1) / 2**20:.1f} MiB free' in msg
+  assert f'need {4 * per_step / 2**20:.1f} MiB more' in msg
+  assert checkpoint.check_disk_space(tmp_path, abstract, max_to_keep=2)[0] == 3 * per_step
+
+  # Steps already written hold their share: a resumed run needs room for one more.
+  ck = _checkpointer(tmp_path / 'checkpoints', async_save=False)
+  for step in (1, 2, 3):
+    ck.save(step, state, {'step': step})
+  ck.close()
+  needed, _ = checkpoint.check_disk_space(tmp_path, abstract, max_to_keep=3)
+  assert per_step <= needed < 2 * per_step
+
+
+def test_disk_check_passes_where_free_space_is_unknown(tmp_path, monkeypatch):
+  def unreadable(path):
+    raise FileNotFoundError(path)
+  monkeypatch.setattr(shutil, 'disk_usage', unreadable)
+  assert checkpoint.check_disk_space(tmp_path / 'gs:' / 'bucket', jax.eval_shape(_train_state),
+                                     max_to_keep=3) is None

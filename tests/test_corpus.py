@@ -357,3 +357,153 @@ def test_tfds_reads_a_locally_built_dataset(tiny_tfds):
   assert corpus.load_documents(cfg)[0] == docs
   with pytest.raises(ValueError, match="'body' is not a feature.*id, text"):
     corpus.load_documents(_data_cfg(corpus=cfg.corpus, tfds_data_dir=data_dir, text_field='body'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: data.bad_input='skip' counts and drops, 'error' names the file and line
+
+GOOD = 'A good paragraph of plain English prose, long enough to be kept by min_chars.'
+PARA = 'Another paragraph of the same file, also long enough to be kept after cleaning.'
+
+# kind -> (file name, bytes, the documents of that file kept under 'skip', message parts)
+BAD_FILES = {
+    'binary_files': ('b.txt', b'\x7fELF\x02\x01\x01\x00\x00\x00' + GOOD.encode(), [],
+                     ['looks binary', 'NUL byte at offset 7']),
+    'empty_files': ('e.txt', b' \n\n\t\n', [], ['is empty']),
+    'unreadable_files': ('g.txt.gz', GOOD.encode(), [], ['not a valid gzip file']),
+    'not_utf8_lines': ('l.txt', (PARA + '\n\nCaf\u00e9 au lait,\nand the rest of it.\n\n' + GOOD
+                                 ).encode('latin-1'), [PARA, GOOD],
+                       ['is not UTF-8 at line 3', "b'\\xe9' at column 4"]),
+    'long_lines': ('long.txt', (PARA + '\n\n' + 'x' * 5000 + '\nits paragraph\n\n' + GOOD
+                                ).encode(), [PARA, GOOD],
+                   ['line 3 is longer than data.max_line_chars=100']),
+    'bad_json_rows': ('j.jsonl', ('{"text": "' + PARA + '"}\n{"text": "cut\n[1, 2]\n').encode(),
+                      [PARA], ['line 2', 'not valid JSON']),
+    'missing_field_rows': ('m.jsonl', ('{"body": "x"}\n{"text": 3}\n{"text": "' + PARA + '"}\n'
+                                       ).encode(), [PARA], ['line 1', "no field 'text'"]),
+}
+BAD_COUNTS = {'bad_json_rows': 2, 'missing_field_rows': 2}
+
+
+@pytest.mark.parametrize('kind', sorted(BAD_FILES))
+def test_bad_input_in_a_glob_is_skipped_and_counted_or_names_file_and_line(tmp_path, kind):
+  name, content, kept, parts = BAD_FILES[kind]
+  _write(tmp_path / 'a_good.txt', GOOD + ' (a)\n')
+  path = _write(tmp_path / name, content)
+  spec = f'{tmp_path}/*'
+  docs, report = corpus.load_documents(_data_cfg(corpus=spec, max_line_chars=100, dedup=False))
+  assert docs == [GOOD + ' (a)'] + kept  # paragraphs around a skipped line are dropped whole
+  assert report.skipped == {k: BAD_COUNTS.get(k, 1) if k == kind else 0
+                            for k in corpus.BAD_INPUT_KINDS}
+  summary = report.summary()
+  assert f'{kind} {BAD_COUNTS.get(kind, 1)}' in summary and path in summary
+  with pytest.raises(ValueError) as e:
+    corpus.load_documents(_data_cfg(corpus=spec, max_line_chars=100, bad_input='error'))
+  message = str(e.value)
+  assert '\n' not in message
+  for part in [path, *parts]:
+    assert part in message
+
+
+@pytest.mark.parametrize('kind', ['binary_files', 'empty_files', 'unreadable_files'])
+def test_a_bad_file_named_literally_is_an_error_under_either_policy(tmp_path, kind):
+  name, content, _, parts = BAD_FILES[kind]
+  good = _write(tmp_path / 'good.txt', GOOD + '\n')
+  path = _write(tmp_path / name, content)
+  for policy in corpus.BAD_INPUT_POLICIES:
+    with pytest.raises(ValueError) as e:
+      corpus.load_documents(_data_cfg(corpus=f'{good},{path}', bad_input=policy))
+    for part in [path, *parts]:
+      assert part in str(e.value)
+  # Matched by a glob as well as named: still asked for by name.
+  with pytest.raises(ValueError, match='corpus file'):
+    corpus.load_documents(_data_cfg(corpus=f'{tmp_path}/*,{path}'))
+
+
+def test_utf16_text_counts_as_binary_with_a_hint(tmp_path):
+  _write(tmp_path / 'a.txt', GOOD + '\n')
+  _write(tmp_path / 'u.txt', (PARA + '\n').encode('utf-16'))
+  docs, report = corpus.load_documents(_data_cfg(corpus=f'{tmp_path}/*.txt'))
+  assert docs == [GOOD] and report.skipped['binary_files'] == 1
+  assert 'UTF-16' in report.first_skipped['binary_files']
+
+
+def test_skipping_keeps_line_numbers_after_an_over_long_line_and_counts_every_kind(tmp_path):
+  rows = [json.dumps({'text': PARA}), json.dumps({'text': 'y' * 3000}), '{"text": 1}',
+          json.dumps({'text': GOOD}), 'not json', json.dumps({'body': PARA})]
+  path = _write(tmp_path / 'rows.jsonl', '\n'.join(rows).encode() + b'\n\xff\xfe\n')
+  docs, report = corpus.load_documents(_data_cfg(corpus=path, max_line_chars=1000))
+  assert docs == [PARA, GOOD]
+  assert report.skipped == {'binary_files': 0, 'empty_files': 0, 'unreadable_files': 0,
+                            'not_utf8_lines': 1, 'long_lines': 1, 'bad_json_rows': 1,
+                            'missing_field_rows': 2}
+  first = report.first_skipped
+  assert first['long_lines'].endswith('line 2 is longer than data.max_line_chars=1000 characters '
+                                      '(minified data or a dump?)')
+  assert 'line 3' in first['missing_field_rows'] and 'line 5' in first['bad_json_rows']
+  assert 'at line 7' in first['not_utf8_lines']
+
+
+def test_truncated_gzip_keeps_what_was_read_and_counts_the_file(tmp_path):
+  text = ''.join(f'Paragraph number {i} of a long gzipped file, kept when read.\n\n'
+                 for i in range(3000))
+  data = gzip.compress(text.encode())
+  path = _write(tmp_path / 'cut.txt.gz', data[:len(data) * 3 // 4])
+  _write(tmp_path / 'a.txt', GOOD + '\n')
+  docs, report = corpus.load_documents(_data_cfg(corpus=f'{tmp_path}/*'))
+  assert docs[0] == GOOD and 100 < len(docs) - 1 < 3000
+  assert docs[1:] == [f'Paragraph number {i} of a long gzipped file, kept when read.'
+                      for i in range(len(docs) - 1)]
+  assert report.skipped['unreadable_files'] == 1 and path in report.first_skipped['unreadable_files']
+
+
+def test_nothing_left_after_skipping_says_why(tmp_path):
+  path = _write(tmp_path / 'rows.jsonl', ''.join(json.dumps({'body': PARA}) + '\n' for _ in range(3)))
+  with pytest.raises(ValueError) as e:
+    corpus.load_documents(_data_cfg(corpus=path))
+  first, second = str(e.value).splitlines()
+  assert 'no documents left' in first and 'missing_field_rows 3' in first
+  assert second.startswith('first skipped: ') and 'line 1' in second and 'data.text_field' in second
+
+
+def test_bad_input_keys_are_checked_and_change_the_corpus_key(tmp_path):
+  path = _write(tmp_path / 'a.txt', GOOD + '\n')
+  with pytest.raises(ValueError, match=r"data.bad_input='ignore': choose one of \('skip', 'error'\)"):
+    corpus.load_documents(_data_cfg(corpus=path, bad_input='ignore'))
+  with pytest.raises(ValueError, match='data.max_line_chars=0'):
+    corpus.corpus_key(_data_cfg(corpus=path, max_line_chars=0))
+  keys = {corpus.corpus_key(_data_cfg(corpus=path, **kw))
+          for kw in ({}, {'bad_input': 'error'}, {'max_line_chars': 10})}
+  assert len(keys) == 3
+
+
+def test_failed_build_on_bad_input_leaves_earlier_cache_intact(tmp_path, topics_corpus):
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from mlmjax import input_pipeline  # pylint: disable=g-import-not-at-top
+  data = tmp_path / 'data'
+  data.mkdir()
+  _write(data / 'topics.txt', topics_corpus.read_bytes())
+  c = pretrain.get_config('tiny')
+  c.data.corpus, c.data.cache_dir = f'{data}/*.txt', str(tmp_path / 'cache')
+  c.tokenizer.vocab_size, c.train.seq_len = 1000, 64
+  for name in ('w1', 'w2', 'w3'):
+    (tmp_path / name).mkdir()
+  input_pipeline.prepare_data(c, tmp_path / 'w1', log=lambda s: None)
+
+  def snapshot():
+    files = (p.relative_to(tmp_path) for p in sorted(tmp_path.rglob('*')) if p.is_file())
+    return {str(p): hashlib.sha256((tmp_path / p).read_bytes()).hexdigest()
+            for p in files if p.parts[0] != 'data'}
+
+  before = snapshot()
+  assert any('tokenizers' in p for p in before) and any(p.endswith('train.npy') for p in before)
+  binary = _write(data / 'z.txt', b'\x00\x01binary')
+  c.data.bad_input = 'error'
+  with pytest.raises(ValueError, match='looks binary') as e:
+    input_pipeline.prepare_data(c, tmp_path / 'w2', log=lambda s: None)
+  assert binary in str(e.value)
+  assert snapshot() == before  # nothing added, nothing half-written, nothing changed
+  c.data.bad_input = 'skip'
+  lines = []
+  input_pipeline.prepare_data(c, tmp_path / 'w3', log=lines.append)
+  assert 'binary_files 1' in '\n'.join(lines)

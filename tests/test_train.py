@@ -5,9 +5,10 @@ import pathlib
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from mlmjax import predict, train
+from mlmjax import masking, optim, predict, train
 from mlmjax import tokenizer as tok
 
 
@@ -165,3 +166,128 @@ def test_cli_rejects_unknown_key_in_one_line(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     train.main(['train', '--config', 'configs/pretrain.py:enormous', '--workdir', str(tmp_path)])
   assert 'enormous' in str(e.value.code)
+
+
+@pytest.mark.parametrize('strategy,schedule', [
+    ('pmi', dict(rate_schedule='linear', rate=0.4, rate_end=0.15, rate_steps=5)),
+    ('span', dict(rate_schedule='step', rate=0.15, rate_boundaries=(3,), rate_values=(0.3, 0.2))),
+])
+def test_strategy_and_rate_schedule_logged_every_step(tiny_config, tmp_path, strategy, schedule):
+  from mlmjax import masking
+  c = tiny_config
+  c.train.num_steps = 6
+  c.eval.every_steps = 6
+  c.masking.strategy = strategy
+  for k, v in schedule.items():
+    setattr(c.masking, k, v)
+  summary = train.run(c, tmp_path)
+  sched = masking.rate_schedule_from_config(c.masking, c.train.num_steps)
+  records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  rates = {r['step']: r['train/mask_rate'] for r in records if 'train/mask_rate' in r}
+  assert sorted(rates) == list(range(1, 7))  # log_every_steps=1: the rate of every step
+  for step, rate in rates.items():
+    assert rate == pytest.approx(sched.at(step - 1), abs=1e-7)
+    realized = next(r['train/mask_rate_realized'] for r in records if r['step'] == step
+                    and 'train/mask_rate_realized' in r)
+    assert 0 < realized < 2 * rate
+  assert summary['masking']['strategy'] == strategy
+  assert summary['eval_rate'] == 0.15  # evaluation keeps its fixed rate
+  assert 'masking ' + strategy in (tmp_path / 'log.txt').read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite batches: skipped without an update, counted across resumes, stopped past the limit.
+
+
+def test_train_step_skips_a_non_finite_batch_and_leaves_the_state(tiny_config):
+  c = tiny_config
+  vocab, seq_len = 64, 16
+  enc_cfg = train.encoder_config_from(c, vocab)
+  spec = masking.spec_from_config(c.masking, vocab_size=vocab, seq_len=seq_len,
+                                  num_steps=c.train.num_steps)
+  tx = optim.make_optimizer(c.optim, c.train.num_steps)
+  graphdef, _ = train.abstract_model(enc_cfg, c.seed)
+  step_fn = jax.jit(train.make_train_step(graphdef, tx, spec, optim.learning_rate_schedule(
+      c.optim, c.train.num_steps), dropout=False))
+  rng = np.random.default_rng(0)
+  good = rng.integers(tok.NUM_SPECIAL, vocab, (4, seq_len)).astype(np.int32)
+  good[:, 0], good[:, -1] = tok.CLS_ID, tok.SEP_ID
+  bad = good.copy()
+  # Ids past the vocabulary (a corrupt token row): jnp.take fills their embeddings with NaN, and
+  # attention carries the NaN to every position of the row, the predicted ones included.
+  bad[1, 1:4] = vocab
+  key = jax.random.key(0)
+  state = jax.jit(train.make_init_fn(enc_cfg, tx, c.seed))()
+  state, _ = step_fn(state, good, key)  # one real update: the Adam moments are non-zero
+
+  skipped, sums = step_fn(state, bad, key)
+  assert float(sums['nonfinite']) == 1.0  # the loss itself was non-finite
+  for name in ('loss_sum', 'weight', 'correct', 'steps', 'loss_mean_sum', 'grad_norm_sum',
+               'lr_sum', 'tokens'):
+    assert float(sums[name]) == 0.0, name  # zeroed: the window's sums stay finite
+  assert int(skipped['step']) == int(state['step']) + 1  # data order and masks move on
+  for before, after in zip(jax.tree.leaves((state['params'], state['opt_state'])),
+                           jax.tree.leaves((skipped['params'], skipped['opt_state']))):
+    np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+
+  applied, sums = step_fn(skipped, good, key)
+  assert float(sums['nonfinite']) == 0.0 and np.isfinite(float(sums['loss_sum']))
+  changed = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(skipped['params']), jax.tree.leaves(applied['params']))]
+  assert sum(changed) > len(changed) // 2  # the next finite batch trains as usual
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(applied['params']))
+
+
+def _stored_state(workdir: pathlib.Path, step: int) -> tuple[list, dict]:
+  """Returns (leaves of the saved {params, opt_state}, meta progress) of a checkpoint step."""
+  d = workdir / 'checkpoints' / str(step)
+  state = ocp.StandardCheckpointer().restore(d / 'state')
+  meta = json.loads((d / 'meta' / 'metadata').read_text())
+  return [np.asarray(x) for x in jax.tree.leaves((state['params'], state['opt_state']))], meta
+
+
+def test_skipped_batches_are_logged_counted_across_resume_and_stop_past_the_limit(
+    tiny_config, tmp_path):
+  c = tiny_config
+  # Step 1 applies a 1e30-sized update; every later step's loss is then non-finite.
+  c.optim.learning_rate = 1e30
+  c.optim.grad_clip_norm = 0.0
+  c.optim.warmup_steps = 0
+  c.train.max_skipped_batches = 2
+  c.train.log_every_steps = 4  # the flags of a window are fetched together (and at each save)
+  c.ckpt.every_steps = 1
+  c.ckpt.max_to_keep = 10
+  c.eval.every_steps = 100
+  first = train.run(c, tmp_path, stop_after=3)
+  assert first['step'] == 3
+  log = (tmp_path / 'log.txt').read_text()
+  assert 'skipped non-finite batch at step 2 (1 of 2)' in log
+  assert 'skipped non-finite batch at step 3 (2 of 2)' in log
+  assert 'at step 1 ' not in log
+  saved = {s: _stored_state(tmp_path, s) for s in (1, 2, 3)}
+  for s in (2, 3):  # the skipped steps left parameters and optimizer state as step 1 wrote them
+    for a, b in zip(saved[1][0], saved[s][0]):
+      np.testing.assert_array_equal(a, b)
+  assert [saved[s][1]['progress']['skipped_batches'] for s in (1, 2, 3)] == [0, 1, 2]
+  record = json.loads((tmp_path / 'metrics.jsonl').read_text().splitlines()[-1])
+  assert record['step'] == 3 and record['train/skipped_batches'] == 2
+
+  # The resumed run carries the count: its first skip is the third, one past the limit.
+  with pytest.raises(FloatingPointError) as err:
+    train.run(c, tmp_path)
+  msg = _one_or_two_lines(err.value)
+  assert 'non-finite training loss at step 4 after 2 skipped (train.max_skipped_batches)' in msg
+  assert 'last good checkpoint: checkpoint step 3 in' in msg
+
+
+def test_full_disk_is_reported_before_training_starts(tiny_config, tmp_path, monkeypatch):
+  import shutil  # pylint: disable=g-import-not-at-top
+  usage = shutil.disk_usage(tmp_path)
+  # The disk is the environment, not the thing under test: report 1 MiB free.
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage._replace(free=2**20))
+  with pytest.raises(ValueError) as e:
+    train.run(tiny_config, tmp_path)
+  msg = _one_or_two_lines(e.value)
+  assert f'workdir {tmp_path} has 1.0 MiB free but the checkpoints need' in msg
+  assert 'training steps' not in (tmp_path / 'log.txt').read_text()
+  assert not (tmp_path / 'checkpoints').exists()

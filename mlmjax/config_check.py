@@ -1,0 +1,202 @@
+"""Up-front config checks: types against the defaults, allowed values, ranges, combinations.
+
+Types are checked against the defaults of the same variant (`get_config(config.variant)`) of the
+config file, configs/pretrain.py unless another file is named: bool is not an int, an int is
+accepted where a float is expected, a list where a tuple is. Keys the reference does not have
+(added by another config file) are not type-checked; their module checks their values.
+"""
+
+import importlib.util
+import pathlib
+from typing import Any
+
+from mlmjax import corpus, masking, model, optim, tokenizer
+
+PRETRAIN_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'pretrain.py'
+
+# Keys that take one of a fixed set of values, from the module that owns each set.
+ALLOWED: dict[str, tuple] = {
+    'data.normalization': corpus.NORMALIZATIONS,
+    'data.bad_input': corpus.BAD_INPUT_POLICIES,
+    'tokenizer.model_type': tokenizer.MODEL_TYPES,
+    'masking.selection': masking.SELECTIONS,
+    'masking.strategy': masking.STRATEGIES,
+    'masking.rate_schedule': masking.RATE_SCHEDULES,
+    'model.size': (*model.SIZES, 'custom'),
+    'model.dtype': ('float32', 'bfloat16'),
+    'model.attention_impl': ('', 'xla', 'cudnn'),
+    'optim.decay': optim.DECAYS,
+}
+_HINTS = {'model.size': " ('custom' takes model.hidden_size, num_layers, num_heads, "
+                        "intermediate_size)",
+          'data.normalization': " ('' turns normalization off)",
+          'model.attention_impl': " ('' lets XLA choose)"}
+
+# Allowed intervals ('[' and ']' include a bound); keys in _INTEGERS must also be ints.
+_RANGES = {
+    'train.num_steps': '[1, inf)', 'train.batch_size': '[1, inf)', 'train.seq_len': '[1, inf)',
+    'train.log_every_steps': '[1, inf)', 'train.max_wall_minutes': '[0, inf)',
+    'train.max_skipped_batches': '[0, inf)', 'eval.every_steps': '[1, inf)',
+    'eval.batch_size': '[1, inf)', 'eval.num_batches': '[0, inf)', 'eval.rate': '(0, 1)',
+    'ckpt.every_steps': '[1, inf)', 'ckpt.max_to_keep': '[1, inf)',
+    'data.max_line_chars': '[1, inf)', 'data.val_fraction': '[0, 1)', 'data.prefetch': '[0, inf)',
+    'model.dropout_rate': '[0, 1)', 'optim.learning_rate': '(0, inf)',
+    'optim.warmup_steps': '[0, inf)', 'optim.end_lr_fraction': '[0, 1]',
+    'optim.weight_decay': '[0, inf)', 'optim.grad_clip_norm': '[0, inf)', 'optim.b1': '[0, 1)',
+    'optim.b2': '[0, 1)', 'optim.eps': '(0, inf)',
+}
+_INTEGERS = frozenset({
+    'train.num_steps', 'train.batch_size', 'train.seq_len', 'train.log_every_steps',
+    'train.max_skipped_batches', 'eval.every_steps', 'eval.batch_size', 'eval.num_batches',
+    'ckpt.every_steps', 'ckpt.max_to_keep', 'data.max_line_chars', 'data.prefetch',
+    'optim.warmup_steps'})
+
+
+def load_config(spec: str):
+  """Returns the ConfigDict of 'path/to/config.py[:arg]' (get_config(arg), or get_config())."""
+  path, _, arg = spec.partition(':')
+  if not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f'--config: no such config file {path!r}')
+  name = 'mlmjax_config_' + pathlib.Path(path).stem
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def reference_config(config, config_file: str | None = None):
+  """Returns the defaults to check `config` against: its variant in config_file, else None.
+
+  config_file defaults to configs/pretrain.py; an unknown variant falls back to get_config().
+  """
+  path = pathlib.Path(config_file) if config_file else PRETRAIN_CONFIG
+  if not path.is_file():
+    return None  # an installed package without configs/: only the checks below the types run
+  variant = config.get('variant', '') if hasattr(config, 'get') else ''
+  for spec in ([f'{path}:{variant}'] if variant else []) + [str(path)]:
+    try:
+      return load_config(spec)
+    except (ValueError, KeyError, TypeError):
+      continue
+  return None
+
+
+def _describe(ref: Any) -> str:
+  """Returns the type a reference value asks for, in words ('float', 'tuple of (str, int)')."""
+  if isinstance(ref, bool):
+    return 'bool'
+  if isinstance(ref, int):
+    return 'int'
+  if isinstance(ref, float):
+    return 'float'
+  if isinstance(ref, str):
+    return 'str'
+  if isinstance(ref, (tuple, list)):
+    parts = [_describe(x) for x in ref]
+    if not parts:
+      return 'tuple'
+    if len(set(parts)) == 1:
+      return f'tuple of {parts[0]}'
+    return f'({", ".join(parts)})'
+  return type(ref).__name__
+
+
+def _fits(value: Any, ref: Any) -> bool:
+  """Returns whether value has the type of reference value ref (recursing into tuples)."""
+  if ref is None:
+    return True
+  if isinstance(ref, bool):
+    return isinstance(value, bool)
+  if isinstance(ref, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(ref, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(ref, str):
+    return isinstance(value, str)
+  if isinstance(ref, (tuple, list)):
+    if not isinstance(value, (tuple, list)):
+      return False
+    if not ref:
+      return True
+    if len({_describe(x) for x in ref}) == 1:  # homogeneous: any length, each like the first
+      return all(_fits(v, ref[0]) for v in value)
+    return len(value) == len(ref) and all(_fits(v, r) for v, r in zip(value, ref))
+  return isinstance(value, type(ref))
+
+
+def _leaves(config, prefix: str = ''):
+  """Yields (dotted key, value) of every leaf of a ConfigDict or dict."""
+  for key in sorted(config.keys()):
+    value = config[key]
+    if hasattr(value, 'keys') and hasattr(value, '__getitem__'):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def _get(config, key: str, default: Any = None) -> Any:
+  node = config
+  for part in key.split('.'):
+    if not hasattr(node, 'keys') or part not in node.keys():
+      return default
+    node = node[part]
+  return node
+
+
+def _inside(value: float, interval: str) -> bool:
+  """Returns whether value lies in an interval written like '[0, 1)' or '(0, inf)'."""
+  low, high = (float(x) for x in interval[1:-1].split(','))
+  above_low = value >= low if interval[0] == '[' else value > low
+  below_high = value <= high if interval[-1] == ']' else value < high
+  return above_low and below_high
+
+
+def _allowed_text(key: str) -> str:
+  return f'; one of {ALLOWED[key]}{_HINTS.get(key, "")}' if key in ALLOWED else ''
+
+
+def check_types(config, reference) -> None:
+  """Raises ValueError naming the first key whose value has another type than in `reference`."""
+  ref_leaves = dict(_leaves(reference))
+  for key, value in _leaves(config):
+    if key in ref_leaves and not _fits(value, ref_leaves[key]):
+      raise ValueError(f'{key}={value!r}: expected {_describe(ref_leaves[key])}'
+                       f'{_allowed_text(key)}')
+
+
+def check_values(config) -> None:
+  """Raises ValueError naming the key of an unknown choice, an out-of-range number or a bad pair."""
+  for key, allowed in ALLOWED.items():
+    value = _get(config, key, allowed[0])
+    if value not in allowed:
+      raise ValueError(f'{key}={value!r}: choose one of {allowed}{_HINTS.get(key, "")}')
+  for key, interval in _RANGES.items():
+    value = _get(config, key)
+    if value is None:
+      continue
+    number = (int,) if key in _INTEGERS else (int, float)
+    if isinstance(value, bool) or not isinstance(value, number):
+      raise ValueError(f'{key}={value!r}: expected {"an int" if key in _INTEGERS else "a number"} '
+                       f'in {interval}')
+    if not _inside(value, interval):
+      raise ValueError(f'{key}={value!r} must be in {interval}')
+  warmup, steps = _get(config, 'optim.warmup_steps', 0), _get(config, 'train.num_steps', 1)
+  if warmup > steps:
+    raise ValueError(f'optim.warmup_steps={warmup} exceeds train.num_steps={steps}: the learning '
+                     'rate would never reach its peak; lower the warmup')
+  seq_len, max_position = _get(config, 'train.seq_len'), _get(config, 'model.max_position')
+  if seq_len is not None and max_position is not None and seq_len > max_position:
+    raise ValueError(f'train.seq_len={seq_len} exceeds model.max_position={max_position}')
+  split = _get(config, 'eval.split')
+  if split is not None and (len(split) != 3 or min(split) < 0 or abs(sum(split) - 1) > 1e-6):
+    raise ValueError(f'eval.split={tuple(split)} must be three fractions >= 0 that sum to 1 '
+                     '([MASK], random token, unchanged)')
+
+
+def check_config(config, *, config_file: str | None = None, reference=None) -> None:
+  """Raises ValueError naming the key of a wrong type, unknown choice, range or combination."""
+  if reference is None:
+    reference = reference_config(config, config_file)
+  if reference is not None:
+    check_types(config, reference)
+  check_values(config)
