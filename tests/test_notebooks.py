@@ -70,3 +70,38 @@ def test_quickstart_notebook_runs(tmp_path, topics_corpus, cache_dir, monkeypatc
   printed = _text(_tagged(nb, 'fill-mask'))
   assert '(step 12)' in printed
   assert printed.count('[MASK] #1:') == 3
+
+
+ABLATION = NOTEBOOK.parent / 'masking_ablation.ipynb'
+
+
+def test_masking_ablation_notebook_runs(tmp_path, topics_corpus, cache_dir, monkeypatch):
+  nb = nbformat.read(ABLATION, as_version=4)
+  nbformat.validate(nb)
+  assert all(c.outputs == [] for c in nb.cells if c.cell_type == 'code')
+  sweep_dir = tmp_path / 'abl'
+  monkeypatch.setenv('MLMJAX_NOTEBOOK_STEPS', '8')
+  monkeypatch.setenv('MLMJAX_NOTEBOOK_CORPUS', str(topics_corpus))
+  monkeypatch.setenv('MLMJAX_NOTEBOOK_VOCAB', '1000')
+  monkeypatch.setenv('MLMJAX_NOTEBOOK_WORKDIR', str(sweep_dir))
+  monkeypatch.setenv('MLMJAX_CACHE', str(cache_dir))
+  monkeypatch.setenv('MPLBACKEND', 'Agg')
+  km = KernelManager(kernel_name='python3', kernel_spec_manager=KernelSpecManager(kernel_dirs=[]))
+  client = NotebookClient(nb, km=km, timeout=600, resources={'metadata': {'path': str(ABLATION.parent)}})
+  client.execute()
+
+  strategies = _tagged(nb, 'strategies')
+  html = [o.data['text/html'] for o in strategies.outputs if 'data' in o and 'text/html' in o.data]
+  assert len(html) == 1
+  for name in ('token', 'whole_word', 'span', 'pmi'):
+    assert f'{name}: ' in _text(strategies) and f'<b>{name}: ' in html[0]
+  sweep_text = _text(_tagged(nb, 'sweep'))
+  assert sweep_text.count('finished') == 4 and 'strategy=whole_word,rate=0.3' in sweep_text
+  for run in ('strategy=token,rate=0.15', 'strategy=whole_word,rate=0.3'):
+    assert json.loads((sweep_dir / run / 'summary.json').read_text())['finished']
+  table = (sweep_dir / 'report' / 'report.md').read_text()
+  assert table.count('whole_word') >= 2 and table.count('| token') >= 2
+  for png in ('curves', 'final_vs_rate'):
+    assert list((sweep_dir / 'report').glob('*.png'))
+  images = [o for o in _tagged(nb, 'report').outputs if 'data' in o and 'image/png' in o.data]
+  assert len(images) == 2
