@@ -1,0 +1,135 @@
+"""Analytic FLOPs of the encoder's train step, accelerator peak FLOP/s, and model FLOPs utilization.
+
+What is counted: matrix multiplies only, 2 FLOPs per multiply-add, as in the PaLM/Chinchilla MFU
+convention. Per packed row of L tokens, hidden H, MLP width I, vocabulary V, P prediction slots:
+  per layer and token  q, k, v, output projections  4 * 2H^2
+                       scores Q K^T and mix A V      2 * 2LH   (bidirectional: all L x L, padding too)
+                       MLP in and out                2 * 2HI
+  MLM head, per slot   transform dense 2H^2 + decoder to the vocabulary 2HV (only at the P slots)
+Embedding lookups, LayerNorm, GELU, softmax, bias adds, dropout, the loss and the optimizer are not
+counted (XLA's cost analysis counts them; tests/test_flops.py bounds the gap). A train step is 3x
+the forward: the backward pass multiplies by the weights and by the activations, 2 matmuls per
+forward matmul (both operands of Q K^T and A V are activations, and every layer's input needs its
+gradient because the embeddings below it train). No rematerialization is counted (model FLOPs).
+"""
+
+import functools
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def forward_flops_per_row(cfg, seq_len: int, max_predictions: int) -> dict[str, float]:
+  """Returns the forward matmul FLOPs of one packed row by part, with 'total'.
+
+  cfg: a model.EncoderConfig (hidden_size, intermediate_size, num_layers, vocab_size).
+  """
+  h, i, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+  length, p = int(seq_len), int(max_predictions)
+  parts = {
+      'projections': n * length * 4 * 2 * h * h,
+      'attention': n * length * 2 * 2 * length * h,
+      'mlp': n * length * 2 * 2 * h * i,
+      'mlm_head': p * (2 * h * h + 2 * h * v),
+  }
+  parts = {k: float(val) for k, val in parts.items()}
+  parts['total'] = sum(parts.values())
+  return parts
+
+
+def forward_flops(cfg, *, batch: int, seq_len: int, max_predictions: int) -> float:
+  """Returns the forward matmul FLOPs of a (batch, seq_len) batch with max_predictions slots per row."""
+  return batch * forward_flops_per_row(cfg, seq_len, max_predictions)['total']
+
+
+def train_flops_per_step(cfg, *, batch: int, seq_len: int, max_predictions: int) -> float:
+  """Returns the matmul FLOPs of one train step (forward + backward = 3x forward)."""
+  return 3.0 * forward_flops(cfg, batch=batch, seq_len=seq_len, max_predictions=max_predictions)
+
+
+def train_flops_per_token(cfg, *, seq_len: int, max_predictions: int) -> float:
+  """Returns train-step matmul FLOPs per token slot (padding included, as tokens/s counts them)."""
+  return 3.0 * forward_flops_per_row(cfg, seq_len, max_predictions)['total'] / seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak FLOP/s per device.
+
+# (device_kind substring, lowercase; name, bf16 peak, float32 peak), dense (no sparsity), per chip.
+# First match wins, so longer names come before their prefixes ('tpu v5 lite' before 'tpu v5').
+# float32 at JAX's default matmul precision: TPUs run f32 dots as one bf16 pass (so the bf16 peak),
+# Ampere/Hopper GPUs as TF32 (A100 156e12, H100 SXM 494.7e12). With
+# jax_default_matmul_precision='highest' the real f32 peak is far lower (A100 19.5e12): MFU then
+# reads low by that factor.
+PEAK_FLOPS = (
+    ('tpu v4 lite', 'TPU v4i', None, None),  # inference chip: no published training peak here
+    ('tpu v4', 'TPU v4', 275e12, 275e12),
+    ('tpu v5 lite', 'TPU v5e', 197e12, 197e12),
+    ('tpu v5e', 'TPU v5e', 197e12, 197e12),
+    ('tpu v5p', 'TPU v5p', 459e12, 459e12),
+    ('tpu v5', 'TPU v5p', 459e12, 459e12),  # v5p reports device_kind 'TPU v5'
+    ('tpu v6 lite', 'TPU v6e', 918e12, 918e12),
+    ('tpu v6e', 'TPU v6e', 918e12, 918e12),
+    ('a100', 'A100', 312e12, 156e12),
+    ('h100 pcie', 'H100 PCIe', 756e12, 378e12),
+    ('h100 nvl', 'H100 NVL', 835e12, 417.5e12),
+    ('h100', 'H100 SXM', 989e12, 494.7e12),
+    ('h200', 'H200', 989e12, 494.7e12),
+)
+
+
+class Peak(NamedTuple):
+  """Peak FLOP/s of one unit, how many units the run uses, and where the number comes from."""
+  flops_per_s: float
+  units: int  # devices from the table; hosts (processes) when measured on CPU
+  source: str
+
+
+def table_peak(device_kind: str, dtype: str = 'bfloat16') -> tuple[str, float] | None:
+  """Returns (name, peak FLOP/s per device) for a jax device_kind, or None when not in the table."""
+  kind = device_kind.lower()
+  for pattern, name, bf16, fp32 in PEAK_FLOPS:
+    if pattern in kind:
+      peak = bf16 if dtype == 'bfloat16' else fp32
+      return None if peak is None else (name, peak)
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def measure_matmul_flops(n: int = 1024, reps: int = 5, device=None) -> float:
+  """Returns the best FLOP/s of a jitted float32 (n, n) @ (n, n) matmul over `reps` timed runs."""
+  device = device or jax.local_devices()[0]
+  a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32),
+                     device)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float('inf')
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best
+
+
+def device_peak(dtype: str = 'float32', devices=None) -> Peak:
+  """Returns the Peak for the run's devices: the table, else a measured matmul per host."""
+  devices = jax.devices() if devices is None else devices
+  kind = devices[0].device_kind
+  hit = table_peak(kind, dtype)
+  if hit is not None:
+    return Peak(hit[1], len(devices), f'{hit[0]} {dtype} peak (table)')
+  # Forced host devices (--xla_force_host_platform_device_count) share one host's cores, so the
+  # measured peak is per host: MFU divides by the processes, not by the devices.
+  hosts = len({d.process_index for d in devices})
+  return Peak(measure_matmul_flops(), hosts,
+              f'{kind}: measured float32 1024^3 matmul per host (not in the table)')
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float) -> float:
+  """Returns model FLOPs utilization: achieved FLOP/s over n_devices x peak FLOP/s."""
+  if n_devices <= 0 or peak <= 0:
+    return float('nan')
+  return tokens_per_s * flops_per_token / (n_devices * peak)
