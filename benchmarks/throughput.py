@@ -1,4 +1,6 @@
-"""Prints train-step throughput (tokens/s, step time) with masking included, and masking's share.
+"""Prints train-step throughput (tokens/s, step time, MFU) with masking included, masking's share,
+and memory: XLA's per-device estimate of the compiled step and the peak resident memory of this
+process, measured in the same run.
 
   python benchmarks/throughput.py --config tiny            # or mini, small, base
   python benchmarks/throughput.py --config mini --steps 20 --batch_size 32 --dtype bfloat16
@@ -9,6 +11,7 @@ number measures the step, not the input pipeline; the step is the one train.py j
 
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -19,7 +22,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from configs import pretrain  # pylint: disable=g-import-not-at-top
-from mlmjax import masking, optim, sharding, train
+from mlmjax import flops, masking, optim, sharding, train
 from mlmjax import tokenizer as tok
 
 
@@ -99,6 +102,8 @@ def main() -> None:
     holder['state'], sums = step(s, batch, k)
     return sums
 
+  compiled = step.lower(*step_args()).compile()
+  mem = compiled.memory_analysis()
   t_step = time_fn(step_fn, step_args, args.steps)
   t_mask = time_fn(mask_only, lambda: (jax.random.fold_in(key, holder['i']), pool[0]), args.steps)
   dev = jax.devices()[0]
@@ -109,6 +114,16 @@ def main() -> None:
   print(f'step time        {t_step * 1e3:9.2f} ms  (median of {args.steps})')
   print(f'tokens/s         {b * l / t_step:9.0f}')
   print(f'masking alone    {t_mask * 1e3:9.3f} ms  = {100 * t_mask / t_step:.2f}% of the step')
+  fpt = flops.train_flops_per_token(enc_cfg, seq_len=l, max_predictions=spec.max_predictions)
+  peak = flops.device_peak(config.model.dtype)
+  util = flops.mfu(b * l / t_step, fpt, peak.units, peak.flops_per_s)
+  print(f'MFU              {100 * util:9.2f} %  ({fpt:.3e} train FLOPs/token; peak {peak.flops_per_s:.3e} '
+        f'FLOP/s x {peak.units}: {peak.source})')
+  if mem is not None:
+    print(f'XLA memory/dev   {mem.temp_size_in_bytes / 2**20:9.1f} MiB temporaries, '
+          f'{mem.argument_size_in_bytes / 2**20:.1f} MiB arguments')
+  # ru_maxrss is KiB on Linux: the peak of this whole process (state, batches, step, XLA runtime).
+  print(f'peak RSS         {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:9.1f} MiB (this process)')
 
 
 if __name__ == '__main__':
