@@ -560,7 +560,8 @@ def _final_table(r: dict) -> str:
 
 def _check_writable(workdir: pathlib.Path) -> None:
   """Raises early when the workdir cannot be written."""
-  probe = workdir / '.write_probe'
+  # One probe per process: the hosts of a multi-host run share the workdir and probe at once.
+  probe = workdir / f'.write_probe.{jax.process_index()}.{os.getpid()}'
   try:
     probe.write_text('ok')
     probe.unlink()
@@ -642,8 +643,10 @@ def main(argv=None) -> None:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   flags_ = flags.FlagValues()
+  argv = sys.argv if argv is None else argv
+  # sys_argv: config_flags otherwise reads --config.KEY overrides from sys.argv, not from argv.
   config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/pretrain.py:tiny.',
-                                  flag_values=flags_, lock_config=True)
+                                  flag_values=flags_, lock_config=True, sys_argv=argv)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.',
                       flag_values=flags_)
   flags.DEFINE_bool('dry_run', False, 'Compile the train step for the mesh from abstract shapes, '
@@ -651,7 +654,6 @@ def main(argv=None) -> None:
                     flag_values=flags_)
   flags.DEFINE_string('topology', '', 'With --dry_run: compile for a named TPU topology, e.g. '
                       'v5e:2x2 (needs libtpu).', flag_values=flags_)
-  argv = sys.argv if argv is None else argv
   for i, arg in enumerate(argv):
     value = arg.split('=', 1)[1] if arg.startswith('--config=') else (
         argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
