@@ -64,6 +64,9 @@ def main() -> None:
   p.add_argument('--batch_size', type=int, default=0, help='override train.batch_size')
   p.add_argument('--seq_len', type=int, default=0, help='override train.seq_len')
   p.add_argument('--dtype', default='', help="override model.dtype ('float32' or 'bfloat16')")
+  p.add_argument('--grad_accum_steps', type=int, default=1, help='override train.grad_accum_steps')
+  p.add_argument('--remat', default='', help="override model.remat ('full', 'dots', 'dots_no_batch')")
+  p.add_argument('--attention_impl', default='', help="override model.attention_impl ('xla', 'cudnn')")
   args = p.parse_args()
 
   config = pretrain.get_config(args.config)
@@ -74,6 +77,9 @@ def main() -> None:
       config.train.seq_len = args.seq_len
     if args.dtype:
       config.model.dtype = args.dtype
+    config.train.grad_accum_steps = args.grad_accum_steps
+    config.model.remat = args.remat
+    config.model.attention_impl = args.attention_impl
   b, l, vocab = config.train.batch_size, config.train.seq_len, config.tokenizer.vocab_size
   mesh = sharding.make_mesh(config.mesh)
   enc_cfg = train.encoder_config_from(config, vocab)
@@ -85,7 +91,8 @@ def main() -> None:
   shardings = train.state_shardings(param_state, jax.eval_shape(init_fn), tx, mesh)
   state = jax.jit(init_fn, out_shardings=shardings)()
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['params']))
-  step = jax.jit(train.make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0),
+  step = jax.jit(train.make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0,
+                                       grad_accum_steps=args.grad_accum_steps),
                  in_shardings=(shardings, sharding.batch_sharding(mesh), None),
                  out_shardings=(shardings, None), donate_argnums=0)
   mask_only = jax.jit(lambda key, t: masking.mask_tokens(key, t, spec))
@@ -110,7 +117,9 @@ def main() -> None:
   print(f'config {args.config}: {enc_cfg.num_layers} layers, hidden {enc_cfg.hidden_size}, '
         f'{n_params / 1e6:.2f} M params, vocab {vocab}, batch {b} x {l}, {config.model.dtype}, '
         f'max_predictions {spec.max_predictions}')
-  print(f'device {dev.platform} ({dev.device_kind}) x {jax.device_count()}, mesh {dict(mesh.shape)}')
+  print(f'device {dev.platform} ({dev.device_kind}) x {jax.device_count()}, mesh {dict(mesh.shape)}, '
+        f'attention {config.model.attention_impl or "XLA chooses"}, remat {config.model.remat or "none"}, '
+        f'grad_accum {args.grad_accum_steps}')
   print(f'step time        {t_step * 1e3:9.2f} ms  (median of {args.steps})')
   print(f'tokens/s         {b * l / t_step:9.0f}')
   print(f'masking alone    {t_mask * 1e3:9.3f} ms  = {100 * t_mask / t_step:.2f}% of the step')
@@ -122,6 +131,9 @@ def main() -> None:
   if mem is not None:
     print(f'XLA memory/dev   {mem.temp_size_in_bytes / 2**20:9.1f} MiB temporaries, '
           f'{mem.argument_size_in_bytes / 2**20:.1f} MiB arguments')
+  stats = dev.memory_stats() or {}  # accelerators report their allocator's peak; CPU reports none
+  if 'peak_bytes_in_use' in stats:
+    print(f'device peak      {stats["peak_bytes_in_use"] / 2**20:9.1f} MiB ({dev.device_kind}, allocator)')
   # ru_maxrss is KiB on Linux: the peak of this whole process (state, batches, step, XLA runtime).
   print(f'peak RSS         {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:9.1f} MiB (this process)')
 

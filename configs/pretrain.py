@@ -81,6 +81,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
   c.model.max_position = 512  # learned position embeddings
   c.model.attention_impl = ''  # jax.nn.dot_product_attention implementation; '' lets XLA choose
+  c.model.remat = ''  # per-block rematerialization: '' none, 'full', 'dots', 'dots_no_batch' (model.REMAT_POLICIES)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = s['num_steps']  # optimizer steps
@@ -89,6 +90,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.train.log_every_steps = 50  # progress line and metrics.jsonl cadence
   c.train.max_wall_minutes = 0.0  # stop (and checkpoint) after this many minutes; 0 = no limit
   c.train.max_skipped_batches = 0  # non-finite steps skipped (no update) before stopping; 0 stops at the first
+  c.train.grad_accum_steps = 1  # microbatches per step (batch_size / k rows each), summed into one update
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = s['lr']  # peak learning rate

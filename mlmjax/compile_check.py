@@ -113,7 +113,8 @@ def compile_report(config, *, topology: str = '') -> dict:
   # topology's devices (not attached here) receive every array.
   step = jax.jit(
       train.make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0,
-                            rate_schedule=rate_schedule, tables=tables),
+                            rate_schedule=rate_schedule, tables=tables,
+                            grad_accum_steps=int(config.train.get('grad_accum_steps', 1))),
       in_shardings=(shardings, data_spec, sharding.replicated(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   t_lower = time.perf_counter()

@@ -25,18 +25,21 @@ ALLOWED: dict[str, tuple] = {
     'model.size': (*model.SIZES, 'custom'),
     'model.dtype': ('float32', 'bfloat16'),
     'model.attention_impl': ('', 'xla', 'cudnn'),
+    'model.remat': tuple(model.REMAT_POLICIES),
     'optim.decay': optim.DECAYS,
 }
 _HINTS = {'model.size': " ('custom' takes model.hidden_size, num_layers, num_heads, "
                         "intermediate_size)",
           'data.normalization': " ('' turns normalization off)",
-          'model.attention_impl': " ('' lets XLA choose)"}
+          'model.attention_impl': " ('' lets XLA choose)",
+          'model.remat': " ('' = no rematerialization)"}
 
 # Allowed intervals ('[' and ']' include a bound); keys in _INTEGERS must also be ints.
 _RANGES = {
     'train.num_steps': '[1, inf)', 'train.batch_size': '[1, inf)', 'train.seq_len': '[1, inf)',
     'train.log_every_steps': '[1, inf)', 'train.max_wall_minutes': '[0, inf)',
-    'train.max_skipped_batches': '[0, inf)', 'eval.every_steps': '[1, inf)',
+    'train.max_skipped_batches': '[0, inf)', 'train.grad_accum_steps': '[1, inf)',
+    'eval.every_steps': '[1, inf)',
     'eval.batch_size': '[1, inf)', 'eval.num_batches': '[0, inf)', 'eval.rate': '(0, 1)',
     'ckpt.every_steps': '[1, inf)', 'ckpt.max_to_keep': '[1, inf)',
     'data.max_line_chars': '[1, inf)', 'data.val_fraction': '[0, 1)', 'data.prefetch': '[0, inf)',
@@ -47,9 +50,9 @@ _RANGES = {
 }
 _INTEGERS = frozenset({
     'train.num_steps', 'train.batch_size', 'train.seq_len', 'train.log_every_steps',
-    'train.max_skipped_batches', 'eval.every_steps', 'eval.batch_size', 'eval.num_batches',
-    'ckpt.every_steps', 'ckpt.max_to_keep', 'data.max_line_chars', 'data.prefetch',
-    'optim.warmup_steps'})
+    'train.max_skipped_batches', 'train.grad_accum_steps', 'eval.every_steps', 'eval.batch_size',
+    'eval.num_batches', 'ckpt.every_steps', 'ckpt.max_to_keep', 'data.max_line_chars',
+    'data.prefetch', 'optim.warmup_steps'})
 
 
 def load_config(spec: str):
@@ -187,6 +190,10 @@ def check_values(config) -> None:
   seq_len, max_position = _get(config, 'train.seq_len'), _get(config, 'model.max_position')
   if seq_len is not None and max_position is not None and seq_len > max_position:
     raise ValueError(f'train.seq_len={seq_len} exceeds model.max_position={max_position}')
+  batch, accum = _get(config, 'train.batch_size'), _get(config, 'train.grad_accum_steps')
+  if batch is not None and accum is not None and batch % accum:
+    raise ValueError(f'train.batch_size={batch} must be divisible by '
+                     f'train.grad_accum_steps={accum} (equal microbatches)')
   split = _get(config, 'eval.split')
   if split is not None and (len(split) != 3 or min(split) < 0 or abs(sum(split) - 1) > 1e-6):
     raise ValueError(f'eval.split={tuple(split)} must be three fractions >= 0 that sum to 1 '

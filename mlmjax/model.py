@@ -11,6 +11,16 @@ from flax import nnx
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _ATTENTION_IMPLS = (None, '', 'xla', 'cudnn')
+# Rematerialization of each encoder block: which intermediates the backward pass keeps instead of
+# recomputing. '' keeps everything (no remat); 'full' keeps only the block's inputs; 'dots' keeps
+# every matmul output (attention scores included); 'dots_no_batch' keeps the weight matmuls only
+# and recomputes the attention scores and softmax, the (heads, L, L) activations.
+REMAT_POLICIES: dict[str, Any] = {
+    '': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +40,7 @@ class EncoderConfig:
   initializer_range: float = 0.02  # truncated-normal std, as BERT
   dtype: str = 'float32'  # compute dtype: 'float32' or 'bfloat16'
   attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...)
+  remat: str = ''  # per-block rematerialization policy, a key of REMAT_POLICIES
 
   def __post_init__(self):
     if self.dtype not in _DTYPES:
@@ -37,6 +48,9 @@ class EncoderConfig:
     if self.attention_impl not in _ATTENTION_IMPLS:
       raise ValueError(f"model.attention_impl: {self.attention_impl!r} is not supported; "
                        "use '' (XLA chooses), 'xla' or 'cudnn'")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat: {self.remat!r} is not supported; use one of '
+                       f'{list(REMAT_POLICIES)} (\'\' = no rematerialization)')
     if self.hidden_size % self.num_heads:
       raise ValueError(f'model: hidden_size {self.hidden_size} is not divisible by '
                        f'num_heads {self.num_heads}; change one of them')
@@ -216,6 +230,18 @@ class Block(nnx.Module):
     return self.mlp_norm(x + _dropout(self.mlp(x), self.rate, keys[2]))
 
 
+def _call_block(layer: Block, x: jax.Array, mask: jax.Array,
+                dropout_rng: jax.Array | None) -> jax.Array:
+  return layer(x, mask, dropout_rng)
+
+
+def block_fn(remat: str):
+  """Returns f(layer, x, mask, dropout_rng) -> x, wrapped in nnx.remat with the named policy."""
+  if not remat:
+    return _call_block
+  return nnx.remat(_call_block, policy=REMAT_POLICIES[remat])
+
+
 class Encoder(nnx.Module):
   """Embeddings plus a stack of transformer blocks; holds only nnx.Params."""
 
@@ -249,8 +275,9 @@ class Encoder(nnx.Module):
     rate = self.config.dropout_rate
     x = _dropout(self.embed_norm(x), rate, _fold(dropout_rng, 0))
     mask = attention_mask(doc_ids)
+    call = block_fn(self.config.remat)
     for i, layer in enumerate(self.layers):
-      x = layer(x, mask, _fold(dropout_rng, i + 1))
+      x = call(layer, x, mask, _fold(dropout_rng, i + 1))
     return x if self.final_norm is None else self.final_norm(x)
 
 

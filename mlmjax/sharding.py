@@ -141,7 +141,8 @@ def maybe_initialize_distributed(config) -> bool:
                      'process_id, or the JAX_* environment variables)') from None
   except RuntimeError as e:
     if 'must be called before' in str(e):
-      raise RuntimeError('distributed: jax.distributed must start before JAX touches a device; call '
-                         'train.run (or sharding.maybe_initialize_distributed) first in the process') from None
+      raise RuntimeError('distributed: jax.distributed must start before JAX touches a device; '
+                         'call train.run (or sharding.maybe_initialize_distributed) first in the '
+                         'process') from None
     raise
   return True

@@ -400,11 +400,7 @@ def main(argv=None) -> None:
   flags.DEFINE_string('shard', '0/1', 'i/n: run only the combinations with index % n == i.', flag_values=fv)
   flags.DEFINE_bool('dry_run', False, 'Print the runs and what would happen to each, then exit.',
                     flag_values=fv)
-  for k, arg in enumerate(argv):
-    value = arg.split('=', 1)[1] if arg.startswith('--config=') else (
-        argv[k + 1] if arg == '--config' and k + 1 < len(argv) else None)
-    if value is not None and not os.path.isfile(value.split(':', 1)[0]):
-      sys.exit(f'error: --config: no such config file {value.split(":", 1)[0]!r}')
+  train.check_config_path(argv)
   try:
     fv(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:

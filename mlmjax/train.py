@@ -18,8 +18,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mlmjax import (checkpoint, config_check, evaluate, input_pipeline, losses, masking, model,
-                    optim, pmi, sharding)
+from mlmjax import (checkpoint, config_check, evaluate, flops, input_pipeline, losses, masking,
+                    model, optim, pmi, sharding)
 from mlmjax import tokenizer as tokenizer_lib
 
 # Parameters carry logical axis names as metadata only; shardings are applied by jit.
@@ -130,7 +130,7 @@ def encoder_config_from(config, vocab_size: int) -> model.EncoderConfig:
       type_vocab_size=int(m.get('type_vocab_size', 2)),
       layer_norm_eps=float(m.get('layer_norm_eps', 1e-12)), pre_layer_norm=m.pre_layer_norm,
       dropout_rate=m.dropout_rate, attention_dropout_rate=m.dropout_rate, dtype=m.dtype,
-      attention_impl=m.attention_impl or None)
+      attention_impl=m.attention_impl or None, remat=str(m.get('remat', '')))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,36 +165,96 @@ def make_init_fn(enc_cfg: model.EncoderConfig, tx, seed: int) -> Callable[[], di
   return init
 
 
+def step_keys(seed_key: jax.Array, step) -> tuple[jax.Array, jax.Array]:
+  """Returns the (mask, dropout) keys of a step: split(fold_in(seed_key, step))."""
+  return tuple(jax.random.split(jax.random.fold_in(seed_key, step)))
+
+
+def microbatches(tokens: jax.Array, k: int) -> jax.Array:
+  """Returns rows (B, L) as k microbatches (k, B/k, L); microbatch i holds rows i, i+k, i+2k, ...
+
+  Strided, not contiguous: each device's contiguous block of B/dp rows then holds B/(dp k) rows of
+  every microbatch, so every microbatch stays spread over all data-parallel devices.
+  """
+  b, length = tokens.shape
+  if b % k:
+    raise ValueError(f'train.batch_size={b} must be divisible by train.grad_accum_steps={k}')
+  return jnp.swapaxes(tokens.reshape(b // k, k, length), 0, 1)
+
+
+def mask_microbatch(mask_key: jax.Array, i, tokens: jax.Array, spec: masking.MaskingSpec,
+                    rate=None, tables: masking.MaskingTables | None = None) -> masking.MaskedBatch:
+  """Returns the MaskedBatch of microbatch i, drawn from fold_in(mask_key, i)."""
+  return masking.mask_tokens(jax.random.fold_in(mask_key, i), tokens, spec, rate=rate, tables=tables)
+
+
 def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: bool,
                     cls_id: int = tokenizer_lib.CLS_ID, *,
                     rate_schedule: masking.RateSchedule | None = None,
-                    tables: masking.MaskingTables | None = None) -> Callable:
+                    tables: masking.MaskingTables | None = None,
+                    grad_accum_steps: int = 1) -> Callable:
   """Returns train_step(state, tokens, seed_key) -> (state, metric sums); masks from fold_in(key, step).
 
   rate_schedule: the masking rate at each step (None: spec.rate); tables: for unit strategies.
+  grad_accum_steps k > 1: the batch is k microbatches (`microbatches`) run one after another in a
+  lax.scan, each masked from fold_in(mask_key, i), so its masks differ from the k = 1 step's; the
+  update is the large-batch one (gradient of the summed token loss over the whole batch divided
+  by the total number of selected tokens), with the memory of one microbatch.
   """
+  k = int(grad_accum_steps)
+  if k < 1:
+    raise ValueError(f'train.grad_accum_steps={grad_accum_steps} must be >= 1')
 
-  def train_step(state, tokens, seed_key):
-    step_key = jax.random.fold_in(seed_key, state['step'])
-    mask_key, drop_key = jax.random.split(step_key)
-    rate = None if rate_schedule is None else rate_schedule(state['step'])
-    mb = masking.mask_tokens(mask_key, tokens, spec, rate=rate, tables=tables)
-    candidates = tokens >= spec.first_regular_id
-    if spec.special_ids:
-      candidates &= ~jnp.isin(tokens, jnp.asarray(spec.special_ids, jnp.int32))
-    mask_stats = {'mask_rate_sum': jnp.asarray(spec.rate if rate is None else rate, jnp.float32),
-                  'selected': mb.weights.sum(), 'candidates': candidates.sum().astype(jnp.float32)}
+  def forward(params, mb, tokens, key):
     # Unit layout from the uncorrupted rows: positions restart and attention stops at each [CLS].
     position_ids, doc_ids = model.packed_layout(tokens, cls_id=cls_id, pad_id=spec.pad_id)
+    return nnx.merge(graphdef, params)(
+        mb.inputs, mb.positions, position_ids=position_ids, doc_ids=doc_ids,
+        dropout_rng=key if dropout else None)
 
-    def loss_fn(params):
-      logits = nnx.merge(graphdef, params)(
-          mb.inputs, mb.positions, position_ids=position_ids, doc_ids=doc_ids,
-          dropout_rng=drop_key if dropout else None)
+  def whole_batch(params, tokens, mask_key, drop_key, rate):
+    """Returns (loss, grads, metric sums) of the batch in one pass."""
+    mb = masking.mask_tokens(mask_key, tokens, spec, rate=rate, tables=tables)
+
+    def loss_fn(p):
+      logits = forward(p, mb, tokens, drop_key)
       loss_sum, weight = losses.cross_entropy_sum(logits, mb.labels, mb.weights)
       return loss_sum / jnp.maximum(weight, 1.0), logits
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads, losses.mlm_metric_sums(logits, mb.labels, mb.weights, mb.kinds)
+
+  def accumulated(params, tokens, mask_key, drop_key, rate):
+    """Returns (loss, grads, metric sums) of the batch as k scanned microbatches."""
+
+    def body(grad_sum, xs):
+      i, micro = xs
+      mb = mask_microbatch(mask_key, i, micro, spec, rate, tables)
+
+      def sum_loss(p):
+        logits = forward(p, mb, micro, jax.random.fold_in(drop_key, i))
+        return losses.cross_entropy_sum(logits, mb.labels, mb.weights)[0], logits
+
+      (_, logits), g = jax.value_and_grad(sum_loss, has_aux=True)(params)
+      sums = losses.mlm_metric_sums(logits, mb.labels, mb.weights, mb.kinds)
+      return jax.tree.map(jnp.add, grad_sum, g), sums
+
+    grad_sum, per_micro = jax.lax.scan(
+        body, jax.tree.map(jnp.zeros_like, params), (jnp.arange(k), microbatches(tokens, k)))
+    sums = jax.tree.map(lambda v: v.sum(0), per_micro)
+    # Sums first, one division by the whole batch's selected tokens: the k = 1 update exactly,
+    # not a mean of microbatch means (microbatches select different numbers of tokens).
+    denom = jnp.maximum(sums['weight'], 1.0)
+    return sums['loss_sum'] / denom, jax.tree.map(lambda g: g / denom, grad_sum), sums
+
+  def train_step(state, tokens, seed_key):
+    mask_key, drop_key = step_keys(seed_key, state['step'])
+    rate = None if rate_schedule is None else rate_schedule(state['step'])
+    loss, grads, sums = (whole_batch if k == 1 else accumulated)(
+        state['params'], tokens, mask_key, drop_key, rate)
+    candidates = tokens >= spec.first_regular_id
+    if spec.special_ids:
+      candidates &= ~jnp.isin(tokens, jnp.asarray(spec.special_ids, jnp.int32))
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -203,13 +263,13 @@ def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: 
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
                                      (params, opt_state), (state['params'], state['opt_state']))
-    sums = losses.mlm_metric_sums(logits, mb.labels, mb.weights, mb.kinds)
     sums.update(steps=jnp.ones((), jnp.float32), loss_mean_sum=loss, grad_norm_sum=grad_norm,
                 lr_sum=jnp.asarray(schedule(state['step']), jnp.float32),
-                tokens=jnp.sum(tokens != 0).astype(jnp.float32))
-    sums.update(mask_stats)
+                tokens=jnp.sum(tokens != 0).astype(jnp.float32),
+                mask_rate_sum=jnp.asarray(spec.rate if rate is None else rate, jnp.float32),
+                selected=sums['weight'], candidates=candidates.sum().astype(jnp.float32))
     # Zeroed on a skipped step, so that the window's metrics stay finite.
-    sums = {k: jnp.where(ok, v, jnp.zeros_like(v)) for k, v in sums.items()}
+    sums = {name: jnp.where(ok, v, jnp.zeros_like(v)) for name, v in sums.items()}
     # 0: applied; 1: non-finite loss; 2: finite loss, non-finite gradient norm.
     sums['nonfinite'] = jnp.where(ok, 0.0, jnp.where(jnp.isfinite(loss), 2.0, 1.0))
     new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}
@@ -319,6 +379,10 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   for key, b in (('train.batch_size', config.train.batch_size), ('eval.batch_size', config.eval.batch_size)):
     if b % dp:
       raise ValueError(f'{key}={b} must be divisible by the {dp} data-parallel devices of mesh.shape')
+  accum = int(config.train.get('grad_accum_steps', 1))
+  if (config.train.batch_size // accum) % dp:
+    raise ValueError(f'train.batch_size / train.grad_accum_steps = {config.train.batch_size // accum}'
+                     f' rows per microbatch must be divisible by the {dp} data-parallel devices')
   ckpt_dir = workdir / 'checkpoints'
   saved = [int(p.name) for p in ckpt_dir.glob('*') if p.is_dir() and p.name.isdigit()]
   reporter = Reporter(workdir, enabled=is_main, resume_step=max(saved, default=0))
@@ -404,9 +468,16 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   data_spec = sharding.batch_sharding(mesh)
   train_step = jax.jit(
       make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0,
-                      cls_id=tokenizer.cls_id, rate_schedule=rate_schedule, tables=tables),
+                      cls_id=tokenizer.cls_id, rate_schedule=rate_schedule, tables=tables,
+                      grad_accum_steps=accum),
       in_shardings=(shardings, data_spec, None), out_shardings=(shardings, None), donate_argnums=0)
   eval_step = evaluate.make_eval_step(graphdef, eval_spec, cls_id=tokenizer.cls_id)
+  # MFU: analytic matmul FLOPs per token slot over the device peak (table, or a measured matmul).
+  flops_per_token = flops.train_flops_per_token(enc_cfg, seq_len=seq_len,
+                                                max_predictions=spec.max_predictions)
+  peak = flops.device_peak(config.model.dtype)
+  log(f'MFU counts {flops_per_token / 1e6:.2f} MFLOPs per token against {peak.units} x '
+      f'{peak.flops_per_s / 1e12:.3g} TFLOP/s ({peak.source})')
 
   def to_global(rows):
     lo = jax.process_index() * (len(rows) // jax.process_count())
@@ -481,13 +552,16 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
         progress.tokens_seen += tokens
         record['train/tokens_per_s'] = config.train.batch_size * seq_len * window_steps / dt
         record['train/step_time_s'] = dt / window_steps
+        record['train/mfu'] = flops.mfu(record['train/tokens_per_s'], flops_per_token, peak.units,
+                                        peak.flops_per_s)
         record['train/epoch'] = step / spe
         reporter.write(step, record)
         eta = (num_steps - step) * dt / window_steps
         log(f'step {step}/{num_steps} | loss {record["train/loss"]:.4f} | '
             f'acc {record["train/accuracy"]:.4f} | lr {record["train/lr"]:.2e} | '
             f'mask rate {rate_schedule.at(step - 1):.3f} | '
-            f'{record["train/tokens_per_s"] / 1e3:.1f}k tok/s | {record["train/step_time_s"] * 1e3:.0f} ms/step | '
+            f'{record["train/tokens_per_s"] / 1e3:.1f}k tok/s | MFU {record["train/mfu"]:.1%} | '
+            f'{record["train/step_time_s"] * 1e3:.0f} ms/step | '
             f'ETA {_fmt_time(eta)}')
         window, t_window, window_steps = None, time.perf_counter(), 0
       if step % config.eval.every_steps == 0 or step == num_steps:
@@ -637,6 +711,15 @@ def _flag_error(e: BaseException) -> str:
   return last if last == lines[0] else f'{lines[0].rstrip(":")}: {last}'
 
 
+def check_config_path(argv) -> None:
+  """Exits with a one-line error when --config names a file that does not exist."""
+  for i, arg in enumerate(argv):
+    value = arg.split('=', 1)[1] if arg.startswith('--config=') else (
+        argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
+    if value is not None and not os.path.isfile(value.split(':', 1)[0]):
+      sys.exit(f'error: --config: no such config file {value.split(":", 1)[0]!r}')
+
+
 def main(argv=None) -> None:
   """Parses --config/--workdir flags and calls run()."""
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -654,11 +737,7 @@ def main(argv=None) -> None:
                     flag_values=flags_)
   flags.DEFINE_string('topology', '', 'With --dry_run: compile for a named TPU topology, e.g. '
                       'v5e:2x2 (needs libtpu).', flag_values=flags_)
-  for i, arg in enumerate(argv):
-    value = arg.split('=', 1)[1] if arg.startswith('--config=') else (
-        argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
-    if value is not None and not os.path.isfile(value.split(':', 1)[0]):
-      sys.exit(f'error: --config: no such config file {value.split(":", 1)[0]!r}')
+  check_config_path(argv)
   try:
     flags_(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:

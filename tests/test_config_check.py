@@ -88,6 +88,9 @@ def test_reference_is_the_variant_of_the_named_file_and_extra_keys_pass(tmp_path
     ('optim.warmup_steps', 5001, 'optim.warmup_steps=5001 exceeds train.num_steps=5000'),
     ('eval.split', (0.5, 0.5, 0.5), 'eval.split=(0.5, 0.5, 0.5) must be three fractions'),
     ('train.seq_len', 1024, 'train.seq_len=1024 exceeds model.max_position=512'),
+    ('train.grad_accum_steps', 0, 'train.grad_accum_steps=0 must be in [1, inf)'),
+    ('train.grad_accum_steps', 3, 'train.batch_size=16 must be divisible by train.grad_accum_steps=3'),
+    ('model.remat', 'some', "model.remat='some': choose one of ('', 'full', 'dots', 'dots_no_batch')"),
 ])
 def test_values_and_combinations_name_the_key(key, value, expected):
   config = _set(pretrain.get_config('tiny'), key, value)
@@ -103,6 +106,8 @@ def test_edges_that_are_allowed():
   config.eval.every_steps = config.ckpt.every_steps = 10 * config.train.num_steps  # end only
   config.data.val_fraction = 0.0
   config.train.max_skipped_batches = 5
+  config.train.grad_accum_steps = config.train.batch_size  # one row per microbatch
+  config.model.remat = 'dots_no_batch'
   config_check.check_config(config)
 
 

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -388,3 +389,45 @@ def test_encoder_matches_float64_numpy_reference(pre_ln):
     ref = np_encoder_row(params, tokens[row], types[row], m.encoder.config)
     real = tokens[row] != PAD
     np.testing.assert_allclose(hidden[row][real], ref[real], atol=2e-5, rtol=0)
+
+
+def _checkpoint_policies(jaxpr) -> list:
+  """Returns the policy of every checkpoint (remat) equation in a jaxpr, nested ones included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ('checkpoint', 'remat', 'remat2'):  # jax.checkpoint's primitive
+      found.append(eqn.params['policy'])
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _checkpoint_policies(sub)
+  return found
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots', 'dots_no_batch'])
+def test_remat_policies_keep_loss_and_grads(remat):
+  tokens, positions, labels, weights = sparse_batch(np.random.default_rng(15))
+
+  def value_and_grad(m):
+    graphdef, params = nnx.split(m, nnx.Param)
+
+    def loss_fn(params, key):
+      logits = nnx.merge(graphdef, params)(tokens, positions, dropout_rng=key)
+      total, weight = losses.cross_entropy_sum(logits, labels, weights)
+      return total / weight
+
+    fn = jax.value_and_grad(loss_fn)
+    return jax.jit(fn)(params, jax.random.key(1)), jax.make_jaxpr(fn)(params, jax.random.key(1))
+
+  # Dropout on: the recomputed forward pass must draw the same dropout masks as the first one.
+  (loss, grads), plain_jaxpr = value_and_grad(make_model(dropout_rate=0.1))
+  (loss_r, grads_r), remat_jaxpr = value_and_grad(make_model(dropout_rate=0.1, remat=remat))
+  assert _checkpoint_policies(plain_jaxpr.jaxpr) == []
+  # One checkpoint per encoder block, each with the named policy.
+  assert _checkpoint_policies(remat_jaxpr.jaxpr) == [M.REMAT_POLICIES[remat]] * 2
+  np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-6)
+  for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+    np.testing.assert_allclose(np.asarray(g_r), np.asarray(g), rtol=1e-6, atol=1e-9)
+
+
+def test_unknown_remat_policy_names_the_key():
+  with pytest.raises(ValueError, match=r"model\.remat: 'some' is not supported"):
+    small_config(remat='some')

@@ -134,13 +134,18 @@ def test_global_batch_puts_host_rows_on_the_mesh():
 
 
 # ---------------------------------------------------------------------------------------------
-# Multi-device: the train step of train.run on 8 forced host devices, three meshes, same losses.
+# Multi-device: the train step of train.run on 8 forced host devices, the four meshes of the
+# scale-out acceptance, 20 steps each, the same losses as one device.
 
 _MESHES = {
     'data8': (('data', 8),),
+    'fsdp8': (('data', 1), ('fsdp', 8), ('tensor', 1)),
     'd2f2t2': (('data', 2), ('fsdp', 2), ('tensor', 2)),
+    'd4t2': (('data', 4), ('fsdp', 1), ('tensor', 2)),
     'single': (('data', 1), ('fsdp', 1), ('tensor', 1)),
 }
+_SHARDED = ('data8', 'fsdp8', 'd2f2t2', 'd4t2')
+_STEPS = 20
 
 _SCRIPT = textwrap.dedent('''
     import json, sys
@@ -152,10 +157,10 @@ _SCRIPT = textwrap.dedent('''
     from mlmjax import tokenizer as tok
 
     MESHES = json.loads(sys.argv[1])
-    VOCAB, SEQ, BATCH, STEPS = 512, 32, 8, 3
+    VOCAB, SEQ, BATCH, STEPS = 512, 32, 8, int(sys.argv[2])
 
     def packed_rows(rng):
-      """Rows of [CLS] ids [SEP] units, 1-2 per row, with PAD tails."""
+      """Rows of [CLS] ids [SEP] units, 1-2 per row, PAD tails; ids < 64: learnable in 20 steps."""
       rows = np.zeros((BATCH, SEQ), np.int32)
       for r in range(BATCH):
         used = 0
@@ -163,7 +168,7 @@ _SCRIPT = textwrap.dedent('''
           if used + n + 2 > SEQ:
             break
           rows[r, used] = tok.CLS_ID
-          rows[r, used + 1:used + 1 + n] = rng.integers(tok.NUM_SPECIAL, VOCAB, n)
+          rows[r, used + 1:used + 1 + n] = rng.integers(tok.NUM_SPECIAL, 64, n)
           rows[r, used + 1 + n] = tok.SEP_ID
           used += n + 2
       return rows
@@ -198,6 +203,15 @@ _SCRIPT = textwrap.dedent('''
         batch_shards = sorted({tuple(s.data.shape) for s in tokens.addressable_shards})
         state, sums = step_fn(state, tokens, key)
         losses.append(float(sums['loss_sum']) / float(sums['weight']))
+      def shards(a):
+        return sorted({tuple(s.data.shape) for s in a.addressable_shards})
+
+      def by_path(tree):
+        return {jax.tree_util.keystr(p): shards(a)
+                for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+
+      adam_state = [optax.tree_utils.tree_get(state['opt_state'], m) for m in ('mu', 'nu')]
+      counts = optax.tree_utils.tree_get_all_with_path(state['opt_state'], 'count')
       enc = state['params']['encoder']
       layer = enc['layers'][0]
       arrays = {
@@ -212,8 +226,12 @@ _SCRIPT = textwrap.dedent('''
       out[name] = {
           'losses': losses, 'step': int(state['step']), 'batch_shards': batch_shards,
           'num_devices': {k: len(a.sharding.device_set) for k, a in arrays.items()},
-          'shards': {k: sorted({tuple(s.data.shape) for s in a.addressable_shards})
-                     for k, a in arrays.items()},
+          'shards': {k: shards(a) for k, a in arrays.items()},
+          # Every parameter beside Adam's two moments of it, and the optimizer's step counters.
+          'param_shards': by_path(state['params']), 'mu_shards': by_path(adam_state[0]),
+          'nu_shards': by_path(adam_state[1]),
+          'count_shards': [shards(c) for _, c in counts],
+          'count_devices': [len(c.sharding.device_set) for _, c in counts],
       }
     print('RESULT ' + json.dumps(out))
 ''')
@@ -221,16 +239,17 @@ _SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope='module')
 def multi_device_run(tmp_path_factory) -> dict:
-  """Returns the JSON printed by the 8-device subprocess that trains 3 steps on each mesh."""
-  script = tmp_path_factory.mktemp('sharding') / 'three_meshes.py'
+  """Returns the JSON printed by the 8-device subprocess that trains 20 steps on each mesh."""
+  script = tmp_path_factory.mktemp('sharding') / 'meshes.py'
   script.write_text(_SCRIPT)
   # The step's compile dominates this test; lower XLA optimization halves it (same on every mesh).
   xla_flags = ('--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 '
                '--xla_llvm_disable_expensive_passes=true')
   env = dict(os.environ, XLA_FLAGS=xla_flags,
              JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL='2')
-  proc = subprocess.run([sys.executable, str(script), json.dumps(_MESHES)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=240)
+  # About 2 CPU-minutes (5 compiles); the timeout is for a hang, on a machine shared with others.
+  proc = subprocess.run([sys.executable, str(script), json.dumps(_MESHES), str(_STEPS)], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')][-1]
   return json.loads(line[len('RESULT '):])
@@ -240,34 +259,57 @@ def test_losses_agree_across_meshes(multi_device_run):
   r = multi_device_run
   assert r['devices'] == 8
   ref = r['single']['losses']
-  assert len(ref) == 3 and all(np.isfinite(ref))
+  assert len(ref) == _STEPS and all(np.isfinite(ref))
   assert abs(ref[0] - np.log(512)) < 1.0  # a fresh model is near-uniform over the vocabulary
-  for name in ('data8', 'd2f2t2'):
+  # The 20 steps train (the rows use 59 of the 512 ids): this is agreement of a moving model.
+  assert np.mean(ref[-5:]) < ref[0] - 1.0
+  for name in _SHARDED:
     np.testing.assert_allclose(r[name]['losses'], ref, rtol=1e-5, err_msg=name)
-    assert r[name]['step'] == 3
+    assert r[name]['step'] == _STEPS
 
 
 def test_batch_is_split_over_the_data_parallel_axes(multi_device_run):
-  # 8 rows of 32: data=8 gives one row per device; data=2 x fsdp=2 gives 2 rows (tensor replicates).
-  assert multi_device_run['data8']['batch_shards'] == [[1, 32]]
-  assert multi_device_run['d2f2t2']['batch_shards'] == [[2, 32]]
-  assert multi_device_run['single']['batch_shards'] == [[8, 32]]
+  # 8 rows of 32 over data x fsdp (tensor replicates): 8 -> 1 row per device, 4 -> 2 rows.
+  expected = {'data8': [[1, 32]], 'fsdp8': [[1, 32]], 'd2f2t2': [[2, 32]], 'd4t2': [[2, 32]],
+              'single': [[8, 32]]}
+  for name, shards in expected.items():
+    assert multi_device_run[name]['batch_shards'] == shards, name
 
 
-def test_parameter_shards_follow_the_rules(multi_device_run):
-  full = {'token_embed': [512, 128], 'position_embed': [512, 128], 'type_embed': [2, 128],
-          'query_kernel': [128, 2, 64], 'mlp_in_kernel': [128, 512], 'embed_norm_scale': [128],
-          'mlm_bias': [512], 'adam_mu_token_embed': [512, 128]}
-  # 'vocab'->tensor, 'embed'->fsdp, 'mlp'->tensor, 'heads'->tensor, 'kv'/None replicated;
-  # with fsdp=2, tensor=2 each named dim halves. Adam's moments share their parameter's split.
-  split = {'token_embed': [256, 64], 'position_embed': [512, 64], 'type_embed': [2, 64],
-           'query_kernel': [64, 1, 64], 'mlp_in_kernel': [64, 256], 'embed_norm_scale': [64],
-           'mlm_bias': [256], 'adam_mu_token_embed': [256, 64]}
-  for name, expected in (('data8', full), ('single', full), ('d2f2t2', split)):
-    shards = multi_device_run[name]['shards']
-    for param, shape in expected.items():
-      assert shards[param] == [shape], (name, param, shards[param])
-  # Every array lives on all 8 devices of a mesh (replicated or split), not on one.
-  for name in ('data8', 'd2f2t2'):
-    assert set(multi_device_run[name]['num_devices'].values()) == {8}
-  assert set(multi_device_run['single']['num_devices'].values()) == {1}
+# Full shapes: vocab 512, hidden 128, 2 heads of 64, MLP 512, 512 positions, 2 token types.
+_FULL = {'token_embed': [512, 128], 'position_embed': [512, 128], 'type_embed': [2, 128],
+         'query_kernel': [128, 2, 64], 'mlp_in_kernel': [128, 512], 'embed_norm_scale': [128],
+         'mlm_bias': [512], 'adam_mu_token_embed': [512, 128]}
+# 'vocab'->tensor, 'embed'->fsdp, 'mlp'->tensor, 'heads'->tensor, 'kv'/None replicated.
+_EXPECTED_SHARDS = {
+    'single': _FULL,
+    'data8': _FULL,  # pure data parallelism replicates every parameter
+    'fsdp8': {'token_embed': [512, 16], 'position_embed': [512, 16], 'type_embed': [2, 16],
+              'query_kernel': [16, 2, 64], 'mlp_in_kernel': [16, 512], 'embed_norm_scale': [16],
+              'mlm_bias': [512], 'adam_mu_token_embed': [512, 16]},
+    'd2f2t2': {'token_embed': [256, 64], 'position_embed': [512, 64], 'type_embed': [2, 64],
+               'query_kernel': [64, 1, 64], 'mlp_in_kernel': [64, 256], 'embed_norm_scale': [64],
+               'mlm_bias': [256], 'adam_mu_token_embed': [256, 64]},
+    'd4t2': {'token_embed': [256, 128], 'position_embed': [512, 128], 'type_embed': [2, 128],
+             'query_kernel': [128, 1, 64], 'mlp_in_kernel': [128, 256], 'embed_norm_scale': [128],
+             'mlm_bias': [256], 'adam_mu_token_embed': [256, 128]},
+}
+
+
+@pytest.mark.parametrize('name', list(_EXPECTED_SHARDS))
+def test_parameter_and_optimizer_shards_follow_the_rules(multi_device_run, name):
+  r = multi_device_run[name]
+  for param, shape in _EXPECTED_SHARDS[name].items():
+    assert r['shards'][param] == [shape], (name, param, r['shards'][param])
+  # Adam's moments of every parameter are split exactly like the parameter (FSDP shards both).
+  params = r['param_shards']
+  assert len(params) > 30 and params.keys() == r['mu_shards'].keys() == r['nu_shards'].keys()
+  for path, shards in params.items():
+    assert len(shards) == 1, (name, path, shards)  # equal shards on every device
+    assert r['mu_shards'][path] == r['nu_shards'][path] == shards, (name, path)
+  # The optimizer's step counters are scalars replicated on every device of the mesh.
+  assert r['count_shards'] == [[[]], [[]]]
+  devices = 1 if name == 'single' else 8
+  assert r['count_devices'] == [devices, devices]
+  # Every array lives on all devices of its mesh (replicated or split), not on one.
+  assert set(r['num_devices'].values()) == {devices}

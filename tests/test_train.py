@@ -4,11 +4,14 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
-from mlmjax import masking, optim, predict, train
+from mlmjax import flops, losses, masking, model, optim, predict, train
 from mlmjax import tokenizer as tok
 
 
@@ -51,6 +54,19 @@ def test_workdir_holds_everything(reference_run):
   assert 0.0 <= on_disk['eval/accuracy_at_mask'] <= 1.0
   ckpts = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert ckpts == [4, 8]
+  # MFU in every train record: analytic FLOPs per token times tokens/s over the run's peak.
+  enc_cfg = train.encoder_config_from(config, 1000)
+  spec = masking.spec_from_config(config.masking, vocab_size=1000, seq_len=config.train.seq_len)
+  per_token = flops.train_flops_per_token(enc_cfg, seq_len=config.train.seq_len,
+                                          max_predictions=spec.max_predictions)
+  peak = flops.device_peak(config.model.dtype)  # cached: the run's own measurement
+  for line in (workdir / 'metrics.jsonl').read_text().splitlines():
+    rec = json.loads(line)
+    if 'train/loss' in rec:
+      assert 0.0 < rec['train/mfu'] < 1.0
+      assert rec['train/mfu'] == pytest.approx(
+          rec['train/tokens_per_s'] * per_token / (peak.units * peak.flops_per_s), rel=1e-9)
+  assert 'MFU counts' in (workdir / 'log.txt').read_text()
   # The tokenizer in the workdir is the one the run used: its specials are fixed.
   t = tok.Tokenizer.load(workdir / 'tokenizer.model')
   assert t.vocab_size == 1000 and t.id_to_piece(tok.MASK_ID) == '[MASK]'
@@ -291,3 +307,169 @@ def test_full_disk_is_reported_before_training_starts(tiny_config, tmp_path, mon
   assert f'workdir {tmp_path} has 1.0 MiB free but the checkpoints need' in msg
   assert 'training steps' not in (tmp_path / 'log.txt').read_text()
   assert not (tmp_path / 'checkpoints').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient accumulation and bf16 compute, on the step train.run jits.
+
+
+def _small_step_parts(c, vocab: int):
+  """Returns (enc_cfg, spec, graphdef) of a small custom encoder built from config c."""
+  c.model.size = 'custom'
+  c.model.hidden_size, c.model.num_layers, c.model.num_heads = 32, 1, 2
+  c.model.intermediate_size = 64
+  c.model.dropout_rate = 0.0
+  enc_cfg = train.encoder_config_from(c, vocab)
+  spec = masking.spec_from_config(c.masking, vocab_size=vocab, seq_len=c.train.seq_len,
+                                  num_steps=c.train.num_steps)
+  graphdef, _ = train.abstract_model(enc_cfg, c.seed)
+  return enc_cfg, spec, graphdef
+
+
+def _packed_rows(rng: np.random.Generator, batch: int, seq_len: int, vocab: int) -> np.ndarray:
+  """Returns packed rows of 1-2 [CLS] ... [SEP] units with PAD tails of varying length."""
+  rows = np.zeros((batch, seq_len), np.int32)
+  for r in range(batch):
+    used = 0
+    for n in rng.integers(3, seq_len // 2 - 2, size=2):
+      if used + n + 2 > seq_len:
+        break
+      rows[r, used] = tok.CLS_ID
+      rows[r, used + 1:used + 1 + n] = rng.integers(tok.NUM_SPECIAL, vocab, n)
+      rows[r, used + 1 + n] = tok.SEP_ID
+      used += n + 2
+  return rows
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adamw'])
+def test_accumulated_microbatches_give_the_large_batch_update(tiny_config, optimizer):
+  c = tiny_config
+  vocab, batch, k = 64, 8, 4
+  c.train.seq_len, c.train.batch_size, c.train.grad_accum_steps = 24, batch, k
+  c.optim.warmup_steps, c.optim.decay = 0, 'constant'  # a non-zero learning rate at step 0
+  enc_cfg, spec, graphdef = _small_step_parts(c, vocab)
+  schedule = optim.learning_rate_schedule(c.optim, c.train.num_steps)
+  # SGD moves each parameter by lr * gradient, so a wrongly weighted gradient shows in the
+  # parameters; AdamW (the configured chain, clipping included) is what train.run uses.
+  tx = optax.sgd(1.0) if optimizer == 'sgd' else optim.make_optimizer(c.optim, c.train.num_steps)
+  state = jax.jit(train.make_init_fn(enc_cfg, tx, c.seed))()
+  # Rows of very different lengths: microbatches select different numbers of tokens, so a mean
+  # of microbatch means would differ from the large-batch loss.
+  tokens = _packed_rows(np.random.default_rng(3), batch, c.train.seq_len, vocab)
+  tokens[::k, 6:] = 0
+  key = jax.random.key(c.seed)
+  step = jax.jit(train.make_train_step(graphdef, tx, spec, schedule, dropout=False,
+                                       grad_accum_steps=k))
+  new_state, sums = step(state, tokens, key)
+
+  # The reference: one pass over the whole batch (microbatches stacked, 8 rows) with the masks
+  # the step drew for each microbatch, its loss normalized once by all selected tokens.
+  mask_key, _ = train.step_keys(key, state['step'])
+  micro = train.microbatches(jnp.asarray(tokens), k)
+  assert micro.shape == (k, batch // k, c.train.seq_len)
+  np.testing.assert_array_equal(micro[1], tokens[1::k])
+  mbs = jax.jit(jax.vmap(lambda i, rows: train.mask_microbatch(mask_key, i, rows, spec)))(
+      jnp.arange(k), micro)  # (k, B/k, ...) fields
+  layout = jax.vmap(model.packed_layout)(micro)
+
+  def loss_terms(params, mb, tokens_layout):
+    position_ids, doc_ids = tokens_layout
+    logits = nnx.merge(graphdef, params)(mb.inputs, mb.positions, position_ids=position_ids,
+                                         doc_ids=doc_ids)
+    return losses.cross_entropy_sum(logits, mb.labels, mb.weights), logits
+
+  def large_batch_loss(params):
+    whole = jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (mbs, layout))
+    (loss_sum, weight), logits = loss_terms(params, *whole)
+    return loss_sum / weight, (logits, whole[0])
+
+  @jax.jit
+  def reference(params, opt_state):
+    (loss, (logits, whole)), grads = jax.value_and_grad(large_batch_loss, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    ref_sums = losses.mlm_metric_sums(logits, whole.labels, whole.weights, whole.kinds)
+    return optax.apply_updates(params, updates), opt_state, grads, loss, ref_sums
+
+  expected, expected_opt, grads, loss, ref_sums = reference(state['params'], state['opt_state'])
+  for name in ('loss_sum', 'weight', 'correct', 'count_mask'):
+    np.testing.assert_allclose(float(sums[name]), float(ref_sums[name]), rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(float(sums['loss_mean_sum']), float(loss), rtol=1e-5)
+  np.testing.assert_allclose(float(sums['grad_norm_sum']), float(optax.global_norm(grads)),
+                             rtol=1e-5)
+  # Adam's first update is lr * g / (|g| + eps): where |g| is a few eps, a change dg of the
+  # gradient from fp32 summation order moves it by lr * dg * eps / (|g| + eps)^2 (measured here:
+  # 8.5e-5 lr, at g = -8.9e-6 with dg ~ 8e-9). So AdamW's parameters agree to 1e-3 lr absolute,
+  # and its moments, which hold the clipped gradient itself, to 1e-5 relative (1e-6 of the largest
+  # entry absolute: the attention key bias has a zero gradient, softmax ignores it, and holds
+  # only rounding noise).
+  atol = 1e-7 if optimizer == 'sgd' else 1e-3 * float(schedule(0))
+  for got, want, before in zip(jax.tree.leaves(new_state['params']), jax.tree.leaves(expected),
+                               jax.tree.leaves(state['params'])):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=atol)
+    if optimizer == 'sgd':  # the update itself, not only the parameters, agrees
+      np.testing.assert_allclose(np.asarray(got - before), np.asarray(want - before), rtol=1e-4,
+                                 atol=1e-7)
+  if optimizer == 'adamw':
+    for moment in ('mu', 'nu'):
+      got = jax.tree.leaves(optax.tree_utils.tree_get(new_state['opt_state'], moment))
+      want = jax.tree.leaves(optax.tree_utils.tree_get(expected_opt, moment))
+      scale = max(float(np.abs(np.asarray(w)).max()) for w in want)
+      for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6 * scale)
+
+  if optimizer == 'sgd':
+    # The test can tell: microbatches select unequal numbers of tokens, and a mean of microbatch
+    # means moves SGD's parameters measurably elsewhere.
+    assert len({float(w) for w in np.asarray(mbs.weights).sum(axis=(1, 2))}) > 1
+
+    def micro_mean(params, mb, tokens_layout):
+      (loss_sum, weight), _ = loss_terms(params, mb, tokens_layout)
+      return loss_sum / weight
+
+    per_micro = jax.jit(jax.vmap(jax.grad(micro_mean), in_axes=(None, 0, 0)))(
+        state['params'], mbs, layout)
+    diff = max(float(jnp.abs(g.mean(0) - ref).max()) for g, ref in
+               zip(jax.tree.leaves(per_micro), jax.tree.leaves(grads)))
+    assert diff > 1e-3
+
+
+def test_bfloat16_keeps_float32_master_weights_and_optimizer_state(tiny_config):
+  vocab = 64
+  c = tiny_config
+  c.train.seq_len, c.train.batch_size = 24, 8
+  c.optim.warmup_steps, c.optim.decay = 0, 'constant'
+  c.model.dtype = 'bfloat16'
+  enc_cfg, spec, graphdef = _small_step_parts(c, vocab)
+  tx = optim.make_optimizer(c.optim, c.train.num_steps)
+  state = jax.jit(train.make_init_fn(enc_cfg, tx, c.seed))()
+  tokens = _packed_rows(np.random.default_rng(4), 8, c.train.seq_len, vocab)
+  key = jax.random.key(c.seed)
+  step = jax.jit(train.make_train_step(graphdef, tx, spec, optim.learning_rate_schedule(
+      c.optim, c.train.num_steps), dropout=False))
+  new_state, sums = step(state, tokens, key)
+  # Master weights and Adam's moments stay float32 after an update; only the counts are ints.
+  assert {x.dtype for x in jax.tree.leaves(new_state['params'])} == {jnp.dtype('float32')}
+  opt_dtypes = {x.dtype for x in jax.tree.leaves(new_state['opt_state'])}
+  assert opt_dtypes == {jnp.dtype('float32'), jnp.dtype('int32')}, opt_dtypes
+  hidden = jax.eval_shape(lambda p: nnx.merge(graphdef, p).encoder(tokens), new_state['params'])
+  assert hidden.dtype == jnp.bfloat16  # activations in the compute dtype
+
+  # The float32 model from the same parameters on the same masks: bf16's ~3 significant digits
+  # move the loss by well under 2%.
+  c.model.dtype = 'float32'
+  graphdef32, _ = train.abstract_model(train.encoder_config_from(c, vocab), c.seed)
+  mask_key, _ = train.step_keys(key, state['step'])
+
+  @jax.jit
+  def loss32(params):
+    mb = masking.mask_tokens(mask_key, tokens, spec)
+    position_ids, doc_ids = model.packed_layout(tokens)
+    logits = nnx.merge(graphdef32, params)(mb.inputs, mb.positions, position_ids=position_ids,
+                                           doc_ids=doc_ids)
+    loss_sum, weight = losses.cross_entropy_sum(logits, mb.labels, mb.weights)
+    return loss_sum / weight, weight
+
+  ref, weight = loss32(state['params'])
+  assert float(weight) == float(sums['weight']) > 0  # the same masks
+  loss16 = float(sums['loss_sum']) / float(sums['weight'])
+  assert abs(loss16 - float(ref)) < 0.02 * float(ref)
