@@ -121,9 +121,14 @@ def read_downstream(run_dir: pathlib.Path) -> dict[str, float]:
 
 
 def varied_keys(runs: list[dict]) -> list[str]:
-  """Returns the config keys whose values differ across runs, bookkeeping keys left out."""
+  """Returns the config keys whose values differ across runs, bookkeeping keys left out.
+
+  A key missing from some runs' configs (added to the code after they were written; a resumed run
+  rewrites its config.json) counts only when the runs that have it disagree.
+  """
   keys = sorted(set().union(*(r['config'] for r in runs)) - BOOKKEEPING_KEYS)
-  return [k for k in keys if len({repr(r['config'].get(k)) for r in runs}) > 1]
+  return [k for k in keys
+          if len({repr(r['config'][k]) for r in runs if k in r['config']}) > 1]
 
 
 def _sort_key(value) -> tuple:
@@ -281,7 +286,8 @@ def plot(out: pathlib.Path, runs: list[dict], rows: list[dict], metric: str) -> 
                facecolors=[line.get_color() if p[2] else 'none' for p in points], zorder=3)
   ax.set_xlabel('training masking rate (masking.rate)')
   ax.set_ylabel(f'final validation {metric}')
-  ax.set_title('hollow markers: unfinished runs', fontsize=8)
+  if not all(p[2] for points in groups.values() for p in points):
+    ax.set_title('hollow markers: unfinished runs', fontsize=8)
   ax.grid(alpha=0.3)
   if groups:
     ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.15), fontsize=8)

@@ -115,3 +115,12 @@ def test_cli_metric_choice_and_errors(runs, tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     report.main([str(tmp_path / 'r')])
   assert 'no run directories' in str(e.value.code)
+
+
+def test_keys_added_after_some_runs_count_only_when_the_others_disagree():
+  # A resumed run rewrites config.json with keys newer code added; the older runs lack them.
+  runs = [{'config': {'masking.rate': 0.15}},
+          {'config': {'masking.rate': 0.3, 'model.remat': '', 'train.grad_accum_steps': 1}},
+          {'config': {'masking.rate': 0.4, 'model.remat': 'full', 'train.grad_accum_steps': 1}}]
+  assert report.varied_keys(runs) == ['masking.rate', 'model.remat']
+  assert report.varied_keys(runs[:2]) == ['masking.rate']
