@@ -118,6 +118,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.eval.num_batches = 50  # validation batches per evaluation (0 = the whole split)
   c.eval.batch_size = 64  # validation batch size
   c.eval.seed = 1234  # fixed key for validation masks: every evaluation asks the same question
+  c.eval.at_start = False  # also evaluate before the first step (DAPT and fine-tuning: the starting point)
+  c.eval.other_corpus = ''  # mlm: a second held-out corpus evaluated beside the first (DAPT: the original domain)
+  c.eval.other_name = 'original'  # its metrics are logged as eval_<name>/...
 
   # jax.distributed: empty/0/-1 leaves a value to $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES,
   # $JAX_PROCESS_ID, then to JAX's cluster detection (automatic on a multi-host TPU VM).
@@ -127,6 +130,14 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.distributed.process_id = -1  # this process's index; -1 = environment / auto-detect
   c.distributed.initialization_timeout = 300  # seconds to wait for every process to connect
 
-  c.init_from = ''  # workdir or checkpoint to initialize the encoder from (fine-tuning, DAPT)
+  c.init_from = ''  # workdir or checkpoint to initialize the encoder (and tokenizer) from: DAPT, fine-tuning
+  c.task = 'mlm'  # what train.py trains: 'mlm' here; configs/finetune.py sets classify, tag or retrieve
+
+  # Early stopping on a validation metric; the best evaluation's checkpoint is kept in best/.
+  c.early_stop = ml_collections.ConfigDict()
+  c.early_stop.metric = ''  # validation metric to follow, e.g. 'accuracy'; '' = the task's default (mlm: loss)
+  c.early_stop.mode = ''  # 'min' or 'max'; '' = the task's default for its metric
+  c.early_stop.patience = 0  # stop after this many evaluations without improvement; 0 = never stop
+  c.early_stop.min_delta = 0.0  # an improvement smaller than this does not count
   c.lock()
   return c

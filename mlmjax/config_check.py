@@ -10,7 +10,7 @@ import importlib.util
 import pathlib
 from typing import Any
 
-from mlmjax import corpus, masking, model, optim, tokenizer
+from mlmjax import corpus, masking, model, optim, tasks, tokenizer
 
 PRETRAIN_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'pretrain.py'
 
@@ -27,12 +27,17 @@ ALLOWED: dict[str, tuple] = {
     'model.attention_impl': ('', 'xla', 'cudnn'),
     'model.remat': tuple(model.REMAT_POLICIES),
     'optim.decay': optim.DECAYS,
+    'task': tasks.NAMES,
+    'early_stop.mode': ('', 'min', 'max'),
+    'classify.pooling': model.POOLINGS,
+    'retrieve.pooling': model.POOLINGS,
 }
 _HINTS = {'model.size': " ('custom' takes model.hidden_size, num_layers, num_heads, "
                         "intermediate_size)",
           'data.normalization': " ('' turns normalization off)",
           'model.attention_impl': " ('' lets XLA choose)",
-          'model.remat': " ('' = no rematerialization)"}
+          'model.remat': " ('' = no rematerialization)",
+          'early_stop.mode': " ('' = the task's default for its metric)"}
 
 # Allowed intervals ('[' and ']' include a bound); keys in _INTEGERS must also be ints.
 _RANGES = {
@@ -47,12 +52,17 @@ _RANGES = {
     'optim.warmup_steps': '[0, inf)', 'optim.end_lr_fraction': '[0, 1]',
     'optim.weight_decay': '[0, inf)', 'optim.grad_clip_norm': '[0, inf)', 'optim.b1': '[0, 1)',
     'optim.b2': '[0, 1)', 'optim.eps': '(0, inf)',
+    'early_stop.patience': '[0, inf)', 'early_stop.min_delta': '[0, inf)',
+    'task_data.val_fraction': '[0, 1)', 'task_data.test_fraction': '[0, 1)',
+    'task_data.max_examples': '[0, inf)', 'retrieve.temperature': '(0, inf)',
+    'retrieve.num_candidates': '[0, inf)',
 }
 _INTEGERS = frozenset({
     'train.num_steps', 'train.batch_size', 'train.seq_len', 'train.log_every_steps',
     'train.max_skipped_batches', 'train.grad_accum_steps', 'eval.every_steps', 'eval.batch_size',
     'eval.num_batches', 'ckpt.every_steps', 'ckpt.max_to_keep', 'data.max_line_chars',
-    'data.prefetch', 'optim.warmup_steps'})
+    'data.prefetch', 'optim.warmup_steps', 'early_stop.patience', 'task_data.max_examples',
+    'retrieve.num_candidates'})
 
 
 def load_config(spec: str):
@@ -194,6 +204,10 @@ def check_values(config) -> None:
   if batch is not None and accum is not None and batch % accum:
     raise ValueError(f'train.batch_size={batch} must be divisible by '
                      f'train.grad_accum_steps={accum} (equal microbatches)')
+  val, test = _get(config, 'task_data.val_fraction', 0.0), _get(config, 'task_data.test_fraction', 0.0)
+  if val + test >= 1:
+    raise ValueError(f'task_data.val_fraction={val} + task_data.test_fraction={test} leave no '
+                     'training examples; lower them')
   split = _get(config, 'eval.split')
   if split is not None and (len(split) != 3 or min(split) < 0 or abs(sum(split) - 1) > 1e-6):
     raise ValueError(f'eval.split={tuple(split)} must be three fractions >= 0 that sum to 1 '

@@ -19,6 +19,9 @@
   1.17.1 it is 9.75 M characters in 9,785 documents (9.2 M in 8,666 after cleaning with
   min_chars=40) of mostly English text, built in 3-5 s on 2 CPU cores (cleaning adds 1-2 s).
   Its `corpus_key` holds `CORPUS_BUILDER_VERSION` and the Python, numpy and scipy versions.
+  The same walk (stdlib only) gives two offline fine-tuning tasks, `embedded_task_examples`:
+  'pydoc_library' (which of 9 stdlib packages a docstring comes from) and 'pydoc_signature'
+  (retrieve a function's signature from its docstring's first paragraph).
 - A path, a glob (`data/*.txt`), or several comma-separated ones, each expanded in sorted order:
   `.txt` (documents separated by blank lines, hard-wrapped lines joined with one space) and
   `.jsonl` (one JSON object per line, text in `data.text_field`), optionally gzipped (`.gz`).
@@ -42,8 +45,10 @@ empty, shorter than `data.min_chars`, or exact duplicates are dropped, and `data
 keeps the first N survivors.
 """
 
+import collections
 import contextlib
 import dataclasses
+import functools
 import glob
 import gzip
 import hashlib
@@ -601,20 +606,25 @@ def pydocs_documents() -> list[str]:
   transformers, pytest hooks) changes a docstring, and the thousands of modules it imports do not
   stay loaded in the caller.
   """
+  return _in_fresh_interpreter('_walk_pydocs', 'the embedded pydocs corpus')
+
+
+def _in_fresh_interpreter(function: str, what: str) -> Any:
+  """Returns the JSON result of `corpus.<function>()` run in a new Python process."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       p for p in (package_parent, os.environ.get('PYTHONPATH', '')) if p))
   with tempfile.TemporaryDirectory() as tmp:
-    out = os.path.join(tmp, 'pydocs.json')
+    out = os.path.join(tmp, 'out.json')
     code = ('import json, sys; from mlmjax import corpus; '
-            'json.dump(corpus._walk_pydocs(), open(sys.argv[1], "w", encoding="utf-8"))')
+            f'json.dump(corpus.{function}(), open(sys.argv[1], "w", encoding="utf-8"))')
     proc = subprocess.run([sys.executable, '-c', code, out], env=env, capture_output=True,
                           text=True, check=False)
     if proc.returncode:
       tail = (proc.stderr.strip().splitlines() or ['(no output)'])[-1]
-      raise RuntimeError(f'building the embedded pydocs corpus failed: {tail}')
+      raise RuntimeError(f'building {what} failed: {tail}')
     with open(out, encoding='utf-8') as f:
       return json.load(f)
 
@@ -650,3 +660,201 @@ def _walk_pydocs() -> list[str]:
             docs.extend(_object_docs(obj, seen, allowed))
   texts = (_stable(d) for d in docs)
   return list(dict.fromkeys(t for t in texts if t.strip()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded fine-tuning tasks (task_data.path='embedded:NAME'), built from the same stdlib walk
+
+EMBEDDED_TASKS = ('pydoc_library', 'pydoc_signature')
+# pydoc_library's classes: stdlib packages with >= 100 distinct docstrings of >= 40 characters
+# in Python 3.11 on Linux and every other platform (curses, also that big, is missing on Windows).
+PYDOC_LIBRARIES = ('asyncio', 'decimal', 'email', 'http', 'importlib', 'logging',
+                   'multiprocessing', 'unittest', 'xml')
+_LIBRARY_CAP = 400  # examples per library at most (none reaches it in 3.11: asyncio has ~230)
+_LIBRARY_MIN_CHARS = 40
+_QUERY_MIN_CHARS = 20
+_MAX_DEFAULT_CHARS = 30  # longer default values are written '...' in a signature
+_ADDRESS = re.compile(r' at 0x[0-9a-fA-F]+')
+
+
+def embedded_task_examples(name: str) -> list[dict]:
+  """Returns the rows of embedded fine-tuning task `name`, built offline from the stdlib.
+
+  - 'pydoc_library': {'id', 'text', 'label'}: a class, function or method docstring (cleaned,
+    >= 40 characters) and the stdlib package that defines the object, one of PYDOC_LIBRARIES.
+  - 'pydoc_signature': {'id', 'query', 'document'}: a docstring's first paragraph and the
+    object's signature 'Name.method(parameters)' (no self, no annotations).
+  id is 'module.qualname'. Rows are sorted by id and the same in every process (a fresh
+  interpreter walks the stdlib, as for pydocs); the walk runs once per process (~2 s).
+  """
+  if name not in EMBEDDED_TASKS:
+    raise ValueError(f'task_data.path=embedded:{name}: unknown embedded task; '
+                     f'choose one of {", ".join(EMBEDDED_TASKS)}')
+  return [dict(row) for row in _embedded_tasks()[name]]  # copies: the cached rows stay intact
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_tasks() -> dict[str, list[dict]]:
+  return _in_fresh_interpreter('_walk_tasks', 'the embedded pydoc tasks')
+
+
+def _walk_tasks() -> dict[str, list[dict]]:
+  """Returns both embedded tasks' rows walked in this process (embedded_task_examples runs it fresh)."""
+  roots = [n for n in sorted(sys.stdlib_module_names) if not _skipped(n)]
+  allowed = frozenset(sys.stdlib_module_names)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    modules = [m for root in roots for m in _import_tree(root)]
+    entries = list(_api_objects(modules, allowed))
+  return {'pydoc_library': _library_rows(entries), 'pydoc_signature': _signature_rows(entries)}
+
+
+@dataclasses.dataclass
+class _ApiObject:
+  """A public class, function or method of the stdlib and where it is defined."""
+  ident: str  # 'module.qualname'
+  module: str  # the defining public module (the importing one for objects of private modules)
+  qualname: str  # 'Class.method', 'function', 'Class'
+  obj: Any
+  method: bool  # found in a class namespace (its first parameter is self/cls unless static)
+
+
+def _api_objects(modules: list[types.ModuleType],
+                 allowed: frozenset[str]) -> Iterator[_ApiObject]:
+  """Yields each public class, function and method of `modules` once, in walk order."""
+  seen: set[int] = set()
+  done: set[int] = set()
+  for module in modules:
+    if id(module) in done:
+      continue
+    done.add(id(module))
+    namespace = vars(module)
+    for name in sorted(namespace):
+      original = namespace.get(f'__{name}__')  # sys.excepthook and the like: see _walk_pydocs
+      obj = original if callable(original) else namespace[name]
+      if name.startswith('_') or not (isinstance(obj, type) or inspect.isroutine(obj)):
+        continue
+      with contextlib.suppress(Exception):  # an exotic object whose attributes raise
+        if _owned(obj, allowed):
+          home = getattr(obj, '__module__', None)
+          if not isinstance(home, str) or any(p.startswith('_') for p in home.split('.')):
+            home = module.__name__  # e.g. asyncio.Future comes from _asyncio
+          qualname = getattr(obj, '__qualname__', None)
+          if not isinstance(qualname, str) or '<' in qualname:
+            qualname = name
+          yield from _members(obj, home, qualname, False, seen, allowed)
+
+
+def _members(obj: Any, home: str, qualname: str, method: bool, seen: set[int],
+             allowed: frozenset[str]) -> Iterator[_ApiObject]:
+  """Yields `obj` and, for a class, its own public methods and nested classes (each object once)."""
+  target = getattr(obj, '__func__', obj)
+  if id(target) in seen:
+    return
+  seen.add(id(target))
+  yield _ApiObject(f'{home}.{qualname}', home, qualname, obj, method)
+  if isinstance(obj, type):
+    members = vars(obj)
+    for name in sorted(members):
+      member = members[name]
+      inner = getattr(member, '__func__', member)
+      if (not name.startswith('_') and (isinstance(inner, type) or inspect.isroutine(inner))
+          and _owned(inner, allowed)):
+        yield from _members(member, home, f'{qualname}.{name}', not isinstance(inner, type),
+                            seen, allowed)
+
+
+def _docstring(entry: _ApiObject) -> str:
+  """Returns the object's own docstring, stabilized and cleaned ('' when it has none)."""
+  doc = _own_doc(entry.obj)
+  return clean_document(_stable(doc)) if doc else ''
+
+
+def _by_hash(ident: str) -> bytes:
+  return hashlib.blake2b(ident.encode(), digest_size=8).digest()
+
+
+def _library_rows(entries: list[_ApiObject]) -> list[dict]:
+  """Returns pydoc_library's rows: docstrings of PYDOC_LIBRARIES, each text once, sorted by id."""
+  rows: dict[str, dict] = {}  # text -> row
+  ambiguous: set[str] = set()
+  ids: set[str] = set()
+  for entry in entries:
+    label = entry.module.partition('.')[0]
+    text = _docstring(entry)
+    if label not in PYDOC_LIBRARIES or len(text) < _LIBRARY_MIN_CHARS or entry.ident in ids:
+      continue
+    ids.add(entry.ident)
+    if text in rows:  # a copied docstring: keep the first, unless two libraries share it
+      if rows[text]['label'] != label:
+        ambiguous.add(text)
+      continue
+    rows[text] = {'id': entry.ident, 'text': text, 'label': label}
+  by_label = collections.defaultdict(list)
+  for text, row in rows.items():
+    if text not in ambiguous:
+      by_label[row['label']].append(row)
+  # Capping keeps a hash-chosen sample, so a big library is not cut to its first modules.
+  kept = [r for label in sorted(by_label)
+          for r in sorted(by_label[label], key=lambda r: _by_hash(r['id']))[:_LIBRARY_CAP]]
+  return sorted(kept, key=lambda r: r['id'])
+
+
+class _Elided:
+  """A default value written as '...' (its repr is long, an address, or hash-ordered)."""
+
+  def __repr__(self) -> str:
+    return '...'
+
+
+def _signature_text(entry: _ApiObject) -> str | None:
+  """Returns 'qualname(parameters)' without self/cls or annotations; None when trivial or absent."""
+  obj = entry.obj
+  static = isinstance(obj, (classmethod, staticmethod))
+  try:  # a bound method (random.randint) has no self in its signature; a class's raw function has
+    sig = inspect.signature(obj.__func__ if static else obj)
+  except Exception:  # pylint: disable=broad-except  # no signature, or a text signature that fails
+    return None
+  params = list(sig.parameters.values())
+  if entry.method and not isinstance(obj, staticmethod) and not inspect.ismethod(obj) and params:
+    params = params[1:]  # self or cls
+  kinds = {p.kind for p in params}
+  if not params or kinds <= {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+    return None
+  clean = []
+  for p in params:
+    p = p.replace(annotation=inspect.Parameter.empty)
+    if p.default is not inspect.Parameter.empty:
+      text = repr(p.default)
+      if (len(text) > _MAX_DEFAULT_CHARS or text.startswith('<') or _ADDRESS.search(text)
+          or isinstance(p.default, (set, frozenset, dict))):
+        p = p.replace(default=_Elided())
+    clean.append(p)
+  return entry.qualname + str(inspect.Signature(clean))
+
+
+def _first_paragraph(doc: str, name: str) -> str:
+  """Returns the docstring's first paragraph on one line, past a leading 'name(...)' line."""
+  paragraphs = [p for p in doc.split('\n\n') if p.strip()]
+  signature_line = re.compile(rf'^[\w.]*\b{re.escape(name)}\s*\(')
+  while paragraphs and signature_line.match(paragraphs[0]):
+    _, _, rest = paragraphs[0].partition('\n')
+    paragraphs[0:1] = [rest] if rest.strip() else []  # the signature line goes, prose stays
+  return ' '.join(paragraphs[0].split()) if paragraphs else ''
+
+
+def _signature_rows(entries: list[_ApiObject]) -> list[dict]:
+  """Returns pydoc_signature's rows sorted by id: each query once and each document once."""
+  rows, queries, documents = [], set(), set()
+  for entry in sorted(entries, key=lambda e: e.ident):
+    document = _signature_text(entry)
+    doc = _docstring(entry)
+    if document is None or not doc:
+      continue
+    query = _first_paragraph(doc, entry.qualname.rpartition('.')[2])
+    if len(query) < _QUERY_MIN_CHARS or query in queries or document in documents:
+      continue
+    queries.add(query)
+    documents.add(document)
+    rows.append({'id': entry.ident, 'query': query, 'document': document})
+  return rows

@@ -321,6 +321,74 @@ class BertForMLM(nnx.Module):
     return self.mlm_head(self.encoder(input_ids, **kwargs), self.encoder.token_embed[...])
 
 
+# ---------------------------------------------------------------------------------------------
+# Task heads: each model keeps the encoder under `encoder`, so init_from swaps in pretrained weights.
+
+POOLINGS = ('cls', 'mean')
+
+
+def mean_pool(hidden: jax.Array, valid: jax.Array) -> jax.Array:
+  """Returns float32 (B, H): the mean of hidden (B, L, H) over positions where valid (B, L)."""
+  w = valid.astype(jnp.float32)[..., None]
+  return (hidden.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+
+
+def pool(hidden: jax.Array, tokens: jax.Array, how: str, pad_id: int = 0) -> jax.Array:
+  """Returns float32 (B, H): the [CLS] (first) vector, or the mean over non-padding positions."""
+  if how == 'cls':
+    return hidden[:, 0].astype(jnp.float32)
+  if how == 'mean':
+    return mean_pool(hidden, tokens != pad_id)
+  raise ValueError(f'pooling {how!r} is not supported; use one of {list(POOLINGS)}')
+
+
+class SequenceClassifier(nnx.Module):
+  """Encoder, pooled vector ([CLS] or mean), dropout and a linear layer to num_labels logits."""
+
+  def __init__(self, config: EncoderConfig, num_labels: int, *, pooling: str = 'cls',
+               rngs: nnx.Rngs):
+    if pooling not in POOLINGS:
+      raise ValueError(f'pooling {pooling!r} is not supported; use one of {list(POOLINGS)}')
+    self.encoder = Encoder(config, rngs=rngs)
+    self.pooling = pooling
+    self.rate = config.dropout_rate
+    self.classifier = Dense(config, (config.hidden_size, num_labels), ('embed', None), rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Returns float32 logits (B, num_labels) for single-sequence rows (B, L)."""
+    hidden = self.encoder(input_ids, dropout_rng=_fold(dropout_rng, 0))
+    pooled = _dropout(pool(hidden, input_ids, self.pooling), self.rate, _fold(dropout_rng, 1))
+    return self.classifier(pooled).astype(jnp.float32)
+
+
+class TokenTagger(nnx.Module):
+  """Encoder, dropout and a linear layer to num_tags logits at every position."""
+
+  def __init__(self, config: EncoderConfig, num_tags: int, *, rngs: nnx.Rngs):
+    self.encoder = Encoder(config, rngs=rngs)
+    self.rate = config.dropout_rate
+    self.classifier = Dense(config, (config.hidden_size, num_tags), ('embed', None), rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Returns float32 logits (B, L, num_tags)."""
+    hidden = self.encoder(input_ids, dropout_rng=_fold(dropout_rng, 0))
+    return self.classifier(_dropout(hidden, self.rate, _fold(dropout_rng, 1))).astype(jnp.float32)
+
+
+class DualEncoder(nnx.Module):
+  """One shared encoder for queries and documents; embeddings are pooled hidden states."""
+
+  def __init__(self, config: EncoderConfig, *, pooling: str = 'mean', rngs: nnx.Rngs):
+    if pooling not in POOLINGS:
+      raise ValueError(f'pooling {pooling!r} is not supported; use one of {list(POOLINGS)}')
+    self.encoder = Encoder(config, rngs=rngs)
+    self.pooling = pooling
+
+  def __call__(self, input_ids: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Returns float32 (B, H) embeddings, not normalized."""
+    return pool(self.encoder(input_ids, dropout_rng=dropout_rng), input_ids, self.pooling)
+
+
 def count_params(params) -> int:
   """Returns the number of scalars in a module's Params, a State, or any pytree of arrays."""
   if isinstance(params, nnx.Module):

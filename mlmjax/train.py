@@ -1,5 +1,6 @@
 """MLM training loop: `python -m mlmjax.train --config configs/pretrain.py:tiny --workdir runs/x`."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -18,9 +19,11 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mlmjax import (checkpoint, config_check, evaluate, flops, input_pipeline, losses, masking,
-                    model, optim, pmi, sharding)
+from mlmjax import (checkpoint, config_check, flops, input_pipeline, masking, model, optim,
+                    sharding)
+from mlmjax import tasks as tasks_lib
 from mlmjax import tokenizer as tokenizer_lib
+from mlmjax.tasks import mlm as mlm_task
 
 # Parameters carry logical axis names as metadata only; shardings are applied by jit.
 nnx.use_eager_sharding(False)
@@ -137,9 +140,13 @@ def encoder_config_from(config, vocab_size: int) -> model.EncoderConfig:
 # Train state: a pytree {params (pure dict), opt_state, step}, initialized sharded.
 
 
-def abstract_model(enc_cfg: model.EncoderConfig, seed: int):
-  """Returns (graphdef, abstract param State) without allocating parameters."""
-  abstract = nnx.eval_shape(lambda: model.BertForMLM(enc_cfg, rngs=nnx.Rngs(seed)))
+def _mlm_model(enc_cfg: model.EncoderConfig, rngs: nnx.Rngs) -> nnx.Module:
+  return model.BertForMLM(enc_cfg, rngs=rngs)
+
+
+def abstract_model(enc_cfg: model.EncoderConfig, seed: int, build: Callable = _mlm_model):
+  """Returns (graphdef, abstract param State) of build(enc_cfg, rngs) without allocating parameters."""
+  abstract = nnx.eval_shape(lambda: build(enc_cfg, nnx.Rngs(seed)))
   return nnx.split(abstract, nnx.Param)
 
 
@@ -154,11 +161,12 @@ def state_shardings(param_state, abstract_state, tx, mesh, rules=sharding.DEFAUL
   return {'params': p_shard, 'opt_state': o_shard, 'step': sharding.replicated(mesh)}
 
 
-def make_init_fn(enc_cfg: model.EncoderConfig, tx, seed: int) -> Callable[[], dict]:
+def make_init_fn(enc_cfg: model.EncoderConfig, tx, seed: int,
+                 build: Callable = _mlm_model) -> Callable[[], dict]:
   """Returns a function that builds the initial train state (to be jitted with out_shardings)."""
 
   def init():
-    m = model.BertForMLM(enc_cfg, rngs=nnx.Rngs(seed))
+    m = build(enc_cfg, nnx.Rngs(seed))
     params = nnx.to_pure_dict(nnx.split(m, nnx.Param)[1])
     return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
 
@@ -193,81 +201,87 @@ def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: 
                     rate_schedule: masking.RateSchedule | None = None,
                     tables: masking.MaskingTables | None = None,
                     grad_accum_steps: int = 1) -> Callable:
-  """Returns train_step(state, tokens, seed_key) -> (state, metric sums); masks from fold_in(key, step).
+  """Returns the MLM train_step(state, tokens, seed_key) -> (state, metric sums) (see make_step).
 
   rate_schedule: the masking rate at each step (None: spec.rate); tables: for unit strategies.
-  grad_accum_steps k > 1: the batch is k microbatches (`microbatches`) run one after another in a
-  lax.scan, each masked from fold_in(mask_key, i), so its masks differ from the k = 1 step's; the
-  update is the large-batch one (gradient of the summed token loss over the whole batch divided
-  by the total number of selected tokens), with the memory of one microbatch.
+  Masks come from fold_in(key, step); with grad_accum_steps k > 1, microbatch i is masked from
+  fold_in(mask_key, i), so its masks differ from the k = 1 step's.
+  """
+  return make_step(graphdef, tx, schedule,
+                   mlm_task.make_batch_loss(spec, cls_id=cls_id, rate_schedule=rate_schedule,
+                                            tables=tables),
+                   step_sums=mlm_task.make_step_sums(spec, rate_schedule), dropout=dropout,
+                   grad_accum_steps=grad_accum_steps)
+
+
+def make_step(graphdef, tx, schedule, batch_loss: Callable, *, step_sums: Callable | None = None,
+              dropout: bool, grad_accum_steps: int = 1, token_columns: int | None = None) -> Callable:
+  """Returns train_step(state, rows, seed_key) -> (state, metric sums) for a task's batch_loss.
+
+  batch_loss(model, rows, mask_key, drop_key, step) -> (loss_sum, weight, sums); the update
+  follows the gradient of sum(loss_sum) / sum(weight). grad_accum_steps k > 1: the batch is k
+  microbatches (`microbatches`) run one after another in a lax.scan, microbatch i with keys
+  fold_in(key, i); the update is the large-batch one, with the memory of one microbatch.
+  A step whose loss or gradient norm is not finite applies no update (flag `nonfinite`).
+  token_columns: the leading columns of a row that hold tokens (tokens/s); None = all.
   """
   k = int(grad_accum_steps)
   if k < 1:
     raise ValueError(f'train.grad_accum_steps={grad_accum_steps} must be >= 1')
 
-  def forward(params, mb, tokens, key):
-    # Unit layout from the uncorrupted rows: positions restart and attention stops at each [CLS].
-    position_ids, doc_ids = model.packed_layout(tokens, cls_id=cls_id, pad_id=spec.pad_id)
-    return nnx.merge(graphdef, params)(
-        mb.inputs, mb.positions, position_ids=position_ids, doc_ids=doc_ids,
-        dropout_rng=key if dropout else None)
-
-  def whole_batch(params, tokens, mask_key, drop_key, rate):
+  def whole_batch(params, rows, mask_key, drop_key, step):
     """Returns (loss, grads, metric sums) of the batch in one pass."""
-    mb = masking.mask_tokens(mask_key, tokens, spec, rate=rate, tables=tables)
 
     def loss_fn(p):
-      logits = forward(p, mb, tokens, drop_key)
-      loss_sum, weight = losses.cross_entropy_sum(logits, mb.labels, mb.weights)
-      return loss_sum / jnp.maximum(weight, 1.0), logits
+      loss_sum, weight, sums = batch_loss(nnx.merge(graphdef, p), rows, mask_key,
+                                          drop_key if dropout else None, step)
+      return loss_sum / jnp.maximum(weight, 1.0), (weight, sums)
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, grads, losses.mlm_metric_sums(logits, mb.labels, mb.weights, mb.kinds)
+    (loss, (_, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads, sums
 
-  def accumulated(params, tokens, mask_key, drop_key, rate):
+  def accumulated(params, rows, mask_key, drop_key, step):
     """Returns (loss, grads, metric sums) of the batch as k scanned microbatches."""
 
     def body(grad_sum, xs):
       i, micro = xs
-      mb = mask_microbatch(mask_key, i, micro, spec, rate, tables)
 
       def sum_loss(p):
-        logits = forward(p, mb, micro, jax.random.fold_in(drop_key, i))
-        return losses.cross_entropy_sum(logits, mb.labels, mb.weights)[0], logits
+        loss_sum, weight, sums = batch_loss(
+            nnx.merge(graphdef, p), micro, jax.random.fold_in(mask_key, i),
+            jax.random.fold_in(drop_key, i) if dropout else None, step)
+        return loss_sum, (loss_sum, weight, sums)
 
-      (_, logits), g = jax.value_and_grad(sum_loss, has_aux=True)(params)
-      sums = losses.mlm_metric_sums(logits, mb.labels, mb.weights, mb.kinds)
-      return jax.tree.map(jnp.add, grad_sum, g), sums
+      (_, aux), g = jax.value_and_grad(sum_loss, has_aux=True)(params)
+      return jax.tree.map(jnp.add, grad_sum, g), aux
 
-    grad_sum, per_micro = jax.lax.scan(
-        body, jax.tree.map(jnp.zeros_like, params), (jnp.arange(k), microbatches(tokens, k)))
+    grad_sum, (loss_sums, weights, per_micro) = jax.lax.scan(
+        body, jax.tree.map(jnp.zeros_like, params), (jnp.arange(k), microbatches(rows, k)))
     sums = jax.tree.map(lambda v: v.sum(0), per_micro)
-    # Sums first, one division by the whole batch's selected tokens: the k = 1 update exactly,
-    # not a mean of microbatch means (microbatches select different numbers of tokens).
-    denom = jnp.maximum(sums['weight'], 1.0)
-    return sums['loss_sum'] / denom, jax.tree.map(lambda g: g / denom, grad_sum), sums
+    # Sums first, one division by the whole batch's weight: the k = 1 update exactly, not a mean
+    # of microbatch means (microbatches select different numbers of tokens).
+    denom = jnp.maximum(weights.sum(), 1.0)
+    return loss_sums.sum() / denom, jax.tree.map(lambda g: g / denom, grad_sum), sums
 
-  def train_step(state, tokens, seed_key):
+  def train_step(state, rows, seed_key):
     mask_key, drop_key = step_keys(seed_key, state['step'])
-    rate = None if rate_schedule is None else rate_schedule(state['step'])
     loss, grads, sums = (whole_batch if k == 1 else accumulated)(
-        state['params'], tokens, mask_key, drop_key, rate)
-    candidates = tokens >= spec.first_regular_id
-    if spec.special_ids:
-      candidates &= ~jnp.isin(tokens, jnp.asarray(spec.special_ids, jnp.int32))
+        state['params'], rows, mask_key, drop_key, state['step'])
+    sums = dict(sums)
+    if step_sums is not None:
+      sums.update(step_sums(rows, state['step']))
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    # A non-finite loss or gradient applies no update; the step (data order, masks) still advances
-    # and the host decides from `nonfinite` whether to stop (train.max_skipped_batches).
+    # A non-finite loss or gradient applies no update; the step counter still advances, so the
+    # data order and the masks stay those of an uninterrupted run.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
                                      (params, opt_state), (state['params'], state['opt_state']))
+    token_rows = rows if token_columns is None else rows[:, :token_columns]
     sums.update(steps=jnp.ones((), jnp.float32), loss_mean_sum=loss, grad_norm_sum=grad_norm,
                 lr_sum=jnp.asarray(schedule(state['step']), jnp.float32),
-                tokens=jnp.sum(tokens != 0).astype(jnp.float32),
-                mask_rate_sum=jnp.asarray(spec.rate if rate is None else rate, jnp.float32),
-                selected=sums['weight'], candidates=candidates.sum().astype(jnp.float32))
+                tokens=jnp.sum(token_rows != 0).astype(jnp.float32))
     # Zeroed on a skipped step, so that the window's metrics stay finite.
     sums = {name: jnp.where(ok, v, jnp.zeros_like(v)) for name, v in sums.items()}
     # 0: applied; 1: non-finite loss; 2: finite loss, non-finite gradient norm.
@@ -278,16 +292,12 @@ def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: 
   return train_step
 
 
-def _window_record(sums: dict) -> dict[str, float]:
+def _window_record(sums: dict, task) -> dict[str, float]:
   """Returns the progress-line numbers from summed train metrics over a logging window."""
   s = {k: float(v) for k, v in sums.items()}
-  m = losses.finalize_metrics(s)
   n = max(s['steps'], 1.0)
-  return {'train/loss': m['loss'], 'train/accuracy': m['accuracy'],
-          'train/accuracy_at_mask': m['accuracy_at_mask'], 'train/grad_norm': s['grad_norm_sum'] / n,
-          'train/lr': s['lr_sum'] / n, 'train/step_loss_mean': s['loss_mean_sum'] / n,
-          'train/mask_rate': s['mask_rate_sum'] / n,
-          'train/mask_rate_realized': s['selected'] / max(s['candidates'], 1.0)}
+  return {**task.window_record(s), 'train/grad_norm': s['grad_norm_sum'] / n,
+          'train/lr': s['lr_sum'] / n, 'train/step_loss_mean': s['loss_mean_sum'] / n}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +312,10 @@ class _Progress:
   best_eval_loss: float = float('inf')
   best_eval_step: int = -1
   skipped_batches: int = 0  # steps whose non-finite loss or gradient applied no update
+  best_value: float | None = None  # of the early-stopping metric (early_stop.metric)
+  best_step: int = -1
+  evals_since_best: int = 0
+  early_stopped: bool = False
 
 
 def _count_nonfinite(flags, first_step: int, progress: _Progress, max_skipped: int,
@@ -361,7 +375,7 @@ def reached_preemption_sync_point(step: int) -> bool:
 
 
 def run(config, workdir, *, stop_after: int | None = None) -> dict:
-  """Trains (or resumes) an MLM run in workdir; returns the summary dict also written to summary.json.
+  """Trains (or resumes) the run of config.task in workdir; returns the summary also in summary.json.
 
   stop_after: end this invocation after that many steps (checkpointing first), as a crash would.
   SIGTERM/SIGINT during training (or JAX's multi-host preemption sync point) saves a checkpoint at
@@ -387,94 +401,88 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   saved = [int(p.name) for p in ckpt_dir.glob('*') if p.is_dir() and p.name.isdigit()]
   reporter = Reporter(workdir, enabled=is_main, resume_step=max(saved, default=0))
   log = reporter.log
-  log(f'mlmjax: workdir {workdir} | devices {jax.device_count()} ({jax.devices()[0].platform}) '
-      f'| mesh {dict(mesh.shape)} | processes {jax.process_count()}')
+  task_name = str(config.get('task', 'mlm'))
+  log(f'mlmjax: workdir {workdir} | task {task_name} | devices {jax.device_count()} '
+      f'({jax.devices()[0].platform}) | mesh {dict(mesh.shape)} | processes {jax.process_count()}')
 
   if not jax.config.jax_compilation_cache_dir:
     # Reruns, resumes and sweeps reuse compiled steps instead of paying XLA's compile again.
     jax.config.update('jax_compilation_cache_dir', str(input_pipeline.cache_root(config.data) / 'xla'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  data = input_pipeline.prepare_data(config, workdir, log=log if is_main else (lambda s: None))
-  tokenizer, cache = data.tokenizer, data.cache
+  quiet = log if is_main else (lambda s: None)
+  init_run = _init_source(config.init_from) if config.init_from else None
+  task = _make_task(config, workdir, init_run, quiet)
+  data = task.prepare(workdir)
+  tokenizer = task.tokenizer
   if is_main:
     _write_config(workdir, config, log)
+    _atomic_write_json(workdir / 'task.json', {'task': task.name, **data.stats})
 
   enc_cfg = encoder_config_from(config, tokenizer.vocab_size)
   seq_len = config.train.seq_len
-  spec = masking.spec_from_config(config.masking, vocab_size=tokenizer.vocab_size, seq_len=seq_len,
-                                  tokenizer=tokenizer, num_steps=config.train.num_steps)
-  rate_schedule = masking.rate_schedule_from_config(config.masking, config.train.num_steps)
-  pmi_vocab = None
-  if spec.strategy == 'pmi':
-    pmi_vocab = pmi.load_or_build_pmi_vocab(
-        input_pipeline.cache_root(config.data), cache.key, cache.train_rows, tokenizer.special_mask,
-        min_count=config.masking.pmi_min_count, size=config.masking.pmi_vocab_size, log=log)
-  tables = masking.tables_for(spec, tokenizer, pmi_vocab)
-  eval_spec = masking.MaskingSpec(
-      vocab_size=tokenizer.vocab_size, rate=float(config.eval.rate), split=tuple(config.eval.split),
-      max_predictions=masking.default_max_predictions(float(config.eval.rate), seq_len, 'exact'),
-      selection='exact', **masking.special_fields(tokenizer.special_mask, mask_id=tokenizer.mask_id,
-                                                  pad_id=tokenizer.pad_id))
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
-
-  graphdef, param_state = abstract_model(enc_cfg, config.seed)
-  init_fn = make_init_fn(enc_cfg, tx, config.seed)
+  graphdef, param_state = abstract_model(enc_cfg, config.seed, task.build_model)
+  init_fn = make_init_fn(enc_cfg, tx, config.seed, task.build_model)
   abstract_state = jax.eval_shape(init_fn)
   shardings = state_shardings(param_state, abstract_state, tx, mesh)
   abstract_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                  abstract_state, shardings)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state['params']))
   checkpoint.check_disk_space(workdir, abstract_state, max_to_keep=config.ckpt.max_to_keep)
-
-  spe = input_pipeline.steps_per_epoch(len(cache.train_rows), config.train.batch_size)
-  val_batches = input_pipeline.eval_batches(cache.val_rows, batch_size=config.eval.batch_size,
-                                            num_batches=config.eval.num_batches)
-  if not val_batches:
-    log('WARNING: the validation split is empty; evaluation is skipped (raise data.val_fraction)')
-  unigram, successor = evaluate.baseline_tables(cache.train_rows, tokenizer.vocab_size,
-                                                tokenizer.special_mask)
+  spe = input_pipeline.steps_per_epoch(len(data.train), config.train.batch_size)
+  stop_metric, stop_mode, patience, min_delta = _early_stop_settings(config, task)
+  keep_best = task.name != 'mlm' or patience > 0
 
   # Resume order: this workdir's checkpoint > init_from > scratch.
   progress = _Progress()
   ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=config.ckpt.max_to_keep,
                                  async_save=config.ckpt.async_save,
                                  log=lambda s: print(s, flush=True) if is_main else None)
+  best_ckpt = None
   try:
+    if keep_best:
+      best_ckpt = checkpoint.Checkpointer(workdir / 'best', max_to_keep=1,
+                                          async_save=config.ckpt.async_save,
+                                          log=lambda s: print(s, flush=True) if is_main else None)
     restored = ckpt.restore_latest(abstract_target)
     if restored is not None:
       step0, state, meta = restored
       progress = _Progress(**meta.get('progress', {}))
-      _check_resume_meta(meta, cache, tokenizer, config, log)
+      _check_resume_meta(meta, data.key, tokenizer, config, log)
       log(f'resumed from step {step0} (checkpoint {ckpt.directory / str(step0)})')
     else:
       state = jax.jit(init_fn, out_shardings=shardings)()
-      if config.init_from:
-        state = _init_params_from(config.init_from, state, abstract_target, log)
+      if init_run is not None:
+        state = _init_params_from(init_run, state, abstract_target, task, enc_cfg, tokenizer, log)
       step0 = 0
-      log(f'initialized {config.model.size} encoder: {n_params / 1e6:.2f} M parameters')
+      log(f'initialized {config.model.size} {task.name} model: {n_params / 1e6:.2f} M parameters'
+          + ('' if init_run is None else
+             f' ({"parameters" if task.name == "mlm" else "encoder"} from init_from)'))
   except BaseException:
     ckpt.close()
+    if best_ckpt is not None:
+      best_ckpt.close()
     reporter.close()
     raise
 
   num_steps = config.train.num_steps
   batches = input_pipeline.train_batches(
-      cache.train_rows, global_batch=config.train.batch_size, seed=config.seed, start_step=step0,
+      data.train, global_batch=config.train.batch_size, seed=config.seed, start_step=step0,
       process_index=jax.process_index(), process_count=jax.process_count(),
       prefetch=config.data.prefetch)
 
   seed_key = jax.random.key(config.seed)
   data_spec = sharding.batch_sharding(mesh)
+  row_tokens = seq_len * task.sequences_per_row
   train_step = jax.jit(
-      make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0,
-                      cls_id=tokenizer.cls_id, rate_schedule=rate_schedule, tables=tables,
-                      grad_accum_steps=accum),
+      make_step(graphdef, tx, schedule, task.batch_loss, step_sums=task.step_sums,
+                dropout=config.model.dropout_rate > 0, grad_accum_steps=accum,
+                token_columns=row_tokens),
       in_shardings=(shardings, data_spec, None), out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = evaluate.make_eval_step(graphdef, eval_spec, cls_id=tokenizer.cls_id)
   # MFU: analytic matmul FLOPs per token slot over the device peak (table, or a measured matmul).
   flops_per_token = flops.train_flops_per_token(enc_cfg, seq_len=seq_len,
-                                                max_predictions=spec.max_predictions)
+                                                max_predictions=task.flops_max_predictions())
   peak = flops.device_peak(config.model.dtype)
   log(f'MFU counts {flops_per_token / 1e6:.2f} MFLOPs per token against {peak.units} x '
       f'{peak.flops_per_s / 1e12:.3g} TFLOP/s ({peak.source})')
@@ -483,39 +491,57 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
     lo = jax.process_index() * (len(rows) // jax.process_count())
     return sharding.global_batch(rows[lo:lo + len(rows) // jax.process_count()], mesh)
 
-  def run_eval(step):
-    if not val_batches:
-      return None
-    metrics = evaluate.evaluate(eval_step, state['params'], val_batches, seed=config.eval.seed,
-                                unigram=unigram, successor=successor, to_device=to_global)
-    record = {f'eval/{k}' if not k.startswith('baseline/') else k: v for k, v in metrics.items()}
-    reporter.write(step, record)
-    if metrics['loss'] < progress.best_eval_loss:
-      progress.best_eval_loss, progress.best_eval_step = metrics['loss'], step
-    log(f'eval  step {step}: loss {metrics["loss"]:.4f} | acc {metrics["accuracy"]:.4f} | '
-        f'acc@[MASK] {metrics["accuracy_at_mask"]:.4f} (unigram {record["baseline/unigram_accuracy_at_mask"]:.4f}, '
-        f'bigram {record["baseline/bigram_accuracy_at_mask"]:.4f}) | acc@random '
-        f'{metrics["accuracy_at_random"]:.4f} | acc@keep {metrics["accuracy_at_keep"]:.4f}')
-    return record
-
   last_good = {'step': step0 if restored is not None else None}
 
-  def save(step):
-    meta = {'step': step, 'data': input_pipeline.data_position(step, len(cache.train_rows),
+  def meta_of(step):
+    meta = {'step': step, 'data': input_pipeline.data_position(step, len(data.train),
                                                                config.train.batch_size),
-            'seed': config.seed, 'cache_key': cache.key, 'tokenizer': tokenizer.fingerprint,
-            'progress': dataclasses.asdict(progress)}
+            'seed': config.seed, 'cache_key': data.key, 'tokenizer': tokenizer.fingerprint,
+            'task': task.name, 'progress': dataclasses.asdict(progress)}
     meta['progress']['wall_time_s'] = progress.wall_time_s + (time.perf_counter() - t_start)
-    ckpt.save(step, state, meta)
+    return meta
+
+  def save(step):
+    ckpt.save(step, state, meta_of(step))
     last_good['step'] = step
 
+  def run_eval(step):
+    metrics = task.evaluate(graphdef, state['params'], 'val', to_global)
+    if not metrics:
+      return None
+    record = {k if '/' in k else f'eval/{k}': v for k, v in metrics.items() if _is_number(v)}
+    reporter.write(step, record)
+    if 'loss' in metrics and metrics['loss'] < progress.best_eval_loss:
+      progress.best_eval_loss, progress.best_eval_step = metrics['loss'], step
+    value = metrics.get(stop_metric)
+    if value is None:
+      raise ValueError(f'early_stop.metric={stop_metric!r}: the {task.name} task reports '
+                       f'{sorted(k for k, v in metrics.items() if _is_number(v))}')
+    better = progress.best_value is None or (
+        value < progress.best_value - min_delta if stop_mode == 'min' else
+        value > progress.best_value + min_delta)
+    if better:
+      progress.best_value, progress.best_step, progress.evals_since_best = float(value), step, 0
+      if best_ckpt is not None:
+        best_ckpt.save(step, state, meta_of(step))
+    else:
+      progress.evals_since_best += 1
+    log(f'eval  step {step}: {task.eval_text(metrics)}'
+        + ('' if not keep_best else f' | best {stop_metric} {progress.best_value:.4f} at step '
+           f'{progress.best_step}'))
+    return record
+
   log(f'training steps {step0}..{num_steps} | batch {config.train.batch_size} x {seq_len} tokens | '
-      f'{spe} steps per epoch | masking {spec.strategy} ({spec.selection}) rate {_describe(rate_schedule)} '
-      f'split {spec.split} | buffer {spec.max_predictions}')
+      f'{spe} steps per epoch | {task.describe()}')
   eval_record = None
+  if step0 == 0 and config.eval.get('at_start', False) and restored is None:
+    eval_record = run_eval(0)
   window, t_window, window_steps = None, time.perf_counter(), 0
   step = step0
   stop_at = num_steps if stop_after is None else min(num_steps, step0 + stop_after)
+  if progress.early_stopped:
+    log(f'this run stopped early at step {step0} (no improvement of {stop_metric}); nothing to train')
+    stop_at = step0
   max_wall = float(config.train.max_wall_minutes) * 60
   preempted = False
   stop = StopRequest().__enter__()
@@ -541,35 +567,39 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
         pending = []
       if step % config.train.log_every_steps == 0 or done:
         host = jax.device_get(window)
-        record = _window_record(host)
+        record = _window_record(host, task)
         if not math.isfinite(record['train/loss']) and host['steps'] > 0:  # skipped steps count 0
           raise FloatingPointError(
               f'non-finite training loss at step {step - window_steps + 1}..{step}; '
               f'last good checkpoint: {where}. Lower optim.learning_rate or check the data.')
         record['train/skipped_batches'] = float(progress.skipped_batches)
         dt = time.perf_counter() - t_window
-        tokens = float(host['tokens'])
-        progress.tokens_seen += tokens
-        record['train/tokens_per_s'] = config.train.batch_size * seq_len * window_steps / dt
+        progress.tokens_seen += float(host['tokens'])
+        record['train/tokens_per_s'] = config.train.batch_size * row_tokens * window_steps / dt
         record['train/step_time_s'] = dt / window_steps
         record['train/mfu'] = flops.mfu(record['train/tokens_per_s'], flops_per_token, peak.units,
                                         peak.flops_per_s)
         record['train/epoch'] = step / spe
         reporter.write(step, record)
         eta = (num_steps - step) * dt / window_steps
-        log(f'step {step}/{num_steps} | loss {record["train/loss"]:.4f} | '
-            f'acc {record["train/accuracy"]:.4f} | lr {record["train/lr"]:.2e} | '
-            f'mask rate {rate_schedule.at(step - 1):.3f} | '
+        log(f'step {step}/{num_steps} | {task.progress_text(record, step)} | '
             f'{record["train/tokens_per_s"] / 1e3:.1f}k tok/s | MFU {record["train/mfu"]:.1%} | '
-            f'{record["train/step_time_s"] * 1e3:.0f} ms/step | '
-            f'ETA {_fmt_time(eta)}')
+            f'{record["train/step_time_s"] * 1e3:.0f} ms/step | ETA {_fmt_time(eta)}')
         window, t_window, window_steps = None, time.perf_counter(), 0
       if step % config.eval.every_steps == 0 or step == num_steps:
         eval_record = run_eval(step)
         t_window = time.perf_counter()  # evaluation time is not training throughput
+        if patience and progress.evals_since_best >= patience and step < num_steps:
+          progress.early_stopped = True
+          log(f'early stopping at step {step}: {stop_metric} has not improved by more than '
+              f'{min_delta} for {patience} evaluations; best {progress.best_value:.4f} at step '
+              f'{progress.best_step} (kept in {workdir / "best"})')
+          done = True
       if step % config.ckpt.every_steps == 0 or done:
         save(step)
         t_window = time.perf_counter()
+      if progress.early_stopped:
+        break
       if preempted:
         ckpt.wait()
         why = signal.Signals(stop.signum).name if stop.signum is not None else 'preemption sync point'
@@ -582,54 +612,77 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   finally:
     try:
       ckpt.close()  # commits pending asynchronous saves, also when an exception ends the loop
+      if best_ckpt is not None:
+        best_ckpt.close()
       reporter.close()
     finally:
       stop.__exit__(None, None, None)
 
   progress.wall_time_s += time.perf_counter() - t_start
-  if eval_record is None and step == num_steps and val_batches:
+  finished = step >= num_steps or progress.early_stopped
+  if eval_record is None and finished:
     eval_record = run_eval(step)
-  summary = {'step': step, 'num_steps': num_steps, 'finished': step >= num_steps,
-             'preempted': preempted,
+  summary = {'step': step, 'num_steps': num_steps, 'finished': finished,
+             'preempted': preempted, 'task': task.name, 'early_stopped': progress.early_stopped,
              'tokens_seen': progress.tokens_seen, 'wall_time_s': progress.wall_time_s,
              'num_params': n_params, 'best_eval_loss': progress.best_eval_loss,
              'best_eval_step': progress.best_eval_step, 'variant': config.variant,
-             'skipped_batches': progress.skipped_batches,
-             'masking': {'rate': spec.rate, 'split': list(spec.split), 'selection': spec.selection,
-                         'strategy': spec.strategy, 'schedule': dataclasses.asdict(rate_schedule)},
-             'eval_rate': eval_spec.rate, 'data': cache.stats}
+             'skipped_batches': progress.skipped_batches, 'init_from': config.init_from,
+             'data': data.stats, **task.summary_extras()}
+  if keep_best:
+    summary.update(best_metric=stop_metric, best_value=progress.best_value,
+                   best_step=progress.best_step)
   if eval_record:
     summary.update(eval_record)
+  if finished and len(data.test):
+    summary.update(_test_with_best(task, graphdef, state, abstract_target, best_ckpt, to_global, log))
+  if finished:
+    summary.update({f'baseline/{k}': v for k, v in task.baselines().items()})
   if is_main:
     _atomic_write_json(workdir / 'summary.json', summary)
-    if eval_record:
-      log(_final_table(eval_record))
+    table = task.final_text(summary) if finished or eval_record else None
+    if table:
+      log(table)
   return summary
 
 
-def _describe(r: masking.RateSchedule) -> str:
-  """Returns the rate schedule in a few words for the log."""
-  if r.kind == 'constant':
-    return f'{r.start}'
-  if r.kind == 'step':
-    return f'step {r.values} at {r.boundaries}'
-  return f'{r.kind} {r.start} -> {r.end} over {r.steps} steps'
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
 
 
-def _final_table(r: dict) -> str:
-  """Returns the validation accuracy by kind of position beside the baselines on the same masks."""
-  lines = ['validation at the fixed evaluation masks:',
-           f'  loss {r["eval/loss"]:.4f}  perplexity {r["eval/perplexity"]:.1f}',
-           f'  accuracy, all selected positions   {r["eval/accuracy"]:.4f}',
-           f'  accuracy where the input is [MASK]  {r["eval/accuracy_at_mask"]:.4f}'
-           f'   (unigram baseline {r["baseline/unigram_accuracy_at_mask"]:.4f}, '
-           f'bigram baseline {r["baseline/bigram_accuracy_at_mask"]:.4f})',
-           f'  accuracy where the input is random  {r["eval/accuracy_at_random"]:.4f}',
-           f'  accuracy where the input is kept    {r["eval/accuracy_at_keep"]:.4f}']
-  uni = r['baseline/unigram_accuracy_at_mask']
-  if uni > 0:
-    lines.append(f'  [MASK] accuracy is {r["eval/accuracy_at_mask"] / uni:.2f}x the unigram baseline')
-  return '\n'.join(lines)
+def _early_stop_settings(config, task) -> tuple[str, str, int, float]:
+  """Returns (metric, mode, patience, min_delta) from config.early_stop and the task's defaults."""
+  es = config.get('early_stop')
+  if es is None:
+    return task.best_metric, task.best_mode, 0, 0.0
+  metric = str(es.metric or task.best_metric)
+  mode = str(es.mode or (task.best_mode if metric == task.best_metric else
+                         'min' if metric.endswith('loss') or metric == 'perplexity' else 'max'))
+  if mode not in ('min', 'max'):
+    raise ValueError(f"early_stop.mode={es.mode!r}: use 'min', 'max' or '' (the task's default)")
+  if int(es.patience) < 0 or float(es.min_delta) < 0:
+    raise ValueError('early_stop.patience and early_stop.min_delta must be >= 0')
+  return metric, mode, int(es.patience), float(es.min_delta)
+
+
+def _test_with_best(task, graphdef, state, abstract_target, best_ckpt, to_global, log) -> dict:
+  """Returns test/* metrics of the best checkpoint's parameters (the final ones when none is kept)."""
+  params, which = state['params'], 'final'
+  if best_ckpt is not None:
+    reopened = checkpoint.Checkpointer(best_ckpt.directory, async_save=False, log=log)
+    try:
+      restored = reopened.restore_latest(abstract_target)
+    finally:
+      reopened.close()
+    if restored is not None:
+      params, which = restored[1]['params'], f'best (step {restored[0]})'
+  metrics = task.evaluate(graphdef, params, 'test', to_global)
+  out = {f'test/{k}': v for k, v in metrics.items() if _is_number(v)}
+  if 'per_class' in metrics:
+    out['test/per_class'] = metrics['per_class']
+  out['test/parameters'] = which
+  log(f'test ({which} parameters): {task.eval_text(metrics)}')
+  return out
 
 
 def _check_writable(workdir: pathlib.Path) -> None:
@@ -669,28 +722,122 @@ def _flat_diff(a: dict, b: dict, prefix: str = '') -> list[str]:
   return out
 
 
-def _check_resume_meta(meta: dict, cache, tokenizer, config, log) -> None:
+def _check_resume_meta(meta: dict, data_key: str, tokenizer, config, log) -> None:
   """Warns when a resumed run's data or seed differ from what its checkpoint was trained with."""
   if meta.get('tokenizer') not in (None, tokenizer.fingerprint):
     raise ValueError('the checkpoint was trained with a different tokenizer than '
                      f'{tokenizer.model_path}; use a new --workdir')
-  if meta.get('cache_key') not in (None, cache.key):
-    log('WARNING: the token cache differs from the one this checkpoint was trained on '
-        '(data.* changed); the data order will not continue exactly')
+  if meta.get('cache_key') not in (None, data_key):
+    log('WARNING: the training data differ from those this checkpoint was trained on '
+        '(data.* or task_data.* changed); the data order will not continue exactly')
   if meta.get('seed') not in (None, config.seed):
     log(f'WARNING: seed changed from {meta.get("seed")} to {config.seed} on resume')
 
 
-def _init_params_from(source: str, state: dict, abstract_target: dict, log) -> dict:
-  """Returns state with encoder/head parameters loaded from another run's latest checkpoint."""
+# ---------------------------------------------------------------------------------------------
+# Starting points: init_from (DAPT, fine-tuning) and the task with its tokenizer.
+
+
+@dataclasses.dataclass
+class InitSource:
+  """A pretrained run to start from: its workdir, checkpoint directory, config and tokenizer."""
+  source: str
+  workdir: pathlib.Path
+  ckpt_dir: pathlib.Path
+  config: Any  # ml_collections.ConfigDict of its config.json
+  tokenizer_path: pathlib.Path
+
+
+def _init_source(source: str) -> InitSource:
+  """Returns the InitSource of a workdir, its checkpoints/ or best/ directory, or one step in them."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
   src = pathlib.Path(source)
-  ckpt_dir = src / 'checkpoints' if (src / 'checkpoints').is_dir() else src
-  if not ckpt_dir.is_dir():
+  if not src.exists():
     raise FileNotFoundError(f'init_from={source!r}: no such workdir or checkpoint directory')
-  step, loaded, _ = checkpoint.restore_latest_in(ckpt_dir, abstract_target,
-                                                 what=f'init_from={source!r}', log=log)
-  log(f'initialized parameters from {ckpt_dir / str(step)} (fresh optimizer)')
-  return {**state, 'params': loaded['params']}
+  workdir = next((d for d in (src, src.parent, src.parent.parent) if (d / 'config.json').is_file()),
+                 None)
+  if workdir is None:
+    raise FileNotFoundError(f'init_from={source!r}: no config.json in it or above it; point it at '
+                            'a workdir written by mlmjax.train or mlmjax.convert')
+  if src == workdir:
+    ckpt_dir = workdir / 'checkpoints'
+  else:
+    ckpt_dir = src if not src.name.isdigit() else src.parent
+  tok_path = next((workdir / n for n in tokenizer_lib.WORKDIR_FILES if (workdir / n).is_file()), None)
+  if tok_path is None:
+    raise FileNotFoundError(f'init_from={source!r}: {workdir} holds no tokenizer '
+                            f'({" or ".join(tokenizer_lib.WORKDIR_FILES)})')
+  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  return InitSource(source, workdir, ckpt_dir, config, tok_path)
+
+
+def _make_task(config, workdir: pathlib.Path, init_run: InitSource | None, log):
+  """Returns the config.task Task with its tokenizer: workdir's > tokenizer.path > init_from's."""
+  name = str(config.get('task', 'mlm'))
+  stored = any((workdir / n).exists() for n in tokenizer_lib.WORKDIR_FILES)
+  if init_run is not None and not stored and not config.tokenizer.path:
+    config = copy.deepcopy(config)
+    config.tokenizer.path = str(init_run.tokenizer_path)
+    log(f'tokenizer from init_from: {init_run.tokenizer_path}')
+  if name == 'mlm':
+    prepared = input_pipeline.prepare_data(config, workdir, log=log)
+    return mlm_task.MlmTask(config, prepared.tokenizer, log, cache=prepared.cache)
+  cls = tasks_lib.get_task_class(name)
+  found = [workdir / n for n in tokenizer_lib.WORKDIR_FILES if (workdir / n).exists()]
+  if found:
+    tokenizer = tokenizer_lib.load_any(found[0])
+  elif config.tokenizer.path:
+    tokenizer = tokenizer_lib.load_any(config.tokenizer.path)
+  else:
+    raise ValueError(f"task '{name}' needs a tokenizer: set init_from (a pretrained workdir) or "
+                     'tokenizer.path (e.g. runs/pretrain/tokenizer.model)')
+  if not found and jax.process_index() == 0:
+    tmp = workdir / (tokenizer.file_name + '.tmp')
+    tmp.write_bytes(tokenizer.serialized_model)
+    os.replace(tmp, workdir / tokenizer.file_name)
+  return cls(config, tokenizer, log)
+
+
+_MATCH_KEYS = ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size', 'max_position',
+               'type_vocab_size', 'pre_layer_norm', 'layer_norm_eps')
+
+
+def _init_params_from(src: InitSource, state: dict, abstract_target: dict, task, enc_cfg,
+                      tokenizer, log) -> dict:
+  """Returns state with parameters from src's checkpoint: all of them for MLM, else the encoder."""
+  where = f'init_from={src.source!r}'
+  theirs = tokenizer_lib.load_any(src.tokenizer_path)
+  if theirs.fingerprint != tokenizer.fingerprint:
+    raise ValueError(f'{where}: its tokenizer {src.tokenizer_path} differs from this run\'s '
+                     f'{tokenizer.model_path} ({theirs.vocab_size} vs {tokenizer.vocab_size} '
+                     'pieces); leave tokenizer.path empty to use the pretrained one')
+  src_cfg = encoder_config_from(src.config, theirs.vocab_size)
+  for key in _MATCH_KEYS:
+    if getattr(src_cfg, key) != getattr(enc_cfg, key):
+      raise ValueError(f'{where}: model.{key} is {getattr(enc_cfg, key)!r} in this config but '
+                       f'{getattr(src_cfg, key)!r} in {src.workdir / "config.json"}; use the '
+                       'pretrained model\'s settings')
+  if not src.ckpt_dir.is_dir():
+    raise FileNotFoundError(f'{where}: no checkpoint directory {src.ckpt_dir}')
+  if task.name == 'mlm':
+    target, take = abstract_target, (lambda p: p)
+  else:
+    # The pretrained run's own state layout (BertForMLM, its optimizer), on this run's mesh.
+    mesh = jax.tree.leaves(abstract_target)[0].sharding.mesh
+    src_enc = dataclasses.replace(enc_cfg, dropout_rate=src_cfg.dropout_rate,
+                                  attention_dropout_rate=src_cfg.attention_dropout_rate)
+    tx = optim.make_optimizer(src.config.optim, src.config.train.num_steps)
+    _, param_state = abstract_model(src_enc, 0)
+    abstract = jax.eval_shape(make_init_fn(src_enc, tx, 0))
+    shard = state_shardings(param_state, abstract, tx, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shard)
+    take = lambda p: {**state['params'], 'encoder': p['encoder']}
+  step, loaded, _ = checkpoint.restore_latest_in(src.ckpt_dir, target, what=where, log=log)
+  part = 'parameters' if task.name == 'mlm' else 'encoder'
+  log(f'initialized the {part} from {src.ckpt_dir / str(step)} (fresh optimizer'
+      + (', fresh task head)' if task.name != 'mlm' else ')'))
+  return {**state, 'params': take(loaded['params'])}
 
 
 # ---------------------------------------------------------------------------------------------

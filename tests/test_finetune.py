@@ -1,0 +1,166 @@
+"""End-to-end adaptation through train.run: init_from, DAPT's second validation, early stopping, tasks."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from mlmjax import checkpoint, predict, train
+from mlmjax import tokenizer as tok
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory, make_tiny_config):
+  """Returns (config, workdir) of a finished 8-step tiny MLM run on Python's help topics."""
+  c = make_tiny_config()
+  workdir = tmp_path_factory.mktemp('pretrained')
+  train.run(c, workdir)
+  return c, workdir
+
+
+def _finetune_config(make_tiny_config, task_cfg):
+  """Returns configs/finetune.py:task_cfg shrunk to the tiny test shapes (vocab 1000, 4 steps)."""
+  from configs import finetune
+  base = make_tiny_config()
+  c = finetune.get_config(task_cfg)
+  c.data.cache_dir = base.data.cache_dir
+  c.train.seq_len, c.train.batch_size, c.train.num_steps = 32, 8, 4
+  c.train.log_every_steps = 2
+  c.optim.warmup_steps = 1
+  c.eval.every_steps, c.ckpt.every_steps, c.eval.batch_size = 2, 2, 16
+  c.task_data.max_examples = 300
+  return c
+
+
+def test_dapt_validates_both_domains_and_stops_early(pretrained, make_tiny_config, tmp_path,
+                                                     topics_corpus):
+  _, pre_dir = pretrained
+  c = make_tiny_config()
+  # The "new domain" is Python source (mlmjax/train.py); the original stays the help topics.
+  code = tmp_path / 'new_domain.txt'
+  code.write_text(pathlib.Path(train.__file__).read_text())
+  c.data.corpus = str(code)
+  c.data.min_chars = 10
+  c.data.val_fraction = 0.3
+  c.init_from = str(pre_dir)
+  c.eval.other_corpus = str(topics_corpus)
+  c.eval.other_name = 'topics'
+  c.eval.at_start = True
+  c.train.num_steps, c.eval.every_steps, c.ckpt.every_steps = 12, 2, 2
+  # No improvement of at least 10 nats ever counts: the first evaluation after the start stops it.
+  c.early_stop.patience, c.early_stop.min_delta = 1, 10.0
+  work = tmp_path / 'dapt'
+  summary = train.run(c, work)
+  assert summary['early_stopped'] and summary['finished'] and summary['step'] == 2
+  assert summary['best_step'] == 0 and summary['best_metric'] == 'loss'
+  records = [json.loads(l) for l in (work / 'metrics.jsonl').read_text().splitlines()]
+  evals = [r for r in records if 'eval/loss' in r]
+  assert [r['step'] for r in evals] == [0, 2]
+  for r in evals:  # both domains at every evaluation
+    assert np.isfinite(r['eval/loss']) and np.isfinite(r['eval_topics/loss'])
+    assert 0 <= r['eval_topics/accuracy_at_mask'] <= 1
+  # The starting point is the pretrained model: on its own validation text it scores as it did.
+  pre_summary = json.loads((pre_dir / 'summary.json').read_text())
+  assert evals[0]['eval_topics/loss'] == pytest.approx(pre_summary['eval/loss'], rel=1e-5)
+  # best/ holds the step-0 state, the pretrained parameters themselves.
+  best = predict.load_run(work, 'best')
+  pre = predict.load_run(pre_dir)
+  assert best.step == 0
+  np.testing.assert_array_equal(np.asarray(best.params['encoder']['token_embed']),
+                                np.asarray(pre.params['encoder']['token_embed']))
+  log = (work / 'log.txt').read_text()
+  assert 'early stopping at step 2' in log and 'tokenizer from init_from' in log
+  # A rerun of an early-stopped run trains no more.
+  again = train.run(c, work)
+  assert again['step'] == 2 and again['early_stopped']
+
+
+def test_patience_counts_evaluations_without_improvement(make_tiny_config, tmp_path):
+  c = make_tiny_config()
+  c.train.num_steps, c.eval.every_steps, c.ckpt.every_steps = 8, 2, 2
+  c.early_stop.patience = 2
+  c.early_stop.metric = 'accuracy_at_mask'  # mode from the name: max
+  summary = train.run(c, tmp_path / 'run')
+  evals = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  acc = [(r['step'], r['eval/accuracy_at_mask']) for r in evals if 'eval/loss' in r]
+  # Replay the rule on the logged values: stop once `patience` evaluations did not beat the best.
+  best, since, stop = None, 0, None
+  for step, v in acc:
+    if best is None or v > best:
+      best, since = v, 0
+    else:
+      since += 1
+      if since >= 2 and step < 8:
+        stop = step
+        break
+  assert summary['early_stopped'] == (stop is not None)
+  assert summary['step'] == (stop if stop is not None else 8)
+  assert summary['best_value'] == pytest.approx(best)
+
+
+def test_classify_from_pretrained_loads_encoder_and_tokenizer(pretrained, make_tiny_config,
+                                                               tmp_path):
+  _, pre_dir = pretrained
+  c = _finetune_config(make_tiny_config, 'tiny')  # embedded docstrings by library: no ../shared
+  c.init_from = str(pre_dir)
+  c.optim.learning_rate = 1e-9  # after 4 steps the encoder is still the pretrained one
+  work = tmp_path / 'cls'
+  summary = train.run(c, work)
+  assert summary['finished'] and summary['task'] == 'classify'
+  for key in ('test/accuracy', 'test/macro_f1', 'baseline/majority_accuracy', 'eval/accuracy'):
+    assert 0.0 <= summary[key] <= 1.0, key
+  assert set(summary['test/per_class']) == set(json.loads((work / 'task.json').read_text())['labels'])
+  ours = predict.load_run(work, 'latest')
+  pre = predict.load_run(pre_dir)
+  assert ours.tokenizer.fingerprint == pre.tokenizer.fingerprint
+  np.testing.assert_allclose(np.asarray(ours.params['encoder']['token_embed']),
+                             np.asarray(pre.params['encoder']['token_embed']), atol=1e-6)
+  assert 'classifier' in ours.params and 'mlm_head' not in ours.params
+  # Resume order: this workdir's checkpoint first, init_from only for a fresh start.
+  c.train.num_steps = 6
+  again = train.run(c, work)
+  assert again['step'] == 6
+  assert 'resumed from step 4' in (work / 'log.txt').read_text()
+  labels = predict.classify(ours, ['Return the logger with the given name.'])
+  assert labels[0][0][0] in summary['test/per_class']
+
+
+def test_init_from_mismatches_name_what_differs(pretrained, make_tiny_config, tmp_path):
+  pre_cfg, pre_dir = pretrained
+  c = _finetune_config(make_tiny_config, 'tiny')
+  c.init_from = str(pre_dir)
+  c.model.num_heads = 4 if pre_cfg.model.get('num_heads', 0) != 4 else 8
+  c.model.size = 'custom'
+  c.model.hidden_size, c.model.num_layers, c.model.intermediate_size = 128, 2, 512
+  with pytest.raises(ValueError, match='model.num_heads'):
+    train.run(c, tmp_path / 'heads')
+  c = _finetune_config(make_tiny_config, 'tiny')
+  c.init_from = str(pre_dir)
+  c.tokenizer.path = str(tmp_path / 'other.model')
+  tok.train_tokenizer(['some other text for another tokenizer, ' * 50] * 20, c.tokenizer.path,
+                      vocab_size=200)
+  with pytest.raises(ValueError, match='tokenizer'):
+    train.run(c, tmp_path / 'tok')
+  c = _finetune_config(make_tiny_config, 'tiny')
+  c.init_from = str(tmp_path / 'missing')
+  with pytest.raises(FileNotFoundError, match='init_from'):
+    train.run(c, tmp_path / 'missing_run')
+  c = _finetune_config(make_tiny_config, 'tiny')  # neither init_from nor tokenizer.path
+  with pytest.raises(ValueError, match='needs a tokenizer'):
+    train.run(c, tmp_path / 'no_tok')
+
+
+@pytest.mark.parametrize('task_cfg', ['retrieve_tiny'])
+def test_retrieval_from_scratch_with_the_pretrained_tokenizer(pretrained, make_tiny_config,
+                                                              tmp_path, task_cfg):
+  _, pre_dir = pretrained
+  c = _finetune_config(make_tiny_config, task_cfg)
+  c.tokenizer.path = str(pre_dir / 'tokenizer.model')
+  summary = train.run(c, tmp_path / 'ret')
+  for key in ('test/recall_at_1', 'test/recall_at_10', 'test/mrr', 'baseline/overlap_mrr'):
+    assert 0.0 <= summary[key] <= 1.0, key
+  assert summary['best_metric'] == 'mrr'
+  best = checkpoint.Checkpointer(tmp_path / 'ret' / 'best', async_save=False)
+  assert best.all_steps() == [summary['best_step']]
+  best.close()

@@ -1,0 +1,226 @@
+"""Tests for mlmjax/tasks/classify.py: prepare, loss, evaluation, baselines, on tiny real models."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from pydoc_data.topics import topics
+
+from configs import finetune
+from mlmjax import model
+from mlmjax import tokenizer as tok_lib
+from mlmjax.tasks import classify
+from mlmjax.tasks import task_data as td
+
+SEQ_LEN = 24
+WORDS = {'colors': 'red green blue yellow purple orange black white'.split(),
+         'numbers': 'one two three four five six seven eight'.split(),
+         'python': 'class function module import lambda return yield object'.split()}
+
+
+@pytest.fixture(scope='module')
+def tok(tmp_path_factory):
+  """Returns a small unigram tokenizer trained on the pydoc topics."""
+  path = tmp_path_factory.mktemp('tok') / 'classify.model'
+  return tok_lib.train_tokenizer([topics[k] for k in sorted(topics)], path, vocab_size=1000)
+
+
+@pytest.fixture(scope='module')
+def data_path(tmp_path_factory):
+  """Returns a JSON Lines file of 120 short texts in 3 classes, with ids and titles."""
+  rng = np.random.default_rng(0)
+  path = tmp_path_factory.mktemp('data') / 'topics.jsonl'
+  with open(path, 'w') as f:
+    for i in range(120):
+      label = sorted(WORDS)[i % 3]
+      words = rng.choice(WORDS[label], size=int(rng.integers(3, 20)))
+      f.write(json.dumps({'id': f'ex{i}', 'label': label, 'title': f'Item {i}',
+                          'text': ' '.join(words)}) + '\n')
+  return path
+
+
+def make_config(path, **task_data):
+  c = finetune.get_config('tiny')
+  c.task_data.path = str(path)
+  c.task_data.title_field = 'title'
+  c.task_data.val_fraction = 0.2
+  c.task_data.test_fraction = 0.2
+  for k, v in task_data.items():
+    c.task_data[k] = v
+  c.train.seq_len = SEQ_LEN
+  c.eval.batch_size = 8
+  return c
+
+
+def tiny_model(task, tok, seed=0):
+  """Returns (graphdef, params) of the task's model on a 1-layer, 32-wide encoder, built under jit."""
+  enc = model.EncoderConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                            intermediate_size=64, max_position=SEQ_LEN, dropout_rate=0.1)
+  # Eager construction compiles every initializer on its own; one jit of the whole init is faster.
+  graphdef = nnx.split(nnx.eval_shape(lambda: task.build_model(enc, nnx.Rngs(seed))), nnx.Param)[0]
+  params = jax.jit(lambda: nnx.split(task.build_model(enc, nnx.Rngs(seed)), nnx.Param)[1])()
+  return graphdef, params
+
+
+@pytest.fixture(scope='module')
+def prepared(tok, data_path):
+  task = classify.ClassifyTask(make_config(data_path), tok, lambda s: None)
+  return task, task.prepare(None)
+
+
+@pytest.fixture(scope='module')
+def net(prepared, tok):
+  """Returns (graphdef, params, logits_fn) of a tiny random classifier; logits_fn is jitted."""
+  graphdef, params = tiny_model(prepared[0], tok, seed=3)
+  logits_fn = jax.jit(lambda p, tokens: nnx.merge(graphdef, p)(tokens))
+  return graphdef, params, logits_fn
+
+
+def _np_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  logits = logits.astype(np.float64)
+  m = logits.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+  return lse - np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+
+
+def test_prepare_layout_and_splits(prepared, tok, data_path):
+  task, data = prepared
+  assert data.stats['labels'] == sorted(WORDS) == task.labels
+  assert data.train.shape[1] == SEQ_LEN + 1 and data.train.dtype == np.int32
+  counts = data.stats['split_examples']
+  assert sum(counts.values()) == 120 == data.stats['examples']
+  assert counts == {s: len(getattr(data, s)) for s in td.SPLITS}
+  for s in td.SPLITS:
+    # Each split's rows are exactly the examples whose id hashes into it.
+    assert counts[s] == sum(td.split_of(f'id:ex{i}', 0.2, 0.2) == s for i in range(120))
+  rows = np.concatenate([data.train, data.val, data.test])
+  assert (rows[:, 0] == td.CLS_ID).all() and set(rows[:, -1]) == {0, 1, 2}
+  # The title comes first; each row's words all come from its label's word list.
+  for row in rows[:20]:
+    text = tok.decode(row[:SEQ_LEN])
+    assert text.startswith('[CLS] Item ') and text.endswith('[SEP]')
+    words = text.split('. ', 1)[1].removesuffix(' [SEP]').split()
+    if row[SEQ_LEN - 1] != td.PAD_ID:  # cut to fit: the last word may be a part of a word
+      words = words[:-1]
+    assert set(words) <= set(WORDS[task.labels[row[-1]]]), text
+  again = classify.ClassifyTask(make_config(data_path), tok, lambda s: None).prepare(None)
+  assert again.key == data.key and (again.train == data.train).all()
+  json.dumps(data.stats)  # summary.json must be able to hold it
+
+
+def test_prepare_errors(tok, tmp_path):
+  path = tmp_path / 'd.jsonl'
+  path.write_text('{"id": 1, "text": "a", "label": "x"}\n{"id": 2, "text": "b"}\n')
+  with pytest.raises(ValueError, match=r"task_data\.label_field: 'label' is missing in row 2 of "):
+    classify.ClassifyTask(make_config(path, title_field=''), tok, print).prepare(None)
+  path.write_text('{"id": 1, "text": "a", "label": "x"}\n{"id": 2, "text": "b", "label": "x"}\n')
+  with pytest.raises(ValueError, match='has 1 distinct value'):
+    classify.ClassifyTask(make_config(path, title_field=''), tok, print).prepare(None)
+
+
+def test_title_and_text():
+  assert classify.title_and_text('Budget set', 'The plan.') == 'Budget set. The plan.'
+  assert classify.title_and_text('Why now?', 'Because.') == 'Why now? Because.'
+  assert classify.title_and_text('', 'Body') == 'Body'
+
+
+def test_batch_loss_matches_numpy_and_ignores_padding_rows(prepared, net):
+  task, data = prepared
+  graphdef, params, logits_fn = net
+  rows = jnp.asarray(data.train[:6])
+  padded = jnp.concatenate([rows, jnp.zeros((3, SEQ_LEN + 1), jnp.int32)])
+
+  @jax.jit
+  def losses(params, key):
+    m = nnx.merge(graphdef, params)  # the way train.py's jitted step calls batch_loss
+    return (task.batch_loss(m, rows, key, None, jnp.int32(0)),
+            task.batch_loss(m, padded, key, None, jnp.int32(0)),
+            task.batch_loss(m, rows, key, key, jnp.int32(0)))
+
+  (loss_sum, weight, sums), (loss2, weight2, _), (dropped, w3, _) = losses(params, jax.random.key(1))
+  logits = np.asarray(logits_fn(params, rows[:, :SEQ_LEN]))
+  labels = data.train[:6, -1]
+  assert float(weight) == 6 == float(sums['weight'])
+  np.testing.assert_allclose(float(loss_sum), _np_cross_entropy(logits, labels).sum(), rtol=1e-5)
+  assert float(sums['correct']) == float((logits.argmax(-1) == labels).sum())
+  # All-zero padding rows add nothing.
+  assert float(weight2) == 6
+  np.testing.assert_allclose(float(loss2), float(loss_sum), rtol=1e-5)
+  # Dropout (drop_key given) changes the loss but not the weight.
+  assert float(w3) == 6 and math.isfinite(float(dropped)) and float(dropped) != float(loss_sum)
+  record = task.window_record({k: float(v) for k, v in sums.items()})
+  assert record['train/loss'] == pytest.approx(float(loss_sum) / 6)
+  assert record['train/accuracy'] == pytest.approx(float(sums['correct']) / 6)
+  assert task.progress_text(record, 1).startswith('loss ')
+
+
+def test_evaluate_is_consistent_with_the_forward_pass(prepared, net):
+  task, data = prepared
+  graphdef, params, logits_fn = net
+  assert len(data.val) > 8
+  # A batch size that does not divide the split, so the last batch carries padding rows.
+  task.config.eval.batch_size = next(b for b in (7, 8, 9, 11) if len(data.val) % b)
+  metrics = task.evaluate(graphdef, params, 'val', jnp.asarray)
+  logits = np.asarray(logits_fn(params, jnp.asarray(data.val[:, :SEQ_LEN])))
+  gold, pred = data.val[:, -1], logits.argmax(-1)
+  assert metrics['examples'] == len(data.val)
+  assert metrics['accuracy'] == pytest.approx(float(np.mean(pred == gold)))
+  assert metrics['loss'] == pytest.approx(_np_cross_entropy(logits, gold).mean(), rel=1e-5)
+  assert metrics['macro_f1'] == pytest.approx(td.macro_f1(gold, pred, 3))
+  assert sum(v['support'] for v in metrics['per_class'].values()) == len(data.val)
+  task.evaluate(graphdef, params, 'val', jnp.asarray)
+  assert task._forward._cache_size() == 1  # one compiled forward, reused
+  assert 'macro-F1' in task.eval_text(metrics)
+
+
+def test_baselines_on_a_constructed_split(tok, data_path):
+  task = classify.ClassifyTask(make_config(data_path), tok, print)
+  task.labels = ['a', 'b', 'c']
+
+  def rows(labels):
+    r = np.zeros((len(labels), SEQ_LEN + 1), np.int32)
+    r[:, 0], r[:, -1] = td.CLS_ID, labels
+    return r
+
+  task.splits = {'train': rows([0, 0, 1, 2, 0, 1]), 'val': rows([]), 'test': rows([0, 1, 1, 2])}
+  b = task.baselines()
+  # Majority class 'a': right on 1 of 4; F1('a') = 2 * 0.25 * 1 / 1.25 = 0.4 over 3 classes.
+  assert b == pytest.approx({'majority_accuracy': 0.25, 'majority_macro_f1': 0.4 / 3})
+  assert classify.majority_label(np.array([2, 1, 1, 2]), 3) == 1  # ties go to the lowest id
+
+
+def test_final_text():
+  task = classify.ClassifyTask(finetune.get_config('tiny'), None, print)
+  assert task.final_text({'train/loss': 1.0}) is None
+  per_class = {'business': {'precision': 0.9, 'recall': 0.8, 'f1': 0.847, 'support': 50}}
+  text = task.final_text({'test/accuracy': 0.9, 'test/macro_f1': 0.85, 'test/per_class': per_class,
+                          'baseline/majority_accuracy': 0.22, 'baseline/majority_macro_f1': 0.07})
+  assert text.splitlines()[0].startswith('test split: accuracy 0.9000 | macro-F1 0.8500')
+  assert 'majority class: accuracy 0.2200' in text and 'business' in text.splitlines()[-1]
+
+
+def test_bbc_news(shared_data, tok):
+  path = shared_data / 'tasks' / 'bbc_news_topic5.jsonl'
+  c = finetune.get_config('bbc')
+  c.task_data.path = str(path)
+  c.train.seq_len = 48
+  task = classify.ClassifyTask(c, tok, print)
+  data = task.prepare(None)
+  stats = data.stats
+  assert stats['examples'] == 2225
+  assert stats['labels'] == ['business', 'entertainment', 'politics', 'sports', 'tech']
+  totals = {n: sum(stats['label_counts'][s][n] for s in td.SPLITS) for n in stats['labels']}
+  assert totals == {'business': 510, 'entertainment': 386, 'politics': 417, 'sports': 511,
+                    'tech': 401}  # the counts in ../shared/data/README.md
+  for s, p in (('val', 0.1), ('test', 0.1)):
+    n = stats['split_examples'][s]
+    assert abs(n - 2225 * p) <= 4 * math.sqrt(2225 * p * (1 - p)), stats['split_examples']
+  texts = [tok.decode(r[:-1]) for r in np.concatenate([data.train, data.val, data.test])]
+  assert any('\u00a3' in t for t in texts) and not any('\u00c2' in t for t in texts)
+  b = task.baselines()
+  majority = np.bincount(data.train[:, -1]).argmax()
+  assert b['majority_accuracy'] == pytest.approx(float(np.mean(data.test[:, -1] == majority)))
