@@ -37,12 +37,11 @@ def test_dapt_validates_both_domains_and_stops_early(pretrained, make_tiny_confi
                                                      topics_corpus):
   _, pre_dir = pretrained
   c = make_tiny_config()
-  # The "new domain" is Python source (mlmjax/train.py); the original stays the help topics.
+  # The "new domain" is Python source (mlmjax/*.py); the original stays the help topics. data.*
+  # settings stay those of the pretraining run, so the topics' held-out documents are its own.
   code = tmp_path / 'new_domain.txt'
-  code.write_text(pathlib.Path(train.__file__).read_text())
+  code.write_text('\n\n'.join(p.read_text() for p in sorted(pathlib.Path(train.__file__).parent.glob('*.py'))))
   c.data.corpus = str(code)
-  c.data.min_chars = 10
-  c.data.val_fraction = 0.3
   c.init_from = str(pre_dir)
   c.eval.other_corpus = str(topics_corpus)
   c.eval.other_name = 'topics'
@@ -126,7 +125,8 @@ def test_classify_from_pretrained_loads_encoder_and_tokenizer(pretrained, make_t
   assert labels[0][0][0] in summary['test/per_class']
 
 
-def test_init_from_mismatches_name_what_differs(pretrained, make_tiny_config, tmp_path):
+def test_init_from_mismatches_name_what_differs(pretrained, make_tiny_config, tmp_path,
+                                                topics_corpus):
   pre_cfg, pre_dir = pretrained
   c = _finetune_config(make_tiny_config, 'tiny')
   c.init_from = str(pre_dir)
@@ -138,8 +138,7 @@ def test_init_from_mismatches_name_what_differs(pretrained, make_tiny_config, tm
   c = _finetune_config(make_tiny_config, 'tiny')
   c.init_from = str(pre_dir)
   c.tokenizer.path = str(tmp_path / 'other.model')
-  tok.train_tokenizer(['some other text for another tokenizer, ' * 50] * 20, c.tokenizer.path,
-                      vocab_size=200)
+  tok.train_tokenizer(topics_corpus.read_text().split('\n\n'), c.tokenizer.path, vocab_size=500)
   with pytest.raises(ValueError, match='tokenizer'):
     train.run(c, tmp_path / 'tok')
   c = _finetune_config(make_tiny_config, 'tiny')
