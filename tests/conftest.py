@@ -30,6 +30,15 @@ def topics_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def topics_tokenizer(tmp_path_factory):
+  """Returns a 1,000-piece unigram tokenizer trained on Python's help topics."""
+  from pydoc_data.topics import topics
+  from mlmjax import tokenizer
+  path = tmp_path_factory.mktemp('topics_tokenizer') / 'topics.model'
+  return tokenizer.train_tokenizer([topics[k] for k in sorted(topics)], path, vocab_size=1000)
+
+
+@pytest.fixture(scope='session')
 def cache_dir(tmp_path_factory):
   """Returns one token/tokenizer cache directory shared by the whole test session."""
   return tmp_path_factory.mktemp('mlmjax_cache')

@@ -6,17 +6,14 @@ import math
 import ml_collections
 import numpy as np
 import pytest
-from pydoc_data.topics import topics
 
-from mlmjax import tokenizer as tok_lib
 from mlmjax.tasks import task_data as td
 
 
 @pytest.fixture(scope='module')
-def tok(tmp_path_factory):
-  """Returns a small unigram tokenizer trained on the pydoc topics."""
-  path = tmp_path_factory.mktemp('tok') / 'task.model'
-  return tok_lib.train_tokenizer([topics[k] for k in sorted(topics)], path, vocab_size=1000)
+def tok(topics_tokenizer):
+  """Returns the session's 1,000-piece tokenizer of the pydoc topics."""
+  return topics_tokenizer
 
 
 def _cfg(**kw):

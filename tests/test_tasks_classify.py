@@ -8,11 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from pydoc_data.topics import topics
 
 from configs import finetune
 from mlmjax import model
-from mlmjax import tokenizer as tok_lib
 from mlmjax.tasks import classify
 from mlmjax.tasks import task_data as td
 
@@ -23,10 +21,9 @@ WORDS = {'colors': 'red green blue yellow purple orange black white'.split(),
 
 
 @pytest.fixture(scope='module')
-def tok(tmp_path_factory):
-  """Returns a small unigram tokenizer trained on the pydoc topics."""
-  path = tmp_path_factory.mktemp('tok') / 'classify.model'
-  return tok_lib.train_tokenizer([topics[k] for k in sorted(topics)], path, vocab_size=1000)
+def tok(topics_tokenizer):
+  """Returns the session's 1,000-piece tokenizer of the pydoc topics."""
+  return topics_tokenizer
 
 
 @pytest.fixture(scope='module')

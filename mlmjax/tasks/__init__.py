@@ -12,7 +12,11 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from mlmjax import losses
 
 NAMES = ('mlm', 'classify', 'tag', 'retrieve')
 
@@ -109,6 +113,84 @@ class Task:
   def baselines(self) -> dict[str, float]:
     """Returns simple baselines on the test (or val) split, for summary.json ('baseline/...')."""
     return {}
+
+
+class LabelTask(Task):
+  """Shared hooks of tasks with a label per row (classify) or per position (tag).
+
+  Subclasses define parts(rows) -> (tokens, labels, weights): the loss is softmax cross-entropy of
+  the model's logits against labels where weights > 0, and accuracy counts argmax hits there.
+  """
+
+  accuracy_name = 'acc'  # in the progress line
+  count_name = 'examples'  # what evaluate counts: examples (classify) or words (tag)
+
+  def __init__(self, config, tokenizer, log: Callable[[str], None]):
+    super().__init__(config, tokenizer, log)
+    self.labels: list[str] = []
+    self.splits: dict[str, np.ndarray] | None = None
+    self._forward = None
+
+  @staticmethod
+  def parts(rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns (tokens, labels, weights) of a batch of rows."""
+    raise NotImplementedError
+
+  def load_meta(self, stats: dict) -> None:
+    self.labels = list(stats['labels'])
+
+  def batch_loss(self, m, rows, mask_key, drop_key, step):
+    del mask_key, step
+    tokens, labels, weights = self.parts(rows)
+    logits = m(tokens, dropout_rng=drop_key)
+    loss_sum, weight = losses.cross_entropy_sum(logits, labels, weights)
+    correct, _ = losses.accuracy_sum(logits, labels, weights)
+    return loss_sum, weight, {'loss_sum': loss_sum, 'weight': weight, 'correct': correct}
+
+  def window_record(self, sums):
+    w = max(float(sums['weight']), 1.0)
+    return {'train/loss': float(sums['loss_sum']) / w, 'train/accuracy': float(sums['correct']) / w}
+
+  def progress_text(self, record, step):
+    del step
+    text = f'loss {record["train/loss"]:.4f} | {self.accuracy_name} {record["train/accuracy"]:.4f}'
+    if 'train/lr' in record:
+      text += f' | lr {record["train/lr"]:.2e}'
+    return text
+
+  def evaluate(self, graphdef, params, split, to_device) -> dict[str, Any]:
+    """Returns loss, accuracy, macro-F1, the count and a per-class report on split."""
+    from mlmjax.tasks import task_data as td  # pylint: disable=g-import-not-at-top
+    if self.splits is None:
+      raise RuntimeError(f'{self.name}: call prepare() before evaluate()')
+    rows = self.splits[split]
+    if not len(rows):
+      return {}
+    pred, gold, weights, nll = td.collect(self._forward_fn(), graphdef, params, rows,
+                                          int(self.config.eval.batch_size), to_device)
+    keep = weights.astype(bool)
+    pred, gold, nll = pred[keep], gold[keep], nll[keep]
+    if not gold.size:
+      return {}
+    return {'loss': float(nll.mean()), 'accuracy': td.accuracy(gold, pred),
+            'macro_f1': td.macro_f1(gold, pred, len(self.labels)),
+            self.count_name: float(gold.size),
+            'per_class': td.per_class_report(gold, pred, self.labels)}
+
+  def _forward_fn(self):
+    """Returns the jitted (graphdef, params, rows) -> (pred, label, weight, nll), built once."""
+    if self._forward is None:
+      parts = self.parts
+
+      def forward(graphdef, params, rows):
+        tokens, labels, weights = parts(rows)
+        logits = nnx.merge(graphdef, params)(tokens)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        gold = jnp.take_along_axis(logits, labels[..., None], axis=-1, mode='clip')[..., 0]
+        return jnp.argmax(logits, -1).astype(jnp.int32), labels, weights, lse - gold
+
+      self._forward = jax.jit(forward, static_argnums=0)
+    return self._forward
 
 
 def get_task_class(name: str) -> type:

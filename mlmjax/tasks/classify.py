@@ -10,15 +10,11 @@ Row layout, W = train.seq_len + 1, int32:
 Rows whose first token is PAD (evaluation padding) carry no weight.
 """
 
-from typing import Any
-
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from mlmjax import losses, model
-from mlmjax.tasks import Task, TaskData
+from mlmjax import model
+from mlmjax.tasks import LabelTask, TaskData
 from mlmjax.tasks import task_data as td
 
 
@@ -36,18 +32,13 @@ def split_row_parts(rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return tokens, labels, tokens[:, 0] != td.PAD_ID
 
 
-class ClassifyTask(Task):
+class ClassifyTask(LabelTask):
   """Sequence classification with model.SequenceClassifier (accuracy, macro-F1, per-class report)."""
 
   name = 'classify'
   best_metric = 'accuracy'
   best_mode = 'max'
-
-  def __init__(self, config, tokenizer, log):
-    super().__init__(config, tokenizer, log)
-    self.labels: list[str] = []
-    self.splits: dict[str, np.ndarray] | None = None
-    self._forward = None
+  parts = staticmethod(split_row_parts)
 
   def prepare(self, workdir) -> TaskData:
     del workdir  # tokenizing a few thousand texts each run is cheap; nothing is cached on disk
@@ -94,59 +85,11 @@ class ClassifyTask(Task):
     return TaskData(train=self.splits['train'], val=self.splits['val'], test=self.splits['test'],
                     stats=stats, key=key)
 
-  def load_meta(self, stats: dict) -> None:
-    self.labels = list(stats['labels'])
-
   def build_model(self, enc_cfg, rngs):
     if not self.labels:
       raise RuntimeError('classify: no labels: call prepare() or load_meta() before build_model()')
     return model.SequenceClassifier(enc_cfg, len(self.labels),
                                     pooling=self.config.classify.pooling, rngs=rngs)
-
-  def batch_loss(self, m, rows, mask_key, drop_key, step):
-    del mask_key, step
-    tokens, labels, valid = split_row_parts(rows)
-    logits = m(tokens, dropout_rng=drop_key)
-    loss_sum, weight = losses.cross_entropy_sum(logits, labels, valid)
-    correct, _ = losses.accuracy_sum(logits, labels, valid)
-    return loss_sum, weight, {'loss_sum': loss_sum, 'weight': weight, 'correct': correct}
-
-  def window_record(self, sums):
-    w = max(float(sums['weight']), 1.0)
-    return {'train/loss': float(sums['loss_sum']) / w, 'train/accuracy': float(sums['correct']) / w}
-
-  def progress_text(self, record, step):
-    del step
-    text = f'loss {record["train/loss"]:.4f} | acc {record["train/accuracy"]:.4f}'
-    if 'train/lr' in record:
-      text += f' | lr {record["train/lr"]:.2e}'
-    return text
-
-  def _forward_fn(self):
-    """Returns the jitted (graphdef, params, rows) -> (pred, label, valid, nll), built once."""
-    if self._forward is None:
-      def forward(graphdef, params, rows):
-        tokens, labels, valid = split_row_parts(rows)
-        logits = nnx.merge(graphdef, params)(tokens)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        gold = jnp.take_along_axis(logits, labels[:, None], axis=-1, mode='clip')[:, 0]
-        return jnp.argmax(logits, -1).astype(jnp.int32), labels, valid, lse - gold
-      self._forward = jax.jit(forward, static_argnums=0)
-    return self._forward
-
-  def evaluate(self, graphdef, params, split, to_device) -> dict[str, Any]:
-    if self.splits is None:
-      raise RuntimeError('classify: call prepare() before evaluate()')
-    rows = self.splits[split]
-    if not len(rows):
-      return {}
-    pred, gold, valid, nll = td.collect(self._forward_fn(), graphdef, params, rows,
-                                        int(self.config.eval.batch_size), to_device)
-    pred, gold, nll = pred[valid], gold[valid], nll[valid]
-    n = len(self.labels)
-    return {'loss': float(nll.mean()), 'accuracy': td.accuracy(gold, pred),
-            'macro_f1': td.macro_f1(gold, pred, n), 'examples': float(len(gold)),
-            'per_class': td.per_class_report(gold, pred, self.labels)}
 
   def eval_text(self, metrics):
     return (f'loss {metrics["loss"]:.4f} | acc {metrics["accuracy"]:.4f} | '

@@ -14,15 +14,11 @@ count the words that were kept.
 """
 
 import collections
-from typing import Any
-
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from mlmjax import losses, model
-from mlmjax.tasks import Task, TaskData
+from mlmjax import model
+from mlmjax.tasks import LabelTask, TaskData
 from mlmjax.tasks import task_data as td
 
 TAG_MAPS = ('', 'brown_coarse')
@@ -106,20 +102,21 @@ def split_row_parts(rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return tokens, tags, (tags >= 0) & (tokens[:, :1] != td.PAD_ID)
 
 
-class TagTask(Task):
+class TagTask(LabelTask):
   """Token tagging with model.TokenTagger (word accuracy, macro-F1 over tags, per-tag report)."""
 
   name = 'tag'
   best_metric = 'accuracy'
   best_mode = 'max'
 
+  accuracy_name = 'word acc'
+  count_name = 'words'
+  parts = staticmethod(split_row_parts)
+
   def __init__(self, config, tokenizer, log):
     super().__init__(config, tokenizer, log)
-    self.labels: list[str] = []
-    self.splits: dict[str, np.ndarray] | None = None
     # Per split: (lowercased words, tag ids) of the words kept in the rows, for the baseline.
     self.words: dict[str, tuple[list[str], np.ndarray]] = {}
-    self._forward = None
 
   def _read(self, path: str) -> tuple[list[dict], list[list[str]], list[list[str]], dict]:
     """Returns the rows, their word lists, their (mapped) tag lists and the tag-map counts."""
@@ -204,59 +201,10 @@ class TagTask(Task):
     return TaskData(train=self.splits['train'], val=self.splits['val'], test=self.splits['test'],
                     stats=stats, key=key)
 
-  def load_meta(self, stats: dict) -> None:
-    self.labels = list(stats['labels'])
-
   def build_model(self, enc_cfg, rngs):
     if not self.labels:
       raise RuntimeError('tag: no labels: call prepare() or load_meta() before build_model()')
     return model.TokenTagger(enc_cfg, len(self.labels), rngs=rngs)
-
-  def batch_loss(self, m, rows, mask_key, drop_key, step):
-    del mask_key, step
-    tokens, tags, weights = split_row_parts(rows)
-    logits = m(tokens, dropout_rng=drop_key)
-    loss_sum, weight = losses.cross_entropy_sum(logits, tags, weights)
-    correct, _ = losses.accuracy_sum(logits, tags, weights)
-    return loss_sum, weight, {'loss_sum': loss_sum, 'weight': weight, 'correct': correct}
-
-  def window_record(self, sums):
-    w = max(float(sums['weight']), 1.0)
-    return {'train/loss': float(sums['loss_sum']) / w, 'train/accuracy': float(sums['correct']) / w}
-
-  def progress_text(self, record, step):
-    del step
-    text = f'loss {record["train/loss"]:.4f} | word acc {record["train/accuracy"]:.4f}'
-    if 'train/lr' in record:
-      text += f' | lr {record["train/lr"]:.2e}'
-    return text
-
-  def _forward_fn(self):
-    """Returns the jitted (graphdef, params, rows) -> (pred, tag, weight, nll), each (B, L), once."""
-    if self._forward is None:
-      def forward(graphdef, params, rows):
-        tokens, tags, weights = split_row_parts(rows)
-        logits = nnx.merge(graphdef, params)(tokens)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        gold = jnp.take_along_axis(logits, tags[..., None], axis=-1, mode='clip')[..., 0]
-        return jnp.argmax(logits, -1).astype(jnp.int32), tags, weights, lse - gold
-      self._forward = jax.jit(forward, static_argnums=0)
-    return self._forward
-
-  def evaluate(self, graphdef, params, split, to_device) -> dict[str, Any]:
-    if self.splits is None:
-      raise RuntimeError('tag: call prepare() before evaluate()')
-    rows = self.splits[split]
-    if not len(rows):
-      return {}
-    pred, gold, weights, nll = td.collect(self._forward_fn(), graphdef, params, rows,
-                                          int(self.config.eval.batch_size), to_device)
-    pred, gold, nll = pred[weights], gold[weights], nll[weights]
-    if not gold.size:
-      return {}
-    return {'loss': float(nll.mean()), 'accuracy': td.accuracy(gold, pred),
-            'macro_f1': td.macro_f1(gold, pred, len(self.labels)), 'words': float(gold.size),
-            'per_class': td.per_class_report(gold, pred, self.labels)}
 
   def eval_text(self, metrics):
     return (f'loss {metrics["loss"]:.4f} | word acc {metrics["accuracy"]:.4f} | '
