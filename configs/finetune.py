@@ -66,7 +66,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.task_data.tag_map = ''  # tag: '' keeps the tags as they are; 'brown_coarse' (README)
 
   c.classify = ml_collections.ConfigDict()
-  c.classify.pooling = 'cls'  # sentence vector: 'cls' ([CLS] hidden state) or 'mean' (over tokens)
+  # Sentence vector: 'mean' over tokens, or 'cls' (the [CLS] hidden state). MLM pretraining here
+  # has no sentence-level task, so [CLS] is not trained to summarize (docs/results.md).
+  c.classify.pooling = 'mean'
 
   c.retrieve = ml_collections.ConfigDict()
   c.retrieve.pooling = 'mean'  # embedding: 'mean' over tokens or 'cls'

@@ -89,7 +89,8 @@ def read_downstream(run_dir: pathlib.Path) -> dict[str, float]:
   """Returns the columns named by run_dir/downstream.json ({} if absent).
 
   Its entries are `name: number`, `name: {nested numbers}` or `name: path` to a fine-tuned workdir
-  (relative to the run), whose summary.json's numeric `eval/...` entries become `name/...` columns.
+  (relative to the run), whose summary.json's numeric `eval/...` entries become `name/...` columns
+  and its `test/...` entries (a fine-tuning run's test split) `name/test_...` columns.
   """
   path = run_dir / 'downstream.json'
   if not path.exists():
@@ -113,8 +114,12 @@ def read_downstream(run_dir: pathlib.Path) -> dict[str, float]:
       if not summary_path.is_file():
         raise ValueError(f'{path}: {name!r} names {value!r}, which holds no summary.json')
       for k, v in _read_json(summary_path).items():
-        if k.startswith('eval/') and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+          continue
+        if k.startswith('eval/'):
           out[f'{name}/{k[len("eval/"):]}'] = float(v)
+        elif k.startswith('test/'):  # a fine-tuning run's test split, best parameters
+          out[f'{name}/test_{k[len("test/"):]}'] = float(v)
     else:
       raise ValueError(f'{path}: {name!r} must be a number, an object or a workdir path')
   return out

@@ -85,7 +85,9 @@ def test_downstream_results_join_the_table(runs, tmp_path):
   (root / 'rate=0.15' / 'downstream.json').write_text(json.dumps(flat_and_nested))
   finetune = root / 'rate=0.3' / 'ft_sst2'
   finetune.mkdir()
-  (finetune / 'summary.json').write_text(json.dumps({'eval/accuracy': 0.74, 'eval/loss': 0.6, 'step': 10}))
+  (finetune / 'summary.json').write_text(json.dumps(
+      {'eval/accuracy': 0.74, 'eval/loss': 0.6, 'test/accuracy': 0.7, 'test/per_class': {},
+       'test/parameters': 'best (step 8)', 'step': 10}))
   (root / 'rate=0.3' / 'downstream.json').write_text(json.dumps({'sst2': 'ft_sst2'}))
   try:
     paths = report.write_report(root, tmp_path / 'out')
@@ -93,6 +95,7 @@ def test_downstream_results_join_the_table(runs, tmp_path):
       rows = {row['run']: row for row in csv.DictReader(f)}
     assert rows['rate=0.15']['sst2/accuracy'] == '0.81' and rows['rate=0.15']['cola/mcc'] == '0.2'
     assert rows['rate=0.3']['sst2/accuracy'] == '0.74' and rows['rate=0.3']['sst2/loss'] == '0.6'
+    assert rows['rate=0.3']['sst2/test_accuracy'] == '0.7'  # numbers only: no per_class, no text
     assert rows['seed1/rate=0.3']['sst2/accuracy'] == ''
     assert len(rows) == 3  # the fine-tuned workdir inside a run is not a run of the sweep
     (root / 'rate=0.3' / 'downstream.json').write_text(json.dumps({'sst2': 'missing_dir'}))
