@@ -85,6 +85,7 @@ class Reporter:
     """Flushes and closes the TensorBoard writer."""
     if self._tb is not None:
       self._tb.close()
+      self._tb = None  # a write after close (the evaluation after the loop) opens a new writer
 
 
 def _fmt_time(seconds: float) -> str:
@@ -492,6 +493,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
     return sharding.global_batch(rows[lo:lo + len(rows) // jax.process_count()], mesh)
 
   last_good = {'step': step0 if restored is not None else None}
+  closed = {'best': False}  # an evaluation after the loop (a rerun of a finished run) saves nothing
 
   def meta_of(step):
     meta = {'step': step, 'data': input_pipeline.data_position(step, len(data.train),
@@ -522,7 +524,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
         value > progress.best_value + min_delta)
     if better:
       progress.best_value, progress.best_step, progress.evals_since_best = float(value), step, 0
-      if best_ckpt is not None:
+      if best_ckpt is not None and not closed['best']:
         best_ckpt.save(step, state, meta_of(step))
     else:
       progress.evals_since_best += 1
@@ -614,6 +616,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
       ckpt.close()  # commits pending asynchronous saves, also when an exception ends the loop
       if best_ckpt is not None:
         best_ckpt.close()
+        closed['best'] = True
       reporter.close()
     finally:
       stop.__exit__(None, None, None)
@@ -638,6 +641,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
     summary.update(_test_with_best(task, graphdef, state, abstract_target, best_ckpt, to_global, log))
   if finished:
     summary.update({f'baseline/{k}': v for k, v in task.baselines().items()})
+  reporter.close()
   if is_main:
     _atomic_write_json(workdir / 'summary.json', summary)
     table = task.final_text(summary) if finished or eval_record else None
