@@ -750,6 +750,7 @@ class InitSource:
   ckpt_dir: pathlib.Path
   config: Any  # ml_collections.ConfigDict of its config.json
   tokenizer_path: pathlib.Path
+  step: int | None = None  # a step directory was named: that step, else the latest that restores
 
 
 def _init_source(source: str) -> InitSource:
@@ -772,7 +773,8 @@ def _init_source(source: str) -> InitSource:
     raise FileNotFoundError(f'init_from={source!r}: {workdir} holds no tokenizer '
                             f'({" or ".join(tokenizer_lib.WORKDIR_FILES)})')
   config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
-  return InitSource(source, workdir, ckpt_dir, config, tok_path)
+  return InitSource(source, workdir, ckpt_dir, config, tok_path,
+                    int(src.name) if src != workdir and src.name.isdigit() else None)
 
 
 def _make_task(config, workdir: pathlib.Path, init_run: InitSource | None, log):
@@ -837,7 +839,15 @@ def _init_params_from(src: InitSource, state: dict, abstract_target: dict, task,
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shard)
     take = lambda p: {**state['params'], 'encoder': p['encoder']}
-  step, loaded, _ = checkpoint.restore_latest_in(src.ckpt_dir, target, what=where, log=log)
+  if src.step is None:
+    step, loaded, _ = checkpoint.restore_latest_in(src.ckpt_dir, target, what=where, log=log)
+  else:
+    named = checkpoint.Checkpointer(src.ckpt_dir, async_save=False, log=log)
+    try:
+      loaded, _ = named.restore(src.step, target)
+    finally:
+      named.close()
+    step = src.step
   part = 'parameters' if task.name == 'mlm' else 'encoder'
   log(f'initialized the {part} from {src.ckpt_dir / str(step)} (fresh optimizer'
       + (', fresh task head)' if task.name != 'mlm' else ')'))

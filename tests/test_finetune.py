@@ -150,6 +150,15 @@ def test_init_from_mismatches_name_what_differs(pretrained, make_tiny_config, tm
     train.run(c, tmp_path / 'no_tok')
 
 
+def test_init_from_a_step_directory_loads_that_step(pretrained, make_tiny_config, tmp_path):
+  _, pre_dir = pretrained  # checkpoints at steps 4 and 8
+  c = make_tiny_config()
+  c.train.num_steps, c.eval.every_steps, c.ckpt.every_steps = 2, 2, 2
+  c.init_from = str(pre_dir / 'checkpoints' / '4')
+  train.run(c, tmp_path / 'from4')
+  assert 'checkpoints/4 (fresh optimizer)' in (tmp_path / 'from4' / 'log.txt').read_text()
+
+
 @pytest.mark.parametrize('task_cfg', ['retrieve_tiny'])
 def test_retrieval_from_scratch_with_the_pretrained_tokenizer(pretrained, make_tiny_config,
                                                               tmp_path, task_cfg):
