@@ -139,6 +139,13 @@ class LabelTask(Task):
   def load_meta(self, stats: dict) -> None:
     self.labels = list(stats['labels'])
 
+  def _task_data(self, stats: dict) -> TaskData:
+    """Returns the TaskData of self.splits, keyed by a digest of the rows and the label names."""
+    from mlmjax.tasks import task_data as td  # pylint: disable=g-import-not-at-top
+    s = self.splits
+    return TaskData(train=s['train'], val=s['val'], test=s['test'], stats=stats,
+                    key=td.digest(s['train'], s['val'], s['test'], np.array(self.labels)))
+
   def batch_loss(self, m, rows, mask_key, drop_key, step):
     del mask_key, step
     tokens, labels, weights = self.parts(rows)

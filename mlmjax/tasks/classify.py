@@ -80,10 +80,7 @@ class ClassifyTask(LabelTask):
              f'{self.labels}; train/val/test {stats["split_examples"]["train"]}/'
              f'{stats["split_examples"]["val"]}/{stats["split_examples"]["test"]}; '
              f'{stats["truncated"]} texts cut to {seq_len} tokens')
-    key = td.digest(self.splits['train'], self.splits['val'], self.splits['test'],
-                    np.array(self.labels))
-    return TaskData(train=self.splits['train'], val=self.splits['val'], test=self.splits['test'],
-                    stats=stats, key=key)
+    return self._task_data(stats)
 
   def build_model(self, enc_cfg, rngs):
     if not self.labels:

@@ -196,10 +196,7 @@ class TagTask(LabelTask):
              f'{stats["split_examples"]["train"]}/{stats["split_examples"]["val"]}/'
              f'{stats["split_examples"]["test"]}; {stats["truncated_words"]} words in '
              f'{stats["truncated_examples"]} sentences cut at {seq_len} tokens')
-    key = td.digest(self.splits['train'], self.splits['val'], self.splits['test'],
-                    np.array(self.labels))
-    return TaskData(train=self.splits['train'], val=self.splits['val'], test=self.splits['test'],
-                    stats=stats, key=key)
+    return self._task_data(stats)
 
   def build_model(self, enc_cfg, rngs):
     if not self.labels:
