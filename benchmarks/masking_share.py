@@ -21,7 +21,7 @@ import jax  # pylint: disable=g-import-not-at-top
 
 from benchmarks.throughput import time_fn  # pylint: disable=g-import-not-at-top
 from configs import pretrain
-from mlmjax import input_pipeline, masking, optim, pmi, sharding, train
+from mlmjax import input_pipeline, masking, optim, pmi, sharding, train, train_state
 
 
 def main() -> None:
@@ -38,12 +38,12 @@ def main() -> None:
   tokenizer, cache = data.tokenizer, data.cache
   b, l = config.train.batch_size, config.train.seq_len
   mesh = sharding.make_mesh(config.mesh)
-  enc_cfg = train.encoder_config_from(config, tokenizer.vocab_size)
+  enc_cfg = train_state.encoder_config_from(config, tokenizer.vocab_size)
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
-  graphdef, param_state = train.abstract_model(enc_cfg, config.seed)
-  init_fn = train.make_init_fn(enc_cfg, tx, config.seed)
-  shardings = train.state_shardings(param_state, jax.eval_shape(init_fn), tx, mesh)
+  graphdef, param_state = train_state.abstract_model(enc_cfg, config.seed)
+  init_fn = train_state.make_init_fn(enc_cfg, tx, config.seed)
+  shardings = train_state.state_shardings(param_state, jax.eval_shape(init_fn), tx, mesh)
   pool = [sharding.global_batch(cache.train_rows[i * b:(i + 1) * b], mesh) for i in range(4)]
   key = jax.random.key(0)
   dev = jax.devices()[0]

@@ -22,7 +22,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from configs import pretrain  # pylint: disable=g-import-not-at-top
-from mlmjax import flops, masking, optim, sharding, train
+from mlmjax import flops, masking, optim, sharding, train, train_state
 from mlmjax import tokenizer as tok
 
 
@@ -82,13 +82,13 @@ def main() -> None:
     config.model.attention_impl = args.attention_impl
   b, l, vocab = config.train.batch_size, config.train.seq_len, config.tokenizer.vocab_size
   mesh = sharding.make_mesh(config.mesh)
-  enc_cfg = train.encoder_config_from(config, vocab)
+  enc_cfg = train_state.encoder_config_from(config, vocab)
   spec = masking.spec_from_config(config.masking, vocab_size=vocab, seq_len=l)
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
-  graphdef, param_state = train.abstract_model(enc_cfg, config.seed)
-  init_fn = train.make_init_fn(enc_cfg, tx, config.seed)
-  shardings = train.state_shardings(param_state, jax.eval_shape(init_fn), tx, mesh)
+  graphdef, param_state = train_state.abstract_model(enc_cfg, config.seed)
+  init_fn = train_state.make_init_fn(enc_cfg, tx, config.seed)
+  shardings = train_state.state_shardings(param_state, jax.eval_shape(init_fn), tx, mesh)
   state = jax.jit(init_fn, out_shardings=shardings)()
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['params']))
   step = jax.jit(train.make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0,

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlmjax import flops, masking, optim, sharding, train
+from mlmjax import flops, masking, optim, sharding, train, train_state
 from mlmjax import tokenizer as tokenizer_lib
 
 
@@ -94,15 +94,15 @@ def compile_report(config, *, topology: str = '') -> dict:
     raise ValueError(f'train.batch_size={batch} must be divisible by the {dp} data-parallel '
                      'devices of mesh.shape')
   vocab = _vocab_size(config)
-  enc_cfg = train.encoder_config_from(config, vocab)
+  enc_cfg = train_state.encoder_config_from(config, vocab)
   spec, rate_schedule, tables = _masking_for_shapes(config, vocab, seq_len)
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
 
-  graphdef, param_state = train.abstract_model(enc_cfg, config.seed)
-  init_fn = train.make_init_fn(enc_cfg, tx, config.seed)
+  graphdef, param_state = train_state.abstract_model(enc_cfg, config.seed)
+  init_fn = train_state.make_init_fn(enc_cfg, tx, config.seed)
   abstract_state = jax.eval_shape(init_fn)
-  shardings = train.state_shardings(param_state, abstract_state, tx, mesh)
+  shardings = train_state.state_shardings(param_state, abstract_state, tx, mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        abstract_state, shardings)
   data_spec = sharding.batch_sharding(mesh)

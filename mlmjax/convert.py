@@ -270,7 +270,7 @@ def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
   """
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from mlmjax import checkpoint, model, optim, train  # pylint: disable=g-import-not-at-top
+  from mlmjax import checkpoint, model, optim, train_state  # pylint: disable=g-import-not-at-top
   src, workdir = pathlib.Path(src_dir), pathlib.Path(workdir)
   cfg_path = src / 'config.json'
   if not cfg_path.is_file():
@@ -306,13 +306,13 @@ def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
   config.tokenizer.path = str((workdir / tokenizer.file_name).resolve())
   config.tokenizer.vocab_size = enc_cfg.vocab_size
   # The padded vocabulary of config.json wins: ids past the tokenizer's are never produced.
-  enc_cfg = train.encoder_config_from(config, enc_cfg.vocab_size)
+  enc_cfg = train_state.encoder_config_from(config, enc_cfg.vocab_size)
 
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   fresh = model.MlmHead(enc_cfg, rngs=nnx.Rngs(config.seed))
   fresh_head = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(fresh, nnx.Param)))
   params = params_from_hf(read_weights(src), enc_cfg, fresh_head, log=log)
-  abstract = jax.eval_shape(train.make_init_fn(enc_cfg, tx, config.seed))
+  abstract = jax.eval_shape(train_state.make_init_fn(enc_cfg, tx, config.seed))
   _check_shapes(params, abstract['params'])
   params = jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), params)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jax.numpy.zeros((), jax.numpy.int32)}
@@ -356,9 +356,9 @@ def _check_shapes(params: dict, abstract: dict) -> None:
 def export_hf(workdir, out_dir, *, log: Callable[[str], None] = print) -> pathlib.Path:
   """Writes config.json, model.safetensors and the tokenizer files of a workdir's latest step to out_dir."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from mlmjax import predict, train  # pylint: disable=g-import-not-at-top
+  from mlmjax import predict, train_state  # pylint: disable=g-import-not-at-top
   run = predict.load_run(workdir)
-  enc_cfg = train.encoder_config_from(run.config, run.tokenizer.vocab_size)
+  enc_cfg = train_state.encoder_config_from(run.config, run.tokenizer.vocab_size)
   hf_config = hf_config_from(enc_cfg, run.tokenizer.pad_id)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ def load_run(workdir, checkpoint_choice: str = 'best') -> LoadedRun:
   checkpoint_choice 'best' restores best/ when it holds a step (fine-tuning and early stopping
   keep one there), else the latest restorable step of checkpoints/; 'latest' always the latter.
   """
-  from mlmjax import optim, train  # pylint: disable=g-import-not-at-top
+  from mlmjax import optim, train_state  # pylint: disable=g-import-not-at-top
   if checkpoint_choice not in CHECKPOINTS:
     raise ValueError(f'--checkpoint {checkpoint_choice!r}: choose one of {", ".join(CHECKPOINTS)}')
   workdir = pathlib.Path(workdir)
@@ -75,7 +75,7 @@ def load_run(workdir, checkpoint_choice: str = 'best') -> LoadedRun:
   config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
   tokenizer = tok.load_any(stored[0])
   task_name = str(config.get('task', 'mlm') or 'mlm')  # configs before fine-tuning have no task
-  enc_cfg = train.encoder_config_from(config, tokenizer.vocab_size)
+  enc_cfg = train_state.encoder_config_from(config, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   stats, build = {}, None
   if task_name != 'mlm':
@@ -91,12 +91,12 @@ def load_run(workdir, checkpoint_choice: str = 'best') -> LoadedRun:
     task.load_meta(stats)
     build = task.build_model
   builder = {} if build is None else {'build': build}  # MLM: train's own BertForMLM builder
-  graphdef, param_state = train.abstract_model(enc_cfg, config.seed, **builder)
-  init_fn = train.make_init_fn(enc_cfg, tx, config.seed, **builder)
+  graphdef, param_state = train_state.abstract_model(enc_cfg, config.seed, **builder)
+  init_fn = train_state.make_init_fn(enc_cfg, tx, config.seed, **builder)
   abstract = jax.eval_shape(init_fn)
   one_device = ml_collections.ConfigDict({'shape': tuple((a, 1) for a in sharding.MESH_AXES)})
   mesh = sharding.make_mesh(one_device, devices=jax.devices()[:1])
-  shardings = train.state_shardings(param_state, abstract, tx, mesh)
+  shardings = train_state.state_shardings(param_state, abstract, tx, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   directory = workdir / 'checkpoints'
   if checkpoint_choice == 'best' and _has_steps(workdir / 'best'):

@@ -2,7 +2,6 @@
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -19,86 +18,11 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mlmjax import (checkpoint, config_check, flops, input_pipeline, masking, model, optim,
-                    sharding)
+from mlmjax import (checkpoint, config_check, flops, input_pipeline, masking, optim, run_files,
+                    sharding, train_state)
 from mlmjax import tasks as tasks_lib
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax.tasks import mlm as mlm_task
-
-# Parameters carry logical axis names as metadata only; shardings are applied by jit.
-nnx.use_eager_sharding(False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Logging: one progress line per window, metrics.jsonl, TensorBoard, all from process 0 only.
-
-
-class Reporter:
-  """Writes the progress line, log.txt, metrics.jsonl and TensorBoard events of a workdir."""
-
-  def __init__(self, workdir: pathlib.Path, *, enabled: bool, resume_step: int | None):
-    self.workdir = workdir
-    self.enabled = enabled
-    self._tb = None
-    if enabled:
-      self._truncate_metrics(resume_step)
-
-  def log(self, text: str) -> None:
-    """Prints a line and appends it to log.txt."""
-    if not self.enabled:
-      return
-    print(text, flush=True)
-    with open(self.workdir / 'log.txt', 'a') as f:
-      f.write(text + '\n')
-
-  def _truncate_metrics(self, resume_step: int | None) -> None:
-    """Drops metrics.jsonl records past the step a resumed run continues from."""
-    path = self.workdir / 'metrics.jsonl'
-    if not path.exists():
-      return
-    keep = []
-    for line in path.read_text().splitlines():
-      try:
-        if resume_step is not None and json.loads(line).get('step', 0) <= resume_step:
-          keep.append(line)
-      except json.JSONDecodeError:
-        continue  # a line cut short by a crash
-    tmp = path.with_suffix('.jsonl.tmp')
-    tmp.write_text(''.join(line + '\n' for line in keep))
-    os.replace(tmp, path)
-
-  def write(self, step: int, record: dict[str, float]) -> None:
-    """Appends one record to metrics.jsonl and TensorBoard."""
-    if not self.enabled:
-      return
-    with open(self.workdir / 'metrics.jsonl', 'a') as f:
-      f.write(json.dumps({'step': step, **record}) + '\n')
-    if self._tb is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(self.workdir / 'tensorboard'))
-    for k, v in record.items():
-      if isinstance(v, (int, float)) and math.isfinite(v):
-        self._tb.add_scalar(k, v, step)
-    self._tb.flush()
-
-  def close(self) -> None:
-    """Flushes and closes the TensorBoard writer."""
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None  # a write after close (the evaluation after the loop) opens a new writer
-
-
-def _fmt_time(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
-
-
-def _atomic_write_json(path: pathlib.Path, obj: Any) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
-  os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,69 +33,16 @@ def validate_config(config) -> None:
   """Raises ValueError naming the key for values that cannot work (see config_check)."""
   config_check.check_config(config)
   t = config.train
-  encoder_config_from(config, config.tokenizer.vocab_size)  # model shape keys, heads, dtype
+  # Model shape keys, heads, dtype.
+  train_state.encoder_config_from(config, config.tokenizer.vocab_size)
   # Building the specs validates masking.rate, masking.split, masking.selection.
   masking.spec_from_config(config.masking, vocab_size=config.tokenizer.vocab_size, seq_len=t.seq_len,
                            num_steps=t.num_steps)
   optim.learning_rate_schedule(config.optim, t.num_steps)
 
 
-_SHAPE_KEYS = ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size')
-
-
-def encoder_config_from(config, vocab_size: int) -> model.EncoderConfig:
-  """Returns the EncoderConfig named by config.model (size, then non-zero shape keys) for a vocab."""
-  m = config.model
-  # Configs written before the shape keys existed lack them: .get keeps their meaning.
-  shape = dict(model.SIZES.get(m.size, {}))
-  for key in _SHAPE_KEYS:
-    if int(m.get(key, 0) or 0):
-      shape[key] = int(m.get(key))
-    elif key not in shape:
-      raise ValueError(f"model.{key} must be set (> 0) when model.size='custom'")
-  return model.EncoderConfig(
-      vocab_size=vocab_size, **shape, max_position=m.max_position,
-      type_vocab_size=int(m.get('type_vocab_size', 2)),
-      layer_norm_eps=float(m.get('layer_norm_eps', 1e-12)), pre_layer_norm=m.pre_layer_norm,
-      dropout_rate=m.dropout_rate, attention_dropout_rate=m.dropout_rate, dtype=m.dtype,
-      attention_impl=m.attention_impl or None, remat=str(m.get('remat', '')))
-
-
 # ---------------------------------------------------------------------------------------------
-# Train state: a pytree {params (pure dict), opt_state, step}, initialized sharded.
-
-
-def _mlm_model(enc_cfg: model.EncoderConfig, rngs: nnx.Rngs) -> nnx.Module:
-  return model.BertForMLM(enc_cfg, rngs=rngs)
-
-
-def abstract_model(enc_cfg: model.EncoderConfig, seed: int, build: Callable = _mlm_model):
-  """Returns (graphdef, abstract param State) of build(enc_cfg, rngs) without allocating parameters."""
-  abstract = nnx.eval_shape(lambda: build(enc_cfg, nnx.Rngs(seed)))
-  return nnx.split(abstract, nnx.Param)
-
-
-def state_shardings(param_state, abstract_state, tx, mesh, rules=sharding.DEFAULT_RULES):
-  """Returns NamedShardings for {params, opt_state, step} from the parameters' logical names."""
-  logical = nnx.to_pure_dict(nnx.get_partition_spec(param_state))
-  p_shard = sharding.tree_shardings(logical, abstract_state['params'], mesh, rules)
-  o_shard = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_state['opt_state'], p_shard,
-      transform_non_params=lambda _: sharding.replicated(mesh),
-      is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-  return {'params': p_shard, 'opt_state': o_shard, 'step': sharding.replicated(mesh)}
-
-
-def make_init_fn(enc_cfg: model.EncoderConfig, tx, seed: int,
-                 build: Callable = _mlm_model) -> Callable[[], dict]:
-  """Returns a function that builds the initial train state (to be jitted with out_shardings)."""
-
-  def init():
-    m = build(enc_cfg, nnx.Rngs(seed))
-    params = nnx.to_pure_dict(nnx.split(m, nnx.Param)[1])
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
-
-  return init
+# The train step: a pure function of (state, rows, seed key), jitted by run().
 
 
 def step_keys(seed_key: jax.Array, step) -> tuple[jax.Array, jax.Array]:
@@ -387,7 +258,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  _check_writable(workdir)
+  run_files.check_writable(workdir)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
   dp = sharding.data_parallel_size(mesh)
@@ -400,7 +271,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
                      f' rows per microbatch must be divisible by the {dp} data-parallel devices')
   ckpt_dir = workdir / 'checkpoints'
   saved = [int(p.name) for p in ckpt_dir.glob('*') if p.is_dir() and p.name.isdigit()]
-  reporter = Reporter(workdir, enabled=is_main, resume_step=max(saved, default=0))
+  reporter = run_files.Reporter(workdir, enabled=is_main, resume_step=max(saved, default=0))
   log = reporter.log
   task_name = str(config.get('task', 'mlm'))
   log(f'mlmjax: workdir {workdir} | task {task_name} | devices {jax.device_count()} '
@@ -411,22 +282,22 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
     jax.config.update('jax_compilation_cache_dir', str(input_pipeline.cache_root(config.data) / 'xla'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   quiet = log if is_main else (lambda s: None)
-  init_run = _init_source(config.init_from) if config.init_from else None
+  init_run = train_state.init_source(config.init_from) if config.init_from else None
   task = _make_task(config, workdir, init_run, quiet)
   data = task.prepare(workdir)
   tokenizer = task.tokenizer
   if is_main:
-    _write_config(workdir, config, log)
-    _atomic_write_json(workdir / 'task.json', {'task': task.name, **data.stats})
+    run_files.write_config(workdir, config, log)
+    run_files.atomic_write_json(workdir / 'task.json', {'task': task.name, **data.stats})
 
-  enc_cfg = encoder_config_from(config, tokenizer.vocab_size)
+  enc_cfg = train_state.encoder_config_from(config, tokenizer.vocab_size)
   seq_len = config.train.seq_len
   schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
-  graphdef, param_state = abstract_model(enc_cfg, config.seed, task.build_model)
-  init_fn = make_init_fn(enc_cfg, tx, config.seed, task.build_model)
+  graphdef, param_state = train_state.abstract_model(enc_cfg, config.seed, task.build_model)
+  init_fn = train_state.make_init_fn(enc_cfg, tx, config.seed, task.build_model)
   abstract_state = jax.eval_shape(init_fn)
-  shardings = state_shardings(param_state, abstract_state, tx, mesh)
+  shardings = train_state.state_shardings(param_state, abstract_state, tx, mesh)
   abstract_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                  abstract_state, shardings)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state['params']))
@@ -450,12 +321,13 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
     if restored is not None:
       step0, state, meta = restored
       progress = _Progress(**meta.get('progress', {}))
-      _check_resume_meta(meta, data.key, tokenizer, config, log)
+      run_files.check_resume_meta(meta, data.key, tokenizer, config, log)
       log(f'resumed from step {step0} (checkpoint {ckpt.directory / str(step0)})')
     else:
       state = jax.jit(init_fn, out_shardings=shardings)()
       if init_run is not None:
-        state = _init_params_from(init_run, state, abstract_target, task, enc_cfg, tokenizer, log)
+        state = train_state.init_params_from(init_run, state, abstract_target, task, enc_cfg,
+                                             tokenizer, log)
       step0 = 0
       log(f'initialized {config.model.size} {task.name} model: {n_params / 1e6:.2f} M parameters'
           + ('' if init_run is None else
@@ -586,7 +458,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
         eta = (num_steps - step) * dt / window_steps
         log(f'step {step}/{num_steps} | {task.progress_text(record, step)} | '
             f'{record["train/tokens_per_s"] / 1e3:.1f}k tok/s | MFU {record["train/mfu"]:.1%} | '
-            f'{record["train/step_time_s"] * 1e3:.0f} ms/step | ETA {_fmt_time(eta)}')
+            f'{record["train/step_time_s"] * 1e3:.0f} ms/step | ETA {run_files.fmt_time(eta)}')
         window, t_window, window_steps = None, time.perf_counter(), 0
       if step % config.eval.every_steps == 0 or step == num_steps:
         eval_record = run_eval(step)
@@ -643,7 +515,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
     summary.update({f'baseline/{k}': v for k, v in task.baselines().items()})
   reporter.close()
   if is_main:
-    _atomic_write_json(workdir / 'summary.json', summary)
+    run_files.atomic_write_json(workdir / 'summary.json', summary)
     table = task.final_text(summary) if finished or eval_record else None
     if table:
       log(table)
@@ -689,95 +561,11 @@ def _test_with_best(task, graphdef, state, abstract_target, best_ckpt, to_global
   return out
 
 
-def _check_writable(workdir: pathlib.Path) -> None:
-  """Raises early when the workdir cannot be written."""
-  # One probe per process: the hosts of a multi-host run share the workdir and probe at once.
-  probe = workdir / f'.write_probe.{jax.process_index()}.{os.getpid()}'
-  try:
-    probe.write_text('ok')
-    probe.unlink()
-  except OSError as e:
-    raise PermissionError(f'workdir {workdir} is not writable ({e.strerror}); choose another --workdir') from None
-
-
-def _write_config(workdir: pathlib.Path, config, log) -> None:
-  """Writes config.json, noting keys that differ from a previous run in the same workdir."""
-  path = workdir / 'config.json'
-  new = json.loads(config.to_json_best_effort())
-  if path.exists():
-    try:
-      old = json.loads(path.read_text())
-    except json.JSONDecodeError:
-      old = {}
-    diffs = sorted(_flat_diff(old, new))
-    if diffs:
-      log(f'note: config differs from the previous run in this workdir: {", ".join(diffs)}')
-  _atomic_write_json(path, new)
-
-
-def _flat_diff(a: dict, b: dict, prefix: str = '') -> list[str]:
-  out = []
-  for k in set(a) | set(b):
-    va, vb = a.get(k), b.get(k)
-    if isinstance(va, dict) and isinstance(vb, dict):
-      out += _flat_diff(va, vb, f'{prefix}{k}.')
-    elif va != vb:
-      out.append(f'{prefix}{k}')
-  return out
-
-
-def _check_resume_meta(meta: dict, data_key: str, tokenizer, config, log) -> None:
-  """Warns when a resumed run's data or seed differ from what its checkpoint was trained with."""
-  if meta.get('tokenizer') not in (None, tokenizer.fingerprint):
-    raise ValueError('the checkpoint was trained with a different tokenizer than '
-                     f'{tokenizer.model_path}; use a new --workdir')
-  if meta.get('cache_key') not in (None, data_key):
-    log('WARNING: the training data differ from those this checkpoint was trained on '
-        '(data.* or task_data.* changed); the data order will not continue exactly')
-  if meta.get('seed') not in (None, config.seed):
-    log(f'WARNING: seed changed from {meta.get("seed")} to {config.seed} on resume')
-
-
 # ---------------------------------------------------------------------------------------------
-# Starting points: init_from (DAPT, fine-tuning) and the task with its tokenizer.
+# The task with its tokenizer (workdir's, tokenizer.path, or init_from's).
 
 
-@dataclasses.dataclass
-class InitSource:
-  """A pretrained run to start from: its workdir, checkpoint directory, config and tokenizer."""
-  source: str
-  workdir: pathlib.Path
-  ckpt_dir: pathlib.Path
-  config: Any  # ml_collections.ConfigDict of its config.json
-  tokenizer_path: pathlib.Path
-  step: int | None = None  # a step directory was named: that step, else the latest that restores
-
-
-def _init_source(source: str) -> InitSource:
-  """Returns the InitSource of a workdir, its checkpoints/ or best/ directory, or one step in them."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  src = pathlib.Path(source)
-  if not src.exists():
-    raise FileNotFoundError(f'init_from={source!r}: no such workdir or checkpoint directory')
-  workdir = next((d for d in (src, src.parent, src.parent.parent) if (d / 'config.json').is_file()),
-                 None)
-  if workdir is None:
-    raise FileNotFoundError(f'init_from={source!r}: no config.json in it or above it; point it at '
-                            'a workdir written by mlmjax.train or mlmjax.convert')
-  if src == workdir:
-    ckpt_dir = workdir / 'checkpoints'
-  else:
-    ckpt_dir = src if not src.name.isdigit() else src.parent
-  tok_path = next((workdir / n for n in tokenizer_lib.WORKDIR_FILES if (workdir / n).is_file()), None)
-  if tok_path is None:
-    raise FileNotFoundError(f'init_from={source!r}: {workdir} holds no tokenizer '
-                            f'({" or ".join(tokenizer_lib.WORKDIR_FILES)})')
-  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
-  return InitSource(source, workdir, ckpt_dir, config, tok_path,
-                    int(src.name) if src != workdir and src.name.isdigit() else None)
-
-
-def _make_task(config, workdir: pathlib.Path, init_run: InitSource | None, log):
+def _make_task(config, workdir: pathlib.Path, init_run: train_state.InitSource | None, log):
   """Returns the config.task Task with its tokenizer: workdir's > tokenizer.path > init_from's."""
   name = str(config.get('task', 'mlm'))
   stored = any((workdir / n).exists() for n in tokenizer_lib.WORKDIR_FILES)
@@ -802,56 +590,6 @@ def _make_task(config, workdir: pathlib.Path, init_run: InitSource | None, log):
     tmp.write_bytes(tokenizer.serialized_model)
     os.replace(tmp, workdir / tokenizer.file_name)
   return cls(config, tokenizer, log)
-
-
-_MATCH_KEYS = ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size', 'max_position',
-               'type_vocab_size', 'pre_layer_norm', 'layer_norm_eps')
-
-
-def _init_params_from(src: InitSource, state: dict, abstract_target: dict, task, enc_cfg,
-                      tokenizer, log) -> dict:
-  """Returns state with parameters from src's checkpoint: all of them for MLM, else the encoder."""
-  where = f'init_from={src.source!r}'
-  theirs = tokenizer_lib.load_any(src.tokenizer_path)
-  if theirs.fingerprint != tokenizer.fingerprint:
-    raise ValueError(f'{where}: its tokenizer {src.tokenizer_path} differs from this run\'s '
-                     f'{tokenizer.model_path} ({theirs.vocab_size} vs {tokenizer.vocab_size} '
-                     'pieces); leave tokenizer.path empty to use the pretrained one')
-  src_cfg = encoder_config_from(src.config, theirs.vocab_size)
-  for key in _MATCH_KEYS:
-    if getattr(src_cfg, key) != getattr(enc_cfg, key):
-      raise ValueError(f'{where}: model.{key} is {getattr(enc_cfg, key)!r} in this config but '
-                       f'{getattr(src_cfg, key)!r} in {src.workdir / "config.json"}; use the '
-                       'pretrained model\'s settings')
-  if not src.ckpt_dir.is_dir():
-    raise FileNotFoundError(f'{where}: no checkpoint directory {src.ckpt_dir}')
-  if task.name == 'mlm':
-    target, take = abstract_target, (lambda p: p)
-  else:
-    # The pretrained run's own state layout (BertForMLM, its optimizer), on this run's mesh.
-    mesh = jax.tree.leaves(abstract_target)[0].sharding.mesh
-    src_enc = dataclasses.replace(enc_cfg, dropout_rate=src_cfg.dropout_rate,
-                                  attention_dropout_rate=src_cfg.attention_dropout_rate)
-    tx = optim.make_optimizer(src.config.optim, src.config.train.num_steps)
-    _, param_state = abstract_model(src_enc, 0)
-    abstract = jax.eval_shape(make_init_fn(src_enc, tx, 0))
-    shard = state_shardings(param_state, abstract, tx, mesh)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shard)
-    take = lambda p: {**state['params'], 'encoder': p['encoder']}
-  if src.step is None:
-    step, loaded, _ = checkpoint.restore_latest_in(src.ckpt_dir, target, what=where, log=log)
-  else:
-    named = checkpoint.Checkpointer(src.ckpt_dir, async_save=False, log=log)
-    try:
-      loaded, _ = named.restore(src.step, target)
-    finally:
-      named.close()
-    step = src.step
-  part = 'parameters' if task.name == 'mlm' else 'encoder'
-  log(f'initialized the {part} from {src.ckpt_dir / str(step)} (fresh optimizer'
-      + (', fresh task head)' if task.name != 'mlm' else ')'))
-  return {**state, 'params': take(loaded['params'])}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from configs import pretrain
-from mlmjax import compile_check, flops, train
+from mlmjax import compile_check, flops, train, train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_compile_report_on_one_device():
   assert mem['temp_bytes'] > 0 and mem['output_bytes'] > 0
   assert mem['alias_bytes'] > 0  # the donated state is reused for the new state
   assert r['analytic_flops_per_step'] == flops.train_flops_per_step(
-      train.encoder_config_from(c, 1024), batch=8, seq_len=32, max_predictions=r['max_predictions'])
+      train_state.encoder_config_from(c, 1024), batch=8, seq_len=32, max_predictions=r['max_predictions'])
   # XLA counts the matmuls plus elementwise work (tests/test_flops.py bounds the share).
   assert 1.0 <= r['xla_flops_per_step'] / r['analytic_flops_per_step'] < 1.25
   text = compile_check.format_report(r)

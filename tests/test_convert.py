@@ -13,7 +13,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from mlmjax import convert, model, predict, train  # pylint: disable=wrong-import-position
+from mlmjax import convert, model, predict, train, train_state  # pylint: disable=wrong-import-position
 
 TOL = 1e-4  # the acceptance bound: float32 on both sides, differences are summation order only
 
@@ -49,7 +49,7 @@ def hf_dir(tmp_path: pathlib.Path, *, head: bool, seed: int = 0, **shape) -> pat
 
 def merged(enc_cfg, params):
   """Returns a BertForMLM module holding `params` (a pure dict)."""
-  graphdef, state = train.abstract_model(enc_cfg, 0)
+  graphdef, state = train_state.abstract_model(enc_cfg, 0)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state)
 
@@ -146,7 +146,7 @@ def test_import_workdir_predicts_exports_and_inits_training(tmp_path, make_tiny_
   run = predict.load_run(work)
   assert run.step == 0 and run.tokenizer.mask_id == 8
   # The workdir's model computes what transformers computes.
-  enc_cfg = train.encoder_config_from(run.config, run.tokenizer.vocab_size)
+  enc_cfg = train_state.encoder_config_from(run.config, run.tokenizer.vocab_size)
   ids, mask, types = padded_inputs(shape['vocab_size'], 2, seed=3)
   _, logits = ours_forward(nnx.merge(run.graphdef, run.params), ids, mask, types)
   ref = transformers.BertForMaskedLM.from_pretrained(d).eval()

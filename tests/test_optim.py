@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import pretrain
-from mlmjax import model, optim, train
+from mlmjax import model, optim, train_state
 
 
 def _optim_cfg(**fields):
@@ -89,7 +89,7 @@ def test_bad_values_name_the_key(field, value, needle):
 
 
 def test_decay_mask_on_the_encoder_parameters():
-  _, param_state = train.abstract_model(model.encoder_config('tiny', vocab_size=64), seed=0)
+  _, param_state = train_state.abstract_model(model.encoder_config('tiny', vocab_size=64), seed=0)
   params = nnx.to_pure_dict(param_state)
   mask = optim.decay_mask(params)
   flat = {jax.tree_util.keystr(p): (m, x.shape) for (p, m), x in

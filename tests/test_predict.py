@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import finetune, pretrain
-from mlmjax import checkpoint, model, optim, predict, train
+from mlmjax import checkpoint, model, optim, predict, train_state
 from mlmjax import tasks as tasks_lib
 from mlmjax import tokenizer as tok
 from mlmjax.tasks import task_data
@@ -71,14 +71,14 @@ class _Saved:
 def _workdir(path, config, tokenizer, stats=None, *, latest=(10, 101), best=(5, 202)):
   """Returns {'latest'|'best': _Saved} written under path as train.py lays out a workdir.
 
-  Each checkpoint holds a state shaped like train.make_init_fn's ({'params', 'opt_state', 'step'})
+  Each checkpoint holds a state shaped like train_state.make_init_fn's ({'params', 'opt_state', 'step'})
   with parameters drawn from its own seed, so only a real restore reproduces them.
   """
   path.mkdir(parents=True, exist_ok=True)
   (path / 'checkpoints').mkdir(exist_ok=True)
   (path / 'config.json').write_text(config.to_json_best_effort())
   (path / 'tokenizer.model').write_bytes(tokenizer.serialized_model)
-  enc_cfg = train.encoder_config_from(config, tokenizer.vocab_size)
+  enc_cfg = train_state.encoder_config_from(config, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   if config.task == 'mlm':
     build = lambda cfg, rngs: model.BertForMLM(cfg, rngs=rngs)
@@ -87,8 +87,8 @@ def _workdir(path, config, tokenizer, stats=None, *, latest=(10, 101), best=(5, 
     task = tasks_lib.get_task_class(config.task)(config, tokenizer, lambda _: None)
     task.load_meta(stats)
     build = task.build_model
-  graphdef, _ = train.abstract_model(enc_cfg, 0, build)
-  abstract = jax.eval_shape(train.make_init_fn(enc_cfg, tx, 0, build))
+  graphdef, _ = train_state.abstract_model(enc_cfg, 0, build)
+  abstract = jax.eval_shape(train_state.make_init_fn(enc_cfg, tx, 0, build))
   models = {}
   for name, where, spec in (('latest', 'checkpoints', latest), ('best', 'best', best)):
     if spec:

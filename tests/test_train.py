@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from mlmjax import flops, losses, masking, model, optim, predict, train
+from mlmjax import flops, losses, masking, model, optim, predict, train, train_state
 from mlmjax import tokenizer as tok
 
 
@@ -55,7 +55,7 @@ def test_workdir_holds_everything(reference_run):
   ckpts = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert ckpts == [4, 8]
   # MFU in every train record: analytic FLOPs per token times tokens/s over the run's peak.
-  enc_cfg = train.encoder_config_from(config, 1000)
+  enc_cfg = train_state.encoder_config_from(config, 1000)
   spec = masking.spec_from_config(config.masking, vocab_size=1000, seq_len=config.train.seq_len)
   per_token = flops.train_flops_per_token(enc_cfg, seq_len=config.train.seq_len,
                                           max_predictions=spec.max_predictions)
@@ -218,11 +218,11 @@ def test_strategy_and_rate_schedule_logged_every_step(tiny_config, tmp_path, str
 def test_train_step_skips_a_non_finite_batch_and_leaves_the_state(tiny_config):
   c = tiny_config
   vocab, seq_len = 64, 16
-  enc_cfg = train.encoder_config_from(c, vocab)
+  enc_cfg = train_state.encoder_config_from(c, vocab)
   spec = masking.spec_from_config(c.masking, vocab_size=vocab, seq_len=seq_len,
                                   num_steps=c.train.num_steps)
   tx = optim.make_optimizer(c.optim, c.train.num_steps)
-  graphdef, _ = train.abstract_model(enc_cfg, c.seed)
+  graphdef, _ = train_state.abstract_model(enc_cfg, c.seed)
   step_fn = jax.jit(train.make_train_step(graphdef, tx, spec, optim.learning_rate_schedule(
       c.optim, c.train.num_steps), dropout=False))
   rng = np.random.default_rng(0)
@@ -233,7 +233,7 @@ def test_train_step_skips_a_non_finite_batch_and_leaves_the_state(tiny_config):
   # attention carries the NaN to every position of the row, the predicted ones included.
   bad[1, 1:4] = vocab
   key = jax.random.key(0)
-  state = jax.jit(train.make_init_fn(enc_cfg, tx, c.seed))()
+  state = jax.jit(train_state.make_init_fn(enc_cfg, tx, c.seed))()
   state, _ = step_fn(state, good, key)  # one real update: the Adam moments are non-zero
 
   skipped, sums = step_fn(state, bad, key)
@@ -319,10 +319,10 @@ def _small_step_parts(c, vocab: int):
   c.model.hidden_size, c.model.num_layers, c.model.num_heads = 32, 1, 2
   c.model.intermediate_size = 64
   c.model.dropout_rate = 0.0
-  enc_cfg = train.encoder_config_from(c, vocab)
+  enc_cfg = train_state.encoder_config_from(c, vocab)
   spec = masking.spec_from_config(c.masking, vocab_size=vocab, seq_len=c.train.seq_len,
                                   num_steps=c.train.num_steps)
-  graphdef, _ = train.abstract_model(enc_cfg, c.seed)
+  graphdef, _ = train_state.abstract_model(enc_cfg, c.seed)
   return enc_cfg, spec, graphdef
 
 
@@ -352,7 +352,7 @@ def test_accumulated_microbatches_give_the_large_batch_update(tiny_config, optim
   # SGD moves each parameter by lr * gradient, so a wrongly weighted gradient shows in the
   # parameters; AdamW (the configured chain, clipping included) is what train.run uses.
   tx = optax.sgd(1.0) if optimizer == 'sgd' else optim.make_optimizer(c.optim, c.train.num_steps)
-  state = jax.jit(train.make_init_fn(enc_cfg, tx, c.seed))()
+  state = jax.jit(train_state.make_init_fn(enc_cfg, tx, c.seed))()
   # Rows of very different lengths: microbatches select different numbers of tokens, so a mean
   # of microbatch means would differ from the large-batch loss.
   tokens = _packed_rows(np.random.default_rng(3), batch, c.train.seq_len, vocab)
@@ -441,7 +441,7 @@ def test_bfloat16_keeps_float32_master_weights_and_optimizer_state(tiny_config):
   c.model.dtype = 'bfloat16'
   enc_cfg, spec, graphdef = _small_step_parts(c, vocab)
   tx = optim.make_optimizer(c.optim, c.train.num_steps)
-  state = jax.jit(train.make_init_fn(enc_cfg, tx, c.seed))()
+  state = jax.jit(train_state.make_init_fn(enc_cfg, tx, c.seed))()
   tokens = _packed_rows(np.random.default_rng(4), 8, c.train.seq_len, vocab)
   key = jax.random.key(c.seed)
   step = jax.jit(train.make_train_step(graphdef, tx, spec, optim.learning_rate_schedule(
@@ -457,7 +457,7 @@ def test_bfloat16_keeps_float32_master_weights_and_optimizer_state(tiny_config):
   # The float32 model from the same parameters on the same masks: bf16's ~3 significant digits
   # move the loss by well under 2%.
   c.model.dtype = 'float32'
-  graphdef32, _ = train.abstract_model(train.encoder_config_from(c, vocab), c.seed)
+  graphdef32, _ = train_state.abstract_model(train_state.encoder_config_from(c, vocab), c.seed)
   mask_key, _ = train.step_keys(key, state['step'])
 
   @jax.jit

@@ -1,0 +1,137 @@
+"""The files of a run's workdir: log.txt, metrics.jsonl, TensorBoard, config.json, resume checks."""
+
+import json
+import math
+import os
+import pathlib
+from typing import Any
+
+import jax
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging: one progress line per window, metrics.jsonl, TensorBoard, all from process 0 only.
+
+
+class Reporter:
+  """Writes the progress line, log.txt, metrics.jsonl and TensorBoard events of a workdir."""
+
+  def __init__(self, workdir: pathlib.Path, *, enabled: bool, resume_step: int | None):
+    self.workdir = workdir
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      self._truncate_metrics(resume_step)
+
+  def log(self, text: str) -> None:
+    """Prints a line and appends it to log.txt."""
+    if not self.enabled:
+      return
+    print(text, flush=True)
+    with open(self.workdir / 'log.txt', 'a') as f:
+      f.write(text + '\n')
+
+  def _truncate_metrics(self, resume_step: int | None) -> None:
+    """Drops metrics.jsonl records past the step a resumed run continues from."""
+    path = self.workdir / 'metrics.jsonl'
+    if not path.exists():
+      return
+    keep = []
+    for line in path.read_text().splitlines():
+      try:
+        if resume_step is not None and json.loads(line).get('step', 0) <= resume_step:
+          keep.append(line)
+      except json.JSONDecodeError:
+        continue  # a line cut short by a crash
+    tmp = path.with_suffix('.jsonl.tmp')
+    tmp.write_text(''.join(line + '\n' for line in keep))
+    os.replace(tmp, path)
+
+  def write(self, step: int, record: dict[str, float]) -> None:
+    """Appends one record to metrics.jsonl and TensorBoard."""
+    if not self.enabled:
+      return
+    with open(self.workdir / 'metrics.jsonl', 'a') as f:
+      f.write(json.dumps({'step': step, **record}) + '\n')
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(self.workdir / 'tensorboard'))
+    for k, v in record.items():
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the TensorBoard writer."""
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None  # a write after close (the evaluation after the loop) opens a new writer
+
+
+def fmt_time(seconds: float) -> str:
+  """Returns seconds as 1h02m or 3m04s."""
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+def atomic_write_json(path: pathlib.Path, obj: Any) -> None:
+  """Writes obj as indented JSON through a temporary file, so a reader never sees half of it."""
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json and the checks of a resumed or reused workdir.
+
+
+def check_writable(workdir: pathlib.Path) -> None:
+  """Raises early when the workdir cannot be written."""
+  # One probe per process: the hosts of a multi-host run share the workdir and probe at once.
+  probe = workdir / f'.write_probe.{jax.process_index()}.{os.getpid()}'
+  try:
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise PermissionError(f'workdir {workdir} is not writable ({e.strerror}); '
+                          'choose another --workdir') from None
+
+
+def write_config(workdir: pathlib.Path, config, log) -> None:
+  """Writes config.json, noting keys that differ from a previous run in the same workdir."""
+  path = workdir / 'config.json'
+  new = json.loads(config.to_json_best_effort())
+  if path.exists():
+    try:
+      old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+      old = {}
+    diffs = sorted(_flat_diff(old, new))
+    if diffs:
+      log(f'note: config differs from the previous run in this workdir: {", ".join(diffs)}')
+  atomic_write_json(path, new)
+
+
+def _flat_diff(a: dict, b: dict, prefix: str = '') -> list[str]:
+  out = []
+  for k in set(a) | set(b):
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += _flat_diff(va, vb, f'{prefix}{k}.')
+    elif va != vb:
+      out.append(f'{prefix}{k}')
+  return out
+
+
+def check_resume_meta(meta: dict, data_key: str, tokenizer, config, log) -> None:
+  """Warns when a resumed run's data or seed differ from what its checkpoint was trained with."""
+  if meta.get('tokenizer') not in (None, tokenizer.fingerprint):
+    raise ValueError('the checkpoint was trained with a different tokenizer than '
+                     f'{tokenizer.model_path}; use a new --workdir')
+  if meta.get('cache_key') not in (None, data_key):
+    log('WARNING: the training data differ from those this checkpoint was trained on '
+        '(data.* or task_data.* changed); the data order will not continue exactly')
+  if meta.get('seed') not in (None, config.seed):
+    log(f'WARNING: seed changed from {meta.get("seed")} to {config.seed} on resume')

@@ -1,0 +1,84 @@
+"""Tests for mlmjax/run_files.py: metrics truncation on resume, config notes, resume checks."""
+
+import json
+import types
+
+import pytest
+
+from mlmjax import run_files
+
+
+def _lines(path):
+  return path.read_text().splitlines()
+
+
+def test_resume_drops_metrics_past_the_restored_step_and_cut_lines(tmp_path):
+  metrics = tmp_path / 'metrics.jsonl'
+  records = [{'step': s, 'train/loss': 10.0 - s} for s in (50, 100, 150, 200)]
+  # A crash cut the last line short: it goes whatever the step.
+  metrics.write_text(''.join(json.dumps(r) + '\n' for r in records) + '{"step": 250, "tr')
+  reporter = run_files.Reporter(tmp_path, enabled=True, resume_step=100)
+  assert [json.loads(l)['step'] for l in _lines(metrics)] == [50, 100]
+  reporter.write(150, {'train/loss': 1.5, 'note': 'text is kept out of TensorBoard'})
+  reporter.close()
+  assert json.loads(_lines(metrics)[-1]) == {'step': 150, 'train/loss': 1.5,
+                                             'note': 'text is kept out of TensorBoard'}
+  assert list((tmp_path / 'tensorboard').iterdir())
+
+
+def test_a_fresh_start_in_an_old_workdir_keeps_no_metrics(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 10}\n')
+  run_files.Reporter(tmp_path, enabled=True, resume_step=None)
+  assert (tmp_path / 'metrics.jsonl').read_text() == ''
+
+
+def test_a_disabled_reporter_writes_nothing(tmp_path):
+  reporter = run_files.Reporter(tmp_path, enabled=False, resume_step=None)
+  reporter.log('a line')
+  reporter.write(1, {'x': 1.0})
+  reporter.close()
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_log_appends_to_log_txt(tmp_path, capsys):
+  reporter = run_files.Reporter(tmp_path, enabled=True, resume_step=None)
+  reporter.log('first')
+  reporter.log('second')
+  assert _lines(tmp_path / 'log.txt') == ['first', 'second']
+  assert capsys.readouterr().out == 'first\nsecond\n'
+
+
+@pytest.mark.parametrize('seconds, text', [(0, '0m00s'), (59.9, '0m59s'), (61, '1m01s'),
+                                           (3600, '1h00m'), (7322, '2h02m'), (-5, '0m00s')])
+def test_fmt_time(seconds, text):
+  assert run_files.fmt_time(seconds) == text
+
+
+def test_write_config_notes_the_keys_that_changed(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict({'seed': 0, 'train': {'num_steps': 10, 'seq_len': 64}})
+  notes = []
+  run_files.write_config(tmp_path, c, notes.append)
+  assert notes == [] and json.loads((tmp_path / 'config.json').read_text()) == c.to_dict()
+  c.train.num_steps, c.seed = 20, 1
+  run_files.write_config(tmp_path, c, notes.append)
+  assert notes == ['note: config differs from the previous run in this workdir: seed, '
+                   'train.num_steps']
+  assert json.loads((tmp_path / 'config.json').read_text())['train']['num_steps'] == 20
+  assert not list(tmp_path.glob('*.tmp'))
+
+
+def test_resume_checks_refuse_another_tokenizer_and_warn_on_other_data_or_seed():
+  tok = types.SimpleNamespace(fingerprint='abc', model_path='runs/x/tokenizer.model')
+  config = types.SimpleNamespace(seed=0)
+  notes = []
+  meta = {'tokenizer': 'abc', 'cache_key': 'rows-1', 'seed': 0}
+  run_files.check_resume_meta(meta, 'rows-1', tok, config, notes.append)
+  assert notes == []
+  run_files.check_resume_meta({**meta, 'cache_key': 'rows-2', 'seed': 3}, 'rows-1', tok, config,
+                              notes.append)
+  assert len(notes) == 2 and 'data order will not continue' in notes[0] and '3 to 0' in notes[1]
+  with pytest.raises(ValueError, match='different tokenizer than runs/x/tokenizer.model'):
+    run_files.check_resume_meta({**meta, 'tokenizer': 'zzz'}, 'rows-1', tok, config, notes.append)
+  run_files.check_resume_meta({}, 'rows-1', tok, config, notes.append)  # older checkpoints: no meta
+  assert len(notes) == 2
