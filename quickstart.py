@@ -66,7 +66,9 @@ def main() -> None:
        '--workdir', DEMO_WORKDIR, *extra)
     sh(str(PY), '-m', 'mlmjax.predict', '--workdir', DEMO_WORKDIR, *DEMO_SENTENCES)
   else:
-    sh(str(PY), '-m', 'pytest', '-q', *extra)
+    # Two xdist workers: much of a test's time is single-threaded XLA compilation, so a second
+    # worker fills the other core. `-n 0` in the extra arguments runs in one process.
+    sh(str(PY), '-m', 'pytest', '-q', '-n', '2', '--dist', 'worksteal', *extra)
 
 
 if __name__ == '__main__':

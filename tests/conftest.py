@@ -30,6 +30,13 @@ def topics_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def pydocs():
+  """Returns the embedded pydocs corpus (raw documents), built once per session (~5 s)."""
+  from mlmjax import pydocs as pydocs_lib
+  return pydocs_lib.documents()
+
+
+@pytest.fixture(scope='session')
 def topics_tokenizer(tmp_path_factory):
   """Returns a 1,000-piece unigram tokenizer trained on Python's help topics."""
   from pydoc_data.topics import topics

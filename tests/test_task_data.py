@@ -272,11 +272,10 @@ def test_collect_cuts_padding_and_keeps_order():
 
 
 def test_read_examples_embedded_branch(monkeypatch):
-  # corpus.embedded_task_examples is written beside this module; stand in for its rows here.
-  from mlmjax import corpus
+  # pydocs.task_examples walks the stdlib in a fresh interpreter; stand in for its rows here.
+  from mlmjax import pydocs
   fake = [{'id': str(i), 'text': f'doc {i}', 'label': 'x'} for i in range(5)]
-  monkeypatch.setattr(corpus, 'embedded_task_examples', lambda name: {'demo': fake}[name],
-                      raising=False)
+  monkeypatch.setattr(pydocs, 'task_examples', lambda name: {'demo': fake}[name])
   assert td.read_examples('embedded:demo') == fake
   assert td.read_examples('embedded:demo', max_examples=2) == fake[:2]
 

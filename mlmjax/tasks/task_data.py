@@ -1,7 +1,7 @@
 """What every fine-tuning task shares: reading examples, hash splits, encoding, metrics, eval batches.
 
 Examples come from a JSON Lines file (one object per line; `.gz` too) or from `embedded:NAME`
-(corpus.embedded_task_examples: tasks built from the embedded Python documentation).
+(pydocs.task_examples: tasks built from the embedded Python documentation).
 
 Splits are deterministic and need no split file: the blake2b hash of a key read as a uniform number
 u in [0, 1) puts an example in 'test' when u < test_fraction, in 'val' when u < test_fraction +
@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from mlmjax import corpus
+from mlmjax import pydocs
 from mlmjax import tokenizer as tokenizer_lib
 
 PAD_ID, CLS_ID, SEP_ID, UNK_ID = (tokenizer_lib.PAD_ID, tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID,
@@ -41,7 +42,7 @@ def read_examples(path: str, *, max_examples: int = 0) -> list[dict]:
   if max_examples < 0:
     raise ValueError(f'task_data.max_examples={max_examples} must be >= 0 (0 keeps all)')
   if path.startswith(EMBEDDED):
-    rows = list(corpus.embedded_task_examples(path[len(EMBEDDED):]))
+    rows = list(pydocs.task_examples(path[len(EMBEDDED):]))
     return rows[:max_examples] if max_examples else rows
   if not path:
     raise ValueError("task_data.path is empty: set it to a JSON Lines file or 'embedded:NAME'")
