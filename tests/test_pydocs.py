@@ -25,6 +25,14 @@ def _digest(docs):
   return hashlib.sha256('\x00'.join(docs).encode()).hexdigest()
 
 
+def _print_in_fresh_process(code: str, hash_seed: str) -> str:
+  """Returns what `code` prints in a new interpreter with another string-hash seed."""
+  env = dict(os.environ, PYTHONHASHSEED=hash_seed, PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=120, check=True)
+  return out.stdout.strip()
+
+
 # ---------------------------------------------------------------------------------------------
 # The embedded corpus (the session's `pydocs` fixture is in conftest.py)
 
@@ -33,10 +41,7 @@ def test_pydocs_is_deterministic_in_and_across_processes(pydocs):
   # A fresh interpreter with another string-hash seed and nothing imported beforehand.
   code = ('import hashlib; from mlmjax import pydocs; '
           "print(hashlib.sha256('\\x00'.join(pydocs._walk_pydocs()).encode()).hexdigest())")
-  env = dict(os.environ, PYTHONHASHSEED='12345', PYTHONPATH=REPO)
-  out = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True,
-                       text=True, timeout=120, check=True)
-  assert out.stdout.strip() == _digest(pydocs)
+  assert _print_in_fresh_process(code, hash_seed='12345') == _digest(pydocs)
 
 
 def test_pydocs_ignores_what_the_caller_patched_into_the_stdlib(pydocs, monkeypatch):
@@ -176,10 +181,7 @@ def test_embedded_tasks_are_the_same_in_every_process(embedded_tasks, monkeypatc
   code = ('import hashlib, json; from mlmjax import pydocs; '
           'print(hashlib.sha256(json.dumps(pydocs._walk_tasks(), sort_keys=True).encode())'
           '.hexdigest())')
-  env = dict(os.environ, PYTHONHASHSEED='4321', PYTHONPATH=REPO)
-  out = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True,
-                       text=True, timeout=120, check=True)
-  assert out.stdout.strip() == _tasks_digest(embedded_tasks)
+  assert _print_in_fresh_process(code, hash_seed='4321') == _tasks_digest(embedded_tasks)
 
   def shout(self, msg):
     """Log msg very loudly: a method some library attached to logging.Logger, not the stdlib's."""
