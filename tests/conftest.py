@@ -79,17 +79,3 @@ def make_tiny_config(topics_corpus, cache_dir):
 def tiny_config(make_tiny_config):
   """Returns a fresh shrunk tiny config (see make_tiny_config) that a test may edit."""
   return make_tiny_config()
-
-
-# The modules with the longest tests (subprocess runs, notebooks, meshes of 8 devices), longest
-# first. Running them first lets the two xdist workers overlap them and fill the end with short
-# tests, instead of one worker finishing a long test alone.
-_LONGEST_FIRST = ('test_notebooks', 'test_multihost', 'test_sharding', 'test_preemption',
-                  'test_report', 'test_convert', 'test_sweep', 'test_finetune', 'test_train')
-
-
-def pytest_collection_modifyitems(config, items):
-  """Moves the modules of _LONGEST_FIRST to the front, keeping each module's own order."""
-  del config
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
