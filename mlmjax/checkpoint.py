@@ -1,14 +1,17 @@
-"""Orbax checkpoints of the whole train state: save, resume, and fall back past damaged steps."""
+"""Orbax checkpoints of the whole train state: save, resume, fall back past damaged steps, preemption."""
 
 import math
 import pathlib
 import shutil
+import signal
+import threading
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 STATE, META = 'state', 'meta'
 
@@ -197,3 +200,46 @@ def _stored_shapes(item_dir: pathlib.Path) -> dict[str, tuple | None] | None:
     return None
   return {_path_str(p): (tuple(x.shape) if getattr(x, 'shape', None) is not None else None)
           for p, x in leaves}
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption: when the loop stops to save.
+
+
+class StopRequest:
+  """Context manager turning SIGTERM/SIGINT into a flag the loop polls; restores the old handlers.
+
+  Installs nothing outside the main thread, or in a jax.distributed run, where JAX's preemption
+  notifier owns SIGTERM and every host must stop at the step reached_preemption_sync_point agrees on.
+  A second SIGINT raises KeyboardInterrupt (abort without waiting for the checkpoint).
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> 'StopRequest':
+    if threading.current_thread() is threading.main_thread() and not jax.distributed.is_initialized():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if signum == signal.SIGINT and self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __exit__(self, *exc) -> None:
+    for sig, previous in self._previous.items():
+      # None means a handler installed outside Python; the default is the closest restorable one.
+      signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+    self._previous.clear()
+
+
+def reached_preemption_sync_point(step: int) -> bool:
+  """Returns True at the step JAX's preemption service picked for saving (False where it is off)."""
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # jax.distributed is up but jax_enable_preemption_service is off
+    return False

@@ -7,16 +7,14 @@ import os
 import pathlib
 import signal
 import sys
-import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from mlmjax import (checkpoint, config_check, flops, input_pipeline, masking, optim, run_files,
                     sharding, train_state)
@@ -207,45 +205,6 @@ def _count_nonfinite(flags, first_step: int, progress: _Progress, max_skipped: i
         f'non-finite {what}, no update applied')
 
 
-class StopRequest:
-  """Context manager turning SIGTERM/SIGINT into a flag the loop polls; restores the old handlers.
-
-  Installs nothing outside the main thread, or in a jax.distributed run, where JAX's preemption
-  notifier owns SIGTERM and every host must stop at the step reached_preemption_sync_point agrees on.
-  A second SIGINT raises KeyboardInterrupt (abort without waiting for the checkpoint).
-  """
-
-  def __init__(self):
-    self.signum: int | None = None
-    self._previous: dict[int, Any] = {}
-
-  def __enter__(self) -> 'StopRequest':
-    if threading.current_thread() is threading.main_thread() and not jax.distributed.is_initialized():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame) -> None:
-    del frame
-    if signum == signal.SIGINT and self.signum is not None:
-      raise KeyboardInterrupt
-    self.signum = signum
-
-  def __exit__(self, *exc) -> None:
-    for sig, previous in self._previous.items():
-      # None means a handler installed outside Python; the default is the closest restorable one.
-      signal.signal(sig, signal.SIG_DFL if previous is None else previous)
-    self._previous.clear()
-
-
-def reached_preemption_sync_point(step: int) -> bool:
-  """Returns True at the step JAX's preemption service picked for saving (False where it is off)."""
-  try:
-    return multihost_utils.reached_preemption_sync_point(step)
-  except RuntimeError:  # jax.distributed is up but jax_enable_preemption_service is off
-    return False
-
-
 def run(config, workdir, *, stop_after: int | None = None) -> dict:
   """Trains (or resumes) the run of config.task in workdir; returns the summary also in summary.json.
 
@@ -418,7 +377,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
     stop_at = step0
   max_wall = float(config.train.max_wall_minutes) * 60
   preempted = False
-  stop = StopRequest().__enter__()
+  stop = checkpoint.StopRequest().__enter__()
   pending = []  # per-step `nonfinite` flags on the device, fetched where the host syncs anyway
   try:
     while step < stop_at:
@@ -430,7 +389,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
       window_steps += 1
       wall_stop = max_wall > 0 and time.perf_counter() - t_start > max_wall
       # A stop request at the last step changes nothing: the run just finishes.
-      preempted = step < stop_at and (stop.signum is not None or reached_preemption_sync_point(step))
+      preempted = step < stop_at and (stop.signum is not None or checkpoint.reached_preemption_sync_point(step))
       done = step == stop_at or wall_stop or preempted
       where = (f'checkpoint step {last_good["step"]} in {ckpt.directory}'
                if last_good['step'] is not None else 'no checkpoint yet')

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain
-from mlmjax import predict, train
+from mlmjax import checkpoint, predict, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 40
@@ -159,10 +159,10 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(reference, m
 
 def test_stop_request_restores_the_previous_handlers():
   before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-  with train.StopRequest() as stop:
+  with checkpoint.StopRequest() as stop:
     assert signal.getsignal(signal.SIGTERM) != before[0]
     os.kill(os.getpid(), signal.SIGTERM)  # handled: sets the flag instead of ending pytest
     time.sleep(0.01)
     assert stop.signum == signal.SIGTERM
   assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
-  assert not train.reached_preemption_sync_point(1)  # single process: no preemption service
+  assert not checkpoint.reached_preemption_sync_point(1)  # single process: no preemption service
