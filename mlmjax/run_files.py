@@ -4,7 +4,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -76,10 +76,11 @@ def fmt_time(seconds: float) -> str:
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
 
 
-def atomic_write_json(path: pathlib.Path, obj: Any) -> None:
+def atomic_write_json(path: pathlib.Path, obj: Any, *, sort_keys: bool = True,
+                      default: Callable[[Any], Any] | None = None) -> None:
   """Writes obj as indented JSON through a temporary file, so a reader never sees half of it."""
   tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=default) + '\n')
   os.replace(tmp, path)
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import pathlib
 import re
 import shlex
@@ -27,7 +26,7 @@ import ml_collections
 from absl import flags
 from ml_collections.config_flags import tuple_parser
 
-from mlmjax import report, train
+from mlmjax import report, run_files, train
 
 _MAX_NAME = 120  # longer names are cut and made unique by a hash (file names stop at 255 bytes)
 
@@ -270,9 +269,7 @@ def _write_record(path: pathlib.Path, record: dict) -> None:
           others.append(r)
     except (json.JSONDecodeError, AttributeError):
       pass
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps({**record, 'other_sweeps': others}, indent=2, default=repr) + '\n')
-  os.replace(tmp, path)
+  run_files.atomic_write_json(path, {**record, 'other_sweeps': others}, sort_keys=False, default=repr)
 
 
 def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[tuple[str, Sequence[Any]]], workdir,
