@@ -80,6 +80,9 @@ def test_errors(tmp_path):
     texts.main(['texts', '--config', 'configs/pretrain.py:tiny', '--out', str(tmp_path / 'a.jsonl')])
   with pytest.raises(SystemExit, match='query_field'):
     texts.main(base + ['--config.task_data.query_field=q', '--out', str(tmp_path / 'b.jsonl')])
+  with pytest.raises(SystemExit, match='the train split is empty'):
+    texts.main(base + ['--config.task_data.val_fraction=0.5', '--config.task_data.test_fraction=0.49',
+                       '--config.task_data.max_examples=1', '--out', str(tmp_path / 'c.jsonl')])
   with pytest.raises(SystemExit, match='usage'):
     texts.main(base)
   assert sorted(tmp_path.glob('*.jsonl*')) == [tmp_path / 'pairs.jsonl']

@@ -51,8 +51,12 @@ def train_texts(config) -> list[str]:
   path = str(config.task_data.path)
   rows = td.read_examples(path, max_examples=int(config.task_data.max_examples))
   splits = td.split_rows(rows, path, config.task_data)
-  return [t for i, (row, split) in enumerate(zip(rows, splits), 1) if split == 'train'
-          for t in example_texts(config, row, i, path)]
+  texts = [t for i, (row, split) in enumerate(zip(rows, splits), 1) if split == 'train'
+           for t in example_texts(config, row, i, path)]
+  if not texts:
+    raise ValueError(f'{path}: the train split is empty; lower task_data.val_fraction / '
+                     'task_data.test_fraction or add examples')
+  return texts
 
 
 def write_jsonl(texts, out) -> pathlib.Path:
