@@ -1,13 +1,18 @@
 """Token cache on disk, packing to [CLS] ... [SEP] rows, and the resumable tf.data batch stream.
 
+Without TensorFlow installed, train_batches yields the same batches from one background thread.
+
 Data order is a pure function of (seed, epoch): the batch of step s is
 rows[epoch_permutation(N, seed, e)[i*B:(i+1)*B]] with (e, i) = divmod(s, steps_per_epoch), so a
 resumed run needs only its step to continue exactly where it stopped. Each epoch drops the last
 N % B rows of its permutation (different rows each epoch).
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -303,6 +308,17 @@ def _import_tf():
   return tf
 
 
+def _thread_stream(fetch: Callable[[int], np.ndarray], start_step: int,
+                   prefetch: int) -> Iterator[np.ndarray]:
+  """Yields fetch(s) for s = start_step, start_step + 1, ..., computed `prefetch` steps ahead."""
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='mlmjax-batches') as pool:
+    ahead = collections.deque()
+    for step in itertools.count(start_step):
+      while len(ahead) <= prefetch:
+        ahead.append(pool.submit(fetch, step + len(ahead)))
+      yield ahead.popleft().result()
+
+
 def train_batches(rows: np.ndarray, *, global_batch: int, seed: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1,
                   prefetch: int = 2) -> Iterator[np.ndarray]:
@@ -330,7 +346,10 @@ def train_batches(rows: np.ndarray, *, global_batch: int, seed: int, start_step:
     idx = _batch_indices(perms[epoch], offset, global_batch, process_index, process_count)
     return _gather(rows, idx)
 
-  tf = _import_tf()
+  try:
+    tf = _import_tf()
+  except ImportError:  # e.g. a GPU image without TensorFlow: the same batches, one thread ahead
+    return _thread_stream(fetch, int(start_step), prefetch)
   ds = tf.data.Dataset.range(int(start_step), 2**62)
   ds = ds.map(lambda s: tf.ensure_shape(tf.numpy_function(fetch, [s], tf.int32),
                                         (local, seq_len)))

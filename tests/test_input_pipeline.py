@@ -344,6 +344,19 @@ def test_train_batches_resume_matches(start):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize('prefetch', [0, 3])
+def test_train_batches_without_tensorflow_are_the_same(monkeypatch, prefetch):
+  rows = _id_rows(101)
+  kw = dict(global_batch=12, seed=2, start_step=5, process_index=1, process_count=3)
+  with_tf = _take(ip.train_batches(rows, **kw), 25)
+  monkeypatch.setitem(sys.modules, 'tensorflow', None)  # `import tensorflow` now raises ImportError
+  stream = ip.train_batches(rows, prefetch=prefetch, **kw)
+  assert type(stream).__name__ == 'generator'  # not a tf.data iterator
+  for x, y in zip(with_tf, _take(stream, 25)):
+    assert y.dtype == np.int32 and y.shape == (4, 4)
+    np.testing.assert_array_equal(x, y)
+
+
 def test_train_batches_process_slices():
   rows = _id_rows(101)
   global_batch, procs = 12, 3

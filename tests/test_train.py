@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +90,16 @@ def test_resume_continues_with_same_data_and_masks(reference_run, tmp_path):
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
   assert second['eval/loss'] == pytest.approx(reference_run[2]['eval/loss'], rel=1e-5)
+
+
+def test_training_without_tensorflow_matches_tf_data(reference_run, tmp_path, monkeypatch):
+  config, ref_dir, _ = reference_run
+  monkeypatch.setitem(sys.modules, 'tensorflow', None)  # `import tensorflow` now raises ImportError
+  assert train.run(config, tmp_path)['finished']
+  ref, got = _train_losses(ref_dir), _train_losses(tmp_path)
+  assert sorted(got) == list(range(1, 9))
+  for step in range(1, 9):
+    assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), step
 
 
 def test_rerun_of_finished_run_trains_no_more(reference_run, tmp_path):
