@@ -1,10 +1,14 @@
-"""Shared fixtures: quiet TensorFlow, the optional ../shared/data folder."""
+"""Shared fixtures: quiet TensorFlow, faster XLA compiles, the optional ../shared/data folder."""
 
 import os
 import pathlib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+# The suite is mostly XLA compiles of tiny models: less optimization compiles faster (also in the
+# subprocesses and notebook kernels, which inherit it). A user's own XLA_FLAGS win.
+os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0 '
+                      '--xla_llvm_disable_expensive_passes=true')
 
 import pytest
 
