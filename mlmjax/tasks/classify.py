@@ -16,6 +16,7 @@ import numpy as np
 from mlmjax import model
 from mlmjax.tasks import LabelTask, TaskData
 from mlmjax.tasks import task_data as td
+from mlmjax.tasks import texts as texts_lib
 
 
 def title_and_text(title: str, text: str) -> str:
@@ -48,10 +49,7 @@ class ClassifyTask(LabelTask):
     splits = td.split_rows(rows, path, cfg)
     texts, names = [], []
     for i, row in enumerate(rows, 1):
-      text = td.text_field(row, cfg.text_field, i, path, key='text_field')
-      if cfg.title_field:
-        text = title_and_text(td.text_field(row, cfg.title_field, i, path, key='title_field'), text)
-      texts.append(text)
+      texts.append(texts_lib.example_texts(self.config, row, i, path)[0])  # (title and) text
       names.append(td.text_field(row, cfg.label_field, i, path, key='label_field'))
     self.labels = sorted(set(names))
     if len(self.labels) < 2:
