@@ -410,7 +410,8 @@ def cleaned_documents(data_cfg, root: pathlib.Path, *, log=print) -> list[str]:
   log(f'corpus {data_cfg.corpus!r}: {len(docs)} documents after cleaning '
       f'({time.perf_counter() - t:.1f} s)\n{report.summary()}')
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'{path.name}.tmp-{_host_tag()}')
+  # One temporary name per writer: runs started together on one host each write, the last rename wins.
+  tmp = path.with_name(f'{path.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}')
   with open(tmp, 'w', encoding='utf-8') as f:
     for d in docs:
       f.write(json.dumps(d, ensure_ascii=False) + '\n')

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -398,3 +399,32 @@ def test_eval_batches():
   assert len(ip.eval_batches(rows, batch_size=4, num_batches=10)) == 3
   with pytest.raises(ValueError, match='eval.batch_size'):
     ip.eval_batches(rows, batch_size=0)
+
+
+def test_runs_started_together_share_the_cleaned_corpus_cache(topics_corpus, tmp_path):
+  # Four processes clean the same corpus at once into one cache root; each must finish, and the
+  # file they leave must be whole (one temporary file per writer, renamed into place).
+  code = textwrap.dedent(f'''
+      import json, os, pathlib, sys, time
+      from configs import pretrain
+      from mlmjax import input_pipeline as ip
+      c = pretrain.get_config('tiny')
+      c.data.corpus = {str(topics_corpus)!r}
+      while not os.path.exists({str(tmp_path / 'go')!r}):
+        time.sleep(0.005)
+      docs = ip.cleaned_documents(c.data, pathlib.Path({str(tmp_path / 'cache')!r}), log=lambda s: None)
+      print(json.dumps([len(docs), sum(map(len, docs))]))
+  ''')
+  env = dict(os.environ, PYTHONPATH=REPO)
+  procs = [subprocess.Popen([sys.executable, '-c', code], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(4)]
+  time.sleep(3)  # let every process import and reach the wait
+  (tmp_path / 'go').touch()
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outs]
+  counts = {out for out, _ in outs}
+  assert len(counts) == 1
+  files = list((tmp_path / 'cache' / 'corpus').iterdir())
+  assert len(files) == 1 and files[0].suffix == '.jsonl', files
+  lines = files[0].read_text(encoding='utf-8').splitlines()
+  assert json.dumps([len(lines), sum(len(json.loads(x)) for x in lines)]) == counts.pop().strip()
