@@ -76,6 +76,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.model.intermediate_size = 0  # > 0 overrides the named size's MLP width
   c.model.type_vocab_size = 2  # token-type (segment) embeddings, as BERT
   c.model.layer_norm_eps = 1e-12  # LayerNorm epsilon (BERT's value)
+  c.model.tie_embeddings = True  # False: the MLM decoder gets its own output embedding (V x H more)
   c.model.pre_layer_norm = True  # pre-LN (stable at high lr); False is BERT's original post-LN
   c.model.dropout_rate = s['dropout']  # hidden and attention dropout
   c.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)

@@ -22,7 +22,7 @@ from mlmjax import tokenizer as tok
 # HF config fields whose other values our encoder cannot compute, with the value it needs.
 _REQUIRED = (('model_type', 'bert'), ('hidden_act', 'gelu'),
              ('position_embedding_type', 'absolute'), ('is_decoder', False),
-             ('add_cross_attention', False), ('tie_word_embeddings', True))
+             ('add_cross_attention', False))
 # Tensors a BERT checkpoint may hold that an MLM encoder has no use for.
 _IGNORED = ('pooler.', 'cls.seq_relationship.', 'embeddings.position_ids')
 _HEAD = 'cls.predictions.'
@@ -57,6 +57,7 @@ def encoder_config(hf_config: dict):
       dropout_rate=hf_config.get('hidden_dropout_prob', 0.1),
       attention_dropout_rate=hf_config.get('attention_probs_dropout_prob', 0.1),
       layer_norm_eps=hf_config.get('layer_norm_eps', 1e-12), pre_layer_norm=False,
+      tie_embeddings=bool(hf_config.get('tie_word_embeddings', True)),
       initializer_range=hf_config.get('initializer_range', 0.02))
 
 
@@ -75,7 +76,7 @@ def hf_config_from(enc_cfg, pad_id: int = 0) -> dict:
       'max_position_embeddings': enc_cfg.max_position, 'type_vocab_size': enc_cfg.type_vocab_size,
       'initializer_range': enc_cfg.initializer_range, 'layer_norm_eps': enc_cfg.layer_norm_eps,
       'pad_token_id': int(pad_id), 'position_embedding_type': 'absolute',
-      'tie_word_embeddings': True, 'torch_dtype': 'float32'}
+      'tie_word_embeddings': enc_cfg.tie_embeddings, 'torch_dtype': 'float32'}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +142,8 @@ def name_map(enc_cfg, *, head: bool = True) -> list[tuple]:
     out += _dense(('mlm_head', 'transform'), f'{_HEAD}transform.dense')
     out += _norm(('mlm_head', 'norm'), f'{_HEAD}transform.LayerNorm')
     out.append((('mlm_head', 'bias'), f'{_HEAD}bias', _ident, _ident))
+    if not enc_cfg.tie_embeddings:
+      out.append((('mlm_head', 'decoder'), f'{_HEAD}decoder.weight', _ident, _ident))
   return out
 
 
@@ -203,12 +206,13 @@ def params_from_hf(weights: dict, enc_cfg, fresh_head: dict | None = None,
   """
   weights = _normalize_names(weights)
   has_head = any(k.startswith(_HEAD) for k in weights)
-  if 'cls.predictions.bias' not in weights and 'cls.predictions.decoder.bias' in weights:
+  if 'cls.predictions.decoder.bias' in weights:  # what BertLMPredictionHead adds; untied, it may differ
     weights['cls.predictions.bias'] = weights['cls.predictions.decoder.bias']
   decoder = weights.get(f'{_HEAD}decoder.weight')
-  if decoder is not None and not np.array_equal(decoder, weights.get('embeddings.word_embeddings.weight')):
-    raise ValueError('cls.predictions.decoder.weight differs from the word embeddings: untied '
-                     'decoders (config.json tie_word_embeddings=false) are not supported')
+  if (enc_cfg.tie_embeddings and decoder is not None
+      and not np.array_equal(decoder, weights.get('embeddings.word_embeddings.weight'))):
+    raise ValueError('cls.predictions.decoder.weight differs from the word embeddings but '
+                     'config.json has tie_word_embeddings=true; set it to false to keep the decoder')
   params, used = {}, {f'{_HEAD}decoder.weight', f'{_HEAD}decoder.bias'}
   for ours, hf, to_ours, _ in name_map(enc_cfg, head=has_head):
     if hf not in weights:
@@ -233,12 +237,13 @@ def params_from_hf(weights: dict, enc_cfg, fresh_head: dict | None = None,
 
 
 def params_to_hf(params: dict, enc_cfg) -> dict[str, np.ndarray]:
-  """Returns BertForMaskedLM tensors ('bert.' prefix, tied decoder weight included) of our params."""
+  """Returns BertForMaskedLM tensors ('bert.' prefix, decoder weight included) of our params."""
   out = {}
   for ours, hf, _, to_hf in name_map(enc_cfg):
     name = hf if hf.startswith(_HEAD) else 'bert.' + hf
     out[name] = np.ascontiguousarray(to_hf(np.asarray(_get(params, ours), np.float32), enc_cfg))
-  out[f'{_HEAD}decoder.weight'] = out['bert.embeddings.word_embeddings.weight']
+  if enc_cfg.tie_embeddings:
+    out[f'{_HEAD}decoder.weight'] = out['bert.embeddings.word_embeddings.weight']
   out[f'{_HEAD}decoder.bias'] = out[f'{_HEAD}bias']
   return out
 
@@ -299,7 +304,7 @@ def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
   m.num_heads, m.intermediate_size = enc_cfg.num_heads, enc_cfg.intermediate_size
   m.type_vocab_size, m.layer_norm_eps = enc_cfg.type_vocab_size, enc_cfg.layer_norm_eps
   m.max_position, m.pre_layer_norm = enc_cfg.max_position, False
-  m.dropout_rate = enc_cfg.dropout_rate
+  m.dropout_rate, m.tie_embeddings = enc_cfg.dropout_rate, enc_cfg.tie_embeddings
   config.train.seq_len = min(config.train.seq_len, enc_cfg.max_position)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / tokenizer.file_name).write_bytes(tokenizer.serialized_model)
@@ -335,7 +340,7 @@ def train_overrides(config: dict) -> list[str]:
   """Returns the --config.KEY=VALUE flags that give a train config this imported model's shape."""
   m = config['model']
   keys = ('size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size', 'type_vocab_size',
-          'layer_norm_eps', 'max_position', 'pre_layer_norm')
+          'layer_norm_eps', 'max_position', 'pre_layer_norm', 'tie_embeddings')
   flags = [f'--config.model.{k}={m[k]}' for k in keys]
   return flags + [f'--config.tokenizer.path={config["tokenizer"]["path"]}',
                   f'--config.tokenizer.vocab_size={config["tokenizer"]["vocab_size"]}']

@@ -37,6 +37,7 @@ class EncoderConfig:
   attention_dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-12  # BERT's value
   pre_layer_norm: bool = True  # False = BERT's original post-LN
+  tie_embeddings: bool = True  # False = the MLM decoder has its own (V, H) output embedding
   initializer_range: float = 0.02  # truncated-normal std, as BERT
   dtype: str = 'float32'  # compute dtype: 'float32' or 'bfloat16'
   attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...)
@@ -282,7 +283,7 @@ class Encoder(nnx.Module):
 
 
 class MlmHead(nnx.Module):
-  """BERT's MLM transform (dense, GELU, LayerNorm) and a decoder tied to the token embedding."""
+  """BERT's MLM transform (dense, GELU, LayerNorm) and a decoder, tied to the token embedding or not."""
 
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
     h = config.hidden_size
@@ -290,10 +291,15 @@ class MlmHead(nnx.Module):
     self.transform = Dense(config, (h, h), ('embed', None), rngs=rngs)
     self.norm = LayerNorm(config, rngs=rngs)
     self.bias = _param(rngs, jax.nn.initializers.zeros, (config.vocab_size,), ('vocab',))
+    self.decoder = None if config.tie_embeddings else _param(
+        rngs, jax.nn.initializers.truncated_normal(config.initializer_range),
+        (config.vocab_size, h), ('vocab', 'embed'))
 
   def __call__(self, hidden: jax.Array, embedding: jax.Array) -> jax.Array:
-    """Returns float32 logits (..., V) for hidden states (..., H) and the (V, H) embedding."""
+    """Returns float32 logits (..., V) for hidden states (..., H) and the (V, H) token embedding."""
     x = self.norm(jax.nn.gelu(self.transform(hidden), approximate=False))
+    if self.decoder is not None:
+      embedding = self.decoder[...]
     logits = jnp.einsum('...h,vh->...v', x.astype(self.dtype), embedding.astype(self.dtype),
                         preferred_element_type=jnp.float32)
     return logits + self.bias[...]

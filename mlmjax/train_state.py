@@ -38,6 +38,7 @@ def encoder_config_from(config, vocab_size: int) -> model.EncoderConfig:
       vocab_size=vocab_size, **shape, max_position=m.max_position,
       type_vocab_size=int(m.get('type_vocab_size', 2)),
       layer_norm_eps=float(m.get('layer_norm_eps', 1e-12)), pre_layer_norm=m.pre_layer_norm,
+      tie_embeddings=bool(m.get('tie_embeddings', True)),
       dropout_rate=m.dropout_rate, attention_dropout_rate=m.dropout_rate, dtype=m.dtype,
       attention_impl=m.attention_impl or None, remat=str(m.get('remat', '')))
 
@@ -128,7 +129,8 @@ def init_params_from(src: InitSource, state: dict, abstract_target: dict, task, 
                      f'{tokenizer.model_path} ({theirs.vocab_size} vs {tokenizer.vocab_size} '
                      'pieces); leave tokenizer.path empty to use the pretrained one')
   src_cfg = encoder_config_from(src.config, theirs.vocab_size)
-  for key in MATCH_KEYS:
+  # The decoder's layout matters only when the MLM head comes along (DAPT).
+  for key in MATCH_KEYS + (('tie_embeddings',) if task.name == 'mlm' else ()):
     if getattr(src_cfg, key) != getattr(enc_cfg, key):
       raise ValueError(f'{where}: model.{key} is {getattr(enc_cfg, key)!r} in this config but '
                        f'{getattr(src_cfg, key)!r} in {src.workdir / "config.json"}; use the '
@@ -141,7 +143,8 @@ def init_params_from(src: InitSource, state: dict, abstract_target: dict, task, 
     # The pretrained run's own state layout (BertForMLM, its optimizer), on this run's mesh.
     mesh = jax.tree.leaves(abstract_target)[0].sharding.mesh
     src_enc = dataclasses.replace(enc_cfg, dropout_rate=src_cfg.dropout_rate,
-                                  attention_dropout_rate=src_cfg.attention_dropout_rate)
+                                  attention_dropout_rate=src_cfg.attention_dropout_rate,
+                                  tie_embeddings=src_cfg.tie_embeddings)
     tx = optim.make_optimizer(src.config.optim, src.config.train.num_steps)
     _, param_state = abstract_model(src_enc, 0)
     abstract = jax.eval_shape(make_init_fn(src_enc, tx, 0))

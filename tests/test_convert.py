@@ -76,11 +76,13 @@ SHAPES = [
          intermediate_size=64, max_position_embeddings=32),
     dict(vocab_size=97, hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
          intermediate_size=100, max_position_embeddings=40, type_vocab_size=3, layer_norm_eps=1e-7),
+    dict(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+         intermediate_size=64, max_position_embeddings=32, tie_word_embeddings=False),
 ]
 
 
 @pytest.mark.parametrize('head', [True, False], ids=['mlm', 'base'])
-@pytest.mark.parametrize('shape', SHAPES, ids=['h32', 'h48'])
+@pytest.mark.parametrize('shape', SHAPES, ids=['h32', 'h48', 'untied'])
 def test_import_matches_transformers(tmp_path, shape, head):
   d = hf_dir(tmp_path, head=head, **shape)
   hf_cfg = json.loads((d / 'config.json').read_text())
@@ -90,6 +92,8 @@ def test_import_matches_transformers(tmp_path, shape, head):
   notes = []
   params = convert.params_from_hf(convert.read_weights(d), enc_cfg, fresh, log=notes.append)
   assert any('freshly initialized' in n for n in notes) == (not head)
+  if head and not enc_cfg.tie_embeddings:  # the decoder came from the file, not the embedding
+    assert not np.allclose(params['mlm_head']['decoder'], params['encoder']['token_embed'])
   ids, mask, types = padded_inputs(shape['vocab_size'], shape.get('type_vocab_size', 2))
   hidden, logits = ours_forward(merged(enc_cfg, params), ids, mask, types)
   cls = transformers.BertForMaskedLM if head else transformers.BertModel
@@ -127,7 +131,7 @@ def test_pytorch_bin_reads_the_same_tensors_as_safetensors(tmp_path):
 
 @pytest.mark.parametrize('field,value', [
     ('hidden_act', 'gelu_new'), ('position_embedding_type', 'relative_key'),
-    ('is_decoder', True), ('tie_word_embeddings', False), ('model_type', 'roberta')])
+    ('is_decoder', True), ('model_type', 'roberta')])
 def test_unsupported_configs_name_the_field(field, value):
   cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                 num_attention_heads=2, intermediate_size=32).to_dict()

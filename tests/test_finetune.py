@@ -150,6 +150,26 @@ def test_init_from_mismatches_name_what_differs(pretrained, make_tiny_config, tm
     train.run(c, tmp_path / 'no_tok')
 
 
+def test_untied_run_feeds_fine_tuning_and_dapt_must_match_it(make_tiny_config, tmp_path):
+  c = make_tiny_config()
+  c.model.tie_embeddings = False
+  c.train.num_steps, c.eval.every_steps, c.ckpt.every_steps = 2, 2, 2
+  train.run(c, tmp_path / 'untied')
+  pre = predict.load_run(tmp_path / 'untied')
+  assert pre.params['mlm_head']['decoder'].shape == pre.params['encoder']['token_embed'].shape
+  dapt = make_tiny_config()  # tied by default: the MLM head would not fit
+  dapt.init_from = str(tmp_path / 'untied')
+  with pytest.raises(ValueError, match='model.tie_embeddings is True in this config but False'):
+    train.run(dapt, tmp_path / 'dapt')
+  ft = _finetune_config(make_tiny_config, 'tiny')  # a task model keeps only the encoder
+  ft.init_from = str(tmp_path / 'untied')
+  ft.train.num_steps, ft.optim.learning_rate = 2, 1e-9
+  train.run(ft, tmp_path / 'cls')
+  ours = predict.load_run(tmp_path / 'cls', 'latest')
+  np.testing.assert_allclose(np.asarray(ours.params['encoder']['token_embed']),
+                             np.asarray(pre.params['encoder']['token_embed']), atol=1e-6)
+
+
 def test_init_from_a_step_directory_loads_that_step(pretrained, make_tiny_config, tmp_path):
   _, pre_dir = pretrained  # checkpoints at steps 4 and 8
   c = make_tiny_config()

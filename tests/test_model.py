@@ -233,6 +233,32 @@ def test_grad_through_jitted_functional_call_is_finite():
   assert float(jnp.abs(grads['encoder']['token_embed'][...]).sum()) > 0
 
 
+@pytest.mark.parametrize('tie', [True, False])
+def test_untied_decoder_leaves_absent_tokens_embeddings_alone(tie):
+  m = make_model(num_layers=1, tie_embeddings=tie)
+  graphdef, params = nnx.split(m, nnx.Param)
+  tokens, positions, labels, weights = sparse_batch(np.random.default_rng(11))
+  assert ('decoder' in params['mlm_head']) == (not tie)
+
+  def loss_fn(params):
+    logits = nnx.merge(graphdef, params)(tokens, positions)
+    total, weight = losses.cross_entropy_sum(logits, labels, weights)
+    return total / weight
+
+  grads = jax.grad(loss_fn)(params)
+  embed = np.abs(np.asarray(grads['encoder']['token_embed'][...])).sum(-1)
+  absent = np.setdiff1d(np.arange(VOCAB), np.asarray(tokens))
+  assert absent.size > 10
+  # Tied, the softmax pushes every row of the shared matrix (the degeneration of rare tokens);
+  # untied, an input embedding learns only where its token occurs in the input.
+  assert (embed[absent] > 0).all() if tie else (embed[absent] == 0).all()
+  if not tie:
+    decoder = np.abs(np.asarray(grads['mlm_head']['decoder'][...])).sum(-1)
+    assert (decoder[absent] > 0).all()
+    assert M.count_params(params) == M.count_params(nnx.split(make_model(
+        num_layers=1), nnx.Param)[1]) + VOCAB * 32
+
+
 def test_bfloat16_forward_runs_and_is_close_to_float32():
   m32 = make_model(seed=3)
   m16 = make_model(seed=3, dtype='bfloat16')
