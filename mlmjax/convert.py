@@ -206,13 +206,14 @@ def params_from_hf(weights: dict, enc_cfg, fresh_head: dict | None = None,
   """
   weights = _normalize_names(weights)
   has_head = any(k.startswith(_HEAD) for k in weights)
-  if 'cls.predictions.decoder.bias' in weights:  # what BertLMPredictionHead adds; untied, it may differ
+  # BertLMPredictionHead adds the decoder's bias; in untied checkpoints it may differ from `bias`.
+  if 'cls.predictions.decoder.bias' in weights:
     weights['cls.predictions.bias'] = weights['cls.predictions.decoder.bias']
   decoder = weights.get(f'{_HEAD}decoder.weight')
   if (enc_cfg.tie_embeddings and decoder is not None
       and not np.array_equal(decoder, weights.get('embeddings.word_embeddings.weight'))):
     raise ValueError('cls.predictions.decoder.weight differs from the word embeddings but '
-                     'config.json has tie_word_embeddings=true; set it to false to keep the decoder')
+                     'config.json has tie_word_embeddings=true; set it to false to keep it')
   params, used = {}, {f'{_HEAD}decoder.weight', f'{_HEAD}decoder.bias'}
   for ours, hf, to_ours, _ in name_map(enc_cfg, head=has_head):
     if hf not in weights:

@@ -410,7 +410,7 @@ def cleaned_documents(data_cfg, root: pathlib.Path, *, log=print) -> list[str]:
   log(f'corpus {data_cfg.corpus!r}: {len(docs)} documents after cleaning '
       f'({time.perf_counter() - t:.1f} s)\n{report.summary()}')
   path.parent.mkdir(parents=True, exist_ok=True)
-  # One temporary name per writer: runs started together on one host each write, the last rename wins.
+  # One temporary name per writer: runs started together each write theirs; the last rename wins.
   tmp = path.with_name(f'{path.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}')
   with open(tmp, 'w', encoding='utf-8') as f:
     for d in docs:

@@ -283,7 +283,7 @@ class Encoder(nnx.Module):
 
 
 class MlmHead(nnx.Module):
-  """BERT's MLM transform (dense, GELU, LayerNorm) and a decoder, tied to the token embedding or not."""
+  """BERT's MLM head: transform (dense, GELU, LayerNorm), then a tied or untied decoder and a bias."""
 
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
     h = config.hidden_size

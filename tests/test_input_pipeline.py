@@ -412,7 +412,8 @@ def test_runs_started_together_share_the_cleaned_corpus_cache(topics_corpus, tmp
       c.data.corpus = {str(topics_corpus)!r}
       while not os.path.exists({str(tmp_path / 'go')!r}):
         time.sleep(0.005)
-      docs = ip.cleaned_documents(c.data, pathlib.Path({str(tmp_path / 'cache')!r}), log=lambda s: None)
+      root = pathlib.Path({str(tmp_path / 'cache')!r})
+      docs = ip.cleaned_documents(c.data, root, log=lambda s: None)
       print(json.dumps([len(docs), sum(map(len, docs))]))
   ''')
   env = dict(os.environ, PYTHONPATH=REPO)
