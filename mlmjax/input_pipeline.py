@@ -141,7 +141,7 @@ def _host_tag() -> str:
 
 
 def _temp_dir(cache_root: pathlib.Path, key: str) -> pathlib.Path:
-  """Returns a fresh build directory name that records this host and process."""
+  """Returns a fresh temporary name beside `key` in cache_root that records this host and process."""
   return cache_root / f'.{key}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
 
 
@@ -410,8 +410,7 @@ def cleaned_documents(data_cfg, root: pathlib.Path, *, log=print) -> list[str]:
   log(f'corpus {data_cfg.corpus!r}: {len(docs)} documents after cleaning '
       f'({time.perf_counter() - t:.1f} s)\n{report.summary()}')
   path.parent.mkdir(parents=True, exist_ok=True)
-  # One temporary name per writer: runs started together each write theirs; the last rename wins.
-  tmp = path.with_name(f'{path.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}')
+  tmp = _temp_dir(path.parent, path.name)  # one per writer: runs started together each write theirs
   with open(tmp, 'w', encoding='utf-8') as f:
     for d in docs:
       f.write(json.dumps(d, ensure_ascii=False) + '\n')

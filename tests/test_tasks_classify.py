@@ -119,12 +119,6 @@ def test_prepare_errors(tok, tmp_path):
     classify.ClassifyTask(make_config(path, title_field=''), tok, print).prepare(None)
 
 
-def test_title_and_text():
-  assert classify.title_and_text('Budget set', 'The plan.') == 'Budget set. The plan.'
-  assert classify.title_and_text('Why now?', 'Because.') == 'Why now? Because.'
-  assert classify.title_and_text('', 'Body') == 'Body'
-
-
 def test_batch_loss_matches_numpy_and_ignores_padding_rows(prepared, net):
   task, data = prepared
   graphdef, params, logits_fn = net

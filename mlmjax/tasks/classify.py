@@ -19,14 +19,6 @@ from mlmjax.tasks import task_data as td
 from mlmjax.tasks import texts as texts_lib
 
 
-def title_and_text(title: str, text: str) -> str:
-  """Returns 'title. text' (no extra period when the title already ends a sentence)."""
-  title = title.strip()
-  if not title:
-    return text
-  return f'{title} {text}' if title[-1] in '.!?' else f'{title}. {text}'
-
-
 def split_row_parts(rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Returns (tokens (B, L), label ids (B,), valid (B,) bool) of classification rows (B, L + 1)."""
   tokens, labels = rows[:, :-1], rows[:, -1]

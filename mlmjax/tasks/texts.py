@@ -22,15 +22,21 @@ from mlmjax.tasks import task_data as td
 TASKS = ('classify', 'tag', 'retrieve')
 
 
+def title_and_text(title: str, text: str) -> str:
+  """Returns 'title. text' (no extra period when the title already ends a sentence)."""
+  title = title.strip()
+  if not title:
+    return text
+  return f'{title} {text}' if title[-1] in '.!?' else f'{title}. {text}'
+
+
 def example_texts(config, row: dict, i: int, path: str) -> list[str]:
   """Returns the unlabeled text(s) of example `row` (line i of path) for config.task (in TASKS)."""
   cfg, task = config.task_data, str(config.get('task', 'mlm'))
   if task == 'classify':
-    from mlmjax.tasks import classify  # pylint: disable=g-import-not-at-top
     text = td.text_field(row, cfg.text_field, i, path, key='text_field')
     if cfg.title_field:
-      text = classify.title_and_text(td.text_field(row, cfg.title_field, i, path, key='title_field'),
-                                     text)
+      text = title_and_text(td.text_field(row, cfg.title_field, i, path, key='title_field'), text)
     return [text]
   if task == 'tag':
     words = td.field(row, cfg.tokens_field, i, path, key='tokens_field')
