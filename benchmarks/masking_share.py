@@ -21,7 +21,7 @@ import jax  # pylint: disable=g-import-not-at-top
 
 from benchmarks.throughput import time_fn  # pylint: disable=g-import-not-at-top
 from configs import pretrain
-from mlmjax import input_pipeline, masking, optim, pmi, sharding, train, train_state
+from mlmjax import experiment, masking, sharding
 
 
 def main() -> None:
@@ -33,56 +33,41 @@ def main() -> None:
   args = p.parse_args()
 
   config = pretrain.get_config(args.config)
-  with tempfile.TemporaryDirectory() as workdir:
-    data = input_pipeline.prepare_data(config, workdir, log=lambda s: None)
-  tokenizer, cache = data.tokenizer, data.cache
   b, l = config.train.batch_size, config.train.seq_len
   mesh = sharding.make_mesh(config.mesh)
-  enc_cfg = train_state.encoder_config_from(config, tokenizer.vocab_size)
-  schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
-  tx = optim.make_optimizer(config.optim, config.train.num_steps)
-  graphdef, param_state = train_state.abstract_model(enc_cfg, config.seed)
-  init_fn = train_state.make_init_fn(enc_cfg, tx, config.seed)
-  shardings = train_state.state_shardings(param_state, jax.eval_shape(init_fn), tx, mesh)
-  pool = [sharding.global_batch(cache.train_rows[i * b:(i + 1) * b], mesh) for i in range(4)]
   key = jax.random.key(0)
   dev = jax.devices()[0]
-  print(f'config {args.config}: {enc_cfg.num_layers} layers, hidden {enc_cfg.hidden_size}, vocab '
-        f'{tokenizer.vocab_size}, batch {b} x {l}, rate {config.masking.rate}; device {dev.platform} '
-        f'({dev.device_kind}); medians of {args.steps} calls')
-  print(f'{"strategy":<11} {"buffer":>6} {"step ms":>9} {"masking ms":>10} {"share":>7}')
-  for strategy in args.strategies.split(','):
-    with config.unlocked():
-      config.masking.strategy = strategy
-    spec = masking.spec_from_config(config.masking, vocab_size=tokenizer.vocab_size, seq_len=l,
-                                    tokenizer=tokenizer, num_steps=config.train.num_steps)
-    vocab = None
-    if strategy == 'pmi':
-      vocab = pmi.load_or_build_pmi_vocab(
-          input_pipeline.cache_root(config.data), cache.key, cache.train_rows,
-          tokenizer.special_mask, min_count=config.masking.pmi_min_count,
-          size=config.masking.pmi_vocab_size, log=lambda s: None)
-    tables = masking.tables_for(spec, tokenizer, vocab)
-    step = jax.jit(train.make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0,
-                                         tables=tables),
-                   in_shardings=(shardings, sharding.batch_sharding(mesh), None),
-                   out_shardings=(shardings, None), donate_argnums=0)
-    mask_only = jax.jit(lambda k, t, spec=spec, tables=tables: masking.mask_tokens(k, t, spec, tables=tables))
-    holder = {'state': jax.jit(init_fn, out_shardings=shardings)(), 'i': 0}
+  pool = None
+  with tempfile.TemporaryDirectory() as workdir:
+    for strategy in args.strategies.split(','):
+      with config.unlocked():
+        config.masking.strategy = strategy
+      # The step train.run runs, with the real corpus's tokenizer, word starts and PMI n-grams.
+      exp = experiment.setup(config, workdir, mesh, log=lambda s: None)
+      enc_cfg, spec, tables, step = exp.enc_cfg, exp.task.spec, exp.task.tables, exp.train_step
+      if pool is None:
+        rows = exp.data.train
+        pool = [sharding.global_batch(rows[i * b:(i + 1) * b], mesh) for i in range(4)]
+        print(f'config {args.config}: {enc_cfg.num_layers} layers, hidden {enc_cfg.hidden_size}, '
+              f'vocab {enc_cfg.vocab_size}, batch {b} x {l}, rate {config.masking.rate}; device '
+              f'{dev.platform} ({dev.device_kind}); medians of {args.steps} calls')
+        print(f'{"strategy":<11} {"buffer":>6} {"step ms":>9} {"masking ms":>10} {"share":>7}')
+      mask_only = jax.jit(lambda k, t, spec=spec, tables=tables: masking.mask_tokens(k, t, spec, tables=tables))
+      holder = {'state': exp.init_state(), 'i': 0}
 
-    def step_args(holder=holder):
-      holder['i'] += 1
-      return holder['state'], pool[holder['i'] % len(pool)], key
+      def step_args(holder=holder):
+        holder['i'] += 1
+        return holder['state'], pool[holder['i'] % len(pool)], key
 
-    def step_fn(s, batch, k, holder=holder, step=step):
-      holder['state'], sums = step(s, batch, k)
-      return sums
+      def step_fn(s, batch, k, holder=holder, step=step):
+        holder['state'], sums = step(s, batch, k)
+        return sums
 
-    t_step = time_fn(step_fn, step_args, args.steps)
-    t_mask = time_fn(mask_only, lambda holder=holder: (jax.random.fold_in(key, holder['i']),
-                                                       pool[holder['i'] % len(pool)]), args.steps)
-    print(f'{strategy:<11} {spec.max_predictions:>6} {t_step * 1e3:>9.2f} {t_mask * 1e3:>10.3f} '
-          f'{100 * t_mask / t_step:>6.2f}%', flush=True)
+      t_step = time_fn(step_fn, step_args, args.steps)
+      t_mask = time_fn(mask_only, lambda holder=holder: (jax.random.fold_in(key, holder['i']),
+                                                         pool[holder['i'] % len(pool)]), args.steps)
+      print(f'{strategy:<11} {spec.max_predictions:>6} {t_step * 1e3:>9.2f} {t_mask * 1e3:>10.3f} '
+            f'{100 * t_mask / t_step:>6.2f}%', flush=True)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,8 @@ process, measured in the same run.
   python benchmarks/throughput.py --config mini --steps 20 --batch_size 32 --dtype bfloat16
 
 Batches are synthetic packed rows ([CLS] ... [SEP] units of random regular ids, PAD tails) so the
-number measures the step, not the input pipeline; the step is the one train.py jits.
+number measures the step, not the input pipeline; the step is experiment.setup's, which train.run
+jits.
 """
 
 import argparse
@@ -22,7 +23,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from configs import pretrain  # pylint: disable=g-import-not-at-top
-from mlmjax import flops, masking, optim, sharding, train, train_state
+from mlmjax import experiment, flops, masking, sharding
 from mlmjax import tokenizer as tok
 
 
@@ -82,19 +83,10 @@ def main() -> None:
     config.model.attention_impl = args.attention_impl
   b, l, vocab = config.train.batch_size, config.train.seq_len, config.tokenizer.vocab_size
   mesh = sharding.make_mesh(config.mesh)
-  enc_cfg = train_state.encoder_config_from(config, vocab)
-  spec = masking.spec_from_config(config.masking, vocab_size=vocab, seq_len=l)
-  schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
-  tx = optim.make_optimizer(config.optim, config.train.num_steps)
-  graphdef, param_state = train_state.abstract_model(enc_cfg, config.seed)
-  init_fn = train_state.make_init_fn(enc_cfg, tx, config.seed)
-  shardings = train_state.state_shardings(param_state, jax.eval_shape(init_fn), tx, mesh)
-  state = jax.jit(init_fn, out_shardings=shardings)()
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['params']))
-  step = jax.jit(train.make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0,
-                                       grad_accum_steps=args.grad_accum_steps),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh), None),
-                 out_shardings=(shardings, None), donate_argnums=0)
+  exp = experiment.setup(config, None, mesh)  # the step train.run runs, from shapes
+  enc_cfg, spec, step = exp.enc_cfg, exp.task.spec, exp.train_step
+  state = exp.init_state()
+  n_params = exp.num_params
   mask_only = jax.jit(lambda key, t: masking.mask_tokens(key, t, spec))
   rng = np.random.default_rng(0)
   pool = [sharding.global_batch(synthetic_rows(rng, b, l, vocab), mesh) for _ in range(4)]
@@ -123,7 +115,7 @@ def main() -> None:
   print(f'step time        {t_step * 1e3:9.2f} ms  (median of {args.steps})')
   print(f'tokens/s         {b * l / t_step:9.0f}')
   print(f'masking alone    {t_mask * 1e3:9.3f} ms  = {100 * t_mask / t_step:.2f}% of the step')
-  fpt = flops.train_flops_per_token(enc_cfg, seq_len=l, max_predictions=spec.max_predictions)
+  fpt = exp.flops_per_token
   peak = flops.device_peak(config.model.dtype)
   util = flops.mfu(b * l / t_step, fpt, peak.units, peak.flops_per_s)
   print(f'MFU              {100 * util:9.2f} %  ({fpt:.3e} train FLOPs/token; peak {peak.flops_per_s:.3e} '

@@ -1,4 +1,9 @@
-"""Orbax checkpoints of the whole train state: save, resume, fall back past damaged steps, preemption."""
+"""Orbax checkpoints: params and optimizer state as separate items; resume, fall back past damage.
+
+A step directory holds params/ (the parameters), opt_state/ (everything else of the train state:
+the optimizer state and the step counter) and meta/ (JSON), so inference, init_from and conversion
+read parameters alone, also where opt_state/ has been deleted to save disk.
+"""
 
 import math
 import pathlib
@@ -13,7 +18,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-STATE, META = 'state', 'meta'
+PARAMS, OPT_STATE, META = 'params', 'opt_state', 'meta'
+# The one pytree item of checkpoints written before params and opt_state were split (read only).
+PRE_SPLIT_STATE = 'state'
 
 
 class CheckpointMismatchError(ValueError):
@@ -24,19 +31,35 @@ class DiskSpaceError(ValueError):
   """Too little free disk for the checkpoints a run keeps, found before training starts."""
 
 
+def _split(state: dict) -> tuple[Any, dict]:
+  """Returns (params, the rest of the state): the payloads of the params and opt_state items."""
+  return state[PARAMS], {k: v for k, v in state.items() if k != PARAMS}
+
+
 class Checkpointer:
-  """Wraps an orbax CheckpointManager with items 'state' (pytree) and 'meta' (JSON)."""
+  """Wraps an orbax CheckpointManager with items 'params', 'opt_state' (pytrees) and 'meta' (JSON).
+
+  read_only: never writes (no save, no directory created, damaged steps are skipped, not moved).
+  """
 
   def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True,
-               log: Callable[[str], None] = print):
+               log: Callable[[str], None] = print, read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
     self.log = log
-    self._options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+    self.read_only = read_only
+    if read_only:
+      # Not orbax's read_only option, which logs two warnings per open: nothing here saves or
+      # deletes (save refuses, max_to_keep=None), and create=False makes no directory.
+      self._options = ocp.CheckpointManagerOptions(
+          max_to_keep=None, enable_async_checkpointing=False, create=False)
+    else:
+      self._options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(self.directory, options=self._options, item_names=(STATE, META))
+    return ocp.CheckpointManager(self.directory, options=self._options,
+                                 item_names=(PARAMS, OPT_STATE, META, PRE_SPLIT_STATE))
 
   def all_steps(self) -> list[int]:
     """Returns the committed step numbers, ascending."""
@@ -47,43 +70,110 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Starts saving state and meta at step (in the background when async)."""
-    self._manager.save(step, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}), force=True)
+    """Starts saving state ({'params', 'opt_state', 'step'}) and meta at step (async if enabled)."""
+    if self.read_only:
+      raise ValueError(f'checkpoint directory {self.directory} was opened read-only')
+    params, rest = _split(state)
+    self._manager.save(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(params), OPT_STATE: ocp.args.StandardSave(rest),
+        META: ocp.args.JsonSave(meta)}), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Returns (state, meta) of step, restored onto the shardings in abstract_state."""
-    self._check_fits(step, abstract_state)
-    out = self._manager.restore(step, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
-    return out[STATE], dict(out[META])
+    self._check_fits(step, abstract_state, params_only=False)
+    if self._is_pre_split(step):
+      return self._restore_pre_split(step, abstract_state, params_only=False)
+    params, rest = _split(abstract_state)
+    out = self._manager.restore(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardRestore(params), OPT_STATE: ocp.args.StandardRestore(rest),
+        META: ocp.args.JsonRestore()}))
+    return {PARAMS: out[PARAMS], **out[OPT_STATE]}, dict(out[META])
+
+  def restore_params(self, step: int, abstract_params: Any) -> tuple[Any, dict]:
+    """Returns (params, meta) of step without reading opt_state/ (which may have been deleted)."""
+    self._check_fits(step, {PARAMS: abstract_params}, params_only=True)
+    if self._is_pre_split(step):
+      return self._restore_pre_split(step, abstract_params, params_only=True)
+    out = self._manager.restore(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardRestore(abstract_params), META: ocp.args.JsonRestore()}))
+    return out[PARAMS], dict(out[META])
+
+  def _is_pre_split(self, step: int) -> bool:
+    """Returns True where step was written in the old layout: one 'state' item, no 'params'."""
+    return (self.directory / str(step) / PRE_SPLIT_STATE).is_dir()
+
+  def _restore_pre_split(self, step: int, abstract: Any, *, params_only: bool) -> tuple[Any, dict]:
+    """Returns (state or params, meta) of a step written before the split, in one 'state' item.
+
+    Compatibility with old workdirs. The item {'params', 'opt_state', 'step'} was written by a
+    StandardSave; PyTreeRestore reads the same files, and with partial_restore=True it reads only
+    the leaves of the target (here the params subtree), skipping the optimizer state.
+    """
+    target = {PARAMS: abstract} if params_only else abstract
+    out = self._manager.restore(step, args=ocp.args.Composite(**{
+        PRE_SPLIT_STATE: ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=params_only),
+        META: ocp.args.JsonRestore()}))
+    state = out[PRE_SPLIT_STATE]
+    return (state[PARAMS] if params_only else state), dict(out[META])
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
     """Returns (step, state, meta) of the newest step that restores, moving damaged ones aside."""
+    return self._newest(lambda step: self.restore(step, abstract_state))
+
+  def restore_latest_params(self, abstract_params: Any) -> tuple[int, Any, dict] | None:
+    """Returns (step, params, meta) of the newest step whose params restore (damage as above)."""
+    return self._newest(lambda step: self.restore_params(step, abstract_params))
+
+  def _newest(self, restore_one: Callable[[int], tuple[Any, dict]]) -> tuple[int, Any, dict] | None:
+    """Returns (step, *restore_one(step)) of the newest step that restores, or None."""
     for step in reversed(self.all_steps()):
       try:
-        state, meta = self.restore(step, abstract_state)
-        return step, state, meta
+        tree, meta = restore_one(step)
+        return step, tree, meta
       except CheckpointMismatchError:
         raise  # an intact checkpoint of another model: not damage, leave it in place
       except Exception as e:  # orbax raises ValueError, KeyError or bare Exception for damage.
-        aside = self._move_aside(step)
-        self.log(f'WARNING: checkpoint step {step} does not restore ({type(e).__name__}: '
-                 f'{_first_line(e)}); moved to {aside}, trying the previous step')
+        why = f'checkpoint step {step} does not restore ({type(e).__name__}: {_first_line(e)})'
+        if self.read_only:
+          self.log(f'WARNING: {why}; skipping it (read-only), trying the previous step')
+        else:
+          aside = self._move_aside(step)
+          self.log(f'WARNING: {why}; moved to {aside}, trying the previous step')
     return None
 
-  def _check_fits(self, step: int, abstract_state: Any) -> None:
-    """Raises CheckpointMismatchError naming a leaf whose stored shape or presence differs."""
-    stored = _stored_shapes(self.directory / str(step) / STATE)
-    if stored is None:
-      return  # unreadable metadata is damage; the restore attempt reports it
+  def _check_fits(self, step: int, abstract: Any, *, params_only: bool) -> None:
+    """Raises CheckpointMismatchError naming a leaf whose stored shape or presence differs.
+
+    abstract is the train state, or {'params': params} where params_only; leaves are compared by
+    their path in the train state ('params/...', 'opt_state/...', 'step'), item by item. An item
+    whose metadata does not read is damage: its leaves are left to the restore attempt to report.
+    """
+    step_dir = self.directory / str(step)
+    in_params = lambda p: p.startswith(PARAMS + '/')
+    if self._is_pre_split(step):
+      items = [(step_dir / PRE_SPLIT_STATE, '', lambda p: True)]
+    else:
+      items = [(step_dir / PARAMS, PARAMS + '/', in_params)]
+      if not params_only:
+        items.append((step_dir / OPT_STATE, '', lambda p: not in_params(p)))
     wanted = {_path_str(p): tuple(x.shape)
-              for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
-    where = f'checkpoint {self.directory / str(step)} does not fit this model'
+              for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+    stored, unread = {}, []
+    for item_dir, prefix, covers in items:
+      shapes = _stored_shapes(item_dir)
+      if shapes is None:
+        unread.append(covers)
+      else:
+        stored.update({prefix + p: s for p, s in shapes.items()
+                       if in_params(prefix + p) or not params_only})
+    wanted = {p: s for p, s in wanted.items() if not any(covers(p) for covers in unread)}
+    where = f'checkpoint {step_dir} does not fit this model'
     fix = 'use a new --workdir, or the config the checkpoint was trained with'
     bad = [p for p, shape in wanted.items() if stored.get(p, shape) not in (shape, None)]
     if bad:
-      bad.sort(key=lambda p: not p.startswith('params'))  # name a parameter before its moments
+      bad.sort(key=lambda p: not in_params(p))  # name a parameter before its moments
       more = f' (and {len(bad) - 1} more arrays)' if len(bad) > 1 else ''
       raise CheckpointMismatchError(
           f'{where}: {bad[0]} has shape {stored[bad[0]]} in the checkpoint but {wanted[bad[0]]} '
@@ -165,6 +255,42 @@ def restore_latest_in(directory, abstract_state: Any, *, what: str,
   if restored is None:
     raise FileNotFoundError(f'{what}: no restorable checkpoint in {directory}')
   return restored
+
+
+def restore_params_in(directory, abstract_params: Any, *, what: str,
+                      log: Callable[[str], None] = print,
+                      step: int | None = None) -> tuple[int, Any, dict]:
+  """Returns (step, params, meta) from another run's directory, reading no optimizer state.
+
+  step=None takes the newest step whose parameters restore, skipping damaged ones; an int takes that
+  step. Read-only: nothing in directory is moved or written. Raises FileNotFoundError starting with
+  `what` (e.g. "init_from='runs/x'") when no step restores, CheckpointMismatchError for a checkpoint
+  of another model.
+  """
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f'{what}: no checkpoint directory {directory}')
+  ckpt = Checkpointer(directory, log=log, read_only=True)
+  try:
+    if step is None:
+      restored = ckpt.restore_latest_params(abstract_params)
+      if restored is None:
+        raise FileNotFoundError(f'{what}: no restorable checkpoint in {directory}')
+      return restored
+    steps = ckpt.all_steps()
+    if step not in steps:
+      raise FileNotFoundError(f'{what}: no checkpoint step {step} in {directory} '
+                              f'(steps there: {", ".join(map(str, steps)) or "none"})')
+    try:
+      params, meta = ckpt.restore_params(step, abstract_params)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # damage, as in Checkpointer._newest
+      raise FileNotFoundError(f'{what}: checkpoint step {step} in {directory} does not restore '
+                              f'({type(e).__name__}: {_first_line(e)})') from e
+    return step, params, meta
+  finally:
+    ckpt.close()
 
 
 def _first_line(e: BaseException) -> str:

@@ -3,20 +3,20 @@
   python -m mlmjax.train --config configs/pretrain.py:mini --dry_run
   JAX_PLATFORMS=cpu python -m mlmjax.train --config configs/pretrain.py:base --dry_run --topology v5e:2x2
 
-Nothing is allocated or trained: the state is jax.eval_shape'd with its shardings, the batch is a
-ShapeDtypeStruct, and neither the corpus nor the tokenizer is built (tokenizer.vocab_size sizes the
-model, or the vocabulary of tokenizer.path when one is set).
+The step is experiment.setup's, set up from shapes alone, so it is the step train.run runs, for
+every task. Nothing is allocated or trained: the state is jax.eval_shape'd with its shardings, the
+batch is a ShapeDtypeStruct of the task's row width, and neither the corpus nor the tokenizer is
+built (tokenizer.vocab_size sizes the model, or the vocabulary of tokenizer.path when one is set;
+classify and tag read only their label names from task_data.path).
 """
 
 import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mlmjax import flops, masking, optim, sharding, train, train_state
-from mlmjax import tokenizer as tokenizer_lib
+from mlmjax import experiment, sharding
 
 
 def topology_devices(topology: str) -> list:
@@ -30,29 +30,6 @@ def topology_devices(topology: str) -> list:
         f"--topology {topology}: compiling for a TPU topology needs libtpu "
         f"(pip install -e '.[tpu]'; on a CPU machine also set JAX_PLATFORMS=cpu) and a name like "
         f"v5e:2x2, v4:2x2x1, v5p:2x2x1, v6e:2x2. JAX said: {first}") from None
-
-
-def _vocab_size(config) -> int:
-  """Returns the vocabulary of tokenizer.path when set (cheap to load), else tokenizer.vocab_size."""
-  if config.tokenizer.path:
-    return tokenizer_lib.load_any(config.tokenizer.path).vocab_size
-  return int(config.tokenizer.vocab_size)
-
-
-def _masking_for_shapes(config, vocab: int, seq_len: int):
-  """Returns (spec, rate schedule, tables) as train.run builds them, tables as same-shape stand-ins."""
-  steps = config.train.num_steps
-  spec = masking.spec_from_config(config.masking, vocab_size=vocab, seq_len=seq_len, num_steps=steps)
-  rate_schedule = masking.rate_schedule_from_config(config.masking, steps)
-  # The tokenizer's word starts and the corpus's PMI n-grams are not built here; zeros of their
-  # shapes compile the same step.
-  word_start = pmi = None
-  if spec.strategy == 'whole_word' or (spec.strategy == 'span' and spec.span_words):
-    word_start = jnp.zeros((vocab,), bool)
-  if spec.strategy == 'pmi':
-    pmi = jnp.zeros((int(config.masking.pmi_vocab_size),), jnp.uint32)
-  tables = masking.MaskingTables(word_start=word_start, pmi_hash1=pmi, pmi_hash2=pmi)
-  return spec, rate_schedule, tables
 
 
 def _bytes_per_device(tree) -> int:
@@ -83,66 +60,40 @@ def _memory(compiled) -> dict[str, int]:
 
 
 def compile_report(config, *, topology: str = '') -> dict:
-  """Returns per-device memory, FLOPs and the mesh of the configured train step, compiled AOT."""
+  """Returns per-device memory, FLOPs and the mesh of the configured task's train step, compiled AOT."""
   t0 = time.perf_counter()
-  train.validate_config(config)
   devices = topology_devices(topology) if topology else jax.devices()
   mesh = sharding.make_mesh(config.mesh, devices)
-  dp = sharding.data_parallel_size(mesh)
-  batch, seq_len = int(config.train.batch_size), int(config.train.seq_len)
-  if batch % dp:
-    raise ValueError(f'train.batch_size={batch} must be divisible by the {dp} data-parallel '
-                     'devices of mesh.shape')
-  vocab = _vocab_size(config)
-  enc_cfg = train_state.encoder_config_from(config, vocab)
-  spec, rate_schedule, tables = _masking_for_shapes(config, vocab, seq_len)
-  schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
-  tx = optim.make_optimizer(config.optim, config.train.num_steps)
-
-  graphdef, param_state = train_state.abstract_model(enc_cfg, config.seed)
-  init_fn = train_state.make_init_fn(enc_cfg, tx, config.seed)
-  abstract_state = jax.eval_shape(init_fn)
-  shardings = train_state.state_shardings(param_state, abstract_state, tx, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract_state, shardings)
-  data_spec = sharding.batch_sharding(mesh)
-  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=data_spec)
-  key_type = jax.eval_shape(lambda: jax.random.key(0))
-  seed_key = jax.ShapeDtypeStruct(key_type.shape, key_type.dtype, sharding=sharding.replicated(mesh))
-  # The same step train.run jits; the key and the metric sums are replicated explicitly so that a
-  # topology's devices (not attached here) receive every array.
-  step = jax.jit(
-      train.make_train_step(graphdef, tx, spec, schedule, config.model.dropout_rate > 0,
-                            rate_schedule=rate_schedule, tables=tables,
-                            grad_accum_steps=int(config.train.get('grad_accum_steps', 1))),
-      in_shardings=(shardings, data_spec, sharding.replicated(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  exp = experiment.setup(config, None, mesh, log=lambda _: None)
+  rows, seed_key = exp.abstract_batch()
   t_lower = time.perf_counter()
-  lowered = step.lower(state, tokens, seed_key)
-  compiled = lowered.compile()
+  compiled = exp.train_step.lower(exp.abstract_state, rows, seed_key).compile()
   compile_s = time.perf_counter() - t_lower
 
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
   n_dev = len(devices)
-  analytic = flops.train_flops_per_step(enc_cfg, batch=batch, seq_len=seq_len,
-                                        max_predictions=spec.max_predictions)
+  batch, seq_len = int(config.train.batch_size), int(config.train.seq_len)
+  slots = exp.task.flops_max_predictions()
+  analytic = exp.flops_per_token * batch * seq_len * exp.task.sequences_per_row
+  enc = exp.enc_cfg
   return {
       'platform': devices[0].platform, 'device_kind': devices[0].device_kind,
       'topology': topology or None, 'num_devices': n_dev, 'mesh': dict(mesh.shape),
-      'model': {'layers': enc_cfg.num_layers, 'hidden': enc_cfg.hidden_size,
-                'heads': enc_cfg.num_heads, 'intermediate': enc_cfg.intermediate_size,
-                'vocab': vocab, 'dtype': enc_cfg.dtype},
-      'batch_size': batch, 'seq_len': seq_len, 'max_predictions': spec.max_predictions,
-      'num_params': sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state['params'])),
-      'params_bytes_per_device': _bytes_per_device(state['params']),
-      'opt_state_bytes_per_device': _bytes_per_device(state['opt_state']),
+      'task': exp.task.name,
+      'model': {'layers': enc.num_layers, 'hidden': enc.hidden_size, 'heads': enc.num_heads,
+                'intermediate': enc.intermediate_size, 'vocab': enc.vocab_size, 'dtype': enc.dtype},
+      'batch_size': batch, 'seq_len': seq_len, 'row_width': exp.row_width, 'max_predictions': slots,
+      'num_params': exp.num_params,
+      'params_bytes_per_device': _bytes_per_device(exp.abstract_state['params']),
+      'opt_state_bytes_per_device': _bytes_per_device(exp.abstract_state['opt_state']),
+      'batch_bytes_per_device': _bytes_per_device(rows),
       'memory_per_device': _memory(compiled),
       'xla_flops_per_device': xla_flops,
       'xla_flops_per_step': xla_flops * n_dev,
       'analytic_flops_per_step': analytic,
-      'analytic_flops_per_token': analytic / (batch * seq_len),
+      'analytic_flops_per_token': exp.flops_per_token,
       'compile_s': compile_s, 'total_s': time.perf_counter() - t0,
   }
 
@@ -160,8 +111,9 @@ def format_report(r: dict) -> str:
       f"mesh {r['mesh']}",
       f"model: {m['layers']} layers, hidden {m['hidden']}, {m['heads']} heads, intermediate "
       f"{m['intermediate']}, vocab {m['vocab']}, {m['dtype']}; {r['num_params'] / 1e6:.2f} M params",
-      f"step: batch {r['batch_size']} x {r['seq_len']} tokens, {r['max_predictions']} prediction "
-      f"slots per row; compiled in {r['compile_s']:.1f} s",
+      f"step ({r['task']}): batch {r['batch_size']} rows of {r['row_width']} columns "
+      f"(seq_len {r['seq_len']}), {r['max_predictions']} prediction slots per row; compiled in "
+      f"{r['compile_s']:.1f} s",
       'per device, from the shardings:',
       f"  parameters (float32)           {_mib(r['params_bytes_per_device'])}",
       f"  optimizer state                {_mib(r['opt_state_bytes_per_device'])}",

@@ -1,33 +1,29 @@
-"""Up-front config checks: types against the defaults, allowed values, ranges, combinations.
+"""Up-front config checks: keys and types against the schema, allowed values, ranges, combinations.
 
-Types are checked against the defaults of the same variant (`get_config(config.variant)`) of the
-config file, configs/pretrain.py unless another file is named: bool is not an int, an int is
-accepted where a float is expected, a list where a tuple is. Keys the reference does not have
-(added by another config file) are not type-checked; their module checks their values.
+Every config is checked against mlmjax/schema.py's defaults(), whatever file built it: a key the
+schema has must be present (old config.json files go through schema.upgrade() first), and its value
+must have the default's type: bool is not an int, an int is accepted where a float is expected, a
+list where a tuple is. Keys the schema does not know (a custom task's own section) are not typed.
 """
 
-import importlib.util
-import pathlib
 from typing import Any
 
-from mlmjax import corpus, masking, model, optim, tasks, tokenizer
+from mlmjax import corpus, masking, model, optim, schema, tasks, tokenizer
 
-PRETRAIN_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'pretrain.py'
-
-# Keys that take one of a fixed set of values, from the module that owns each set.
+# Keys that take one of a fixed set of values, from the module that owns each set. config.task is
+# checked against the task registry (tasks.names(), or a 'package.module:ClassName').
 ALLOWED: dict[str, tuple] = {
     'data.normalization': corpus.NORMALIZATIONS,
     'data.bad_input': corpus.BAD_INPUT_POLICIES,
     'tokenizer.model_type': tokenizer.MODEL_TYPES,
     'masking.selection': masking.SELECTIONS,
     'masking.strategy': masking.STRATEGIES,
-    'masking.rate_schedule': masking.RATE_SCHEDULES,
+    'masking.schedule.kind': masking.RATE_SCHEDULES,
     'model.size': (*model.SIZES, 'custom'),
     'model.dtype': ('float32', 'bfloat16'),
     'model.attention_impl': ('', 'xla', 'cudnn'),
     'model.remat': tuple(model.REMAT_POLICIES),
     'optim.decay': optim.DECAYS,
-    'task': tasks.NAMES,
     'early_stop.mode': ('', 'min', 'max'),
     'classify.pooling': model.POOLINGS,
     'retrieve.pooling': model.POOLINGS,
@@ -48,7 +44,9 @@ _RANGES = {
     'eval.batch_size': '[1, inf)', 'eval.num_batches': '[0, inf)', 'eval.rate': '(0, 1)',
     'ckpt.every_steps': '[1, inf)', 'ckpt.max_to_keep': '[1, inf)',
     'data.max_line_chars': '[1, inf)', 'data.val_fraction': '[0, 1)', 'data.prefetch': '[0, inf)',
-    'model.dropout_rate': '[0, 1)', 'optim.learning_rate': '(0, inf)',
+    'masking.span.p': '(0, 1]', 'masking.span.max': '[1, inf)', 'masking.schedule.steps': '[0, inf)',
+    'model.dropout_rate': '[0, 1)', 'model.attention_dropout_rate': '[0, 1)',
+    'optim.learning_rate': '(0, inf)',
     'optim.warmup_steps': '[0, inf)', 'optim.end_lr_fraction': '[0, 1]',
     'optim.weight_decay': '[0, inf)', 'optim.grad_clip_norm': '[0, inf)', 'optim.b1': '[0, 1)',
     'optim.b2': '[0, 1)', 'optim.eps': '(0, inf)',
@@ -61,37 +59,8 @@ _INTEGERS = frozenset({
     'train.num_steps', 'train.batch_size', 'train.seq_len', 'train.log_every_steps',
     'train.max_skipped_batches', 'train.grad_accum_steps', 'eval.every_steps', 'eval.batch_size',
     'eval.num_batches', 'ckpt.every_steps', 'ckpt.max_to_keep', 'data.max_line_chars',
-    'data.prefetch', 'optim.warmup_steps', 'early_stop.patience', 'task_data.max_examples',
-    'retrieve.num_candidates'})
-
-
-def load_config(spec: str):
-  """Returns the ConfigDict of 'path/to/config.py[:arg]' (get_config(arg), or get_config())."""
-  path, _, arg = spec.partition(':')
-  if not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f'--config: no such config file {path!r}')
-  name = 'mlmjax_config_' + pathlib.Path(path).stem
-  module_spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
-def reference_config(config, config_file: str | None = None):
-  """Returns the defaults to check `config` against: its variant in config_file, else None.
-
-  config_file defaults to configs/pretrain.py; an unknown variant falls back to get_config().
-  """
-  path = pathlib.Path(config_file) if config_file else PRETRAIN_CONFIG
-  if not path.is_file():
-    return None  # an installed package without configs/: only the checks below the types run
-  variant = config.get('variant', '') if hasattr(config, 'get') else ''
-  for spec in ([f'{path}:{variant}'] if variant else []) + [str(path)]:
-    try:
-      return load_config(spec)
-    except (ValueError, KeyError, TypeError):
-      continue
-  return None
+    'data.prefetch', 'masking.span.max', 'masking.schedule.steps', 'optim.warmup_steps',
+    'early_stop.patience', 'task_data.max_examples', 'retrieve.num_candidates'})
 
 
 def _describe(ref: Any) -> str:
@@ -147,11 +116,12 @@ def _leaves(config, prefix: str = ''):
       yield f'{prefix}{key}', value
 
 
-def _get(config, key: str, default: Any = None) -> Any:
+def _get(config, key: str) -> Any:
+  """Returns the value of dotted key in config, or None when config lacks it."""
   node = config
   for part in key.split('.'):
     if not hasattr(node, 'keys') or part not in node.keys():
-      return default
+      return None
     node = node[part]
   return node
 
@@ -169,9 +139,14 @@ def _allowed_text(key: str) -> str:
 
 
 def check_types(config, reference) -> None:
-  """Raises ValueError naming the first key whose value has another type than in `reference`."""
+  """Raises ValueError naming the first key of `reference` that config lacks or holds another type of."""
   ref_leaves = dict(_leaves(reference))
-  for key, value in _leaves(config):
+  leaves = dict(_leaves(config))
+  missing = sorted(set(ref_leaves) - set(leaves))
+  if missing:
+    raise ValueError(f'{missing[0]}: missing from the config ({len(missing)} key(s) missing); a '
+                     'config.json of an older run is read with mlmjax.schema.upgrade()')
+  for key, value in sorted(leaves.items()):
     if key in ref_leaves and not _fits(value, ref_leaves[key]):
       raise ValueError(f'{key}={value!r}: expected {_describe(ref_leaves[key])}'
                        f'{_allowed_text(key)}')
@@ -180,9 +155,13 @@ def check_types(config, reference) -> None:
 def check_values(config) -> None:
   """Raises ValueError naming the key of an unknown choice, an out-of-range number or a bad pair."""
   for key, allowed in ALLOWED.items():
-    value = _get(config, key, allowed[0])
-    if value not in allowed:
+    value = _get(config, key)
+    if value is not None and value not in allowed:
       raise ValueError(f'{key}={value!r}: choose one of {allowed}{_HINTS.get(key, "")}')
+  task = _get(config, 'task')
+  if task is not None and task not in tasks.names() and ':' not in str(task):
+    raise ValueError(f'task={task!r}: choose one of {tuple(tasks.names())} or name a Task class '
+                     "as 'package.module:ClassName'")
   for key, interval in _RANGES.items():
     value = _get(config, key)
     if value is None:
@@ -193,8 +172,8 @@ def check_values(config) -> None:
                        f'in {interval}')
     if not _inside(value, interval):
       raise ValueError(f'{key}={value!r} must be in {interval}')
-  warmup, steps = _get(config, 'optim.warmup_steps', 0), _get(config, 'train.num_steps', 1)
-  if warmup > steps:
+  warmup, steps = _get(config, 'optim.warmup_steps'), _get(config, 'train.num_steps')
+  if warmup is not None and steps is not None and warmup > steps:
     raise ValueError(f'optim.warmup_steps={warmup} exceeds train.num_steps={steps}: the learning '
                      'rate would never reach its peak; lower the warmup')
   seq_len, max_position = _get(config, 'train.seq_len'), _get(config, 'model.max_position')
@@ -204,8 +183,8 @@ def check_values(config) -> None:
   if batch is not None and accum is not None and batch % accum:
     raise ValueError(f'train.batch_size={batch} must be divisible by '
                      f'train.grad_accum_steps={accum} (equal microbatches)')
-  val, test = _get(config, 'task_data.val_fraction', 0.0), _get(config, 'task_data.test_fraction', 0.0)
-  if val + test >= 1:
+  val, test = _get(config, 'task_data.val_fraction'), _get(config, 'task_data.test_fraction')
+  if val is not None and test is not None and val + test >= 1:
     raise ValueError(f'task_data.val_fraction={val} + task_data.test_fraction={test} leave no '
                      'training examples; lower them')
   split = _get(config, 'eval.split')
@@ -214,10 +193,10 @@ def check_values(config) -> None:
                      '([MASK], random token, unchanged)')
 
 
-def check_config(config, *, config_file: str | None = None, reference=None) -> None:
-  """Raises ValueError naming the key of a wrong type, unknown choice, range or combination."""
-  if reference is None:
-    reference = reference_config(config, config_file)
-  if reference is not None:
-    check_types(config, reference)
+def check_config(config) -> None:
+  """Raises ValueError naming the key that is missing or has a wrong type, choice, range or pair.
+
+  Types are those of mlmjax.schema.defaults(), for every config family.
+  """
+  check_types(config, schema.defaults())
   check_values(config)

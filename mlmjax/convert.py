@@ -306,20 +306,21 @@ def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
   m.type_vocab_size, m.layer_norm_eps = enc_cfg.type_vocab_size, enc_cfg.layer_norm_eps
   m.max_position, m.pre_layer_norm = enc_cfg.max_position, False
   m.dropout_rate, m.tie_embeddings = enc_cfg.dropout_rate, enc_cfg.tie_embeddings
+  m.attention_dropout_rate, m.initializer_range = (enc_cfg.attention_dropout_rate,
+                                                   enc_cfg.initializer_range)
   config.train.seq_len = min(config.train.seq_len, enc_cfg.max_position)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / tokenizer.file_name).write_bytes(tokenizer.serialized_model)
   config.tokenizer.path = str((workdir / tokenizer.file_name).resolve())
   config.tokenizer.vocab_size = enc_cfg.vocab_size
   # The padded vocabulary of config.json wins: ids past the tokenizer's are never produced.
-  enc_cfg = train_state.encoder_config_from(config, enc_cfg.vocab_size)
+  enc_cfg = model.EncoderConfig(vocab_size=enc_cfg.vocab_size, **config.model)
 
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   fresh = model.MlmHead(enc_cfg, rngs=nnx.Rngs(config.seed))
   fresh_head = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(fresh, nnx.Param)))
   params = params_from_hf(read_weights(src), enc_cfg, fresh_head, log=log)
-  abstract = jax.eval_shape(train_state.make_init_fn(enc_cfg, tx, config.seed))
-  _check_shapes(params, abstract['params'])
+  _check_shapes(params, nnx.to_pure_dict(train_state.abstract_model(enc_cfg, config.seed)[1]))
   params = jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), params)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jax.numpy.zeros((), jax.numpy.int32)}
   ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', async_save=False, log=log)
@@ -362,9 +363,9 @@ def _check_shapes(params: dict, abstract: dict) -> None:
 def export_hf(workdir, out_dir, *, log: Callable[[str], None] = print) -> pathlib.Path:
   """Writes config.json, model.safetensors and the tokenizer files of a workdir's latest step to out_dir."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from mlmjax import predict, train_state  # pylint: disable=g-import-not-at-top
-  run = predict.load_run(workdir)
-  enc_cfg = train_state.encoder_config_from(run.config, run.tokenizer.vocab_size)
+  from mlmjax import model, predict  # pylint: disable=g-import-not-at-top
+  run = predict.load_run(workdir)  # parameters only
+  enc_cfg = model.EncoderConfig(vocab_size=run.tokenizer.vocab_size, **run.config.model)
   hf_config = hf_config_from(enc_cfg, run.tokenizer.pad_id)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)

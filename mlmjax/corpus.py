@@ -43,6 +43,8 @@ from typing import Any
 
 import ftfy
 
+from mlmjax import pydocs
+
 CORPUS_BUILDER_VERSION = 1
 
 NORMALIZATIONS = ('NFC', 'NFKC', 'NFD', 'NFKD', '')
@@ -297,7 +299,6 @@ def read_raw_documents(spec: str, *, text_field: str = 'text', tfds_split: str =
   """
   spec = spec.strip()
   if spec == 'pydocs':
-    from mlmjax import pydocs  # pylint: disable=g-import-not-at-top  # pydocs imports this module
     return iter(pydocs.documents())
   if spec.startswith('tfds:'):
     return _read_tfds(spec[len('tfds:'):], text_field, tfds_split, tfds_data_dir, tfds_download)

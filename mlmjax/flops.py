@@ -133,3 +133,31 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float
   if n_devices <= 0 or peak <= 0:
     return float('nan')
   return tokens_per_s * flops_per_token / (n_devices * peak)
+
+
+class Meter:
+  """Tokens/s, step time, MFU and ETA of the steps counted since the last reset."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float, dtype: str = 'float32'):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token = flops_per_token
+    self.peak = device_peak(dtype)
+    self.reset()
+
+  def describe(self) -> str:
+    """Returns what MFU is measured against, for the log."""
+    return (f'MFU counts {self.flops_per_token / 1e6:.2f} MFLOPs per token against '
+            f'{self.peak.units} x {self.peak.flops_per_s / 1e12:.3g} TFLOP/s ({self.peak.source})')
+
+  def reset(self) -> None:
+    """Restarts the clock (after evaluations and saves, which are not training throughput)."""
+    self.t0, self.steps = time.perf_counter(), 0
+
+  def record(self, steps_left: int) -> dict[str, float]:
+    """Returns train/tokens_per_s, train/step_time_s, train/mfu and eta_s of the current window."""
+    dt = time.perf_counter() - self.t0
+    tokens_per_s = self.tokens_per_step * self.steps / dt
+    return {'train/tokens_per_s': tokens_per_s, 'train/step_time_s': dt / self.steps,
+            'train/mfu': mfu(tokens_per_s, self.flops_per_token, self.peak.units,
+                             self.peak.flops_per_s),
+            'eta_s': steps_left * dt / self.steps}

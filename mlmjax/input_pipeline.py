@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from mlmjax import corpus
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
@@ -274,12 +275,17 @@ def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
+def process_slice(global_rows: int, process_index: int, process_count: int) -> slice:
+  """Returns this process's contiguous part of a global batch of rows (train and eval alike)."""
+  local = global_rows // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
 def _batch_indices(perm: np.ndarray, offset: int, global_batch: int, process_index: int,
                    process_count: int) -> np.ndarray:
   """Returns the row indices of this process's slice of batch `offset` of an epoch."""
-  local = global_batch // process_count
-  first = offset * global_batch + process_index * local
-  return perm[first:first + local]
+  batch = perm[offset * global_batch:(offset + 1) * global_batch]
+  return batch[process_slice(global_batch, process_index, process_count)]
 
 
 def _gather(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -399,7 +405,6 @@ def _digest(*parts) -> str:
 
 def cleaned_documents(data_cfg, root: pathlib.Path, *, log=print) -> list[str]:
   """Returns the cleaned corpus, from root/corpus/<key>.jsonl when an earlier run wrote it."""
-  from mlmjax import corpus  # pylint: disable=g-import-not-at-top
   key = corpus.corpus_key(data_cfg)
   path = root / 'corpus' / f'{key}.jsonl'
   if path.exists():
@@ -425,7 +430,6 @@ def prepare_data(config, workdir, *, log=print) -> PreparedData:
   vocab.txt or tokenizer.json) > cached > trained on the training split. The tokenizer used is
   always copied to workdir/tokenizer.model (sentencepiece) or workdir/tokenizer.json (WordPiece).
   """
-  from mlmjax import corpus  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
   root = cache_root(config.data)
   ckey = corpus.corpus_key(config.data)
@@ -436,13 +440,9 @@ def prepare_data(config, workdir, *, log=print) -> PreparedData:
       docs_memo['docs'] = cleaned_documents(config.data, root, log=log)
     return docs_memo['docs']
 
-  stored = [workdir / n for n in tokenizer_lib.WORKDIR_FILES if (workdir / n).exists()]
   t_cfg = config.tokenizer
-  if stored:
-    tokenizer = tokenizer_lib.load_any(stored[0])
-  elif t_cfg.path:
-    tokenizer = tokenizer_lib.load_any(t_cfg.path)
-  else:
+  tokenizer = tokenizer_lib.resolve(workdir, t_cfg.path)
+  if tokenizer is None:
     tok_path = root / 'tokenizers' / (_digest(ckey, config.data.val_fraction, t_cfg.to_dict()) + '.model')
     if tok_path.exists():
       tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
@@ -456,11 +456,7 @@ def prepare_data(config, workdir, *, log=print) -> PreparedData:
           max_sentences=t_cfg.max_sentences, seed=config.seed)
       log(f'trained a {t_cfg.model_type} tokenizer, {tokenizer.vocab_size} pieces '
           f'({time.perf_counter() - t:.1f} s)')
-  in_workdir = workdir / tokenizer.file_name
-  if not stored and jax_process_index() == 0:
-    tmp = in_workdir.with_name(tokenizer.file_name + '.tmp')
-    tmp.write_bytes(tokenizer.serialized_model)
-    os.replace(tmp, in_workdir)
+  tokenizer_lib.store(tokenizer, workdir)
 
   # Packing order uses a fixed seed, so runs that differ only in config.seed share one cache;
   # config.seed drives the per-epoch row order instead.
@@ -470,9 +466,3 @@ def prepare_data(config, workdir, *, log=print) -> PreparedData:
                                     seq_len=config.train.seq_len,
                                     val_fraction=config.data.val_fraction, seed=0, log=log)
   return PreparedData(tokenizer, cache)
-
-
-def jax_process_index() -> int:
-  """Returns jax.process_index() (0 when JAX is not initialized for several processes)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_index()

@@ -40,9 +40,9 @@ class MaskingSpec:
     if self.strategy not in STRATEGIES:
       raise ValueError(f'masking.strategy must be one of {STRATEGIES}; got {self.strategy!r}.')
     if isinstance(self.span_p, bool) or not isinstance(self.span_p, numbers.Real) or not 0 < self.span_p <= 1:
-      raise ValueError(f'masking.span_p must be a number in (0, 1]; got {self.span_p!r}.')
+      raise ValueError(f'masking.span.p must be a number in (0, 1]; got {self.span_p!r}.')
     if isinstance(self.span_max, bool) or not isinstance(self.span_max, int) or self.span_max < 1:
-      raise ValueError(f'masking.span_max must be an integer >= 1; got {self.span_max!r}.')
+      raise ValueError(f'masking.span.max must be an integer >= 1; got {self.span_max!r}.')
     object.__setattr__(self, 'span_p', float(self.span_p))
     try:
       split = tuple(float(s) for s in self.split)
@@ -154,8 +154,8 @@ def spec_from_config(masking_cfg: Any, *, vocab_size: int, seq_len: int,
     raise ValueError(
         f'masking.max_predictions must be an integer >= 0 (0 derives it from rate and seq_len); '
         f'got {max_predictions!r}.')
-  unit = dict(strategy=masking_cfg.get('strategy', 'token'), span_p=masking_cfg.get('span_p', 0.2),
-              span_max=masking_cfg.get('span_max', 10), span_words=masking_cfg.get('span_words', True))
+  span = masking_cfg.span
+  unit = dict(strategy=masking_cfg.strategy, span_p=span.p, span_max=span.max, span_words=span.words)
   if max_predictions == 0:
     peak = rate_schedule_from_config(masking_cfg, max(num_steps, 1)).max_rate
     max_predictions = default_max_predictions(peak, seq_len, masking_cfg.selection, **unit)
@@ -226,29 +226,34 @@ class RateSchedule:
 
 
 def rate_schedule_from_config(masking_cfg: Any, num_steps: int) -> RateSchedule:
-  """Returns the RateSchedule of a `masking` section (masking.rate is the start rate)."""
-  kind = masking_cfg.get('rate_schedule', 'constant')
+  """Returns the RateSchedule of a `masking` section (masking.rate is the start rate).
+
+  Reads masking.schedule.kind, and only the keys of that kind: end and steps (linear, cosine),
+  boundaries and values (step).
+  """
+  sched = masking_cfg.schedule
+  kind = sched.kind
   if kind not in RATE_SCHEDULES:
-    raise ValueError(f'masking.rate_schedule must be one of {RATE_SCHEDULES}; got {kind!r}.')
+    raise ValueError(f'masking.schedule.kind must be one of {RATE_SCHEDULES}; got {kind!r}.')
   start = masking_cfg.rate
   _check_rate(start, 'masking.rate')
   if kind == 'constant':
     return RateSchedule('constant', float(start), float(start))
   if kind in ('linear', 'cosine'):
-    end = masking_cfg.get('rate_end', start)
-    _check_rate(end, 'masking.rate_end')
-    steps = int(masking_cfg.get('rate_steps', 0) or num_steps)
+    end = sched.end
+    _check_rate(end, 'masking.schedule.end')
+    steps = int(sched.steps or num_steps)
     if steps < 1:
-      raise ValueError(f'masking.rate_steps must be >= 1 (0 = train.num_steps); got {steps}.')
+      raise ValueError(f'masking.schedule.steps must be >= 1 (0 = train.num_steps); got {steps}.')
     return RateSchedule(kind, float(start), float(end), steps)
-  boundaries = tuple(int(b) for b in masking_cfg.get('rate_boundaries', ()))
-  values = tuple(masking_cfg.get('rate_values', ()))
+  boundaries = tuple(int(b) for b in sched.boundaries)
+  values = tuple(sched.rates)
   if len(values) != len(boundaries) + 1 or list(boundaries) != sorted(set(boundaries)):
     raise ValueError(
-        "masking.rate_schedule='step' needs ascending masking.rate_boundaries (steps) and one more "
-        f'masking.rate_values than boundaries; got {boundaries} and {values}.')
+        "masking.schedule.kind='step' needs ascending masking.schedule.boundaries (steps) and one "
+        f'more masking.schedule.rates than boundaries; got {boundaries} and {values}.')
   for v in values:
-    _check_rate(v, 'masking.rate_values')
+    _check_rate(v, 'masking.schedule.rates')
   return RateSchedule('step', float(values[0]), float(values[-1]), 1, boundaries,
                       tuple(float(v) for v in values))
 

@@ -23,27 +23,49 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
+_SHAPE_FIELDS = ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size')
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-  """Shape and numerics of the encoder; parameters are always float32."""
+  """Shape and numerics of the encoder; parameters are always float32.
+
+  `config.model` holds these fields (all but vocab_size): EncoderConfig(vocab_size=V, **config.model).
+  A shape field left 0 takes the value of the named `size` (a key of SIZES); with size '' or
+  'custom' all four shape fields must be set. After construction they hold the resolved shape.
+  """
   vocab_size: int
-  hidden_size: int = 128
-  num_layers: int = 2
-  num_heads: int = 2
-  intermediate_size: int = 512
+  # Named shape (a key of SIZES), '' or 'custom'; it only fills zero shape fields, so two configs
+  # of the same resolved shape compare equal whatever named it.
+  size: str = dataclasses.field(default='', compare=False)
+  hidden_size: int = 0
+  num_layers: int = 0
+  num_heads: int = 0
+  intermediate_size: int = 0
   max_position: int = 512
   type_vocab_size: int = 2
   dropout_rate: float = 0.1  # hidden dropout (embeddings, attention output, MLP output)
-  attention_dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1  # dropout on the attention probabilities
   layer_norm_eps: float = 1e-12  # BERT's value
   pre_layer_norm: bool = True  # False = BERT's original post-LN
   tie_embeddings: bool = True  # False = the MLM decoder has its own (V, H) output embedding
   initializer_range: float = 0.02  # truncated-normal std, as BERT
   dtype: str = 'float32'  # compute dtype: 'float32' or 'bfloat16'
-  attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...)
+  attention_impl: str = ''  # jax.nn.dot_product_attention(implementation=...); '' (or None): XLA chooses
   remat: str = ''  # per-block rematerialization policy, a key of REMAT_POLICIES
 
   def __post_init__(self):
+    if self.size not in ('', 'custom') and self.size not in SIZES:
+      raise ValueError(f"model.size: unknown size {self.size!r}; choose one of {list(SIZES)} or "
+                       "'custom'")
+    named = SIZES.get(self.size, {})
+    for key in _SHAPE_FIELDS:
+      if not getattr(self, key):
+        if key not in named:
+          raise ValueError(f'model.{key} must be set (> 0) when model.size={self.size!r}')
+        object.__setattr__(self, key, named[key])
+    if self.attention_impl is None:
+      object.__setattr__(self, 'attention_impl', '')
     if self.dtype not in _DTYPES:
       raise ValueError(f'model.dtype: {self.dtype!r} is not supported; use one of {sorted(_DTYPES)}')
     if self.attention_impl not in _ATTENTION_IMPLS:
@@ -87,7 +109,7 @@ def encoder_config(size: str, *, vocab_size: int, **overrides) -> EncoderConfig:
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f'model: unknown encoder setting(s) {unknown}; known: {sorted(fields)}')
-  return EncoderConfig(vocab_size=vocab_size, **{**SIZES[size], **overrides})
+  return EncoderConfig(vocab_size=vocab_size, **{**SIZES[size], 'size': size, **overrides})
 
 
 def packed_layout(tokens: jax.Array, *, cls_id: int = 2,

@@ -18,19 +18,17 @@ so the corpus is the same in every process. With Python 3.11.7, numpy 2.4.6 and 
 English text, built in 3-5 s on 2 CPU cores (cleaning adds 1-2 s). Its `corpus.corpus_key` holds
 `corpus.CORPUS_BUILDER_VERSION` and the Python, numpy and scipy versions.
 
-The same walk (stdlib only) gives two offline fine-tuning tasks, `task_examples`
+The same walk (stdlib only) gives `api_entries`: each public class, function and method with its
+raw docstring and signature, from which task_data builds two offline fine-tuning tasks
 (task_data.path='embedded:NAME'): 'pydoc_library' (which of 9 stdlib packages a docstring comes
 from) and 'pydoc_signature' (retrieve a function's signature from its docstring's first paragraph).
 
-Both are built in a fresh interpreter. This module imports corpus (for clean_document); corpus
-imports it only inside read_raw_documents, so the dependency runs one way.
+Both walks run in a fresh interpreter. This module imports nothing of mlmjax: corpus reads
+`documents` and cleans them, task_data reads `api_entries` and cleans them.
 """
 
-import collections
 import contextlib
 import dataclasses
-import functools
-import hashlib
 import importlib
 import inspect
 import io
@@ -45,8 +43,6 @@ import types
 import warnings
 from collections.abc import Iterator
 from typing import Any
-
-from mlmjax import corpus
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,50 +190,38 @@ def _walk_pydocs() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Embedded fine-tuning tasks (task_data.path='embedded:NAME'), built from the same stdlib walk
+# The public API of the stdlib, for the embedded fine-tuning tasks (task_data.path='embedded:NAME')
 
-EMBEDDED_TASKS = ('pydoc_library', 'pydoc_signature')
-# pydoc_library's classes: stdlib packages with >= 100 distinct docstrings of >= 40 characters
-# in Python 3.11 on Linux and every other platform (curses, also that big, is missing on Windows).
-PYDOC_LIBRARIES = ('asyncio', 'decimal', 'email', 'http', 'importlib', 'logging',
-                   'multiprocessing', 'unittest', 'xml')
-_LIBRARY_CAP = 400  # examples per library at most (none reaches it in 3.11: asyncio has ~230)
-_LIBRARY_MIN_CHARS = 40
-_QUERY_MIN_CHARS = 20
 _MAX_DEFAULT_CHARS = 30  # longer default values are written '...' in a signature
 _ADDRESS = re.compile(r' at 0x[0-9a-fA-F]+')
 
 
-def task_examples(name: str) -> list[dict]:
-  """Returns the rows of embedded fine-tuning task `name`, built offline from the stdlib.
+def api_entries() -> list[dict]:
+  """Returns the stdlib's public classes, functions and methods that have a docstring, in walk order.
 
-  - 'pydoc_library': {'id', 'text', 'label'}: a class, function or method docstring (cleaned,
-    >= 40 characters) and the stdlib package that defines the object, one of PYDOC_LIBRARIES.
-  - 'pydoc_signature': {'id', 'query', 'document'}: a docstring's first paragraph and the
-    object's signature 'Name.method(parameters)' (no self, no annotations).
-  id is 'module.qualname'. Rows are sorted by id and the same in every process (a fresh
-  interpreter walks the stdlib, as for `documents`); the walk runs once per process (~2 s).
+  Each is {'id': 'module.qualname', 'module': the defining public module, 'qualname': 'Class.method',
+  'doc': the stabilized (not cleaned) docstring, 'signature': 'qualname(parameters)' or None}.
+  Built in a fresh interpreter (as `documents` is), so the entries are the same in every process.
   """
-  if name not in EMBEDDED_TASKS:
-    raise ValueError(f'task_data.path=embedded:{name}: unknown embedded task; '
-                     f'choose one of {", ".join(EMBEDDED_TASKS)}')
-  return [dict(row) for row in _embedded_tasks()[name]]  # copies: the cached rows stay intact
+  return _in_fresh_interpreter('_walk_api', 'the embedded pydoc tasks')
 
 
-@functools.lru_cache(maxsize=1)
-def _embedded_tasks() -> dict[str, list[dict]]:
-  return _in_fresh_interpreter('_walk_tasks', 'the embedded pydoc tasks')
-
-
-def _walk_tasks() -> dict[str, list[dict]]:
-  """Returns both embedded tasks' rows walked in this process (task_examples runs it fresh)."""
+def _walk_api() -> list[dict]:
+  """Returns api_entries walked in this process (api_entries runs it in a fresh one)."""
   roots = [n for n in sorted(sys.stdlib_module_names) if not _skipped(n)]
   allowed = frozenset(sys.stdlib_module_names)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     modules = [m for root in roots for m in _import_tree(root)]
     entries = list(_api_objects(modules, allowed))
-  return {'pydoc_library': _library_rows(entries), 'pydoc_signature': _signature_rows(entries)}
+  found = []
+  for entry in entries:
+    doc = _own_doc(entry.obj)
+    doc = _stable(doc) if doc else ''
+    if doc:  # no task uses an object without a docstring
+      found.append({'id': entry.ident, 'module': entry.module, 'qualname': entry.qualname,
+                    'doc': doc, 'signature': _signature_text(entry)})
+  return found
 
 
 @dataclasses.dataclass
@@ -295,42 +279,6 @@ def _members(obj: Any, home: str, qualname: str, method: bool, seen: set[int],
                             seen, allowed)
 
 
-def _docstring(entry: _ApiObject) -> str:
-  """Returns the object's own docstring, stabilized and cleaned ('' when it has none)."""
-  doc = _own_doc(entry.obj)
-  return corpus.clean_document(_stable(doc)) if doc else ''
-
-
-def _by_hash(ident: str) -> bytes:
-  return hashlib.blake2b(ident.encode(), digest_size=8).digest()
-
-
-def _library_rows(entries: list[_ApiObject]) -> list[dict]:
-  """Returns pydoc_library's rows: docstrings of PYDOC_LIBRARIES, each text once, sorted by id."""
-  rows: dict[str, dict] = {}  # text -> row
-  ambiguous: set[str] = set()
-  ids: set[str] = set()
-  for entry in entries:
-    label = entry.module.partition('.')[0]
-    text = _docstring(entry)
-    if label not in PYDOC_LIBRARIES or len(text) < _LIBRARY_MIN_CHARS or entry.ident in ids:
-      continue
-    ids.add(entry.ident)
-    if text in rows:  # a copied docstring: keep the first, unless two libraries share it
-      if rows[text]['label'] != label:
-        ambiguous.add(text)
-      continue
-    rows[text] = {'id': entry.ident, 'text': text, 'label': label}
-  by_label = collections.defaultdict(list)
-  for text, row in rows.items():
-    if text not in ambiguous:
-      by_label[row['label']].append(row)
-  # Capping keeps a hash-chosen sample, so a big library is not cut to its first modules.
-  kept = [r for label in sorted(by_label)
-          for r in sorted(by_label[label], key=lambda r: _by_hash(r['id']))[:_LIBRARY_CAP]]
-  return sorted(kept, key=lambda r: r['id'])
-
-
 class _Elided:
   """A default value written as '...' (its repr is long, an address, or hash-ordered)."""
 
@@ -362,30 +310,3 @@ def _signature_text(entry: _ApiObject) -> str | None:
         p = p.replace(default=_Elided())
     clean.append(p)
   return entry.qualname + str(inspect.Signature(clean))
-
-
-def _first_paragraph(doc: str, name: str) -> str:
-  """Returns the docstring's first paragraph on one line, past a leading 'name(...)' line."""
-  paragraphs = [p for p in doc.split('\n\n') if p.strip()]
-  signature_line = re.compile(rf'^[\w.]*\b{re.escape(name)}\s*\(')
-  while paragraphs and signature_line.match(paragraphs[0]):
-    _, _, rest = paragraphs[0].partition('\n')
-    paragraphs[0:1] = [rest] if rest.strip() else []  # the signature line goes, prose stays
-  return ' '.join(paragraphs[0].split()) if paragraphs else ''
-
-
-def _signature_rows(entries: list[_ApiObject]) -> list[dict]:
-  """Returns pydoc_signature's rows sorted by id: each query once and each document once."""
-  rows, queries, seen_documents = [], set(), set()
-  for entry in sorted(entries, key=lambda e: e.ident):
-    document = _signature_text(entry)
-    doc = _docstring(entry)
-    if document is None or not doc:
-      continue
-    query = _first_paragraph(doc, entry.qualname.rpartition('.')[2])
-    if len(query) < _QUERY_MIN_CHARS or query in queries or document in seen_documents:
-      continue
-    queries.add(query)
-    seen_documents.add(document)
-    rows.append({'id': entry.ident, 'query': query, 'document': document})
-  return rows

@@ -117,12 +117,12 @@ def maybe_initialize_distributed(config) -> bool:
   """
   if jax.distributed.is_initialized():
     return True
-  cfg = config.get('distributed') or {}  # configs written before the section existed
+  cfg = config.distributed
   env = os.environ
-  address = str(cfg.get('coordinator_address', '') or env.get('JAX_COORDINATOR_ADDRESS', ''))
+  address = str(cfg.coordinator_address or env.get('JAX_COORDINATOR_ADDRESS', ''))
   try:
-    num = int(cfg.get('num_processes', 0) or env.get('JAX_NUM_PROCESSES', 0) or 0)
-    pid = int(cfg.get('process_id', -1))
+    num = int(cfg.num_processes or env.get('JAX_NUM_PROCESSES', 0) or 0)
+    pid = int(cfg.process_id)
     pid = int(env['JAX_PROCESS_ID']) if pid < 0 and env.get('JAX_PROCESS_ID') else pid
   except ValueError as e:
     raise ValueError(f'distributed: num_processes/process_id (or $JAX_NUM_PROCESSES/$JAX_PROCESS_ID) '
@@ -131,7 +131,7 @@ def maybe_initialize_distributed(config) -> bool:
     return False
   kwargs = dict(coordinator_address=address or None, num_processes=num if num > 0 else None,
                 process_id=pid if pid >= 0 else None)
-  timeout = int(cfg.get('initialization_timeout', 0) or 0)
+  timeout = int(cfg.initialization_timeout or 0)
   if timeout > 0:
     kwargs['initialization_timeout'] = timeout
   try:

@@ -24,9 +24,10 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 from absl import flags
+from ml_collections import config_flags
 from ml_collections.config_flags import tuple_parser
 
-from mlmjax import report, run_files, train
+from mlmjax import cli, experiment, report, run_files, train
 
 _MAX_NAME = 120  # longer names are cut and made unique by a hash (file names stop at 255 bytes)
 
@@ -289,7 +290,7 @@ def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[tuple[str, Sequenc
   mine = [r for r in runs if r.index % n == i]
   for r in runs:
     try:
-      train.validate_config(r.config)
+      experiment.validate_config(r.config)
     except ValueError as e:
       raise ValueError(f'run {r.name}: {e}') from None
   mismatched = [(r, d) for r in mine for d in [config_differences(workdir / r.name, r.config)] if d]
@@ -382,28 +383,24 @@ def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[tuple[str, Sequenc
 
 def main(argv=None) -> None:
   """Parses --config/--grid/--set/--workdir/--shard/--dry_run and runs the sweep."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
   argv = list(sys.argv if argv is None else argv)
-  fv = flags.FlagValues()
-  # sys_argv: config_flags otherwise looks for --config.KEY overrides in sys.argv, not in argv.
-  config_flags.DEFINE_config_file('config', None, 'Base config file, e.g. configs/pretrain.py:tiny.',
-                                  flag_values=fv, lock_config=True, sys_argv=argv)
-  flags.DEFINE_multi_string('grid', [], 'KEY=V1,V2,...: values of one config key to sweep (repeatable).',
-                            flag_values=fv)
-  flags.DEFINE_multi_string('set', [], 'KEY=VALUE: override of the base config for every run.',
-                            flag_values=fv)
-  flags.DEFINE_string('workdir', None, 'Sweep directory; each run trains in WORKDIR/NAME.', flag_values=fv)
-  flags.DEFINE_string('shard', '0/1', 'i/n: run only the combinations with index % n == i.', flag_values=fv)
-  flags.DEFINE_bool('dry_run', False, 'Print the runs and what would happen to each, then exit.',
-                    flag_values=fv)
-  train.check_config_path(argv)
-  try:
-    fv(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    sys.exit(f'error: {train._flag_error(e)}')  # pylint: disable=protected-access
+
+  def define(flags_, flag_values):
+    flags_.DEFINE_multi_string('grid', [], 'KEY=V1,V2,...: values of one config key to sweep '
+                               '(repeatable).', flag_values=flag_values)
+    flags_.DEFINE_multi_string('set', [], 'KEY=VALUE: override of the base config for every run.',
+                               flag_values=flag_values)
+    flags_.DEFINE_string('workdir', None, 'Sweep directory; each run trains in WORKDIR/NAME.',
+                         flag_values=flag_values)
+    flags_.DEFINE_string('shard', '0/1', 'i/n: run only the combinations with index % n == i.',
+                         flag_values=flag_values)
+    flags_.DEFINE_bool('dry_run', False, 'Print the runs and what would happen to each, then exit.',
+                       flag_values=flag_values)
+
+  fv = cli.parse_flags(argv, define, prog='mlmjax.sweep',
+                       config_help='Base config file, e.g. configs/pretrain.py:tiny.')
   if fv.config is None or fv.workdir is None or not (fv.grid or fv.set):
-    sys.exit('usage: python -m mlmjax.sweep --config configs/pretrain.py:tiny --workdir runs/abl '
+    cli.fail('usage: python -m mlmjax.sweep --config configs/pretrain.py:tiny --workdir runs/abl '
              '--grid KEY=V1,V2 [--grid ...] [--set KEY=VALUE ...] [--shard i/n] [--dry_run]')
   try:
     base_overrides = dict(config_flags.get_override_values(fv['config']))
@@ -421,12 +418,12 @@ def main(argv=None) -> None:
                        base_overrides=base_overrides,
                        command=shlex.join(['python', '-m', 'mlmjax.sweep', *argv[1:]]))
   except KeyError as e:
-    sys.exit(f'error: {e.args[0]}')
+    cli.fail(f'error: {e.args[0]}')
   except (ValueError, FileNotFoundError, PermissionError) as e:
-    sys.exit(f'error: {e}')
+    cli.fail(f'error: {e}')
   failed = [r['name'] for r in record['runs'] if r['status'] == 'failed']
   if failed:
-    sys.exit(f'error: {len(failed)} run(s) failed: {", ".join(failed)} (see their log.txt)')
+    cli.fail(f'error: {len(failed)} run(s) failed: {", ".join(failed)} (see their log.txt)')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,11 @@
-"""Sentencepiece tokenizer: training, loading, fixed special ids and word-start flags.
+"""Tokenizers: sentencepiece (trained here) and WordPiece (Hugging Face BERT vocabularies), one interface.
 
-Policies (decided here, relied on downstream):
+`Tokenizer` is a sentencepiece model that mlmjax trains or loads; `WordPieceTokenizer` a tokenizers-
+library WordPiece model (a BERT vocab.txt or tokenizer.json); `load_any` loads either from a file
+or a directory. Both have encode / encode_batch / encode_with_specials / decode, the special ids
+(pad_id ... mask_id), special_mask and word_starts.
+
+Sentencepiece policies (decided here, relied on downstream):
 - Special ids are fixed: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4; every other id is a text piece.
 - Normalization is whitespace only: every Unicode whitespace character becomes a space, runs of
   spaces collapse, ends are stripped. Unicode normalization (NFC/NFKC) and cleaning belong to
@@ -13,10 +18,22 @@ Policies (decided here, relied on downstream):
 - Word starts: a piece starts a word when it begins with '▁'; special ids count as word starts;
   byte-fallback pieces <0x..> are continuations, because sentencepiece always emits the word's
   '▁' (alone or in a piece) before them, so the word is already started.
+
+WordPiece policies, matching the sentencepiece ones:
+- Special ids come from the vocabulary: [PAD] must be id 0 (packing and the loss pad with 0),
+  [UNK], [CLS], [SEP], [MASK] may be anywhere (BERT: 100, 101, 102, 103).
+- `special_mask` flags every id masking must never select or draw: the five above, every added
+  token marked special, and the reserved '[unusedN]' pieces.
+- `encode` never produces [CLS], [SEP], [MASK] or [PAD]: a literal '[MASK]' in corpus text is
+  tokenized as the ordinary text '[', 'mask', ']' (added tokens are not matched).
+  `encode_with_specials` is for text where such literals are meant as specials (fill-mask input).
+- Word starts: a piece starts a word unless it begins with the continuation prefix '##';
+  special ids count as word starts.
 """
 
 import hashlib
 import io
+import json
 import os
 import pathlib
 import re
@@ -26,6 +43,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -38,6 +56,7 @@ WORKDIR_FILES = ('tokenizer.model', 'tokenizer.json')
 
 _SPECIAL_IDS = {'[CLS]': CLS_ID, '[SEP]': SEP_ID, '[MASK]': MASK_ID}
 _SPECIAL_LITERAL = re.compile(r'(\[CLS\]|\[SEP\]|\[MASK\])')
+_UNUSED = re.compile(r'^\[unused\d+\]$')  # BERT's reserved pieces
 _WORD_START = '\u2581'  # sentencepiece's visible space '▁'
 _NUM_BYTE_PIECES = 256
 # Training lines longer than this are cut at a space: sentencepiece silently drops sentences over
@@ -267,8 +286,143 @@ class Tokenizer(TokenizerBase):
     return self._sp.piece_to_id(p)
 
 
+# ---------------------------------------------------------------------------------------------
+# WordPiece (Hugging Face BERT vocabularies)
+
+
+def _from_vocab_txt(path: pathlib.Path) -> tokenizers.Tokenizer:
+  """Returns BERT's tokenizer pipeline over a vocab.txt (lowercasing per tokenizer_config.json)."""
+  lower = True  # BERT's default when no tokenizer_config.json says otherwise
+  cfg = path.parent / 'tokenizer_config.json'
+  if cfg.is_file():
+    lower = bool(json.loads(cfg.read_text()).get('do_lower_case', True))
+  t = tokenizers.Tokenizer(tokenizers.models.WordPiece.from_file(str(path), unk_token='[UNK]'))
+  t.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=lower, strip_accents=None)
+  t.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+  t.decoder = tokenizers.decoders.WordPiece()
+  present = [p for p in SPECIAL_PIECES if t.token_to_id(p) is not None]
+  t.add_special_tokens(present)
+  if t.token_to_id('[CLS]') is not None and t.token_to_id('[SEP]') is not None:
+    # [CLS] text [SEP], as transformers' BertTokenizer does (mlmjax itself inserts specials in code).
+    t.post_processor = tokenizers.processors.BertProcessing(
+        ('[SEP]', t.token_to_id('[SEP]')), ('[CLS]', t.token_to_id('[CLS]')))
+  return t
+
+
+def _canonical(serialized: bytes) -> bytes:
+  """Returns tokenizer JSON with sorted keys and no padding/truncation, so equal models give equal bytes."""
+  spec = json.loads(bytes(serialized).decode('utf-8'))
+  # Fixed padding and truncation in a saved tokenizer.json are serving settings: packing decides.
+  spec['padding'], spec['truncation'] = None, None
+  return json.dumps(spec, sort_keys=True, ensure_ascii=False).encode('utf-8')
+
+
+def _without_added_tokens(serialized: str) -> tokenizers.Tokenizer:
+  """Returns the tokenizer of `serialized` minus its added tokens, so literals stay plain text."""
+  spec = json.loads(serialized)
+  spec['added_tokens'] = []
+  return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+
+class WordPieceTokenizer(TokenizerBase):
+  """A tokenizers-library WordPiece model with the methods and attributes of tokenizer.Tokenizer."""
+
+  def __init__(self, serialized_model: bytes, model_path: str = '<memory>'):
+    self.model_path = str(model_path)
+    try:
+      self.serialized_model = _canonical(serialized_model)
+      self._tok = tokenizers.Tokenizer.from_str(self.serialized_model.decode('utf-8'))
+    except Exception as e:  # pylint: disable=broad-except  # tokenizers raises bare Exception
+      raise ValueError(f'{self.model_path}: not a tokenizers JSON file ({str(e)[:200]}); point '
+                       'tokenizer.path at a tokenizer.json or vocab.txt') from None
+    self.fingerprint = hashlib.sha256(self.serialized_model).hexdigest()
+    if not isinstance(self._tok.model, tokenizers.models.WordPiece):
+      raise ValueError(f'{self.model_path}: holds a {type(self._tok.model).__name__} model; only '
+                       'WordPiece tokenizer.json files are supported')
+    self._plain = _without_added_tokens(self.serialized_model.decode('utf-8'))
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    ids = {}
+    for piece in SPECIAL_PIECES:
+      i = self._tok.token_to_id(piece)
+      if i is None:
+        raise ValueError(f'{self.model_path}: the vocabulary has no {piece} piece; a BERT '
+                         f'vocabulary needs all of {SPECIAL_PIECES}')
+      ids[piece] = i
+    if ids['[PAD]'] != 0:
+      raise ValueError(f'{self.model_path}: [PAD] has id {ids["[PAD]"]}; mlmjax pads with id 0, '
+                       'so [PAD] must be the first vocabulary entry')
+    self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+        ids[p] for p in SPECIAL_PIECES)
+    self._special_ids = {self.cls_id: '[CLS]', self.sep_id: '[SEP]', self.mask_id: '[MASK]'}
+    self._literal_ids = {v: k for k, v in self._special_ids.items()}
+    pieces = [self._tok.id_to_token(i) or '' for i in range(self.vocab_size)]
+    special = np.array([bool(_UNUSED.match(p)) for p in pieces], dtype=bool)
+    special[list(ids.values())] = True
+    for i, added in self._tok.get_added_tokens_decoder().items():
+      if added.special and i < self.vocab_size:
+        special[i] = True
+    self.special_mask = special  # ids never selected or drawn by masking
+    prefix = getattr(self._tok.model, 'continuing_subword_prefix', '##') or '##'
+    self.word_start_table = np.array([not p.startswith(prefix) for p in pieces], dtype=bool)
+    self.word_start_table[special] = True
+    self.file_name = WORKDIR_FILES[1]  # the name a workdir stores this tokenizer under
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> 'WordPieceTokenizer':
+    """Returns the tokenizer of a tokenizer.json or vocab.txt (FileNotFoundError / ValueError naming it)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f'tokenizer file {path} does not exist; set tokenizer.path to an '
+                              'existing tokenizer.json or vocab.txt')
+    if path.suffix == '.txt':
+      try:
+        t = _from_vocab_txt(path)
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f'{path}: not a WordPiece vocabulary ({str(e)[:200]})') from None
+      return cls(t.to_str().encode('utf-8'), str(path))
+    return cls(path.read_bytes(), str(path))
+
+  def encode(self, text: str) -> list[int]:
+    """Returns the WordPiece ids of `text`; never special ids, even for a literal '[MASK]'."""
+    return self._plain.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+    """Returns encode() of each text, computed by the tokenizers library's parallel encoder."""
+    del num_threads  # the tokenizers library sizes its own thread pool
+    return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
+
+  def encode_with_specials(self, text: str) -> list[int]:
+    """Returns ids where the literals '[CLS]', '[SEP]', '[MASK]' in `text` become their special ids."""
+    ids = []
+    for part in _SPECIAL_LITERAL.split(text):
+      if part in self._literal_ids:
+        ids.append(self._literal_ids[part])
+      elif part.strip():
+        ids.extend(self.encode(part))
+    return ids
+
+  def decode(self, ids) -> str:
+    """Returns the text of `ids`: [PAD] dropped, other specials written as words."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1) if int(i) != self.pad_id]
+    return self._tok.decode(ids, skip_special_tokens=False)
+
+  def id_to_piece(self, i: int) -> str:
+    """Returns the piece string of id `i`."""
+    return self._tok.id_to_token(int(i))
+
+  def piece_to_id(self, p: str) -> int:
+    """Returns the id of piece `p` (unk_id when the piece is not in the vocabulary)."""
+    i = self._tok.token_to_id(p)
+    return self.unk_id if i is None else i
+
+  def save_vocab(self, path: str | os.PathLike) -> None:
+    """Writes the vocabulary as a vocab.txt (one piece per line, in id order) to `path`."""
+    pieces = [self._tok.id_to_token(i) for i in range(self.vocab_size)]
+    pathlib.Path(path).write_text(''.join(p + '\n' for p in pieces), encoding='utf-8')
+
+
 def load_any(path: str | os.PathLike):
-  """Returns the Tokenizer (.model) or wordpiece.WordPieceTokenizer (vocab.txt, tokenizer.json) at path.
+  """Returns the Tokenizer (.model) or WordPieceTokenizer (vocab.txt, tokenizer.json) at path.
 
   A directory (a workdir or a Hugging Face model directory) is searched for tokenizer.model,
   tokenizer.json, then vocab.txt.
@@ -283,7 +437,33 @@ def load_any(path: str | os.PathLike):
   if path.suffix == '.model':
     return Tokenizer.load(path)
   if path.suffix in ('.json', '.txt'):
-    from mlmjax import wordpiece  # pylint: disable=g-import-not-at-top
-    return wordpiece.WordPieceTokenizer.load(path)
+    return WordPieceTokenizer.load(path)
   raise ValueError(f'{path}: unknown tokenizer file type; tokenizer.path takes a sentencepiece '
                    '.model, a WordPiece vocab.txt or a tokenizers tokenizer.json')
+
+
+# ---------------------------------------------------------------------------------------------
+# Which tokenizer a run uses: the one resolver (train, tasks, predict, init_from).
+
+
+def stored_path(workdir) -> pathlib.Path | None:
+  """Returns the tokenizer file a workdir holds (tokenizer.model or tokenizer.json), or None."""
+  workdir = pathlib.Path(workdir)
+  return next((workdir / n for n in WORKDIR_FILES if (workdir / n).is_file()), None)
+
+
+def resolve(workdir, path: str = ''):
+  """Returns the workdir's tokenizer (a resumed run), else tokenizer.path's, else None."""
+  stored = stored_path(workdir) if workdir is not None else None
+  if stored is not None:
+    return load_any(stored)
+  return load_any(path) if path else None
+
+
+def store(tokenizer, workdir) -> None:
+  """Copies the tokenizer into the workdir (once, by process 0), where predict and resume find it."""
+  import jax  # pylint: disable=g-import-not-at-top  (the tokenizer stage needs no JAX otherwise)
+  workdir = pathlib.Path(workdir)
+  if stored_path(workdir) is not None or jax.process_index() != 0:
+    return
+  _write_atomically(workdir / tokenizer.file_name, tokenizer.serialized_model)

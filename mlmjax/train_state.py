@@ -1,4 +1,4 @@
-"""Train state {params, opt_state, step}: encoder config, sharded init, init_from a pretrained run."""
+"""Train state {params, opt_state, step}: sharded init, parameters-only targets, init_from a pretrained run."""
 
 import dataclasses
 import json
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mlmjax import checkpoint, model, optim, sharding
+from mlmjax import checkpoint, model, schema, sharding
 from mlmjax import tokenizer as tokenizer_lib
 
 # Parameters carry logical axis names as metadata only; shardings are applied by jit.
@@ -19,28 +19,6 @@ nnx.use_eager_sharding(False)
 
 # ---------------------------------------------------------------------------------------------
 # The model shape and the sharded initial state.
-
-
-_SHAPE_KEYS = ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size')
-
-
-def encoder_config_from(config, vocab_size: int) -> model.EncoderConfig:
-  """Returns the EncoderConfig named by config.model (size, then non-zero shape keys) for a vocab."""
-  m = config.model
-  # Configs written before the shape keys existed lack them: .get keeps their meaning.
-  shape = dict(model.SIZES.get(m.size, {}))
-  for key in _SHAPE_KEYS:
-    if int(m.get(key, 0) or 0):
-      shape[key] = int(m.get(key))
-    elif key not in shape:
-      raise ValueError(f"model.{key} must be set (> 0) when model.size='custom'")
-  return model.EncoderConfig(
-      vocab_size=vocab_size, **shape, max_position=m.max_position,
-      type_vocab_size=int(m.get('type_vocab_size', 2)),
-      layer_norm_eps=float(m.get('layer_norm_eps', 1e-12)), pre_layer_norm=m.pre_layer_norm,
-      tie_embeddings=bool(m.get('tie_embeddings', True)),
-      dropout_rate=m.dropout_rate, attention_dropout_rate=m.dropout_rate, dtype=m.dtype,
-      attention_impl=m.attention_impl or None, remat=str(m.get('remat', '')))
 
 
 def _mlm_model(enc_cfg: model.EncoderConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -93,7 +71,6 @@ class InitSource:
 
 def init_source(source: str) -> InitSource:
   """Returns the InitSource of a workdir, its checkpoints/ or best/ directory, or one step in them."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   src = pathlib.Path(source)
   if not src.exists():
     raise FileNotFoundError(f'init_from={source!r}: no such workdir or checkpoint directory')
@@ -106,62 +83,48 @@ def init_source(source: str) -> InitSource:
     ckpt_dir = workdir / 'checkpoints'
   else:
     ckpt_dir = src if not src.name.isdigit() else src.parent
-  tok_path = next((workdir / n for n in tokenizer_lib.WORKDIR_FILES if (workdir / n).is_file()), None)
+  tok_path = tokenizer_lib.stored_path(workdir)
   if tok_path is None:
     raise FileNotFoundError(f'init_from={source!r}: {workdir} holds no tokenizer '
                             f'({" or ".join(tokenizer_lib.WORKDIR_FILES)})')
-  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  config = schema.upgrade(json.loads((workdir / 'config.json').read_text()))
   return InitSource(source, workdir, ckpt_dir, config, tok_path,
                     int(src.name) if src != workdir and src.name.isdigit() else None)
 
 
-MATCH_KEYS = ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size', 'max_position',
-               'type_vocab_size', 'pre_layer_norm', 'layer_norm_eps')
+def abstract_params(enc_cfg: model.EncoderConfig, build: Callable, mesh) -> tuple[Any, dict]:
+  """Returns (graphdef, params as ShapeDtypeStructs with shardings on mesh): a restore target."""
+  graphdef, param_state = abstract_model(enc_cfg, 0, build)
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(param_state))
+  shapes = nnx.to_pure_dict(param_state)
+  shardings = sharding.tree_shardings(logical, shapes, mesh, sharding.DEFAULT_RULES)
+  return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                shapes, shardings)
 
 
-def init_params_from(src: InitSource, state: dict, abstract_target: dict, task, enc_cfg,
-                      tokenizer, log) -> dict:
-  """Returns state with parameters from src's checkpoint: all of them for MLM, else the encoder."""
+def init_params_from(src: InitSource, state: dict, exp, log) -> dict:
+  """Returns state with parameters from src's checkpoint, carried over by exp.task.transfer."""
   where = f'init_from={src.source!r}'
+  task, enc_cfg = exp.task, exp.enc_cfg
   theirs = tokenizer_lib.load_any(src.tokenizer_path)
-  if theirs.fingerprint != tokenizer.fingerprint:
+  if theirs.fingerprint != task.tokenizer.fingerprint:
     raise ValueError(f'{where}: its tokenizer {src.tokenizer_path} differs from this run\'s '
-                     f'{tokenizer.model_path} ({theirs.vocab_size} vs {tokenizer.vocab_size} '
-                     'pieces); leave tokenizer.path empty to use the pretrained one')
-  src_cfg = encoder_config_from(src.config, theirs.vocab_size)
-  # The decoder's layout matters only when the MLM head comes along (DAPT).
-  for key in MATCH_KEYS + (('tie_embeddings',) if task.name == 'mlm' else ()):
+                     f'{task.tokenizer.model_path} ({theirs.vocab_size} vs '
+                     f'{task.tokenizer.vocab_size} pieces); leave tokenizer.path empty to use the '
+                     'pretrained one')
+  src_cfg = model.EncoderConfig(vocab_size=theirs.vocab_size, **src.config.model)
+  for key in task.init_match_keys():
     if getattr(src_cfg, key) != getattr(enc_cfg, key):
       raise ValueError(f'{where}: model.{key} is {getattr(enc_cfg, key)!r} in this config but '
                        f'{getattr(src_cfg, key)!r} in {src.workdir / "config.json"}; use the '
                        'pretrained model\'s settings')
   if not src.ckpt_dir.is_dir():
     raise FileNotFoundError(f'{where}: no checkpoint directory {src.ckpt_dir}')
-  if task.name == 'mlm':
-    target, take = abstract_target, (lambda p: p)
-  else:
-    # The pretrained run's own state layout (BertForMLM, its optimizer), on this run's mesh.
-    mesh = jax.tree.leaves(abstract_target)[0].sharding.mesh
-    src_enc = dataclasses.replace(enc_cfg, dropout_rate=src_cfg.dropout_rate,
-                                  attention_dropout_rate=src_cfg.attention_dropout_rate,
-                                  tie_embeddings=src_cfg.tie_embeddings)
-    tx = optim.make_optimizer(src.config.optim, src.config.train.num_steps)
-    _, param_state = abstract_model(src_enc, 0)
-    abstract = jax.eval_shape(make_init_fn(src_enc, tx, 0))
-    shard = state_shardings(param_state, abstract, tx, mesh)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shard)
-    take = lambda p: {**state['params'], 'encoder': p['encoder']}
-  if src.step is None:
-    step, loaded, _ = checkpoint.restore_latest_in(src.ckpt_dir, target, what=where, log=log)
-  else:
-    named = checkpoint.Checkpointer(src.ckpt_dir, async_save=False, log=log)
-    try:
-      loaded, _ = named.restore(src.step, target)
-    finally:
-      named.close()
-    step = src.step
-  part = 'parameters' if task.name == 'mlm' else 'encoder'
-  log(f'initialized the {part} from {src.ckpt_dir / str(step)} (fresh optimizer'
-      + (', fresh task head)' if task.name != 'mlm' else ')'))
-  return {**state, 'params': take(loaded['params'])}
+  # The pretrained run's parameters only (its MLM model), on this run's mesh: no optimizer is built.
+  _, target = abstract_params(src_cfg, _mlm_model, exp.mesh)
+  step, loaded, _ = checkpoint.restore_params_in(src.ckpt_dir, target, what=where, log=log,
+                                                 step=src.step)
+  params = task.transfer(loaded, state['params'])
+  log(f'initialized the model from {src.ckpt_dir / str(step)} (fresh optimizer'
+      + (')' if params is loaded else ', fresh task head)'))
+  return {**state, 'params': params}

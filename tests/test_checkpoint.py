@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -59,11 +60,18 @@ def _checkpointer(directory, log: list | None = None, **kw) -> checkpoint.Checkp
   return checkpoint.Checkpointer(directory, log=sink.append, **kw)
 
 
+def _items(step_dir: pathlib.Path) -> list[str]:
+  """Returns the item directories of a step, sorted."""
+  return sorted(p.name for p in step_dir.iterdir() if p.is_dir())
+
+
 def test_round_trip_keeps_optax_namedtuples_and_shardings(tmp_path):
   state = _train_state()
   ck = _checkpointer(tmp_path / 'checkpoints', async_save=False)
   ck.save(3, state, {'progress': {'tokens_seen': 12.0}, 'seed': 0})
   ck.close()
+  # Parameters and optimizer state are separate items, so the parameters read alone.
+  assert _items(tmp_path / 'checkpoints' / '3') == ['meta', 'opt_state', 'params']
   ck = _checkpointer(tmp_path / 'checkpoints', async_save=False)
   target = _target(state)
   restored, meta = ck.restore(3, target)
@@ -113,13 +121,14 @@ def test_restore_latest_of_an_empty_directory_is_none(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Damage. Orbax writes, per step: _CHECKPOINT_METADATA, meta/ (JSON), and state/ with _METADATA
-# (the tree), manifest.ocdbt and d/ (the OCDBT index), ocdbt.process_0/d/ (array data files).
+# Damage. Orbax writes, per step: _CHECKPOINT_METADATA, meta/ (JSON), and params/ and opt_state/,
+# each with _METADATA (the tree), manifest.ocdbt and d/ (the OCDBT index), ocdbt.process_0/d/
+# (array data files).
 
 
-def _data_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
-  """Returns the state item's data files, largest first."""
-  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.parent.name == 'd']
+def _data_files(step_dir: pathlib.Path, item: str = 'params') -> list[pathlib.Path]:
+  """Returns an item's data files, largest first."""
+  files = [p for p in (step_dir / item).rglob('*') if p.is_file() and p.parent.name == 'd']
   return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
 
 
@@ -136,18 +145,27 @@ def _truncate_data_file(step_dir):
 
 
 def _remove_metadata(step_dir):
-  (step_dir / 'state' / '_METADATA').unlink()
+  # Without its _METADATA a plain dict of arrays still reads against the target; opt_state does not.
+  for item in ('params', 'opt_state'):
+    (step_dir / item / '_METADATA').unlink()
   (step_dir / '_CHECKPOINT_METADATA').unlink()
 
 
-def _remove_state_item(step_dir):
-  shutil.rmtree(step_dir / 'state')
+def _remove_params_item(step_dir):
+  shutil.rmtree(step_dir / 'params')
+
+
+def _remove_opt_state_data_file(step_dir):
+  big = _data_files(step_dir, 'opt_state')[0]
+  assert big.stat().st_size > 32_000  # the moments of the kernel
+  big.unlink()
 
 
 # Orbax's reads of a damaged step can leave a failed coroutine behind that Python reports later.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('damage', [_remove_data_file, _truncate_data_file, _remove_metadata,
-                                    _remove_state_item], ids=lambda f: f.__name__.strip('_'))
+                                    _remove_params_item, _remove_opt_state_data_file],
+                         ids=lambda f: f.__name__.strip('_'))
 def test_restore_latest_falls_back_past_a_damaged_step(tmp_path, damage):
   ckpt_dir = tmp_path / 'checkpoints'
   good, newer = _train_state(0.0), _train_state(1.0)
@@ -182,7 +200,7 @@ def test_restore_latest_with_every_step_damaged_is_none(tmp_path):
   ck.save(2, _train_state(1.0), {})
   ck.close()
   for step in ('1', '2'):
-    _remove_state_item(ckpt_dir / step)
+    _remove_params_item(ckpt_dir / step)
   ck = _checkpointer(ckpt_dir, async_save=False)
   assert ck.restore_latest(_target(_train_state())) is None
   ck.close()
@@ -240,6 +258,213 @@ def test_structure_mismatch_is_an_error_not_damage(tmp_path):
   ck.close()
   assert len(str(e.value).splitlines()) <= 2
   _assert_untouched(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters only: inference, init_from and conversion build no optimizer to read weights.
+
+
+def _assert_params(restored, state, target) -> None:
+  _assert_same(restored, state['params'])
+  for x, t in zip(jax.tree.leaves(restored), jax.tree.leaves(target['params'])):
+    assert x.sharding == t.sharding
+
+
+def test_params_restore_alone_also_after_the_optimizer_state_is_deleted(tmp_path):
+  ckpt_dir = tmp_path / 'checkpoints'
+  state = _train_state()
+  target = _target(state)
+  _save_steps_1_and_2(ckpt_dir, state)
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  params, meta = ck.restore_params(2, target['params'])
+  assert meta == {}
+  _assert_params(params, state, target)
+
+  shutil.rmtree(ckpt_dir / '2' / 'opt_state')  # e.g. to keep only the weights of an old run
+  params, _ = ck.restore_params(2, target['params'])
+  _assert_params(params, state, target)
+  step, params, _ = ck.restore_latest_params(target['params'])
+  assert step == 2
+  _assert_params(params, state, target)
+  ck.close()
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ['1', '2']  # nothing moved aside
+  log = []
+  step, params, _ = checkpoint.restore_params_in(ckpt_dir, target['params'], what='init_from',
+                                                 log=log.append)
+  assert step == 2 and log == []
+  _assert_params(params, state, target)
+  step, params, _ = checkpoint.restore_params_in(ckpt_dir, target['params'], what='init_from',
+                                                 log=log.append, step=1)
+  assert step == 1
+  _assert_params(params, state, target)
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_restore_latest_params_falls_back_past_a_damaged_step(tmp_path):
+  ckpt_dir = tmp_path / 'checkpoints'
+  good, newer = _train_state(0.0), _train_state(1.0)
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  ck.save(1, good, {'step': 1})
+  ck.save(2, newer, {'step': 2})
+  ck.close()
+  _remove_data_file(ckpt_dir / '2')
+  target = _target(good)
+
+  # Another run's directory is only read: the damaged step is skipped, not moved.
+  log = []
+  step, params, meta = checkpoint.restore_params_in(ckpt_dir, target['params'], what='init_from',
+                                                    log=log.append)
+  assert (step, meta) == (1, {'step': 1})
+  _assert_params(params, good, target)
+  assert len(log) == 1 and 'step 2' in log[0] and 'skipping' in log[0]
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ['1', '2']
+  with pytest.raises(FileNotFoundError, match=r'^init_from: checkpoint step 2 .* does not restore'):
+    checkpoint.restore_params_in(ckpt_dir, target['params'], what='init_from', log=log.append,
+                                 step=2)
+
+  # The run's own checkpointer moves it aside, as restore_latest does.
+  log = []
+  ck = _checkpointer(ckpt_dir, log, async_save=False)
+  step, params, meta = ck.restore_latest_params(target['params'])
+  assert (step, meta) == (1, {'step': 1})
+  _assert_params(params, good, target)
+  assert ck.all_steps() == [1]
+  ck.close()
+  (aside,) = (tmp_path / 'checkpoints_damaged').iterdir()
+  assert aside.name.startswith('2.') and len(log) == 1 and str(aside) in log[0]
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_restore_params_in_names_what_when_nothing_restores(tmp_path):
+  ckpt_dir = tmp_path / 'checkpoints'
+  target = _target(_train_state())
+  with pytest.raises(FileNotFoundError, match=r"^init_from='runs/x': no checkpoint directory"):
+    checkpoint.restore_params_in(ckpt_dir, target['params'], what="init_from='runs/x'")
+  assert not ckpt_dir.exists()  # read-only: not even the directory is created
+  _save_steps_1_and_2(ckpt_dir, _train_state())
+  with pytest.raises(FileNotFoundError, match=r"^init_from='runs/x': no checkpoint step 5 .*1, 2"):
+    checkpoint.restore_params_in(ckpt_dir, target['params'], what="init_from='runs/x'", step=5)
+  for step in ('1', '2'):
+    _remove_params_item(ckpt_dir / step)
+  log = []
+  with pytest.raises(FileNotFoundError) as e:
+    checkpoint.restore_params_in(ckpt_dir, target['params'], what="init_from='runs/x'",
+                                 log=log.append)
+  assert str(e.value).startswith("init_from='runs/x': no restorable checkpoint in ")
+  assert len(log) == 2
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ['1', '2']
+
+
+def test_params_shape_mismatch_is_a_mismatch_error(tmp_path):
+  ckpt_dir = tmp_path / 'checkpoints'
+  _save_steps_1_and_2(ckpt_dir, _train_state())
+  other = _target(_train_state(kernel_shape=(96, 128)))['params']
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  for restore in (lambda: ck.restore_params(2, other), lambda: ck.restore_latest_params(other),
+                  lambda: checkpoint.restore_params_in(ckpt_dir, other, what='x')):
+    with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+      restore()
+    msg = str(e.value)
+    assert 'params/dense/kernel' in msg and '(128, 128)' in msg and '(96, 128)' in msg, msg
+    assert 'more arrays' not in msg  # the moments of the kernel are not read, so not compared
+  ck.close()
+  _assert_untouched(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workdirs written before the split hold one item 'state' = {params, opt_state, step}.
+
+
+def _save_pre_split(ckpt_dir, step: int, state, meta: dict) -> None:
+  """Writes a step exactly as the checkpointer did before params and opt_state were split."""
+  manager = ocp.CheckpointManager(
+      ckpt_dir, options=ocp.CheckpointManagerOptions(
+          max_to_keep=3, enable_async_checkpointing=True, create=True),
+      item_names=('state', 'meta'))
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def test_a_pre_split_checkpoint_restores_whole_and_params_only(tmp_path):
+  ckpt_dir = tmp_path / 'checkpoints'
+  old, new = _train_state(0.0), _train_state(1.0)
+  target = _target(old)
+  _save_pre_split(ckpt_dir, 1, old, {'step': 1})
+  assert _items(ckpt_dir / '1') == ['meta', 'state']
+
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  params, meta = ck.restore_params(1, target['params'])
+  assert meta == {'step': 1}
+  _assert_params(params, old, target)
+  restored, meta = ck.restore(1, target)  # after a params-only read of the same item
+  assert meta == {'step': 1}
+  _assert_same(restored, old)
+  (adam,) = _adam_states(restored)
+  assert int(adam.count) == 1
+  for x, t in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
+    assert x.sharding == t.sharding
+  # A resumed old run goes on in the new layout, beside its old steps.
+  ck.save(2, new, {'step': 2})
+  ck.close()
+  assert _items(ckpt_dir / '2') == ['meta', 'opt_state', 'params']
+
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  assert ck.all_steps() == [1, 2]
+  restored, _ = ck.restore(1, target)
+  _assert_same(restored, old)
+  step, restored, _ = ck.restore_latest(target)
+  assert step == 2
+  _assert_same(restored, new)
+  ck.close()
+  step, params, meta = checkpoint.restore_params_in(ckpt_dir, target['params'], what='x', step=1)
+  assert (step, meta) == (1, {'step': 1})
+  _assert_params(params, old, target)
+  step, restored, _ = checkpoint.restore_latest_in(ckpt_dir, target, what='x')
+  assert step == 2
+  _assert_same(restored, new)
+
+
+def test_a_pre_split_checkpoint_of_another_model_is_a_mismatch(tmp_path):
+  ckpt_dir = tmp_path / 'checkpoints'
+  _save_pre_split(ckpt_dir, 1, _train_state(), {})
+  other = _target(_train_state(kernel_shape=(96, 128)))
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  mismatch = checkpoint.CheckpointMismatchError
+  with pytest.raises(mismatch, match=r'params/dense/kernel .*\(and 2 more'):
+    ck.restore_latest(other)  # the kernel, then its two moments
+  with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+    ck.restore_latest_params(other['params'])
+  assert 'params/dense/kernel' in str(e.value) and 'more arrays' not in str(e.value)
+  ck.close()
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ['1']
+
+
+def _remove_data_files_of(item_dir: pathlib.Path) -> None:
+  # All of them: which file holds the parameters and which the moments varies from save to save.
+  files = [p for p in item_dir.rglob('*') if p.is_file() and p.parent.name == 'd']
+  assert sum(p.stat().st_size for p in files) > 100_000  # the kernel and its moments
+  for p in files:
+    p.unlink()
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_a_damaged_pre_split_step_is_fallen_back_past(tmp_path):
+  ckpt_dir = tmp_path / 'checkpoints'
+  good = _train_state(0.0)
+  _save_pre_split(ckpt_dir, 1, good, {'step': 1})
+  _save_pre_split(ckpt_dir, 2, _train_state(1.0), {'step': 2})
+  _remove_data_files_of(ckpt_dir / '2' / 'state')
+  target = _target(good)
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  step, params, _ = ck.restore_latest_params(target['params'])
+  assert step == 1
+  _assert_params(params, good, target)
+  step, restored, _ = ck.restore_latest(target)
+  assert step == 1
+  _assert_same(restored, good)
+  ck.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ import textwrap
 
 import pytest
 
-from configs import pretrain
-from mlmjax import compile_check, flops, train, train_state
+from flax import nnx
+
+from configs import finetune, pretrain
+from mlmjax import compile_check, experiment, flops, model, tasks, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,7 +38,7 @@ def test_compile_report_on_one_device():
   assert mem['temp_bytes'] > 0 and mem['output_bytes'] > 0
   assert mem['alias_bytes'] > 0  # the donated state is reused for the new state
   assert r['analytic_flops_per_step'] == flops.train_flops_per_step(
-      train_state.encoder_config_from(c, 1024), batch=8, seq_len=32, max_predictions=r['max_predictions'])
+      experiment.encoder_config(c, 1024), batch=8, seq_len=32, max_predictions=r['max_predictions'])
   # XLA counts the matmuls plus elementwise work (tests/test_flops.py bounds the share).
   assert 1.0 <= r['xla_flops_per_step'] / r['analytic_flops_per_step'] < 1.25
   text = compile_check.format_report(r)
@@ -135,3 +137,48 @@ def test_topology_without_dry_run_is_refused():
   with pytest.raises(SystemExit, match='--topology only applies with --dry_run'):
     train.main(['train', '--config', str(REPO / 'configs/pretrain.py:tiny'), '--workdir', '/tmp/x',
                 '--topology', 'v5e:2x2'])
+
+
+# ---------------------------------------------------------------------------------------------
+# --dry_run compiles each task's own model and step.
+
+
+def _tag_file(path):
+  rows = [{'id': str(i), 'doc': f'd{i % 5}', 'tokens': ['The', 'cat', 'sat', 'on', 'a', 'mat', '.'],
+           'tags': ['DET', 'NOUN', 'VERB', 'ADP', 'DET', 'NOUN', '.']} for i in range(20)]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return str(path)
+
+
+@pytest.mark.parametrize('preset,task,width', [('tiny', 'classify', 33), ('brown_pos', 'tag', 64),
+                                               ('retrieve_tiny', 'retrieve', 64)])
+def test_dry_run_compiles_the_tasks_model_and_step(preset, task, width, tmp_path, topics_tokenizer):
+  c = _small(finetune.get_config(preset))
+  c.tokenizer.path = topics_tokenizer.model_path  # sizes the vocabulary; nothing is tokenized
+  if task == 'tag':
+    c.task_data.path, c.task_data.tag_map = _tag_file(tmp_path / 'tags.jsonl'), ''
+  r = compile_check.compile_report(c)
+  assert r['task'] == task and r['row_width'] == width
+  # The parameters are those of the task's model (heads included), not of the MLM model.
+  t = tasks.create(c, topics_tokenizer)
+  t.prepare_shapes()
+  built = t.build_model(experiment.encoder_config(c, 1000), nnx.Rngs(0))
+  assert r['num_params'] == model.count_params(nnx.to_pure_dict(nnx.split(built, nnx.Param)[1]))
+  if task == 'tag':
+    assert t.labels == ['.', 'ADP', 'DET', 'NOUN', 'VERB']
+  # The memory report is that of the compiled step: its arguments are the state and the batch.
+  mem = r['memory_per_device']
+  state = r['params_bytes_per_device'] + r['opt_state_bytes_per_device']
+  assert r['batch_bytes_per_device'] == 8 * width * 4
+  assert state + r['batch_bytes_per_device'] <= mem['argument_bytes'] <= (
+      state + r['batch_bytes_per_device'] + 64)  # + the step counter and the seed key
+  assert mem['output_bytes'] >= state and mem['alias_bytes'] >= r['params_bytes_per_device']
+  assert f'step ({task})' in compile_check.format_report(r)
+
+
+def test_dry_run_command_line_for_a_fine_tuning_config(capsys):
+  train.main(['mlmjax.train', '--config', f'{REPO}/configs/finetune.py:retrieve_tiny', '--dry_run',
+              '--config.train.batch_size=8', '--config.train.seq_len=32',
+              '--config.tokenizer.vocab_size=1024'])
+  out = capsys.readouterr().out
+  assert 'step (retrieve): batch 8 rows of 64 columns' in out

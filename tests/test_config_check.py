@@ -1,15 +1,23 @@
 """Tests of mlmjax.config_check: types against the defaults, allowed values, ranges, combinations."""
 
+import json
+
 import ml_collections
 import pytest
 
-from configs import pretrain
-from mlmjax import config_check, train
+from configs import dapt, finetune, pretrain
+from mlmjax import config_check, experiment, schema
+
+FAMILIES = {'pretrain': (pretrain, pretrain._SIZES), 'finetune': (finetune, finetune._PRESETS),
+            'dapt': (dapt, dapt._SIZES)}
 
 
 def _set(config, key: str, value):
-  section, field = key.split('.')
-  getattr(config, section)[field] = value  # ConfigDict itself lets these through
+  *sections, field = key.split('.')
+  node = config
+  for section in sections:
+    node = node[section]
+  node[field] = value  # ConfigDict itself lets these through
   return config
 
 
@@ -20,6 +28,7 @@ def _set(config, key: str, value):
     ('masking.split', (0.8, 0.1, '0.1'), "masking.split=(0.8, 0.1, '0.1'): expected tuple of float"),
     ('mesh.shape', (('data', 'all'),), "mesh.shape=(('data', 'all'),): expected tuple of (str, int)"),
     ('mesh.shape', (('data', -1, 2),), "mesh.shape=(('data', -1, 2),): expected tuple of (str, int)"),
+    ('masking.schedule.rates', (0.3, None), 'masking.schedule.rates=(0.3, None): expected tuple of float'),
 ])
 def test_wrong_types_name_key_value_and_expected_type(key, value, expected):
   config = _set(pretrain.get_config('tiny'), key, value)
@@ -49,30 +58,40 @@ def test_a_dict_built_config_is_checked_against_its_variant_and_lists_the_choice
     config_check.check_config(config)
 
 
-def test_reference_is_the_variant_of_the_named_file_and_extra_keys_pass(tmp_path):
-  family = tmp_path / 'dapt.py'
-  family.write_text(
-      'import ml_collections\n'
-      'import importlib.util\n'
-      f'spec = importlib.util.spec_from_file_location("p", {str(config_check.PRETRAIN_CONFIG)!r})\n'
-      'pretrain = importlib.util.module_from_spec(spec); spec.loader.exec_module(pretrain)\n'
-      'def get_config(arg="tiny"):\n'
-      '  c = pretrain.get_config(arg)\n'
-      '  c.unlock()\n'
-      '  c.dapt = ml_collections.ConfigDict({"domain_weight": 0.5})\n'
-      '  return c.lock()\n')
-  config = config_check.load_config(f'{family}:mini')
-  assert config_check.reference_config(config, str(family)).model.size == 'mini'
-  config.dapt.domain_weight = 2  # an int for a float: fine
-  config_check.check_config(config, config_file=str(family))
-  config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
-  config.dapt.domain_weight = 'high'
-  with pytest.raises(ValueError, match="dapt.domain_weight='high': expected float"):
-    config_check.check_config(config, config_file=str(family))
-  config_check.check_config(config)  # against configs/pretrain.py, dapt.* is unknown: not typed
-  config.variant = 'no-such-variant'  # falls back to get_config()
-  assert config_check.reference_config(config, str(family)).variant == 'tiny'
-  assert config_check.reference_config(config, str(tmp_path / 'missing.py')) is None
+def test_every_family_is_typed_against_the_schema_fine_tuning_keys_included():
+  # A pretraining config holds the fine-tuning sections too (schema.defaults()), typed the same.
+  config = ml_collections.ConfigDict(pretrain.get_config('tiny').to_dict(), type_safe=False)
+  config.task_data.val_fraction = '0.2'
+  with pytest.raises(ValueError, match=r"^task_data.val_fraction='0.2': expected float$"):
+    config_check.check_config(config)
+  config = ml_collections.ConfigDict(finetune.get_config('bbc').to_dict(), type_safe=False)
+  config.classify.pooling = 1
+  with pytest.raises(ValueError) as e:
+    config_check.check_config(config)
+  assert str(e.value) == "classify.pooling=1: expected str; one of ('cls', 'mean')"
+
+
+def test_missing_keys_are_named_and_unknown_keys_pass_untyped():
+  raw = pretrain.get_config('tiny').to_dict()
+  del raw['masking']['span']
+  with pytest.raises(ValueError, match=r'^masking.span.max: missing from the config \(3 key'):
+    config_check.check_config(ml_collections.ConfigDict(raw))
+  config = ml_collections.ConfigDict(pretrain.get_config('tiny').to_dict())
+  config.my_task = ml_collections.ConfigDict({'weight': 'high'})  # a custom task's own section
+  config.task = 'my_package.my_task:MyTask'
+  config_check.check_config(config)
+  config.task = 'no_such_task'
+  with pytest.raises(ValueError, match=r"^task='no_such_task': choose one of \('mlm', "):
+    config_check.check_config(config)
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_every_variant_of_every_family_passes(family):
+  module, variants = FAMILIES[family]
+  for variant in variants:
+    config = module.get_config(variant)
+    config_check.check_config(config)
+    config_check.check_config(schema.upgrade(json.loads(config.to_json())))  # as read back
 
 
 @pytest.mark.parametrize('key,value,expected', [
@@ -91,6 +110,10 @@ def test_reference_is_the_variant_of_the_named_file_and_extra_keys_pass(tmp_path
     ('train.grad_accum_steps', 0, 'train.grad_accum_steps=0 must be in [1, inf)'),
     ('train.grad_accum_steps', 3, 'train.batch_size=16 must be divisible by train.grad_accum_steps=3'),
     ('model.remat', 'some', "model.remat='some': choose one of ('', 'full', 'dots', 'dots_no_batch')"),
+    ('masking.schedule.kind', 'exp', "masking.schedule.kind='exp': choose one of ('constant', "),
+    ('masking.span.p', 0.0, 'masking.span.p=0.0 must be in (0, 1]'),
+    ('model.attention_dropout_rate', 1.0, 'model.attention_dropout_rate=1.0 must be in [0, 1)'),
+    ('task_data.test_fraction', 0.95, 'task_data.val_fraction=0.1 + task_data.test_fraction=0.95'),
 ])
 def test_values_and_combinations_name_the_key(key, value, expected):
   config = _set(pretrain.get_config('tiny'), key, value)
@@ -113,8 +136,8 @@ def test_edges_that_are_allowed():
 
 def test_every_variant_passes_and_train_validates_model_shape_up_front():
   for variant in ('tiny', 'mini', 'small', 'base', 'large'):
-    train.validate_config(pretrain.get_config(variant))
+    experiment.validate_config(pretrain.get_config(variant))
   config = pretrain.get_config('tiny')
   config.model.num_heads = 3  # 128 is not divisible by 3: caught before any data is read
   with pytest.raises(ValueError, match='num_heads 3'):
-    train.validate_config(config)
+    experiment.validate_config(config)

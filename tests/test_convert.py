@@ -13,7 +13,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from mlmjax import convert, model, predict, train, train_state  # pylint: disable=wrong-import-position
+from mlmjax import convert, experiment, model, predict, train, train_state  # pylint: disable=wrong-import-position
 
 TOL = 1e-4  # the acceptance bound: float32 on both sides, differences are summation order only
 
@@ -150,7 +150,7 @@ def test_import_workdir_predicts_exports_and_inits_training(tmp_path, make_tiny_
   run = predict.load_run(work)
   assert run.step == 0 and run.tokenizer.mask_id == 8
   # The workdir's model computes what transformers computes.
-  enc_cfg = train_state.encoder_config_from(run.config, run.tokenizer.vocab_size)
+  enc_cfg = experiment.encoder_config(run.config, run.tokenizer.vocab_size)
   ids, mask, types = padded_inputs(shape['vocab_size'], 2, seed=3)
   _, logits = ours_forward(nnx.merge(run.graphdef, run.params), ids, mask, types)
   ref = transformers.BertForMaskedLM.from_pretrained(d).eval()

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -192,3 +193,21 @@ def test_retrieval_from_scratch_with_the_pretrained_tokenizer(pretrained, make_t
   best = checkpoint.Checkpointer(tmp_path / 'ret' / 'best', async_save=False)
   assert best.all_steps() == [summary['best_step']]
   best.close()
+
+
+def test_prediction_and_init_from_read_only_the_parameters(pretrained, make_tiny_config, tmp_path):
+  """A workdir whose optimizer state is deleted still predicts and still starts a fine-tuning run."""
+  _, pre_dir = pretrained
+  bare = tmp_path / 'bare'
+  shutil.copytree(pre_dir, bare)
+  removed = [shutil.rmtree(d) or d for d in bare.glob('checkpoints/*/opt_state')]
+  assert removed and not list(bare.glob('checkpoints/*/opt_state'))
+  want = predict.fill_mask(predict.load_run(pre_dir), 'The [MASK] of the function.', top_k=3)
+  assert predict.fill_mask(predict.load_run(bare), 'The [MASK] of the function.', top_k=3) == want
+  c = _finetune_config(make_tiny_config, 'tiny')
+  c.init_from = str(bare)
+  c.train.num_steps = 2
+  summary = train.run(c, tmp_path / 'cls')
+  assert summary['finished']
+  ours = predict.load_run(tmp_path / 'cls', 'latest')
+  assert ours.step == 2 and 'classifier' in ours.params

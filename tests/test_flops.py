@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from configs import pretrain
-from mlmjax import flops, masking, model, optim, train, train_state
+from mlmjax import experiment, flops, masking, model, optim, train_state
+from mlmjax.tasks import mlm as mlm_task
 
 # (layers, hidden, heads, intermediate, vocab, batch, seq_len, max_predictions, pre_layer_norm)
 SHAPES = {
@@ -82,12 +83,12 @@ def tiny_train_step():
   c.tokenizer.vocab_size, c.train.seq_len, c.train.batch_size = 1000, 64, 8
   c.model.dropout_rate = 0.0
   vocab, length, batch = 1000, 64, 8
-  enc = train_state.encoder_config_from(c, vocab)
+  enc = experiment.encoder_config(c, vocab)
   spec = masking.spec_from_config(c.masking, vocab_size=vocab, seq_len=length)
   tx = optim.make_optimizer(c.optim, 100)
   graphdef, _ = train_state.abstract_model(enc, 0)
   state = jax.eval_shape(train_state.make_init_fn(enc, tx, 0))
-  step = train.make_train_step(graphdef, tx, spec, optim.learning_rate_schedule(c.optim, 100), False)
+  step = mlm_task.make_train_step(graphdef, tx, spec, optim.learning_rate_schedule(c.optim, 100), False)
   lowered = jax.jit(step).lower(state, jax.ShapeDtypeStruct((batch, length), jnp.int32),
                                 jax.eval_shape(lambda: jax.random.key(0)))
   return lowered, enc, batch, length, spec.max_predictions

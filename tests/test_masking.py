@@ -584,17 +584,18 @@ def test_default_buffer_holds_unit_strategies(real):
 
 
 @pytest.mark.parametrize('kind,kw,expected', [
-    ('linear', dict(rate=0.3, rate_end=0.15, rate_steps=1000),
+    ('linear', dict(rate=0.3, end=0.15, steps=1000),
      {0: 0.3, 250: 0.2625, 500: 0.225, 1000: 0.15, 5000: 0.15}),
-    ('cosine', dict(rate=0.3, rate_end=0.15, rate_steps=1000),
+    ('cosine', dict(rate=0.3, end=0.15, steps=1000),
      {0: 0.3, 500: 0.225, 1000: 0.15, 1001: 0.15}),
-    ('step', dict(rate=0.15, rate_boundaries=(100, 200), rate_values=(0.4, 0.3, 0.15)),
+    ('step', dict(rate=0.15, boundaries=(100, 200), values=(0.4, 0.3, 0.15)),
      {0: 0.4, 99: 0.4, 100: 0.3, 199: 0.3, 200: 0.15, 10_000: 0.15}),
     ('constant', dict(rate=0.25), {0: 0.25, 123: 0.25}),
 ])
 def test_rate_schedules_exact_at_chosen_steps(kind, kw, expected):
   import ml_collections
-  cfg = ml_collections.ConfigDict({'rate_schedule': kind, **kw})
+  schedule = {'kind': kind, **{k: v for k, v in kw.items() if k != 'rate'}}
+  cfg = ml_collections.ConfigDict({'rate': kw['rate'], 'schedule': schedule})
   sched = masking.rate_schedule_from_config(cfg, num_steps=4000)
   jitted = jax.jit(sched.__call__)
   for step, rate in expected.items():
@@ -607,9 +608,9 @@ def test_rate_schedules_exact_at_chosen_steps(kind, kw, expected):
 
 def test_rate_schedule_errors():
   import ml_collections
-  bad = [dict(rate_schedule='exp', rate=0.2), dict(rate_schedule='linear', rate=0.2, rate_end=1.5),
-         dict(rate_schedule='step', rate=0.2, rate_boundaries=(5,), rate_values=(0.2,)),
-         dict(rate_schedule='step', rate=0.2, rate_boundaries=(5, 3), rate_values=(0.2, 0.1, 0.3))]
+  bad = [dict(kind='exp'), dict(kind='linear', end=1.5, steps=0),
+         dict(kind='step', boundaries=(5,), values=(0.2,)),
+         dict(kind='step', boundaries=(5, 3), values=(0.2, 0.1, 0.3))]
   for kw in bad:
-    with pytest.raises(ValueError, match='masking.rate'):
-      masking.rate_schedule_from_config(ml_collections.ConfigDict(kw), 100)
+    with pytest.raises(ValueError, match=r'masking\.schedule\.'):
+      masking.rate_schedule_from_config(ml_collections.ConfigDict({'rate': 0.2, 'schedule': kw}), 100)

@@ -348,6 +348,22 @@ def test_encoder_config_sizes_and_errors():
     M.encoder_config('tiny', vocab_size=100, num_heads=3)
 
 
+def test_encoder_config_size_fills_zero_shape_fields():
+  base = M.EncoderConfig(vocab_size=100, size='base', num_layers=3)
+  assert (base.hidden_size, base.num_layers, base.num_heads, base.intermediate_size) == (
+      768, 3, 12, 3072)
+  assert base == M.encoder_config('base', vocab_size=100, num_layers=3)  # size is not compared
+  assert base == M.EncoderConfig(vocab_size=100, hidden_size=768, num_layers=3, num_heads=12,
+                                 intermediate_size=3072, attention_impl=None)
+  assert base.attention_impl == '' and base.size == 'base'
+  for size in ('', 'custom'):
+    with pytest.raises(ValueError, match=rf"^model.intermediate_size must be set \(> 0\) when "
+                                         rf"model.size='{size}'"):
+      M.EncoderConfig(vocab_size=100, size=size, hidden_size=32, num_layers=1, num_heads=2)
+  with pytest.raises(ValueError, match=r"model\.size.*'huge'"):
+    M.EncoderConfig(vocab_size=100, size='huge')
+
+
 def test_attention_impl_empty_string_and_xla_agree_with_default():
   tokens = two_unit_batch(np.random.default_rng(14))
   default = make_model().encoder(tokens)

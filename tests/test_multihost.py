@@ -153,8 +153,9 @@ def test_evaluation_and_checkpoints_are_collective(runs):
   # Both processes wrote their shards into one orbax checkpoint, committed at the last step.
   steps = sorted(int(p.name) for p in (multi_dir / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps == [STEPS]
-  state = multi_dir / 'checkpoints' / str(STEPS) / 'state'
-  assert (state / 'ocdbt.process_0').is_dir() and (state / 'ocdbt.process_1').is_dir()
+  for item in ('params', 'opt_state'):
+    state = multi_dir / 'checkpoints' / str(STEPS) / item
+    assert (state / 'ocdbt.process_0').is_dir() and (state / 'ocdbt.process_1').is_dir()
 
 
 def test_processes_read_disjoint_halves_of_the_global_batch(runs):

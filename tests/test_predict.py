@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import finetune, pretrain
-from mlmjax import checkpoint, model, optim, predict, train_state
+from mlmjax import checkpoint, experiment, model, optim, predict, train_state
 from mlmjax import tasks as tasks_lib
 from mlmjax import tokenizer as tok
 from mlmjax.tasks import task_data
@@ -78,7 +78,7 @@ def _workdir(path, config, tokenizer, stats=None, *, latest=(10, 101), best=(5, 
   (path / 'checkpoints').mkdir(exist_ok=True)
   (path / 'config.json').write_text(config.to_json_best_effort())
   (path / 'tokenizer.model').write_bytes(tokenizer.serialized_model)
-  enc_cfg = train_state.encoder_config_from(config, tokenizer.vocab_size)
+  enc_cfg = experiment.encoder_config(config, tokenizer.vocab_size)
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   if config.task == 'mlm':
     build = lambda cfg, rngs: model.BertForMLM(cfg, rngs=rngs)
@@ -205,7 +205,7 @@ def test_cli_prints_labels_and_tags(classify_dir, tag_dir, capsys):
   line = capsys.readouterr().out.splitlines()[1]
   assert [p.split('/')[0] for p in line.split()] == ['The', 'cat', 'sat', '.']
   assert all(p.split('/')[1] in TAGS for p in line.split())
-  with pytest.raises(SystemExit, match='fill_mask needs a workdir trained with task mlm'):
+  with pytest.raises(SystemExit, match="fill_mask needs a workdir trained with a task that predicts it.*task 'classify'; use --mode classify or embed"):
     predict.main(['--workdir', str(path), 'The [MASK] sat.'])
   with pytest.raises(SystemExit):
     predict.main(['--workdir', str(path), '--mode', 'classify', '--out', 'x.npy', TEXTS[0]])

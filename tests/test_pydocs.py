@@ -1,4 +1,4 @@
-"""Tests for mlmjax/pydocs.py: the embedded corpus and the embedded fine-tuning tasks."""
+"""Tests for mlmjax/pydocs.py: the embedded corpus and the stdlib API walk (tasks: test_task_data.py)."""
 
 import collections
 import hashlib
@@ -8,14 +8,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import scipy.optimize
 import scipy.special
 
-from mlmjax import corpus
 from mlmjax import pydocs as pydocs_lib  # `pydocs` is the conftest fixture: the corpus itself
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,65 +86,27 @@ def test_pydocs_skips_modules_with_side_effects(pydocs):
 
 
 # ---------------------------------------------------------------------------------------------
-# Embedded fine-tuning tasks
+# The stdlib API walk (the embedded fine-tuning tasks built from it: test_task_data.py)
 
 @pytest.fixture(scope='module')
-def embedded_tasks():
-  return {name: pydocs_lib.task_examples(name) for name in pydocs_lib.EMBEDDED_TASKS}
+def api_entries():
+  return pydocs_lib.api_entries()
 
 
-def _tasks_digest(tasks):
-  return hashlib.sha256(json.dumps(tasks, sort_keys=True).encode()).hexdigest()
+def _entries_digest(entries):
+  return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
-def test_pydoc_library_holds_balanced_labelled_docstrings(embedded_tasks):
-  import asyncio  # pylint: disable=g-import-not-at-top
-  import logging  # pylint: disable=g-import-not-at-top
-  import unittest  # pylint: disable=g-import-not-at-top
-  import xml.etree.ElementTree  # pylint: disable=g-import-not-at-top
-  rows = embedded_tasks['pydoc_library']
-  assert all(set(r) == {'id', 'text', 'label'} for r in rows)
-  counts = collections.Counter(r['label'] for r in rows)
-  assert set(counts) == set(pydocs_lib.PYDOC_LIBRARIES)
-  assert 100 <= min(counts.values()) and max(counts.values()) <= 400
-  ids = [r['id'] for r in rows]
-  assert ids == sorted(ids) and len(set(ids)) == len(ids)
-  assert len({r['text'] for r in rows}) == len(rows)
-  assert min(len(r['text']) for r in rows) >= 40
-  # The label is the package the object is defined in, so it is the first part of its id.
-  assert all(r['id'].partition('.')[0] == r['label'] for r in rows)
-  by_id = {r['id']: r for r in rows}
-  for obj, ident in ((logging.Logger.warning, 'logging.Logger.warning'),
-                     (asyncio.gather, 'asyncio.tasks.gather'),  # re-exported by asyncio
-                     (unittest.TestCase.assertEqual, 'unittest.case.TestCase.assertEqual'),
-                     (xml.etree.ElementTree.fromstring, 'xml.etree.ElementTree.XML')):
-    assert by_id[ident]['text'] == corpus.clean_document(inspect.cleandoc(obj.__doc__)), ident
-
-
-def test_pydoc_signature_pairs_docstring_summaries_with_signatures(embedded_tasks):
-  import collections as coll  # pylint: disable=g-import-not-at-top
-  rows = embedded_tasks['pydoc_signature']
-  assert len(rows) >= 2000
-  assert all(set(r) == {'id', 'query', 'document'} for r in rows)
-  ids = [r['id'] for r in rows]
-  assert ids == sorted(ids) and len(set(ids)) == len(ids)
-  assert len({r['query'] for r in rows}) == len({r['document'] for r in rows}) == len(rows)
-  assert min(len(r['query']) for r in rows) >= 20
-  assert all(re.fullmatch(r'[A-Za-z_][\w.]*\(.+\)', r['document']) for r in rows)
-  by_id = {r['id']: r for r in rows}
-  assert not any(' at 0x' in r['document'] for r in rows)
-  # self and cls go, from methods in classes and from bound methods bound to module names alike.
-  assert not any(re.search(r'\.\w+\(self\b', r['document']) for r in rows)
-  assert by_id['random.Random.randint']['document'] == 'Random.randint(a, b)'
-  assert by_id['multiprocessing.context.BaseContext.Pipe']['document'] == 'BaseContext.Pipe(duplex=True)'
-  assert by_id['builtins.dict.fromkeys']['document'] == 'dict.fromkeys(iterable, value=None, /)'
-  assert by_id['json.dumps'] == {
-      'id': 'json.dumps', 'query': 'Serialize ``obj`` to a JSON formatted ``str``.',
-      'document': 'dumps' + str(inspect.signature(json.dumps))}
-  summary = ' '.join(inspect.cleandoc(coll.Counter.most_common.__doc__).split('\n\n')[0].split())
-  assert by_id['collections.Counter.most_common'] == {
-      'id': 'collections.Counter.most_common', 'query': summary,
-      'document': 'Counter.most_common(n=None)'}
+def test_api_entries_hold_raw_docstrings_and_signatures(api_entries):
+  assert len(api_entries) > 3000
+  assert all(set(e) == {'id', 'module', 'qualname', 'doc', 'signature'} for e in api_entries)
+  assert all(e['doc'] and e['id'] == f'{e["module"]}.{e["qualname"]}' for e in api_entries)
+  by_id = {e['id']: e for e in api_entries}
+  assert by_id['json.dumps']['doc'] == inspect.cleandoc(json.dumps.__doc__)  # stabilized, not cleaned
+  assert by_id['json.dumps']['signature'] == 'dumps' + str(inspect.signature(json.dumps))
+  assert by_id['logging.Logger']['signature'] == 'Logger(name, level=0)'
+  assert by_id['random.Random.randint']['signature'] == 'Random.randint(a, b)'  # no self
+  assert by_id['asyncio.tasks.gather']['module'] == 'asyncio.tasks'  # re-exported by asyncio
 
 
 def test_signature_text_drops_self_annotations_and_unstable_defaults():
@@ -172,30 +132,17 @@ def test_signature_text_drops_self_annotations_and_unstable_defaults():
   assert pydocs_lib._signature_text(entry('make')) == 'Box.make(size, fill=0)'
   assert pydocs_lib._signature_text(entry('empty')) is None  # (*args, **kwargs) says nothing
   assert pydocs_lib._signature_text(pydocs_lib._ApiObject('m.Box', 'm', 'Box', Box, False)) is None
-  assert pydocs_lib._first_paragraph('put(item) -> None\nPut an item\nin the box.\n\nMore.',
-                                     'put') == 'Put an item in the box.'
 
 
-def test_embedded_tasks_are_the_same_in_every_process(embedded_tasks, monkeypatch):
+def test_api_entries_are_the_same_in_every_process(api_entries, monkeypatch):
   import logging  # pylint: disable=g-import-not-at-top
   code = ('import hashlib, json; from mlmjax import pydocs; '
-          'print(hashlib.sha256(json.dumps(pydocs._walk_tasks(), sort_keys=True).encode())'
+          'print(hashlib.sha256(json.dumps(pydocs._walk_api(), sort_keys=True).encode())'
           '.hexdigest())')
-  assert _print_in_fresh_process(code, hash_seed='4321') == _tasks_digest(embedded_tasks)
+  assert _print_in_fresh_process(code, hash_seed='4321') == _entries_digest(api_entries)
 
   def shout(self, msg):
     """Log msg very loudly: a method some library attached to logging.Logger, not the stdlib's."""
 
   monkeypatch.setattr(logging.Logger, 'shout', shout, raising=False)
-  assert _tasks_digest(pydocs_lib._embedded_tasks.__wrapped__()) == _tasks_digest(embedded_tasks)
-
-
-def test_embedded_tasks_are_cached_copies_and_names_are_checked(embedded_tasks):
-  start = time.perf_counter()
-  rows = pydocs_lib.task_examples('pydoc_library')
-  assert time.perf_counter() - start < 0.5  # the walk ran once, for the fixture
-  assert rows == embedded_tasks['pydoc_library']
-  rows[0]['label'] = 'changed'
-  assert pydocs_lib.task_examples('pydoc_library')[0] == embedded_tasks['pydoc_library'][0]
-  with pytest.raises(ValueError, match='embedded:nope.*pydoc_library, pydoc_signature'):
-    pydocs_lib.task_examples('nope')
+  assert _entries_digest(pydocs_lib.api_entries()) == _entries_digest(api_entries)

@@ -153,7 +153,8 @@ _SCRIPT = textwrap.dedent('''
     import numpy as np
     import optax
     from configs import pretrain
-    from mlmjax import masking, optim, sharding, train, train_state
+    from mlmjax import experiment, masking, optim, sharding, train_state
+    from mlmjax.tasks import mlm as mlm_task
     from mlmjax import tokenizer as tok
 
     MESHES = json.loads(sys.argv[1])
@@ -184,7 +185,7 @@ _SCRIPT = textwrap.dedent('''
       config.mesh.shape = tuple(tuple(a) for a in shape)
       n = int(np.prod([size for _, size in config.mesh.shape]))
       mesh = sharding.make_mesh(config.mesh, jax.devices()[:n])
-      enc_cfg = train_state.encoder_config_from(config, VOCAB)
+      enc_cfg = experiment.encoder_config(config, VOCAB)
       spec = masking.spec_from_config(config.masking, vocab_size=VOCAB, seq_len=SEQ)
       schedule = optim.learning_rate_schedule(config.optim, STEPS)
       tx = optim.make_optimizer(config.optim, STEPS)
@@ -193,7 +194,7 @@ _SCRIPT = textwrap.dedent('''
       abstract_state = jax.eval_shape(init_fn)
       shardings = train_state.state_shardings(param_state, abstract_state, tx, mesh)
       state = jax.jit(init_fn, out_shardings=shardings)()
-      step_fn = jax.jit(train.make_train_step(graphdef, tx, spec, schedule, False),
+      step_fn = jax.jit(mlm_task.make_train_step(graphdef, tx, spec, schedule, False),
                         in_shardings=(shardings, sharding.batch_sharding(mesh), None),
                         out_shardings=(shardings, None), donate_argnums=0)
       key = jax.random.key(config.seed)

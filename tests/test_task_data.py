@@ -1,12 +1,17 @@
 """Tests for mlmjax/tasks/task_data.py: reading, hash splits, encoding, metrics, eval batches."""
 
+import collections
+import inspect
 import json
 import math
+import re
+import time
 
 import ml_collections
 import numpy as np
 import pytest
 
+from mlmjax import corpus
 from mlmjax.tasks import task_data as td
 
 
@@ -241,21 +246,7 @@ def test_class_table_and_final_split():
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation batches
-
-
-def test_eval_batches_pad_with_zero_rows():
-  rows = np.arange(1, 16, dtype=np.int32).reshape(5, 3)
-  batches = td.eval_batches(rows, 2)
-  assert len(batches) == 3
-  assert all(b.shape == (2, 3) and b.dtype == np.int32 for b, _ in batches)
-  last, valid = batches[-1]
-  assert last[0].tolist() == [13, 14, 15] and last[1].tolist() == [0, 0, 0]
-  assert valid.tolist() == [True, False]
-  assert np.concatenate([b[v] for b, v in batches]).tolist() == rows.tolist()
-  assert td.eval_batches(rows[:0], 4) == []
-  with pytest.raises(ValueError, match='eval.batch_size=0'):
-    td.eval_batches(rows, 0)
+# Evaluation
 
 
 def test_collect_cuts_padding_and_keeps_order():
@@ -272,10 +263,9 @@ def test_collect_cuts_padding_and_keeps_order():
 
 
 def test_read_examples_embedded_branch(monkeypatch):
-  # pydocs.task_examples walks the stdlib in a fresh interpreter; stand in for its rows here.
-  from mlmjax import pydocs
+  # embedded_examples walks the stdlib in a fresh interpreter; stand in for its rows here.
   fake = [{'id': str(i), 'text': f'doc {i}', 'label': 'x'} for i in range(5)]
-  monkeypatch.setattr(pydocs, 'task_examples', lambda name: {'demo': fake}[name])
+  monkeypatch.setattr(td, 'embedded_examples', lambda name: {'demo': fake}[name])
   assert td.read_examples('embedded:demo') == fake
   assert td.read_examples('embedded:demo', max_examples=2) == fake[:2]
 
@@ -286,3 +276,80 @@ def test_read_examples_reads_gzip(tmp_path):
   with gzip.open(path, 'wt') as f:
     f.write(json.dumps({'id': 'a'}) + '\n')
   assert td.read_examples(str(path)) == [{'id': 'a'}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded tasks (the stdlib walk itself: test_pydocs.py)
+
+@pytest.fixture(scope='module')
+def embedded_tasks():
+  return {name: td.embedded_examples(name) for name in td.EMBEDDED_TASKS}
+
+
+def test_pydoc_library_holds_balanced_labelled_docstrings(embedded_tasks):
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  import unittest  # pylint: disable=g-import-not-at-top
+  import xml.etree.ElementTree  # pylint: disable=g-import-not-at-top
+  rows = embedded_tasks['pydoc_library']
+  assert all(set(r) == {'id', 'text', 'label'} for r in rows)
+  counts = collections.Counter(r['label'] for r in rows)
+  assert set(counts) == set(td.PYDOC_LIBRARIES)
+  assert 100 <= min(counts.values()) and max(counts.values()) <= 400
+  ids = [r['id'] for r in rows]
+  assert ids == sorted(ids) and len(set(ids)) == len(ids)
+  assert len({r['text'] for r in rows}) == len(rows)
+  assert min(len(r['text']) for r in rows) >= 40
+  # The label is the package the object is defined in, so it is the first part of its id.
+  assert all(r['id'].partition('.')[0] == r['label'] for r in rows)
+  by_id = {r['id']: r for r in rows}
+  for obj, ident in ((logging.Logger.warning, 'logging.Logger.warning'),
+                     (asyncio.gather, 'asyncio.tasks.gather'),  # re-exported by asyncio
+                     (unittest.TestCase.assertEqual, 'unittest.case.TestCase.assertEqual'),
+                     (xml.etree.ElementTree.fromstring, 'xml.etree.ElementTree.XML')):
+    assert by_id[ident]['text'] == corpus.clean_document(inspect.cleandoc(obj.__doc__)), ident
+
+
+def test_pydoc_signature_pairs_docstring_summaries_with_signatures(embedded_tasks):
+  rows = embedded_tasks['pydoc_signature']
+  assert len(rows) >= 2000
+  assert all(set(r) == {'id', 'query', 'document'} for r in rows)
+  ids = [r['id'] for r in rows]
+  assert ids == sorted(ids) and len(set(ids)) == len(ids)
+  assert len({r['query'] for r in rows}) == len({r['document'] for r in rows}) == len(rows)
+  assert min(len(r['query']) for r in rows) >= 20
+  assert all(re.fullmatch(r'[A-Za-z_][\w.]*\(.+\)', r['document']) for r in rows)
+  by_id = {r['id']: r for r in rows}
+  assert not any(' at 0x' in r['document'] for r in rows)
+  # self and cls go, from methods in classes and from bound methods bound to module names alike.
+  assert not any(re.search(r'\.\w+\(self\b', r['document']) for r in rows)
+  assert by_id['random.Random.randint']['document'] == 'Random.randint(a, b)'
+  assert by_id['multiprocessing.context.BaseContext.Pipe']['document'] == 'BaseContext.Pipe(duplex=True)'
+  assert by_id['builtins.dict.fromkeys']['document'] == 'dict.fromkeys(iterable, value=None, /)'
+  assert by_id['json.dumps'] == {
+      'id': 'json.dumps', 'query': 'Serialize ``obj`` to a JSON formatted ``str``.',
+      'document': 'dumps' + str(inspect.signature(json.dumps))}
+  summary = ' '.join(inspect.cleandoc(collections.Counter.most_common.__doc__).split('\n\n')[0].split())
+  assert by_id['collections.Counter.most_common'] == {
+      'id': 'collections.Counter.most_common', 'query': summary,
+      'document': 'Counter.most_common(n=None)'}
+
+
+def test_first_paragraph_skips_a_leading_signature_line():
+  assert td._first_paragraph('put(item) -> None\nPut an item\nin the box.\n\nMore.',
+                             'put') == 'Put an item in the box.'
+  assert td._first_paragraph('put(item)\n\nPut it.', 'put') == 'Put it.'
+  assert td._first_paragraph('Take it.\nNow.', 'put') == 'Take it. Now.'
+
+
+def test_embedded_tasks_are_cached_copies_and_names_are_checked(embedded_tasks):
+  start = time.perf_counter()
+  rows = td.embedded_examples('pydoc_library')
+  assert time.perf_counter() - start < 0.5  # the walk ran once, for the fixture
+  assert rows == embedded_tasks['pydoc_library']
+  rows[0]['label'] = 'changed'
+  assert td.embedded_examples('pydoc_library')[0] == embedded_tasks['pydoc_library'][0]
+  with pytest.raises(ValueError, match='embedded:nope.*pydoc_library, pydoc_signature'):
+    td.embedded_examples('nope')
+  with pytest.raises(ValueError, match='embedded:nope'):
+    td.read_examples('embedded:nope')

@@ -146,7 +146,7 @@ def test_batch_loss_matches_numpy_and_ignores_padding_rows(prepared, net):
   record = task.window_record({k: float(v) for k, v in sums.items()})
   assert record['train/loss'] == pytest.approx(float(loss_sum) / 6)
   assert record['train/accuracy'] == pytest.approx(float(sums['correct']) / 6)
-  assert task.progress_text(record, 1).startswith('loss ')
+  assert task.progress_text(record).startswith('loss ')
 
 
 def test_evaluate_is_consistent_with_the_forward_pass(prepared, net):

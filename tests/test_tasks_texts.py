@@ -6,7 +6,7 @@ import pytest
 
 from configs import finetune, pretrain
 from mlmjax import corpus
-from mlmjax.tasks import retrieve, task_data, texts
+from mlmjax.tasks import classify, retrieve, task_data, texts
 
 
 def _write(path, rows):
@@ -46,7 +46,7 @@ def test_classify_and_tag_texts_carry_no_labels(tmp_path):
   c = finetune.get_config('bbc')
   c.task_data.path = path
   got = texts.train_texts(c)
-  assert got == [texts.title_and_text(by_id[i]['title'], by_id[i]['text']) for i in train_ids]
+  assert got == [classify.title_and_text(by_id[i]['title'], by_id[i]['text']) for i in train_ids]
   assert not any('LABEL' in t for t in got)
 
   t = finetune.get_config('brown_pos')
@@ -89,6 +89,6 @@ def test_errors(tmp_path):
 
 
 def test_title_and_text():
-  assert texts.title_and_text('Budget set', 'The plan.') == 'Budget set. The plan.'
-  assert texts.title_and_text('Why now?', 'Because.') == 'Why now? Because.'
-  assert texts.title_and_text('', 'Body') == 'Body'
+  assert classify.title_and_text('Budget set', 'The plan.') == 'Budget set. The plan.'
+  assert classify.title_and_text('Why now?', 'Because.') == 'Why now? Because.'
+  assert classify.title_and_text('', 'Body') == 'Body'

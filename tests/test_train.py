@@ -12,7 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from mlmjax import flops, losses, masking, model, optim, predict, train, train_state
+from mlmjax import experiment, flops, losses, masking, model, optim, predict, train, train_state, train_step
+from mlmjax.tasks import mlm as mlm_task
 from mlmjax import tokenizer as tok
 
 
@@ -56,7 +57,7 @@ def test_workdir_holds_everything(reference_run):
   ckpts = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert ckpts == [4, 8]
   # MFU in every train record: analytic FLOPs per token times tokens/s over the run's peak.
-  enc_cfg = train_state.encoder_config_from(config, 1000)
+  enc_cfg = experiment.encoder_config(config, 1000)
   spec = masking.spec_from_config(config.masking, vocab_size=1000, seq_len=config.train.seq_len)
   per_token = flops.train_flops_per_token(enc_cfg, seq_len=config.train.seq_len,
                                           max_predictions=spec.max_predictions)
@@ -196,8 +197,9 @@ def test_cli_rejects_unknown_key_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('strategy,schedule', [
-    ('pmi', dict(rate_schedule='linear', rate=0.4, rate_end=0.15, rate_steps=5)),
-    ('span', dict(rate_schedule='step', rate=0.15, rate_boundaries=(3,), rate_values=(0.3, 0.2))),
+    ('pmi', {'rate': 0.4, 'schedule.kind': 'linear', 'schedule.end': 0.15, 'schedule.steps': 5}),
+    ('span', {'rate': 0.15, 'schedule.kind': 'step', 'schedule.boundaries': (3,),
+              'schedule.rates': (0.3, 0.2)}),
 ])
 def test_strategy_and_rate_schedule_logged_every_step(tiny_config, tmp_path, strategy, schedule):
   from mlmjax import masking
@@ -205,8 +207,7 @@ def test_strategy_and_rate_schedule_logged_every_step(tiny_config, tmp_path, str
   c.train.num_steps = 6
   c.eval.every_steps = 6
   c.masking.strategy = strategy
-  for k, v in schedule.items():
-    setattr(c.masking, k, v)
+  c.masking.update_from_flattened_dict(schedule)
   summary = train.run(c, tmp_path)
   sched = masking.rate_schedule_from_config(c.masking, c.train.num_steps)
   records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
@@ -229,12 +230,12 @@ def test_strategy_and_rate_schedule_logged_every_step(tiny_config, tmp_path, str
 def test_train_step_skips_a_non_finite_batch_and_leaves_the_state(tiny_config):
   c = tiny_config
   vocab, seq_len = 64, 16
-  enc_cfg = train_state.encoder_config_from(c, vocab)
+  enc_cfg = experiment.encoder_config(c, vocab)
   spec = masking.spec_from_config(c.masking, vocab_size=vocab, seq_len=seq_len,
                                   num_steps=c.train.num_steps)
   tx = optim.make_optimizer(c.optim, c.train.num_steps)
   graphdef, _ = train_state.abstract_model(enc_cfg, c.seed)
-  step_fn = jax.jit(train.make_train_step(graphdef, tx, spec, optim.learning_rate_schedule(
+  step_fn = jax.jit(mlm_task.make_train_step(graphdef, tx, spec, optim.learning_rate_schedule(
       c.optim, c.train.num_steps), dropout=False))
   rng = np.random.default_rng(0)
   good = rng.integers(tok.NUM_SPECIAL, vocab, (4, seq_len)).astype(np.int32)
@@ -268,9 +269,10 @@ def test_train_step_skips_a_non_finite_batch_and_leaves_the_state(tiny_config):
 def _stored_state(workdir: pathlib.Path, step: int) -> tuple[list, dict]:
   """Returns (leaves of the saved {params, opt_state}, meta progress) of a checkpoint step."""
   d = workdir / 'checkpoints' / str(step)
-  state = ocp.StandardCheckpointer().restore(d / 'state')
+  params = ocp.StandardCheckpointer().restore(d / 'params')
+  opt_state = ocp.StandardCheckpointer().restore(d / 'opt_state')['opt_state']
   meta = json.loads((d / 'meta' / 'metadata').read_text())
-  return [np.asarray(x) for x in jax.tree.leaves((state['params'], state['opt_state']))], meta
+  return [np.asarray(x) for x in jax.tree.leaves((params, opt_state))], meta
 
 
 def test_skipped_batches_are_logged_counted_across_resume_and_stop_past_the_limit(
@@ -330,7 +332,7 @@ def _small_step_parts(c, vocab: int):
   c.model.hidden_size, c.model.num_layers, c.model.num_heads = 32, 1, 2
   c.model.intermediate_size = 64
   c.model.dropout_rate = 0.0
-  enc_cfg = train_state.encoder_config_from(c, vocab)
+  enc_cfg = experiment.encoder_config(c, vocab)
   spec = masking.spec_from_config(c.masking, vocab_size=vocab, seq_len=c.train.seq_len,
                                   num_steps=c.train.num_steps)
   graphdef, _ = train_state.abstract_model(enc_cfg, c.seed)
@@ -369,17 +371,17 @@ def test_accumulated_microbatches_give_the_large_batch_update(tiny_config, optim
   tokens = _packed_rows(np.random.default_rng(3), batch, c.train.seq_len, vocab)
   tokens[::k, 6:] = 0
   key = jax.random.key(c.seed)
-  step = jax.jit(train.make_train_step(graphdef, tx, spec, schedule, dropout=False,
+  step = jax.jit(mlm_task.make_train_step(graphdef, tx, spec, schedule, dropout=False,
                                        grad_accum_steps=k))
   new_state, sums = step(state, tokens, key)
 
   # The reference: one pass over the whole batch (microbatches stacked, 8 rows) with the masks
   # the step drew for each microbatch, its loss normalized once by all selected tokens.
-  mask_key, _ = train.step_keys(key, state['step'])
-  micro = train.microbatches(jnp.asarray(tokens), k)
+  mask_key, _ = train_step.step_keys(key, state['step'])
+  micro = train_step.microbatches(jnp.asarray(tokens), k)
   assert micro.shape == (k, batch // k, c.train.seq_len)
   np.testing.assert_array_equal(micro[1], tokens[1::k])
-  mbs = jax.jit(jax.vmap(lambda i, rows: train.mask_microbatch(mask_key, i, rows, spec)))(
+  mbs = jax.jit(jax.vmap(lambda i, rows: train_step.mask_microbatch(mask_key, i, rows, spec)))(
       jnp.arange(k), micro)  # (k, B/k, ...) fields
   layout = jax.vmap(model.packed_layout)(micro)
 
@@ -455,7 +457,7 @@ def test_bfloat16_keeps_float32_master_weights_and_optimizer_state(tiny_config):
   state = jax.jit(train_state.make_init_fn(enc_cfg, tx, c.seed))()
   tokens = _packed_rows(np.random.default_rng(4), 8, c.train.seq_len, vocab)
   key = jax.random.key(c.seed)
-  step = jax.jit(train.make_train_step(graphdef, tx, spec, optim.learning_rate_schedule(
+  step = jax.jit(mlm_task.make_train_step(graphdef, tx, spec, optim.learning_rate_schedule(
       c.optim, c.train.num_steps), dropout=False))
   new_state, sums = step(state, tokens, key)
   # Master weights and Adam's moments stay float32 after an update; only the counts are ints.
@@ -468,8 +470,8 @@ def test_bfloat16_keeps_float32_master_weights_and_optimizer_state(tiny_config):
   # The float32 model from the same parameters on the same masks: bf16's ~3 significant digits
   # move the loss by well under 2%.
   c.model.dtype = 'float32'
-  graphdef32, _ = train_state.abstract_model(train_state.encoder_config_from(c, vocab), c.seed)
-  mask_key, _ = train.step_keys(key, state['step'])
+  graphdef32, _ = train_state.abstract_model(experiment.encoder_config(c, vocab), c.seed)
+  mask_key, _ = train_step.step_keys(key, state['step'])
 
   @jax.jit
   def loss32(params):

@@ -5,19 +5,19 @@ import json
 import pytest
 
 from configs import pretrain
-from mlmjax import model, train_state
+from mlmjax import experiment, model, train_state
 
 
 def test_encoder_config_takes_the_named_size_then_the_non_zero_shape_keys():
   c = pretrain.get_config('tiny')
-  enc = train_state.encoder_config_from(c, 1234)
+  enc = experiment.encoder_config(c, 1234)
   assert enc.vocab_size == 1234 and enc.hidden_size == model.SIZES['tiny']['hidden_size']
   c.model.num_layers = 5
-  enc = train_state.encoder_config_from(c, 1234)
+  enc = experiment.encoder_config(c, 1234)
   assert enc.num_layers == 5 and enc.hidden_size == model.SIZES['tiny']['hidden_size']
   c.model.size = 'custom'
   with pytest.raises(ValueError, match=r"model.hidden_size must be set \(> 0\) when model.size='custom'"):
-    train_state.encoder_config_from(c, 1234)
+    experiment.encoder_config(c, 1234)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""WordPiece tokenizer behind the Tokenizer interface, and special ids taken from the tokenizer."""
+"""Tests for tokenizer.WordPieceTokenizer (mlmjax/tokenizer.py): BERT vocabularies behind the
+Tokenizer interface, and special ids taken from the tokenizer."""
 
 import pathlib
 import pickle
@@ -7,11 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip('tokenizers', reason='the tokenizers library is not installed')
-
-from mlmjax import evaluate, input_pipeline, masking  # pylint: disable=wrong-import-position
-from mlmjax import tokenizer as tok  # pylint: disable=wrong-import-position
-from mlmjax import wordpiece  # pylint: disable=wrong-import-position
+from mlmjax import input_pipeline, masking
+from mlmjax import tokenizer as tok
+from mlmjax.tasks import mlm_eval
 
 HEAD = ['[PAD]', '[unused0]', '[unused1]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
 WORDS = ['the', 'list', 'return', 'value', 'a', 'of', 'sort', ',', '.', '[', ']', 'mask', 'un']
@@ -20,7 +19,7 @@ VOCAB = HEAD + WORDS + PIECES
 
 
 @pytest.fixture
-def wp(tmp_path) -> wordpiece.WordPieceTokenizer:
+def wp(tmp_path) -> tok.WordPieceTokenizer:
   path = tmp_path / 'vocab.txt'
   path.write_text('\n'.join(VOCAB) + '\n')
   return tok.load_any(path)
@@ -51,7 +50,7 @@ def test_serialized_round_trip_and_pickle(wp, tmp_path):
   path = tmp_path / 'tokenizer.json'
   path.write_bytes(wp.serialized_model)
   again = tok.load_any(path)
-  assert isinstance(again, wordpiece.WordPieceTokenizer) and again.fingerprint == wp.fingerprint
+  assert isinstance(again, tok.WordPieceTokenizer) and again.fingerprint == wp.fingerprint
   clone = pickle.loads(pickle.dumps(wp))
   assert clone.encode('the sorted values') == wp.encode('the sorted values')
   assert (clone.special_mask == wp.special_mask).all()
@@ -107,7 +106,7 @@ def test_packing_and_baselines_use_the_tokenizer_ids(wp):
   docs = [wp.encode('the list of values'), wp.encode('sort the list')]
   rows = input_pipeline.pack_documents(docs, 16, cls_id=wp.cls_id, sep_id=wp.sep_id)
   assert rows[0, 0] == wp.cls_id and (rows == wp.sep_id).sum() == 2 and (rows == wp.cls_id).sum() == 2
-  unigram, successor = evaluate.baseline_tables(rows, wp.vocab_size, wp.special_mask)
+  unigram, successor = mlm_eval.baseline_tables(rows, wp.vocab_size, wp.special_mask)
   assert unigram == wp.piece_to_id('the') or unigram == wp.piece_to_id('list')
   assert not wp.special_mask[unigram] and not wp.special_mask[successor[successor >= 0]].any()
 

@@ -14,9 +14,8 @@ import jax
 import numpy as np
 
 from mlmjax import model
-from mlmjax.tasks import LabelTask, TaskData
 from mlmjax.tasks import task_data as td
-from mlmjax.tasks import texts as texts_lib
+from mlmjax.tasks.base import LabelTask, TaskData
 
 
 def split_row_parts(rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -32,17 +31,42 @@ class ClassifyTask(LabelTask):
   best_metric = 'accuracy'
   best_mode = 'max'
   parts = staticmethod(split_row_parts)
+  predict_modes = ('classify',)
+
+  @property
+  def embed_pooling(self) -> str:
+    return str(self.config.classify.pooling)  # the vector the classifier reads
+
+  def row_width(self) -> int:
+    return int(self.config.train.seq_len) + 1
+
+  def _names(self, rows: list[dict], path: str) -> list[str]:
+    cfg = self.config.task_data
+    return [td.text_field(row, cfg.label_field, i, path, key='label_field')
+            for i, row in enumerate(rows, 1)]
+
+  def label_names(self) -> list[str]:
+    path = str(self.config.task_data.path)
+    rows = td.read_examples(path, max_examples=int(self.config.task_data.max_examples))
+    return sorted(set(self._names(rows, path)))
+
+  def unlabeled_texts(self, row: dict, i: int, path: str) -> list[str]:
+    """Returns [text], after the title when task_data.title_field is set."""
+    cfg = self.config.task_data
+    text = td.text_field(row, cfg.text_field, i, path, key='text_field')
+    if cfg.title_field:
+      text = title_and_text(td.text_field(row, cfg.title_field, i, path, key='title_field'), text)
+    return [text]
 
   def prepare(self, workdir) -> TaskData:
-    del workdir  # tokenizing a few thousand texts each run is cheap; nothing is cached on disk
+    # Tokenizing a few thousand texts each run is cheap; nothing is cached on disk.
+    self.load_tokenizer(workdir)
     cfg, seq_len = self.config.task_data, int(self.config.train.seq_len)
     path = str(cfg.path)
     rows = td.read_examples(path, max_examples=int(cfg.max_examples))
     splits = td.split_rows(rows, path, cfg)
-    texts, names = [], []
-    for i, row in enumerate(rows, 1):
-      texts.append(texts_lib.example_texts(self.config, row, i, path)[0])  # (title and) text
-      names.append(td.text_field(row, cfg.label_field, i, path, key='label_field'))
+    texts = [self.unlabeled_texts(row, i, path)[0] for i, row in enumerate(rows, 1)]
+    names = self._names(rows, path)
     self.labels = sorted(set(names))
     if len(self.labels) < 2:
       raise ValueError(f'task_data.label_field: {cfg.label_field!r} has {len(self.labels)} distinct '
@@ -78,10 +102,6 @@ class ClassifyTask(LabelTask):
     return model.SequenceClassifier(enc_cfg, len(self.labels),
                                     pooling=self.config.classify.pooling, rngs=rngs)
 
-  def eval_text(self, metrics):
-    return (f'loss {metrics["loss"]:.4f} | acc {metrics["accuracy"]:.4f} | '
-            f'macro-F1 {metrics["macro_f1"]:.4f} ({int(metrics["examples"])} examples)')
-
   def baselines(self) -> dict[str, float]:
     if self.splits is None:
       raise RuntimeError('classify: call prepare() before baselines()')
@@ -107,6 +127,28 @@ class ClassifyTask(LabelTask):
     if isinstance(m.get('per_class'), dict):
       lines += td.class_table(m['per_class'])
     return '\n'.join(lines)
+
+
+  def predict(self, graphdef, params, mode, inputs, top_k=0):
+    """Returns per text the top_k (label, probability) pairs, most probable first."""
+    if mode != 'classify':
+      return super().predict(graphdef, params, mode, inputs, top_k)
+    if not inputs:
+      return []
+    probs = self.probabilities(graphdef, params, self.encode_texts(inputs))
+    return [[(self.labels[i], float(row[i])) for i in np.argsort(-row, kind='stable')[:top_k or 3]]
+            for row in probs]
+
+  def format_prediction(self, mode, text, result) -> str:
+    return f'{text}\n  ' + '  '.join(f'{label} {p:.3f}' for label, p in result)
+
+
+def title_and_text(title: str, text: str) -> str:
+  """Returns 'title. text' (no extra period when the title already ends a sentence)."""
+  title = title.strip()
+  if not title:
+    return text
+  return f'{title} {text}' if title[-1] in '.!?' else f'{title}. {text}'
 
 
 def majority_label(labels: np.ndarray, n: int) -> int:

@@ -6,14 +6,18 @@ adaptive MLM), a second corpus's held-out rows are evaluated too, logged as eval
 
 import copy
 import dataclasses
+import functools
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from mlmjax import evaluate, input_pipeline, losses, masking, model, pmi
+from mlmjax import corpus, input_pipeline, losses, masking, model, pmi, train_step
 from mlmjax import tokenizer as tokenizer_lib
-from mlmjax.tasks import Task, TaskData
+from mlmjax.tasks import mlm_eval
+from mlmjax.tasks.base import Task, TaskData
 
 
 def make_batch_loss(spec: masking.MaskingSpec, *, cls_id: int = tokenizer_lib.CLS_ID,
@@ -51,14 +55,33 @@ def make_step_sums(spec: masking.MaskingSpec,
   return step_sums
 
 
-def eval_spec_from(config, tokenizer) -> masking.MaskingSpec:
+def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: bool,
+                    cls_id: int = tokenizer_lib.CLS_ID, *,
+                    rate_schedule: masking.RateSchedule | None = None,
+                    tables: masking.MaskingTables | None = None,
+                    grad_accum_steps: int = 1) -> Callable:
+  """Returns the MLM train_step(state, tokens, seed_key) -> (state, metric sums) (see make_step).
+
+  rate_schedule: the masking rate at each step (None: spec.rate); tables: for unit strategies.
+  Masks come from fold_in(key, step); with grad_accum_steps k > 1, microbatch i is masked from
+  fold_in(mask_key, i), so its masks differ from the k = 1 step's.
+  """
+  return train_step.make_step(
+      graphdef, tx, schedule,
+      make_batch_loss(spec, cls_id=cls_id, rate_schedule=rate_schedule, tables=tables),
+      step_sums=make_step_sums(spec, rate_schedule), dropout=dropout,
+      grad_accum_steps=grad_accum_steps)
+
+
+def eval_spec_from(config, vocab_size: int, tokenizer=None) -> masking.MaskingSpec:
   """Returns the fixed evaluation masking: eval.rate and eval.split, token by token, exact."""
   seq_len = config.train.seq_len
+  specials = {} if tokenizer is None else masking.special_fields(
+      tokenizer.special_mask, mask_id=tokenizer.mask_id, pad_id=tokenizer.pad_id)
   return masking.MaskingSpec(
-      vocab_size=tokenizer.vocab_size, rate=float(config.eval.rate), split=tuple(config.eval.split),
+      vocab_size=vocab_size, rate=float(config.eval.rate), split=tuple(config.eval.split),
       max_predictions=masking.default_max_predictions(float(config.eval.rate), seq_len, 'exact'),
-      selection='exact', **masking.special_fields(tokenizer.special_mask, mask_id=tokenizer.mask_id,
-                                                  pad_id=tokenizer.pad_id))
+      selection='exact', **specials)
 
 
 def describe_rate(r: masking.RateSchedule) -> str:
@@ -76,65 +99,127 @@ class MlmTask(Task):
   name = 'mlm'
   best_metric = 'loss'
   best_mode = 'min'
+  progress_metrics = (('train/loss', 'loss', '.4f'), ('train/accuracy', 'acc', '.4f'),
+                      ('train/lr', 'lr', '.2e'), ('train/mask_rate', 'mask rate', '.3f'))
+  predict_modes = ('fill_mask',)
 
-  def __init__(self, config, tokenizer, log, *, cache=None):
+  def __init__(self, config, tokenizer=None, log=print, *, cache=None):
     super().__init__(config, tokenizer, log)
     self.cache = cache
-    seq_len = config.train.seq_len
-    self.spec = masking.spec_from_config(config.masking, vocab_size=tokenizer.vocab_size,
-                                         seq_len=seq_len, tokenizer=tokenizer,
-                                         num_steps=config.train.num_steps)
     self.rate_schedule = masking.rate_schedule_from_config(config.masking, config.train.num_steps)
-    self.eval_spec = eval_spec_from(config, tokenizer)
-    self.tables = None
+    self.spec = self.eval_spec = self.tables = None
+    self.val_batches = []
     self.other = None  # (name, val batches, unigram, successor) of eval.other_corpus
+    self.eval_metrics = self._eval_metrics()
+    if tokenizer is not None:
+      self._build_specs()
+
+  def _build_specs(self, vocab_size: int | None = None) -> None:
+    """Builds the training and evaluation masking specs (from the tokenizer's ids when known)."""
+    config, tok = self.config, self.tokenizer
+    vocab = tok.vocab_size if tok is not None else int(vocab_size)
+    self.spec = masking.spec_from_config(config.masking, vocab_size=vocab,
+                                         seq_len=config.train.seq_len, tokenizer=tok,
+                                         num_steps=config.train.num_steps)
+    self.eval_spec = eval_spec_from(config, vocab, tok)
+
+  def _eval_metrics(self):
+    declared = [('loss', 'loss', '.4f'), ('accuracy', 'acc', '.4f'),
+                ('accuracy_at_mask', 'acc@[MASK]', '.4f'),
+                ('baseline/unigram_accuracy_at_mask', 'unigram', '.4f'),
+                ('baseline/bigram_accuracy_at_mask', 'bigram', '.4f'),
+                ('accuracy_at_random', 'acc@random', '.4f'), ('accuracy_at_keep', 'acc@keep', '.4f')]
+    if self.config.eval.other_corpus:
+      n = self.config.eval.other_name
+      declared += [(f'eval_{n}/loss', f'{n}: loss', '.4f'),
+                   (f'eval_{n}/accuracy_at_mask', f'{n}: acc@[MASK]', '.4f')]
+    return tuple(declared)
+
+  def load_tokenizer(self, workdir) -> None:
+    """MLM trains a tokenizer on its corpus when there is none: prepare() does it all."""
+    del workdir
 
   def prepare(self, workdir) -> TaskData:
-    cache, config = self.cache, self.config
+    config = self.config
+    if self.cache is None:
+      prepared = input_pipeline.prepare_data(config, workdir, log=self.log)
+      self.tokenizer, self.cache = prepared.tokenizer, prepared.cache
+    self._build_specs()
+    cache = self.cache
     pmi_vocab = None
     if self.spec.strategy == 'pmi':
       pmi_vocab = pmi.load_or_build_pmi_vocab(
           input_pipeline.cache_root(config.data), cache.key, cache.train_rows,
-          self.tokenizer.special_mask, min_count=config.masking.pmi_min_count,
-          size=config.masking.pmi_vocab_size, log=self.log)
+          self.tokenizer.special_mask, min_count=config.masking.pmi.min_count,
+          size=config.masking.pmi.vocab_size, log=self.log)
     self.tables = masking.tables_for(self.spec, self.tokenizer, pmi_vocab)
     self.val_batches = input_pipeline.eval_batches(cache.val_rows, batch_size=config.eval.batch_size,
                                                    num_batches=config.eval.num_batches)
     if not self.val_batches:
       self.log('WARNING: the validation split is empty; evaluation is skipped (raise data.val_fraction)')
-    self.unigram, self.successor = evaluate.baseline_tables(
+    self.unigram, self.successor = mlm_eval.baseline_tables(
         cache.train_rows, self.tokenizer.vocab_size, self.tokenizer.special_mask)
-    other = str(config.eval.get('other_corpus', '') or '')
-    if other:
-      self.other = self._prepare_other(workdir, other)
+    if config.eval.other_corpus:
+      self.other = self._prepare_other(workdir, config.eval.other_corpus)
     return TaskData(train=cache.train_rows, val=cache.val_rows,
                     test=np.zeros((0, cache.train_rows.shape[1]), np.int32), stats=cache.stats,
                     key=cache.key)
 
-  def _prepare_other(self, workdir, corpus: str):
+  def prepare_shapes(self) -> None:
+    """Specs from the tokenizer (or tokenizer.vocab_size), tables as same-shape stand-ins."""
+    self._build_specs(self.config.tokenizer.vocab_size)
+    vocab = self.spec.vocab_size
+    # The tokenizer's word starts and the corpus's PMI n-grams are not built here; zeros of their
+    # shapes compile the same step.
+    word_start = pmi_hashes = None
+    if self.spec.strategy == 'whole_word' or (self.spec.strategy == 'span' and self.spec.span_words):
+      word_start = jnp.zeros((vocab,), bool)
+    if self.spec.strategy == 'pmi':
+      pmi_hashes = jnp.zeros((int(self.config.masking.pmi.vocab_size),), jnp.uint32)
+    self.tables = masking.MaskingTables(word_start=word_start, pmi_hash1=pmi_hashes,
+                                        pmi_hash2=pmi_hashes)
+
+  def load_meta(self, stats: dict) -> None:
+    del stats
+    self._build_specs()
+
+  def _prepare_other(self, workdir, corpus_name: str):
     """Returns (name, val batches, unigram, successor) of a second corpus, same tokenizer and packing."""
     config = self.config
     other_cfg = copy.deepcopy(config)
-    other_cfg.data.corpus = corpus
-    name = str(config.eval.get('other_name', 'original') or 'original')
-    self.log(f'second validation corpus ({name}): {corpus}')
+    other_cfg.data.corpus = corpus_name
+    name = config.eval.other_name
+    self.log(f'second validation corpus ({name}): {corpus_name}')
     # The workdir already holds this run's tokenizer, so the second corpus is cut into the same pieces.
     data = input_pipeline.prepare_data(other_cfg, workdir, log=self.log)
     batches = input_pipeline.eval_batches(data.cache.val_rows, batch_size=config.eval.batch_size,
                                           num_batches=config.eval.num_batches)
     if not batches:
-      raise ValueError(f'eval.other_corpus={corpus!r}: its validation split is empty')
-    unigram, successor = evaluate.baseline_tables(data.cache.train_rows, self.tokenizer.vocab_size,
+      raise ValueError(f'eval.other_corpus={corpus_name!r}: its validation split is empty')
+    unigram, successor = mlm_eval.baseline_tables(data.cache.train_rows, self.tokenizer.vocab_size,
                                                   self.tokenizer.special_mask)
     return name, batches, unigram, successor
 
   def build_model(self, enc_cfg, rngs):
     return model.BertForMLM(enc_cfg, rngs=rngs)
 
+  def transfer(self, pretrained: dict, fresh: dict) -> dict:
+    """Domain-adaptive MLM continues with every parameter, the MLM head included."""
+    del fresh
+    return pretrained
+
+  def init_match_keys(self) -> tuple[str, ...]:
+    # The decoder's layout matters because the MLM head comes along.
+    return super().init_match_keys() + ('tie_embeddings',)
+
   def batch_loss(self, m, rows, mask_key, drop_key, step):
-    return make_batch_loss(self.spec, cls_id=self.tokenizer.cls_id,
+    return make_batch_loss(self.spec, cls_id=self.tokenizer_cls_id(),
                            rate_schedule=self.rate_schedule, tables=self.tables)(
                                m, rows, mask_key, drop_key, step)
+
+  def tokenizer_cls_id(self) -> int:
+    """Returns the [CLS] id that starts each packed unit."""
+    return int(self.tokenizer.cls_id) if self.tokenizer is not None else tokenizer_lib.CLS_ID
 
   def step_sums(self, rows, step):
     return make_step_sums(self.spec, self.rate_schedule)(rows, step)
@@ -147,19 +232,15 @@ class MlmTask(Task):
             'train/mask_rate': sums['mask_rate_sum'] / n,
             'train/mask_rate_realized': sums['selected'] / max(sums['candidates'], 1.0)}
 
-  def progress_text(self, record, step):
-    return (f'loss {record["train/loss"]:.4f} | acc {record["train/accuracy"]:.4f} | '
-            f'lr {record["train/lr"]:.2e} | mask rate {self.rate_schedule.at(step - 1):.3f}')
-
   def evaluate(self, graphdef, params, split, to_device):
     if split != 'val' or not self.val_batches:
       return {}
     step = self._eval_step(graphdef)
-    metrics = evaluate.evaluate(step, params, self.val_batches, seed=self.config.eval.seed,
+    metrics = mlm_eval.evaluate(step, params, self.val_batches, seed=self.config.eval.seed,
                                 unigram=self.unigram, successor=self.successor, to_device=to_device)
     if self.other is not None:
       name, batches, unigram, successor = self.other
-      more = evaluate.evaluate(step, params, batches, seed=self.config.eval.seed, unigram=unigram,
+      more = mlm_eval.evaluate(step, params, batches, seed=self.config.eval.seed, unigram=unigram,
                                successor=successor, to_device=to_device)
       metrics.update({f'eval_{name}/{k.replace("baseline/", "baseline_")}': v
                       for k, v in more.items()})
@@ -167,20 +248,8 @@ class MlmTask(Task):
 
   def _eval_step(self, graphdef):
     if getattr(self, '_eval_fn', None) is None:
-      self._eval_fn = evaluate.make_eval_step(graphdef, self.eval_spec, cls_id=self.tokenizer.cls_id)
+      self._eval_fn = mlm_eval.make_eval_step(graphdef, self.eval_spec, cls_id=self.tokenizer_cls_id())
     return self._eval_fn
-
-  def eval_text(self, metrics):
-    text = (f'loss {metrics["loss"]:.4f} | acc {metrics["accuracy"]:.4f} | '
-            f'acc@[MASK] {metrics["accuracy_at_mask"]:.4f} (unigram '
-            f'{metrics["baseline/unigram_accuracy_at_mask"]:.4f}, bigram '
-            f'{metrics["baseline/bigram_accuracy_at_mask"]:.4f}) | acc@random '
-            f'{metrics["accuracy_at_random"]:.4f} | acc@keep {metrics["accuracy_at_keep"]:.4f}')
-    if self.other is not None:
-      n = self.other[0]
-      text += (f' || {n}: loss {metrics[f"eval_{n}/loss"]:.4f} | acc@[MASK] '
-               f'{metrics[f"eval_{n}/accuracy_at_mask"]:.4f}')
-    return text
 
   def final_text(self, r):
     if 'eval/loss' not in r:
@@ -216,3 +285,57 @@ class MlmTask(Task):
 
   def flops_max_predictions(self) -> int:
     return self.spec.max_predictions
+
+  # --- prediction
+
+  def predict(self, graphdef, params, mode, inputs, top_k=0):
+    if mode != 'fill_mask':
+      return super().predict(graphdef, params, mode, inputs, top_k)
+    return [self.fill_mask(graphdef, params, text, top_k or 5) for text in inputs]
+
+  def fill_mask(self, graphdef, params, text: str, top_k: int) -> list[list[tuple[str, float]]]:
+    """Returns, per [MASK] in text, the top_k (token, probability) predictions."""
+    t, max_len = self.tokenizer, int(self.config.train.seq_len)
+    # The same cleaning the training corpus had, so the text meets the model as training text did.
+    clean = corpus.clean_document(text, fix_text=bool(self.config.data.fix_text),
+                                  normalization=str(self.config.data.normalization))
+    ids = t.encode_with_specials(clean)
+    if t.mask_id not in ids:
+      raise ValueError(f'no [MASK] in {text!r}: write [MASK] where a token should be predicted')
+    ids = [t.cls_id] + ids[:max_len - 2] + [t.sep_id]
+    positions = [i for i, x in enumerate(ids) if x == t.mask_id]
+    if not positions:
+      raise ValueError(f'every [MASK] in {text!r} lies past train.seq_len={max_len} tokens')
+    slots = -(-len(positions) // 8) * 8
+    padded_ids = np.full((1, max_len), t.pad_id, np.int32)
+    padded_ids[0, :len(ids)] = ids
+    padded_pos = np.zeros((1, slots), np.int32)
+    padded_pos[0, :len(positions)] = positions
+    probs = _mask_probs(params, padded_ids, padded_pos, t.special_mask, graphdef=graphdef,
+                        cls_id=int(t.cls_id), pad_id=int(t.pad_id))
+    out = []
+    for row in np.asarray(probs)[0, :len(positions)]:
+      best = np.argsort(-row)[:top_k]
+      out.append([(display_piece(t.id_to_piece(int(i))), float(row[i])) for i in best])
+    return out
+
+  def format_prediction(self, mode, text, result) -> str:
+    lines = [text]
+    for i, cands in enumerate(result):
+      lines.append(f'  [MASK] #{i + 1}: ' + '  '.join(f'{w} {p:.3f}' for w, p in cands))
+    return '\n'.join(lines)
+
+
+def display_piece(piece: str) -> str:
+  """Returns a piece as a word for display (the sentencepiece word-start mark removed)."""
+  return piece.replace('\u2581', ' ').strip() or piece
+
+
+# One compiled forward for every text: rows padded to seq_len, [MASK] slots to a multiple of 8.
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cls_id', 'pad_id'))
+def _mask_probs(params, ids, pos, special, *, graphdef, cls_id: int, pad_id: int) -> jax.Array:
+  """Returns (B, P, V) probabilities at the [MASK] positions pos, special ids excluded."""
+  position_ids, doc_ids = model.packed_layout(ids, cls_id=cls_id, pad_id=pad_id)
+  logits = nnx.merge(graphdef, params)(ids, pos, position_ids=position_ids, doc_ids=doc_ids)
+  logits = jnp.where(special, -jnp.inf, logits)  # never predict a special
+  return jax.nn.softmax(logits, axis=-1)

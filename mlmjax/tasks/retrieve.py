@@ -39,8 +39,9 @@ import numpy as np
 import scipy.sparse
 from flax import nnx
 
-from mlmjax import corpus, model
-from mlmjax.tasks import Task, TaskData, task_data
+from mlmjax import corpus, input_pipeline, model
+from mlmjax.tasks import task_data
+from mlmjax.tasks.base import Task, TaskData
 
 PAD_ID = task_data.PAD_ID
 # Cosines within this of the gold score count as ties (against the gold): float32 embeddings carry
@@ -199,8 +200,13 @@ class RetrieveTask(Task):
   best_metric = 'mrr'
   best_mode = 'max'
   sequences_per_row = 2  # a query and a document, each seq_len tokens
+  progress_metrics = (('train/loss', 'loss', '.4f'), ('train/accuracy', 'in-batch acc', '.4f'),
+                      ('train/negatives', 'negatives', '.0f'), ('train/lr', 'lr', '.2e'))
+  eval_metrics = (('loss', 'loss', '.4f'), ('recall_at_1', 'R@1', '.4f'),
+                  ('recall_at_10', 'R@10', '.4f'), ('mrr', 'MRR', '.4f'),
+                  ('num_queries', 'queries', '.0f'), ('num_candidates', 'candidates', '.0f'))
 
-  def __init__(self, config, tokenizer, log: Callable[[str], None]):
+  def __init__(self, config, tokenizer=None, log: Callable[[str], None] = print):
     super().__init__(config, tokenizer, log)
     r = config.retrieve
     if r.pooling not in model.POOLINGS:
@@ -217,8 +223,24 @@ class RetrieveTask(Task):
     self.texts: dict[str, tuple[list[str], list[str]]] = {}  # split -> (queries, documents)
     self._eval_fns: dict[Any, Callable] = {}
 
+  @property
+  def embed_pooling(self) -> str:
+    return str(self.config.retrieve.pooling)
+
+  def embedding(self, m, ids, pooling):
+    """Returns the dual encoder's own embedding for its pooling, else the pooled encoder output."""
+    if pooling == self.embed_pooling:
+      return m(ids)
+    return super().embedding(m, ids, pooling)
+
+  def unlabeled_texts(self, row: dict, i: int, path: str) -> list[str]:
+    """Returns [query, document]."""
+    td = self.config.task_data
+    return [task_data.text_field(row, td.query_field, i, path, key='query_field'),
+            task_data.text_field(row, td.document_field, i, path, key='document_field')]
+
   def prepare(self, workdir) -> TaskData:
-    del workdir  # tokenizing a few ten thousand pairs takes seconds: nothing is cached
+    self.load_tokenizer(workdir)  # tokenizing a few ten thousand pairs takes seconds: nothing is cached
     td = self.config.task_data
     path = str(td.path)
     examples = task_data.read_examples(path, max_examples=int(td.max_examples))
@@ -285,13 +307,6 @@ class RetrieveTask(Task):
     return {'train/loss': float(sums['loss_sum']) / w, 'train/accuracy': float(sums['correct']) / w,
             'train/negatives': float(sums['negatives']) / w}
 
-  def progress_text(self, record, step):
-    text = (f'loss {record["train/loss"]:.4f} | in-batch acc {record["train/accuracy"]:.4f} '
-            f'({record["train/negatives"]:.0f} negatives)')
-    if 'train/lr' in record:
-      text += f' | lr {record["train/lr"]:.2e}'
-    return text
-
   def _eval_fn(self, graphdef) -> Callable:
     """Returns the jitted (params, rows) -> (q, d, [loss_sum, weight, correct]) of a graphdef."""
     if graphdef not in self._eval_fns:
@@ -319,9 +334,9 @@ class RetrieveTask(Task):
       return {}
     fn = self._eval_fn(graphdef)
     q_parts, d_parts, totals = [], [], np.zeros(3)
-    for batch, valid in task_data.eval_batches(rows, int(self.config.eval.batch_size)):
+    for batch in input_pipeline.eval_batches(rows, batch_size=int(self.config.eval.batch_size)):
       q, d, sums = fn(params, to_device(batch))
-      valid = valid & (batch[:, 0] != PAD_ID)
+      valid = batch[:, 0] != PAD_ID  # the padding rows of the last batch are all PAD
       q_parts.append(task_data.to_host(q)[valid])
       d_parts.append(task_data.to_host(d)[valid])
       totals += task_data.to_host(sums).reshape(-1)[:3]
@@ -333,13 +348,6 @@ class RetrieveTask(Task):
     return {**ranking_metrics(ranks), 'num_candidates': float(n), 'num_queries': float(len(ranks)),
             'loss': float(loss_sum / max(weight, 1.0)),
             'in_batch_accuracy': float(correct / max(weight, 1.0))}
-
-  def eval_text(self, metrics):
-    if not metrics:
-      return 'no examples'
-    return (f'loss {metrics["loss"]:.4f} | R@1 {metrics["recall_at_1"]:.4f} | '
-            f'R@10 {metrics["recall_at_10"]:.4f} | MRR {metrics["mrr"]:.4f} | '
-            f'{int(metrics["num_queries"])} queries, {int(metrics["num_candidates"])} candidates')
 
   def baselines(self):
     """Returns overlap_recall_at_1, _at_10 and overlap_mrr of TF-IDF on test (val when empty)."""

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 from mlmjax import model
-from mlmjax.tasks import LabelTask, TaskData
 from mlmjax.tasks import task_data as td
+from mlmjax.tasks.base import LabelTask, TaskData
 
 TAG_MAPS = ('', 'brown_coarse')
 IGNORE = -1
@@ -109,11 +109,15 @@ class TagTask(LabelTask):
   best_metric = 'accuracy'
   best_mode = 'max'
 
-  accuracy_name = 'word acc'
   count_name = 'words'
   parts = staticmethod(split_row_parts)
+  progress_metrics = (('train/loss', 'loss', '.4f'), ('train/accuracy', 'word acc', '.4f'),
+                      ('train/lr', 'lr', '.2e'))
+  eval_metrics = (('loss', 'loss', '.4f'), ('accuracy', 'word acc', '.4f'),
+                  ('macro_f1', 'macro-F1', '.4f'), ('words', 'words', '.0f'))
+  predict_modes = ('tag',)
 
-  def __init__(self, config, tokenizer, log):
+  def __init__(self, config, tokenizer=None, log=print):
     super().__init__(config, tokenizer, log)
     # Per split: (lowercased words, tag ids) of the words kept in the rows, for the baseline.
     self.words: dict[str, tuple[list[str], np.ndarray]] = {}
@@ -148,8 +152,24 @@ class TagTask(LabelTask):
                f'{dict(unmapped.most_common(10))}')
     return rows, words, tags, counts
 
+  def row_width(self) -> int:
+    return 2 * int(self.config.train.seq_len)  # tokens, then the tag id at each word's first piece
+
+  def label_names(self) -> list[str]:
+    _, _, tags, _ = self._read(str(self.config.task_data.path))
+    return sorted({t for ts in tags for t in ts})
+
+  def unlabeled_texts(self, row: dict, i: int, path: str) -> list[str]:
+    """Returns [the words joined by spaces]."""
+    cfg = self.config.task_data
+    words = td.field(row, cfg.tokens_field, i, path, key='tokens_field')
+    if not isinstance(words, list):
+      raise ValueError(f'task_data.tokens_field: {cfg.tokens_field!r} must be a list in row {i} '
+                       f'of {path}')
+    return [' '.join(str(w) for w in words)]
+
   def prepare(self, workdir) -> TaskData:
-    del workdir  # nothing is cached on disk
+    self.load_tokenizer(workdir)  # nothing is cached on disk
     cfg, seq_len = self.config.task_data, int(self.config.train.seq_len)
     path = str(cfg.path)
     rows, words, tags, counts = self._read(path)
@@ -203,10 +223,6 @@ class TagTask(LabelTask):
       raise RuntimeError('tag: no labels: call prepare() or load_meta() before build_model()')
     return model.TokenTagger(enc_cfg, len(self.labels), rngs=rngs)
 
-  def eval_text(self, metrics):
-    return (f'loss {metrics["loss"]:.4f} | word acc {metrics["accuracy"]:.4f} | '
-            f'macro-F1 {metrics["macro_f1"]:.4f} ({int(metrics["words"])} words)')
-
   def baselines(self) -> dict[str, float]:
     if self.splits is None:
       raise RuntimeError('tag: call prepare() before baselines()')
@@ -233,6 +249,27 @@ class TagTask(LabelTask):
     if isinstance(m.get('per_class'), dict):
       lines += td.class_table(m['per_class'])
     return '\n'.join(lines)
+
+
+  def predict(self, graphdef, params, mode, inputs, top_k=0):
+    """Returns per sentence its (word, tag) pairs; a word cut off by train.seq_len gets tag None.
+
+    A sentence is a string (split on whitespace) or a list of words; each word's tag is the
+    model's choice at the word's first piece.
+    """
+    if mode != 'tag':
+      return super().predict(graphdef, params, mode, inputs, top_k)
+    words = [s.split() if isinstance(s, str) else [str(w) for w in s] for s in inputs]
+    if not words:
+      return []
+    seq_len = int(self.config.train.seq_len)
+    encoded = [td.encode_words(self.tokenizer, w, seq_len) for w in words]
+    probs = self.probabilities(graphdef, params, np.stack([ids for ids, _ in encoded]))
+    return [[(w, self.labels[int(np.argmax(p[s]))] if s >= 0 else None) for w, s in zip(ws, starts)]
+            for p, (_, starts), ws in zip(probs, encoded, words)]
+
+  def format_prediction(self, mode, text, result) -> str:
+    return ' '.join(f'{w}/{t if t is not None else "?"}' for w, t in result)
 
 
 def most_frequent_tag_predict(train_words, train_tags, words, n: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """What every fine-tuning task shares: reading examples, hash splits, encoding, metrics, eval batches.
 
 Examples come from a JSON Lines file (one object per line; `.gz` too) or from `embedded:NAME`
-(pydocs.task_examples: tasks built from the embedded Python documentation).
+(embedded_examples: tasks built from the stdlib's own documentation, walked by pydocs.api_entries).
 
 Splits are deterministic and need no split file: the blake2b hash of a key read as a uniform number
 u in [0, 1) puts an example in 'test' when u < test_fraction, in 'val' when u < test_fraction +
@@ -13,16 +13,19 @@ Text is cleaned with corpus.clean_document (ftfy mojibake repair: the BBC articl
 '£'; Unicode NFC; whitespace) before sentencepiece, as the pretraining corpus is.
 """
 
+import collections
+import functools
 import gzip
 import hashlib
 import json
 import os
+import re
 from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
 
-from mlmjax import corpus
+from mlmjax import corpus, input_pipeline
 from mlmjax import pydocs
 from mlmjax import tokenizer as tokenizer_lib
 
@@ -42,7 +45,7 @@ def read_examples(path: str, *, max_examples: int = 0) -> list[dict]:
   if max_examples < 0:
     raise ValueError(f'task_data.max_examples={max_examples} must be >= 0 (0 keeps all)')
   if path.startswith(EMBEDDED):
-    rows = list(pydocs.task_examples(path[len(EMBEDDED):]))
+    rows = embedded_examples(path[len(EMBEDDED):])
     return rows[:max_examples] if max_examples else rows
   if not path:
     raise ValueError("task_data.path is empty: set it to a JSON Lines file or 'embedded:NAME'")
@@ -91,6 +94,97 @@ def text_field(row: dict, name: str, i: int, path: str, *, key: str = '') -> str
     raise ValueError(f'{setting}: {name!r} in row {i} of {path} is {type(value).__name__}, '
                      'expected a string')
   return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded tasks (task_data.path='embedded:NAME'), built offline from the stdlib's documentation
+
+EMBEDDED_TASKS = ('pydoc_library', 'pydoc_signature')
+# pydoc_library's classes: stdlib packages with >= 100 distinct docstrings of >= 40 characters
+# in Python 3.11 on Linux and every other platform (curses, also that big, is missing on Windows).
+PYDOC_LIBRARIES = ('asyncio', 'decimal', 'email', 'http', 'importlib', 'logging',
+                   'multiprocessing', 'unittest', 'xml')
+_LIBRARY_CAP = 400  # examples per library at most (none reaches it in 3.11: asyncio has ~230)
+_LIBRARY_MIN_CHARS = 40
+_QUERY_MIN_CHARS = 20
+
+
+def embedded_examples(name: str) -> list[dict]:
+  """Returns the rows of embedded fine-tuning task `name`, built offline from the stdlib.
+
+  - 'pydoc_library': {'id', 'text', 'label'}: a class, function or method docstring (cleaned,
+    >= 40 characters) and the stdlib package that defines the object, one of PYDOC_LIBRARIES.
+  - 'pydoc_signature': {'id', 'query', 'document'}: a docstring's first paragraph and the
+    object's signature 'Name.method(parameters)' (no self, no annotations).
+  id is 'module.qualname'. Rows are sorted by id and the same in every process (a fresh
+  interpreter walks the stdlib: pydocs.api_entries); the walk runs once per process (~2 s).
+  """
+  if name not in EMBEDDED_TASKS:
+    raise ValueError(f'task_data.path=embedded:{name}: unknown embedded task; '
+                     f'choose one of {", ".join(EMBEDDED_TASKS)}')
+  return [dict(row) for row in _embedded_tasks()[name]]  # copies: the cached rows stay intact
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_tasks() -> dict[str, list[dict]]:
+  """Returns both embedded tasks' rows, from pydocs.api_entries with each docstring cleaned."""
+  entries = [dict(e, text=corpus.clean_document(e['doc'])) for e in pydocs.api_entries()]
+  return {'pydoc_library': _library_rows(entries), 'pydoc_signature': _signature_rows(entries)}
+
+
+def _by_hash(ident: str) -> bytes:
+  return hashlib.blake2b(ident.encode(), digest_size=8).digest()
+
+
+def _library_rows(entries: Sequence[dict]) -> list[dict]:
+  """Returns pydoc_library's rows: docstrings of PYDOC_LIBRARIES, each text once, sorted by id."""
+  rows: dict[str, dict] = {}  # text -> row
+  ambiguous: set[str] = set()
+  ids: set[str] = set()
+  for entry in entries:
+    label, text = entry['module'].partition('.')[0], entry['text']
+    if label not in PYDOC_LIBRARIES or len(text) < _LIBRARY_MIN_CHARS or entry['id'] in ids:
+      continue
+    ids.add(entry['id'])
+    if text in rows:  # a copied docstring: keep the first, unless two libraries share it
+      if rows[text]['label'] != label:
+        ambiguous.add(text)
+      continue
+    rows[text] = {'id': entry['id'], 'text': text, 'label': label}
+  by_label = collections.defaultdict(list)
+  for text, row in rows.items():
+    if text not in ambiguous:
+      by_label[row['label']].append(row)
+  # Capping keeps a hash-chosen sample, so a big library is not cut to its first modules.
+  kept = [r for label in sorted(by_label)
+          for r in sorted(by_label[label], key=lambda r: _by_hash(r['id']))[:_LIBRARY_CAP]]
+  return sorted(kept, key=lambda r: r['id'])
+
+
+def _first_paragraph(doc: str, name: str) -> str:
+  """Returns the docstring's first paragraph on one line, past a leading 'name(...)' line."""
+  paragraphs = [p for p in doc.split('\n\n') if p.strip()]
+  signature_line = re.compile(rf'^[\w.]*\b{re.escape(name)}\s*\(')
+  while paragraphs and signature_line.match(paragraphs[0]):
+    _, _, rest = paragraphs[0].partition('\n')
+    paragraphs[0:1] = [rest] if rest.strip() else []  # the signature line goes, prose stays
+  return ' '.join(paragraphs[0].split()) if paragraphs else ''
+
+
+def _signature_rows(entries: Sequence[dict]) -> list[dict]:
+  """Returns pydoc_signature's rows sorted by id: each query once and each document once."""
+  rows, queries, seen_documents = [], set(), set()
+  for entry in sorted(entries, key=lambda e: e['id']):
+    document, doc = entry['signature'], entry['text']
+    if document is None or not doc:
+      continue
+    query = _first_paragraph(doc, entry['qualname'].rpartition('.')[2])
+    if len(query) < _QUERY_MIN_CHARS or query in queries or document in seen_documents:
+      continue
+    queries.add(query)
+    seen_documents.add(document)
+    rows.append({'id': entry['id'], 'query': query, 'document': document})
+  return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,21 +398,6 @@ def final_split(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
 # Evaluation batches
 
 
-def eval_batches(rows: np.ndarray, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Returns in-order (batch (batch_size, W) int32, valid (batch_size,) bool); the last is 0-padded."""
-  if batch_size <= 0:
-    raise ValueError(f'eval.batch_size={batch_size} must be positive')
-  out = []
-  for start in range(0, len(rows), batch_size):
-    part = np.asarray(rows[start:start + batch_size], np.int32)
-    valid = np.ones(batch_size, bool)
-    if len(part) < batch_size:
-      valid[len(part):] = False
-      part = np.concatenate([part, np.zeros((batch_size - len(part), rows.shape[1]), np.int32)])
-    out.append((part, valid))
-  return out
-
-
 def to_host(x: jax.Array) -> np.ndarray:
   """Returns the whole array on this host (gathered from every process when it spans hosts)."""
   if getattr(x, 'is_fully_addressable', True):
@@ -339,6 +418,6 @@ def collect(forward, graphdef, params, rows: np.ndarray, batch_size: int,
   forward(graphdef, params, batch) returns a tuple of arrays whose first axis is the batch.
   """
   parts = []
-  for batch, _ in eval_batches(rows, batch_size):
+  for batch in input_pipeline.eval_batches(rows, batch_size=batch_size):
     parts.append(tuple(to_host(o) for o in forward(graphdef, params, to_device(batch))))
   return tuple(np.concatenate(p)[:len(rows)] for p in zip(*parts))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlmjax import evaluate, masking, model
+from mlmjax import masking, model
+from mlmjax.tasks import mlm_eval as evaluate
 from mlmjax import tokenizer as tok
 
 VOCAB, SEQ, BATCH, NUM_BATCHES = 64, 32, 16, 20

@@ -1,4 +1,4 @@
-"""MLM validation: fixed-key masks at a fixed rate, metrics by kind of position, n-gram baselines."""
+"""MLM validation: fixed-key masks at a fixed rate, metrics by kind of position, n-gram baselines (the MLM task's evaluation)."""
 
 from typing import Callable, Sequence
 

@@ -1,0 +1,112 @@
+"""What every `python -m mlmjax.*` entry point shares: --config flag parsing and one-line errors.
+
+    f = cli.parse_flags(argv, define, prog='mlmjax.train')  # --config plus define's flags
+    with cli.user_errors():  # ValueError & co. -> 'error: ...' on one line, exit status 1
+      run(f.config, f.workdir)
+
+`--config` is an ml_collections config file (`configs/pretrain.py:tiny`), locked, with
+`--config.KEY=VALUE` overrides read from `argv` (not from sys.argv). A bad flag, an unknown config
+key or a missing config file exits with one `error: ...` line, never a traceback. This module
+imports nothing of mlmjax: train, sweep and the task exporters all sit above it.
+"""
+
+import contextlib
+import os
+import sys
+from typing import Callable, Iterator, NoReturn, Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+DEFAULT_CONFIG_HELP = 'Path to a config file, e.g. configs/pretrain.py:tiny.'
+# What a user's mistake raises inside a run (a bad value, a missing file, a diverged loss): shown
+# as one line. Anything else is a bug in mlmjax and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, FloatingPointError, RuntimeError)
+# What parsing raises for a bad flag or override (config_flags wraps some in AttributeError or
+# TypeError, and a locked config raises KeyError for an unknown key).
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, ValueError, TypeError)
+
+
+def fail(message: str) -> NoReturn:
+  """Exits with status 1 after printing `message` ('error: ...' or 'usage: ...') to stderr."""
+  sys.exit(message)
+
+
+def _config_file(argv: Sequence[str]) -> str | None:
+  """Returns the file part of the --config value in argv ('configs/pretrain.py'), or None."""
+  for i, arg in enumerate(argv):
+    value = arg.split('=', 1)[1] if arg.startswith('--config=') else (
+        argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
+    if value is not None:
+      return value.split(':', 1)[0]
+  return None
+
+
+def flag_error(e: BaseException, argv: Sequence[str] = ()) -> str:
+  """Returns a one-line message for a flag or config-override error (no traceback).
+
+  With the command line `argv`, an unknown key is named by its whole path ('masking.nope', not
+  'nope') and the message points at the config file given.
+  """
+  while not isinstance(e, KeyError) and isinstance(e.__cause__ or e.__context__, KeyError):
+    e = e.__cause__ or e.__context__
+  if isinstance(e, KeyError) and e.args:
+    lines = [l.strip() for l in str(e.args[0]).splitlines() if l.strip()]
+    hint = f' ({lines[1]})' if len(lines) > 1 else ''
+    key, name = lines[0], lines[0].strip('\'"')
+    for arg in argv:  # the override that holds the unknown name: its whole path
+      path = arg[len('--config.'):].split('=', 1)[0] if arg.startswith('--config.') else ''
+      if name in path.split('.'):
+        key = repr(path)
+        break
+    where = _config_file(argv) or 'configs/pretrain.py'
+    return f'unknown config key {key}{hint}; see {where} for the keys'
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  useful = [l for l in lines if not l.startswith(('Traceback', 'File ', '^', '~'))]
+  last = useful[-1] if useful else str(e)
+  return last if last == lines[0] else f'{lines[0].rstrip(":")}: {last}'
+
+
+def check_config_path(argv: Sequence[str]) -> None:
+  """Exits with a one-line error when --config names a file that does not exist."""
+  path = _config_file(argv)
+  if path is not None and not os.path.isfile(path):
+    fail(f'error: --config: no such config file {path!r}')
+
+
+def parse_flags(argv: Sequence[str] | None,
+                define: Callable[..., None] | None = None, *, prog: str = '',
+                config_help: str = DEFAULT_CONFIG_HELP) -> flags.FlagValues:
+  """Returns parsed FlagValues: --config (a locked config file) plus the flags `define` adds.
+
+  argv: the command line, program name first (None: sys.argv). define(flags, flag_values) adds
+  the entry point's own flags, with `flags` the absl flags module. --help prints every flag and
+  exits; a bad flag, an unknown config key or a missing config file exits with one 'error:' line.
+  prog names the program in --help ('mlmjax.train': 'python -m mlmjax.train').
+  """
+  argv = list(sys.argv if argv is None else argv)
+  flag_values = flags.FlagValues()
+  # sys_argv: config_flags otherwise reads --config.KEY overrides from sys.argv, not from argv.
+  config_flags.DEFINE_config_file('config', None, config_help, flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  if define is not None:
+    define(flags, flag_values)
+  if any(a in ('--help', '-h', '--helpfull') for a in argv[1:]):
+    name = f'python -m {prog}' if prog else os.path.basename(argv[0]) if argv else 'mlmjax'
+    print(f'{name} flags:\n{flag_values.get_help(include_special_flags=False)}')
+    sys.exit(0)
+  check_config_path(argv)
+  try:
+    flag_values(argv)
+  except _FLAG_ERRORS as e:
+    fail(f'error: {flag_error(e, argv)}')
+  return flag_values
+
+
+@contextlib.contextmanager
+def user_errors(kinds: tuple[type[BaseException], ...] = USER_ERRORS) -> Iterator[None]:
+  """Turns the listed exceptions raised inside the block into one 'error: ...' line and exit 1."""
+  try:
+    yield
+  except kinds as e:
+    fail(f'error: {e}')

@@ -1,0 +1,282 @@
+"""The run config schema: every key with its default (`defaults`), and old config.json layouts (`upgrade`).
+
+defaults() is the complete set of keys every run config has (configs/*.py only set values), with
+the `tiny` pretraining values. upgrade() is the one place that knows older layouts of a workdir's
+config.json: renamed keys, and what a missing key meant; everything else reads configs with plain
+attribute access.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+# Old dotted key -> new dotted key (the flat masking keys became sections).
+RENAMED: dict[str, str] = {
+    'masking.span_p': 'masking.span.p',
+    'masking.span_max': 'masking.span.max',
+    'masking.span_words': 'masking.span.words',
+    'masking.pmi_vocab_size': 'masking.pmi.vocab_size',
+    'masking.pmi_min_count': 'masking.pmi.min_count',
+    'masking.rate_schedule': 'masking.schedule.kind',
+    'masking.rate_end': 'masking.schedule.end',
+    'masking.rate_steps': 'masking.schedule.steps',
+    'masking.rate_boundaries': 'masking.schedule.boundaries',
+    'masking.rate_values': 'masking.schedule.rates',
+}
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Returns the unlocked ConfigDict of every run config key with its default (the tiny values)."""
+  c = ml_collections.ConfigDict()
+  c.variant = 'tiny'  # which size variant (or fine-tuning preset) built this config
+  c.seed = 0  # every random choice (init, data order, masks, dropout) derives from this
+
+  c.data = ml_collections.ConfigDict()
+  c.data.corpus = 'pydocs'  # 'pydocs' (embedded), a .txt/.jsonl path or glob (comma-separated), or 'tfds:NAME'
+  c.data.text_field = 'text'  # field holding the text in .jsonl rows and TFDS examples
+  c.data.tfds_split = 'train'  # TFDS split to read
+  c.data.tfds_data_dir = ''  # TFDS data_dir; '' uses TFDS's default
+  c.data.tfds_download = False  # allow TFDS to download (only where the network reaches its buckets)
+  c.data.max_documents = 0  # keep the first N documents after cleaning; 0 keeps all
+  c.data.min_chars = 40  # drop documents shorter than this after cleaning
+  c.data.fix_text = True  # repair mojibake and HTML entities with ftfy
+  c.data.normalization = 'NFC'  # Unicode normalization form: NFC, NFKC, or '' for none
+  c.data.dedup = True  # drop exact duplicate documents
+  c.data.val_fraction = 0.05  # fraction of documents held out for validation (by content hash)
+  c.data.cache_dir = ''  # token cache; '' uses $MLMJAX_CACHE or ~/.cache/mlmjax
+  c.data.bad_input = 'skip'  # binary/empty files, bad UTF-8, long lines, bad JSONL rows: 'skip' (counted) or 'error'
+  c.data.max_line_chars = 1_000_000  # longer lines are bad input (minified data, dumps)
+  c.data.prefetch = 2  # batches tf.data prepares ahead
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ''  # an existing sentencepiece .model (or WordPiece vocab.txt / tokenizer.json) to use instead of training one
+  c.tokenizer.vocab_size = 8000  # pieces, the 5 special ids included
+  c.tokenizer.model_type = 'unigram'  # 'unigram' or 'bpe'
+  c.tokenizer.character_coverage = 0.9995  # sentencepiece character coverage; the rest byte-fallback
+  c.tokenizer.max_sentences = 2_000_000  # lines sampled for training the tokenizer
+
+  c.masking = ml_collections.ConfigDict()
+  c.masking.rate = 0.15  # fraction of maskable tokens selected for prediction (the schedule's start)
+  c.masking.split = (0.8, 0.1, 0.1)  # of selected tokens: [MASK], random token, unchanged
+  c.masking.selection = 'exact'  # 'exact': round(rate * n) per sequence; 'bernoulli': each token independently
+  c.masking.max_predictions = 0  # prediction buffer per sequence; 0 derives it from rate and seq_len
+  c.masking.strategy = 'token'  # unit of selection: 'token', 'whole_word', 'span' or 'pmi'; the rate counts tokens
+  c.masking.span = ml_collections.ConfigDict()
+  c.masking.span.p = 0.2  # span: lengths ~ Geometric(p) truncated to [1, max] (SpanBERT)
+  c.masking.span.max = 10  # span: longest span
+  c.masking.span.words = True  # span: lengths count whole words (SpanBERT), not tokens
+  c.masking.pmi = ml_collections.ConfigDict()
+  c.masking.pmi.vocab_size = 10_000  # pmi: n-grams (n = 2..5) with the highest PMI_n, from the token cache
+  c.masking.pmi.min_count = 10  # pmi: n-grams seen fewer times are not scored
+  c.masking.schedule = ml_collections.ConfigDict()
+  c.masking.schedule.kind = 'constant'  # 'constant', 'linear', 'cosine' (rate -> end) or 'step'
+  c.masking.schedule.end = 0.15  # linear/cosine: the rate reached after `steps`
+  c.masking.schedule.steps = 0  # linear/cosine: steps to reach `end`; 0 = train.num_steps
+  c.masking.schedule.boundaries = (0,)  # step: steps where the next value starts (ascending)
+  c.masking.schedule.rates = (0.15, 0.15)  # step: the rates, one more than boundaries
+
+  # The encoder's fields (model.EncoderConfig, less vocab_size): EncoderConfig(vocab_size=V, **model).
+  c.model = ml_collections.ConfigDict()
+  c.model.size = 'tiny'  # named shape: tiny, mini, small, base, large, or 'custom' (the four keys below)
+  c.model.hidden_size = 0  # > 0 overrides the named size's hidden width (imported checkpoints set it)
+  c.model.num_layers = 0  # > 0 overrides the named size's number of transformer blocks
+  c.model.num_heads = 0  # > 0 overrides the named size's attention heads
+  c.model.intermediate_size = 0  # > 0 overrides the named size's MLP width
+  c.model.max_position = 512  # learned position embeddings
+  c.model.type_vocab_size = 2  # token-type (segment) embeddings, as BERT
+  c.model.dropout_rate = 0.0  # hidden dropout (embeddings, attention output, MLP output)
+  # Attention-probability dropout: follows dropout_rate (also after overrides of it) unless set.
+  c.model.attention_dropout_rate = c.model.get_oneway_ref('dropout_rate')
+  c.model.layer_norm_eps = 1e-12  # LayerNorm epsilon (BERT's value)
+  c.model.pre_layer_norm = True  # pre-LN (stable at high lr); False is BERT's original post-LN
+  c.model.tie_embeddings = True  # False: the MLM decoder gets its own output embedding (V x H more)
+  c.model.initializer_range = 0.02  # truncated-normal std of the weights, as BERT
+  c.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+  c.model.attention_impl = ''  # jax.nn.dot_product_attention implementation; '' lets XLA choose
+  c.model.remat = ''  # per-block rematerialization: '' none, 'full', 'dots', 'dots_no_batch' (model.REMAT_POLICIES)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 5000  # optimizer steps
+  c.train.batch_size = 16  # global batch (sequences per step, all hosts together)
+  c.train.seq_len = 64  # tokens per packed sequence, [CLS]/[SEP] included
+  c.train.log_every_steps = 50  # progress line and metrics.jsonl cadence
+  c.train.max_wall_minutes = 0.0  # stop (and checkpoint) after this many minutes; 0 = no limit
+  c.train.max_skipped_batches = 0  # non-finite steps skipped (no update) before stopping; 0 stops at the first
+  c.train.grad_accum_steps = 1  # microbatches per step (batch_size / k rows each), summed into one update
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 2e-3  # peak learning rate
+  c.optim.warmup_steps = 300  # linear warmup from 0
+  c.optim.decay = 'linear'  # after warmup: 'linear' to 0, 'cosine' to 0, or 'constant'
+  c.optim.end_lr_fraction = 0.0  # final lr as a fraction of the peak
+  c.optim.weight_decay = 0.01  # AdamW decoupled decay, not applied to LayerNorm and biases
+  c.optim.b1 = 0.9  # Adam beta1
+  c.optim.b2 = 0.98  # Adam beta2
+  c.optim.eps = 1e-6  # Adam epsilon
+  c.optim.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (('data', -1), ('fsdp', 1), ('tensor', 1))  # one -1 axis takes the remaining devices
+
+  c.ckpt = ml_collections.ConfigDict()
+  c.ckpt.every_steps = 1000  # save cadence (and always at the end)
+  c.ckpt.max_to_keep = 3  # newest checkpoints kept
+  c.ckpt.async_save = True  # write in the background while training continues
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 1000  # validation cadence (and always at the end)
+  c.eval.rate = 0.15  # fixed evaluation masking rate, whatever the training rate
+  c.eval.split = (0.8, 0.1, 0.1)  # fixed evaluation corruption split, whatever the training split
+  c.eval.num_batches = 50  # validation batches per evaluation (0 = the whole split)
+  c.eval.batch_size = 64  # validation batch size
+  c.eval.seed = 1234  # fixed key for validation masks: every evaluation asks the same question
+  c.eval.at_start = False  # also evaluate before the first step (DAPT and fine-tuning: the starting point)
+  c.eval.other_corpus = ''  # mlm: a second held-out corpus evaluated beside the first (DAPT: the original domain)
+  c.eval.other_name = 'original'  # its metrics are logged as eval_<name>/...
+
+  # jax.distributed: empty/0/-1 leaves a value to $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES,
+  # $JAX_PROCESS_ID, then to JAX's cluster detection (automatic on a multi-host TPU VM).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ''  # 'host:port' of process 0; '' = environment / auto-detect
+  c.distributed.num_processes = 0  # processes in the run; 0 = environment / auto-detect
+  c.distributed.process_id = -1  # this process's index; -1 = environment / auto-detect
+  c.distributed.initialization_timeout = 300  # seconds to wait for every process to connect
+
+  c.init_from = ''  # workdir or checkpoint to initialize the encoder (and tokenizer) from: DAPT, fine-tuning
+  c.task = 'mlm'  # what train.py trains: 'mlm', 'classify', 'tag', 'retrieve' (mlmjax/tasks/)
+
+  # Early stopping on a validation metric; the best evaluation's checkpoint is kept in best/.
+  c.early_stop = ml_collections.ConfigDict()
+  c.early_stop.metric = ''  # validation metric to follow, e.g. 'accuracy'; '' = the task's default (mlm: loss)
+  c.early_stop.mode = ''  # 'min' or 'max'; '' = the task's default for its metric
+  c.early_stop.patience = 0  # stop after this many evaluations without improvement; 0 = never stop
+  c.early_stop.min_delta = 0.0  # an improvement smaller than this does not count
+
+  # Fine-tuning data (classify, tag, retrieve): one JSON Lines file, split by hash.
+  c.task_data = ml_collections.ConfigDict()
+  c.task_data.path = ''  # JSON Lines file, or 'embedded:pydoc_library' / 'embedded:pydoc_signature'
+  c.task_data.text_field = 'text'  # classify: the text
+  c.task_data.title_field = ''  # classify: a field prepended to the text ('' = none)
+  c.task_data.label_field = 'label'  # classify: the class name
+  c.task_data.tokens_field = 'tokens'  # tag: the list of words
+  c.task_data.tags_field = 'tags'  # tag: one tag per word
+  c.task_data.query_field = 'query'  # retrieve: the query text
+  c.task_data.document_field = 'document'  # retrieve: the text to find
+  c.task_data.id_field = 'id'  # splits hash this field; '' hashes the example's content
+  c.task_data.group_field = ''  # examples sharing this field's value stay in one split (e.g. 'doc')
+  c.task_data.val_fraction = 0.1  # share of examples (or groups) for validation, by hash
+  c.task_data.test_fraction = 0.1  # share for the final test, by hash
+  c.task_data.max_examples = 0  # keep the first N examples of the file; 0 keeps all
+  c.task_data.tag_map = ''  # tag: '' keeps the tags as they are; 'brown_coarse' (README)
+
+  c.classify = ml_collections.ConfigDict()
+  # Sentence vector: 'mean' over tokens, or 'cls' (the [CLS] hidden state). MLM pretraining here
+  # has no sentence-level task, so [CLS] is not trained to summarize (docs/results.md).
+  c.classify.pooling = 'mean'
+
+  c.retrieve = ml_collections.ConfigDict()
+  c.retrieve.pooling = 'mean'  # embedding: 'mean' over tokens or 'cls'
+  c.retrieve.temperature = 0.05  # softmax temperature of the in-batch-negatives loss (cosine scores)
+  c.retrieve.num_candidates = 0  # evaluation candidates: the split's first N documents; 0 = all
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Old config.json layouts.
+
+
+def _flatten(raw: Mapping, prefix: str = '') -> dict[str, Any]:
+  """Returns {dotted key: value} of the leaves of a nested mapping (an empty one has none)."""
+  flat = {}
+  for key, value in raw.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _like(value: Any, default: Any) -> Any:
+  """Returns value with lists made tuples wherever the default is a tuple (recursively)."""
+  if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+    inner = default[0] if default else None
+    return tuple(_like(v, inner) for v in value)
+  return value
+
+
+def _node_and_field(config: ml_collections.ConfigDict, key: str):
+  """Returns (section, field name) of dotted key in config, or None when config lacks it."""
+  *sections, field = key.split('.')
+  node = config
+  for s in sections:
+    if s not in node or not isinstance(node[s], ml_collections.ConfigDict):
+      return None
+    node = node[s]
+  if field not in node or isinstance(node[field], ml_collections.ConfigDict):
+    return None
+  return node, field
+
+
+def _add(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets dotted key in config, creating its sections; a clash with a non-section is skipped."""
+  *sections, field = key.split('.')
+  node = config
+  for s in sections:
+    if s not in node:
+      node[s] = ml_collections.ConfigDict()
+    if not isinstance(node[s], ml_collections.ConfigDict):
+      return
+    node = node[s]
+  if field not in node:
+    node[field] = tuple(value) if isinstance(value, list) else value
+
+
+def _upgrade(raw: Mapping) -> tuple[ml_collections.ConfigDict, list[str]]:
+  if hasattr(raw, 'to_dict'):
+    raw = raw.to_dict()
+  flat = {RENAMED.get(k, k): v for k, v in _flatten(raw).items()}
+  # What a missing key meant: attention dropout was the hidden dropout; a linear/cosine schedule
+  # without an end stayed at masking.rate.
+  if 'model.attention_dropout_rate' not in flat and 'model.dropout_rate' in flat:
+    flat['model.attention_dropout_rate'] = flat['model.dropout_rate']
+  if 'masking.schedule.end' not in flat and 'masking.rate' in flat:
+    flat['masking.schedule.end'] = flat['masking.rate']
+  # Values older code read as "unset": no task was MLM; attention_impl None let XLA choose.
+  if 'task' in flat and not flat['task']:
+    flat['task'] = 'mlm'
+  if flat.get('model.attention_impl', '') is None:
+    flat['model.attention_impl'] = ''
+  config, unknown = defaults(), []
+  for key, value in flat.items():
+    where = _node_and_field(config, key)
+    if where is None:  # e.g. the section of a task from outside mlmjax: kept as it is
+      unknown.append(key)
+      _add(config, key, value)
+      continue
+    node, field = where
+    value = _like(value, node[field])
+    try:
+      node[field] = value  # casts an int to a float field, as a config override does
+    except TypeError:
+      with node.ignore_type():  # a wrong type stays visible to config_check, which names the key
+        node[field] = value
+  config.lock()
+  return config, sorted(unknown)
+
+
+def upgrade(raw: Mapping) -> ml_collections.ConfigDict:
+  """Returns the locked config of a workdir's config.json (a nested dict) of any age.
+
+  Starts from defaults(), renames old keys (RENAMED), fills what a missing key meant, and overlays
+  every known key's value (lists become tuples where the default is a tuple). Keys the schema does
+  not know are kept as they are (a task from outside mlmjax has its own sections): unknown_keys(raw)
+  lists them. Nothing is rejected here; check_config
+  (mlmjax/config_check.py) names wrong types and values.
+  """
+  return _upgrade(raw)[0]
+
+
+def unknown_keys(raw: Mapping) -> list[str]:
+  """Returns the sorted dotted keys of raw that the schema does not know (upgrade keeps them)."""
+  return _upgrade(raw)[1]

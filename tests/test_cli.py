@@ -1,0 +1,96 @@
+"""Tests for mlmjax/cli.py: --config parsing on a real config file, and one-line errors."""
+
+import ast
+import pathlib
+import sys
+
+import pytest
+
+from mlmjax import cli
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PRETRAIN = str(REPO / 'configs' / 'pretrain.py')
+
+
+def _define(flags, flag_values):
+  flags.DEFINE_string('workdir', None, 'Where to write.', flag_values=flag_values)
+  flags.DEFINE_bool('dry_run', False, 'Only print.', flag_values=flag_values)
+
+
+def _error(argv, define=_define) -> str:
+  """Returns the message parse_flags exits with, checking that it is one 'error:' line."""
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags(argv, define)
+  msg = str(e.value.code)
+  assert msg.startswith('error: ') and len(msg.splitlines()) == 1, msg
+  return msg
+
+
+def test_parses_a_real_config_file_with_overrides_and_own_flags(monkeypatch):
+  # Overrides come from argv, never from sys.argv (config_flags' default).
+  monkeypatch.setattr(sys, 'argv', ['pytest', '--config.masking.rate=0.9'])
+  f = cli.parse_flags(['train', '--config', f'{PRETRAIN}:tiny', '--config.masking.rate=0.4',
+                       '--config.train.num_steps=7', '--workdir', 'runs/x', '--dry_run'], _define)
+  assert f.config.masking.rate == 0.4 and f.config.train.num_steps == 7
+  assert f.config.model.size == 'tiny' and f.workdir == 'runs/x' and f.dry_run
+  with pytest.raises(AttributeError):  # locked: a typo in code cannot add a key
+    f.config.masking.nope = 1
+  # No define: only --config; argv None reads sys.argv.
+  monkeypatch.setattr(sys, 'argv', ['train', f'--config={PRETRAIN}:tiny'])
+  f = cli.parse_flags(None)
+  assert f.config.masking.rate == 0.15 and 'workdir' not in f
+
+
+def test_unknown_config_key_is_one_line_naming_the_key_and_file():
+  msg = _error(['train', '--config', f'{PRETRAIN}:tiny', '--config.masking.nope=1'])
+  assert "unknown config key 'masking.nope'" in msg and f'see {PRETRAIN} for the keys' in msg
+  msg = _error(['train', f'--config={PRETRAIN}:tiny', '--config.masking.rat=0.2'])
+  assert "'masking.rat'" in msg and 'Did you mean "rate"' in msg
+  assert "unknown config key 'nosection.rate'" in _error(
+      ['train', f'--config={PRETRAIN}:tiny', '--config.nosection.rate=0.2'])
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  missing = str(tmp_path / 'nope.py')
+  for argv in (['train', '--config', f'{missing}:tiny'], ['train', f'--config={missing}']):
+    assert _error(argv) == f'error: --config: no such config file {missing!r}'
+
+
+def test_bad_flags_and_values_are_one_line():
+  assert "Unknown command line flag 'bogus'" in _error(
+      ['train', f'--config={PRETRAIN}:tiny', '--bogus=1'])
+  assert 'masking.rate=abc' in _error(['train', f'--config={PRETRAIN}:tiny', '--config.masking.rate=abc'])
+  assert "unknown variant 'huge'" in _error(['train', f'--config={PRETRAIN}:huge'])
+
+
+def test_help_lists_the_flags_and_exits_zero(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags(['train', '--help'], _define, prog='mlmjax.train')
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith('python -m mlmjax.train flags:')
+  assert '--config: Path to a config file' in out and '--workdir: Where to write.' in out
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback():
+  with pytest.raises(SystemExit) as e:
+    with cli.user_errors():
+      raise ValueError('train.seq_len=2 is too short')
+  assert e.value.code == 'error: train.seq_len=2 is too short'
+  with pytest.raises(KeyError):
+    with cli.user_errors():
+      raise KeyError('a bug')
+  with pytest.raises(RuntimeError):  # a narrower set, as an entry point chooses
+    with cli.user_errors((ValueError,)):
+      raise RuntimeError('not mine to report')
+  with pytest.raises(SystemExit) as e:
+    cli.fail('usage: python -m mlmjax.train --config FILE')
+  assert e.value.code == 'usage: python -m mlmjax.train --config FILE'
+
+
+def test_cli_imports_nothing_of_mlmjax():
+  tree = ast.parse((REPO / 'mlmjax' / 'cli.py').read_text())
+  names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+  names += [n.module or '' for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+  assert not any(n == 'mlmjax' or n.startswith('mlmjax.') for n in names), names
+  assert not any(n.level for n in ast.walk(tree) if isinstance(n, ast.ImportFrom))
