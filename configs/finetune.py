@@ -12,7 +12,8 @@ of 3 seeds), against random init: bbc accuracy 0.939 vs 0.891, brown_pos word ac
 0.870, bible MRR 0.985 vs 0.985 (0.987 after task-adaptive MLM). From a smaller pretrained run
 (e.g. the demo's) expect less.
 
-Each builds on the `tiny` pretraining config (configs/pretrain.py) and adds the task sections.
+Each builds on the `tiny` pretraining config (configs/pretrain.py) and sets the task sections
+(task_data, classify, retrieve; every config has them, see mlmjax/schema.py).
 Start from a pretrained run with --config.init_from=runs/pretrain: its encoder weights and its
 tokenizer are loaded, the task head starts fresh. Without init_from the encoder starts random
 (set tokenizer.path to compare with a pretrained run on the same pieces).

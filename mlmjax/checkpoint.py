@@ -80,6 +80,12 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Returns (state, meta) of step, restored onto the shardings in abstract_state."""
+    where = self.directory / str(step)
+    if (where / PARAMS).is_dir() and (where / META).is_dir() and not (where / OPT_STATE).exists():
+      # Deleted on purpose (to keep the weights only): not damage, and not a state to resume.
+      raise CheckpointMismatchError(
+          f'checkpoint {where} holds parameters only (no {OPT_STATE}/), so training cannot resume '
+          'from it; use it as init_from or for predict, or choose a new --workdir')
     self._check_fits(step, abstract_state, params_only=False)
     if self._is_pre_split(step):
       return self._restore_pre_split(step, abstract_state, params_only=False)
@@ -204,6 +210,48 @@ class Checkpointer:
     """Commits pending saves and releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class RunCheckpoints:
+  """A run's checkpoints/ and (when kept) best/ managers; leaving the block commits and closes them."""
+
+  def __init__(self, workdir: pathlib.Path, ckpt_cfg, *, keep_best: bool, log):
+    quiet = log if jax.process_index() == 0 else (lambda s: None)
+    self.latest = Checkpointer(workdir / 'checkpoints', max_to_keep=ckpt_cfg.max_to_keep,
+                               async_save=ckpt_cfg.async_save, log=quiet)
+    self.best = None
+    if keep_best:  # the best evaluation's step, for fine-tuning and early stopping
+      self.best = Checkpointer(workdir / 'best', max_to_keep=1, async_save=ckpt_cfg.async_save,
+                               log=quiet)
+    self.last_good: int | None = None
+    self.closed = False
+
+  def __enter__(self) -> 'RunCheckpoints':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.closed = True
+    try:
+      self.latest.close()  # commits pending asynchronous saves, also when an exception ends the loop
+    finally:
+      if self.best is not None:
+        self.best.close()
+
+  def where(self) -> str:
+    """Returns the last good checkpoint in words, for error messages."""
+    if self.last_good is None:
+      return 'no checkpoint yet'
+    return f'checkpoint step {self.last_good} in {self.latest.directory}'
+
+  def save(self, step: int, state, meta: dict) -> None:
+    """Starts saving step to checkpoints/."""
+    self.latest.save(step, state, meta)
+    self.last_good = step
+
+  def save_best(self, step: int, state, meta: dict) -> None:
+    """Starts saving step to best/ (when kept, and not after the run's loop has closed)."""
+    if self.best is not None and not self.closed:  # an evaluation after the loop saves nothing
+      self.best.save(step, state, meta)
 
 
 def state_bytes(abstract_state: Any) -> int:

@@ -8,6 +8,8 @@ import pathlib
 import sys
 from typing import Any
 
+from mlmjax import schema
+
 # Keys that say where files go or how often things are written, never what a run computes: they
 # neither make runs differ in a report nor stop a sweep from reusing a finished run.
 BOOKKEEPING_KEYS = frozenset((
@@ -24,13 +26,7 @@ RATE_KEY, STRATEGY_KEY = 'masking.rate', 'masking.strategy'
 
 def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
   """Returns {dotted key: leaf} for a nested dict; lists become tuples (as in the config)."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = _freeze(v)
-  return out
+  return {k: _freeze(v) for k, v in schema.flatten(tree, prefix).items()}
 
 
 def _freeze(v):
@@ -80,7 +76,8 @@ def load_run(path: pathlib.Path, root: pathlib.Path) -> dict:
   evals = sorted((r for r in records if LOSS in r), key=lambda r: r['step'])
   last_step = max((r.get('step', 0) for r in records), default=0)
   return {'name': path.relative_to(root).as_posix() if path != root else path.name,
-          'path': path, 'config': flatten(_read_json(path / 'config.json')), 'summary': summary,
+          'path': path, 'summary': summary,
+          'config': flatten(schema.upgrade(_read_json(path / 'config.json')).to_dict()),
           'evals': evals, 'step': max(int(summary.get('step', 0)), last_step),
           'downstream': read_downstream(path)}
 

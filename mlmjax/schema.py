@@ -186,12 +186,12 @@ def defaults() -> ml_collections.ConfigDict:
 # Old config.json layouts.
 
 
-def _flatten(raw: Mapping, prefix: str = '') -> dict[str, Any]:
+def flatten(raw: Mapping, prefix: str = '') -> dict[str, Any]:
   """Returns {dotted key: value} of the leaves of a nested mapping (an empty one has none)."""
   flat = {}
   for key, value in raw.items():
     if isinstance(value, Mapping):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
+      flat.update(flatten(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value
   return flat
@@ -235,7 +235,7 @@ def _add(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
 def _upgrade(raw: Mapping) -> tuple[ml_collections.ConfigDict, list[str]]:
   if hasattr(raw, 'to_dict'):
     raw = raw.to_dict()
-  flat = {RENAMED.get(k, k): v for k, v in _flatten(raw).items()}
+  flat = {RENAMED.get(k, k): v for k, v in flatten(raw).items()}
   # What a missing key meant: attention dropout was the hidden dropout; a linear/cosine schedule
   # without an end stayed at masking.rate.
   if 'model.attention_dropout_rate' not in flat and 'model.dropout_rate' in flat:

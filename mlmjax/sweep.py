@@ -27,7 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_flags import tuple_parser
 
-from mlmjax import cli, experiment, report, run_files, train
+from mlmjax import cli, experiment, report, run_files, schema, train
 
 _MAX_NAME = 120  # longer names are cut and made unique by a hash (file names stop at 255 bytes)
 
@@ -204,7 +204,7 @@ def config_differences(run_dir: pathlib.Path, config: ml_collections.ConfigDict)
   if not path.is_file():
     return []
   try:
-    old = report.flatten(json.loads(path.read_text()))
+    old = report.flatten(schema.upgrade(json.loads(path.read_text())).to_dict())
   except json.JSONDecodeError:
     return [f'{path} is not valid JSON']
   new = report.flatten(json.loads(config.to_json_best_effort()))

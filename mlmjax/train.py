@@ -36,47 +36,7 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------------
-# Small helpers of the loop: checkpoints, early stopping, the logging window.
-
-
-class _Checkpoints:
-  """The run's checkpoints/ and (when kept) best/ managers; leaving the block commits and closes."""
-
-  def __init__(self, workdir: pathlib.Path, ckpt_cfg, *, keep_best: bool, log):
-    quiet = log if jax.process_index() == 0 else (lambda s: None)
-    self.latest = checkpoint.Checkpointer(workdir / 'checkpoints', max_to_keep=ckpt_cfg.max_to_keep,
-                                          async_save=ckpt_cfg.async_save, log=quiet)
-    self.best = None
-    if keep_best:
-      self.best = checkpoint.Checkpointer(workdir / 'best', max_to_keep=1,
-                                          async_save=ckpt_cfg.async_save, log=quiet)
-    self.last_good: int | None = None
-    self.closed = False
-
-  def __enter__(self) -> '_Checkpoints':
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.closed = True
-    try:
-      self.latest.close()  # commits pending asynchronous saves, also when an exception ends the loop
-    finally:
-      if self.best is not None:
-        self.best.close()
-
-  def where(self) -> str:
-    """Returns the last good checkpoint in words, for error messages."""
-    if self.last_good is None:
-      return 'no checkpoint yet'
-    return f'checkpoint step {self.last_good} in {self.latest.directory}'
-
-  def save(self, step: int, state, meta: dict) -> None:
-    self.latest.save(step, state, meta)
-    self.last_good = step
-
-  def save_best(self, step: int, state, meta: dict) -> None:
-    if self.best is not None and not self.closed:  # an evaluation after the loop saves nothing
-      self.best.save(step, state, meta)
+# Small helpers of the loop: early stopping, restore or init, the logging window, the summary.
 
 
 class _EarlyStop:
@@ -127,7 +87,7 @@ def _count_nonfinite(flags, first_step: int, progress: _Progress, max_skipped: i
         f'non-finite {what}, no update applied')
 
 
-def _restore_or_init(exp, ckpts: _Checkpoints, init_run, data_key: str, log):
+def _restore_or_init(exp, ckpts: checkpoint.RunCheckpoints, init_run, data_key: str, log):
   """Returns (step, state, progress): this workdir's checkpoint > init_from's parameters > scratch."""
   config, task = exp.config, exp.task
   restored = ckpts.latest.restore_latest(exp.abstract_state)
@@ -218,7 +178,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
     part = input_pipeline.process_slice(len(rows), jax.process_index(), jax.process_count())
     return sharding.global_batch(rows[part], mesh)
 
-  with _Checkpoints(workdir, config.ckpt, keep_best=keep_best, log=log) as ckpts, \
+  with checkpoint.RunCheckpoints(workdir, config.ckpt, keep_best=keep_best, log=log) as ckpts, \
        contextlib.closing(reporter):
     # --- restore or init
     step0, state, progress = _restore_or_init(exp, ckpts, init_run, data.key, log)

@@ -516,3 +516,19 @@ def test_disk_check_passes_where_free_space_is_unknown(tmp_path, monkeypatch):
   monkeypatch.setattr(shutil, 'disk_usage', unreadable)
   assert checkpoint.check_disk_space(tmp_path / 'gs:' / 'bucket', jax.eval_shape(_train_state),
                                      max_to_keep=3) is None
+
+
+def test_a_step_without_opt_state_is_not_resumed_from_scratch(tmp_path):
+  """Deleting opt_state/ keeps the weights for predict and init_from; resuming from it is refused."""
+  ckpt = _checkpointer(tmp_path / 'ckpt', async_save=False)
+  state = _train_state()
+  ckpt.save(3, state, {'step': 3})
+  ckpt.wait()
+  shutil.rmtree(tmp_path / 'ckpt' / '3' / 'opt_state')
+  with pytest.raises(checkpoint.CheckpointMismatchError, match='holds parameters only'):
+    ckpt.restore_latest(_target(state))
+  assert (tmp_path / 'ckpt' / '3' / 'params').is_dir()  # left in place, not moved aside
+  step, params, _ = ckpt.restore_latest_params(_target(state)['params'])
+  assert step == 3
+  _assert_same(params, state['params'])
+  ckpt.close()

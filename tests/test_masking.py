@@ -588,7 +588,7 @@ def test_default_buffer_holds_unit_strategies(real):
      {0: 0.3, 250: 0.2625, 500: 0.225, 1000: 0.15, 5000: 0.15}),
     ('cosine', dict(rate=0.3, end=0.15, steps=1000),
      {0: 0.3, 500: 0.225, 1000: 0.15, 1001: 0.15}),
-    ('step', dict(rate=0.15, boundaries=(100, 200), values=(0.4, 0.3, 0.15)),
+    ('step', dict(rate=0.15, boundaries=(100, 200), rates=(0.4, 0.3, 0.15)),
      {0: 0.4, 99: 0.4, 100: 0.3, 199: 0.3, 200: 0.15, 10_000: 0.15}),
     ('constant', dict(rate=0.25), {0: 0.25, 123: 0.25}),
 ])
@@ -609,8 +609,8 @@ def test_rate_schedules_exact_at_chosen_steps(kind, kw, expected):
 def test_rate_schedule_errors():
   import ml_collections
   bad = [dict(kind='exp'), dict(kind='linear', end=1.5, steps=0),
-         dict(kind='step', boundaries=(5,), values=(0.2,)),
-         dict(kind='step', boundaries=(5, 3), values=(0.2, 0.1, 0.3))]
+         dict(kind='step', boundaries=(5,), rates=(0.2,)),
+         dict(kind='step', boundaries=(5, 3), rates=(0.2, 0.1, 0.3))]
   for kw in bad:
     with pytest.raises(ValueError, match=r'masking\.schedule\.'):
       masking.rate_schedule_from_config(ml_collections.ConfigDict({'rate': 0.2, 'schedule': kw}), 100)
