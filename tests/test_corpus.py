@@ -42,6 +42,7 @@ def _jsonl(path, rows):
 # ---------------------------------------------------------------------------------------------
 # The pydocs source through cleaning (the walk itself: test_pydocs.py)
 
+@pytest.mark.slow
 def test_pydocs_through_load_documents_drops_trivial_docstrings(pydocs):
   docs, report = corpus.load_documents(_data_cfg(corpus='pydocs', min_chars=40))
   assert report.documents_in == len(pydocs)

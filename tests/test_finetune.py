@@ -34,6 +34,7 @@ def _finetune_config(make_tiny_config, task_cfg):
   return c
 
 
+@pytest.mark.slow
 def test_dapt_validates_both_domains_and_stops_early(pretrained, make_tiny_config, tmp_path,
                                                      topics_corpus):
   _, pre_dir = pretrained
@@ -76,6 +77,7 @@ def test_dapt_validates_both_domains_and_stops_early(pretrained, make_tiny_confi
   assert again['step'] == 2 and again['early_stopped']
 
 
+@pytest.mark.slow
 def test_patience_counts_evaluations_without_improvement(make_tiny_config, tmp_path):
   c = make_tiny_config()
   c.train.num_steps, c.eval.every_steps, c.ckpt.every_steps = 8, 2, 2
@@ -99,6 +101,7 @@ def test_patience_counts_evaluations_without_improvement(make_tiny_config, tmp_p
   assert summary['best_value'] == pytest.approx(best)
 
 
+@pytest.mark.slow
 def test_classify_from_pretrained_loads_encoder_and_tokenizer(pretrained, make_tiny_config,
                                                                tmp_path):
   _, pre_dir = pretrained
@@ -126,6 +129,7 @@ def test_classify_from_pretrained_loads_encoder_and_tokenizer(pretrained, make_t
   assert labels[0][0][0] in summary['test/per_class']
 
 
+@pytest.mark.slow
 def test_init_from_mismatches_name_what_differs(pretrained, make_tiny_config, tmp_path,
                                                 topics_corpus):
   pre_cfg, pre_dir = pretrained
@@ -151,6 +155,7 @@ def test_init_from_mismatches_name_what_differs(pretrained, make_tiny_config, tm
     train.run(c, tmp_path / 'no_tok')
 
 
+@pytest.mark.slow
 def test_untied_run_feeds_fine_tuning_and_dapt_must_match_it(make_tiny_config, tmp_path):
   c = make_tiny_config()
   c.model.tie_embeddings = False
@@ -171,6 +176,7 @@ def test_untied_run_feeds_fine_tuning_and_dapt_must_match_it(make_tiny_config, t
                              np.asarray(pre.params['encoder']['token_embed']), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_init_from_a_step_directory_loads_that_step(pretrained, make_tiny_config, tmp_path):
   _, pre_dir = pretrained  # checkpoints at steps 4 and 8
   c = make_tiny_config()
@@ -180,6 +186,7 @@ def test_init_from_a_step_directory_loads_that_step(pretrained, make_tiny_config
   assert 'checkpoints/4 (fresh optimizer)' in (tmp_path / 'from4' / 'log.txt').read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('task_cfg', ['retrieve_tiny'])
 def test_retrieval_from_scratch_with_the_pretrained_tokenizer(pretrained, make_tiny_config,
                                                               tmp_path, task_cfg):
@@ -195,6 +202,7 @@ def test_retrieval_from_scratch_with_the_pretrained_tokenizer(pretrained, make_t
   best.close()
 
 
+@pytest.mark.slow
 def test_prediction_and_init_from_read_only_the_parameters(pretrained, make_tiny_config, tmp_path):
   """A workdir whose optimizer state is deleted still predicts and still starts a fine-tuning run."""
   _, pre_dir = pretrained

@@ -127,6 +127,7 @@ def test_xla_cost_analysis_of_the_forward_is_within_the_elementwise_share():
   assert excess[256] < excess[128]
 
 
+@pytest.mark.slow
 def test_xla_cost_analysis_of_the_train_step_is_three_forwards(tiny_train_step):
   lowered, enc, batch, length, p = tiny_train_step
   analytic = flops.train_flops_per_step(enc, batch=batch, seq_len=length, max_predictions=p)

@@ -541,6 +541,7 @@ def test_unit_edge_splits(real, strategy, split):
   assert (mb.inputs[~sel] == rows[~sel]).all()
 
 
+@pytest.mark.slow
 def test_unit_bernoulli_rate(real):
   rows = real[1]
   cand = rows >= FIRST_REGULAR
@@ -572,6 +573,7 @@ def test_unit_buffer_overflow_drops_whole_units(real):
   assert (mb.selected == (first_sel & (rows >= FIRST_REGULAR))).all()
 
 
+@pytest.mark.slow
 def test_default_buffer_holds_unit_strategies(real):
   tok, rows = real[0], real[1]
   for strategy in ('whole_word', 'span', 'pmi'):

@@ -102,6 +102,7 @@ def test_attention_mask_blocks_other_units_and_padding():
   np.testing.assert_array_equal(mask[0, 0], expected)
 
 
+@pytest.mark.slow
 def test_shapes_and_dtypes():
   m = make_model()
   tokens = two_unit_batch(np.random.default_rng(1))
@@ -131,6 +132,7 @@ def test_packed_units_never_attend_across(pre_ln):
   np.testing.assert_array_equal(h_a[1], h_b[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pre_ln', [True, False])
 def test_padding_rows_are_finite(pre_ln):
   m = make_model(pre_layer_norm=pre_ln, attention_dropout_rate=0.2)
@@ -141,6 +143,7 @@ def test_padding_rows_are_finite(pre_ln):
     assert np.isfinite(np.asarray(logits)).all()
 
 
+@pytest.mark.slow
 def test_dropout_attention_path_matches_fused_attention_without_dropout():
   rng = np.random.default_rng(4)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 6, 3, 8)), jnp.float32) for _ in range(3))
@@ -160,6 +163,7 @@ def sparse_batch(rng):
   return tokens, positions, labels, weights
 
 
+@pytest.mark.slow
 def test_sparse_head_equals_gathered_dense_logits_and_same_loss():
   m = make_model(pre_layer_norm=False)
   tokens, positions, labels, weights = sparse_batch(np.random.default_rng(5))
@@ -213,6 +217,7 @@ def test_split_merge_round_trip_holds_only_params():
   np.testing.assert_array_equal(merged.dense_logits(tokens), m.dense_logits(tokens))
 
 
+@pytest.mark.slow
 def test_grad_through_jitted_functional_call_is_finite():
   m = make_model(num_layers=1)  # one layer: jit compile time dominates this test
   graphdef, params = nnx.split(m, nnx.Param)
@@ -233,6 +238,7 @@ def test_grad_through_jitted_functional_call_is_finite():
   assert float(jnp.abs(grads['encoder']['token_embed'][...]).sum()) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('tie', [True, False])
 def test_untied_decoder_leaves_absent_tokens_embeddings_alone(tie):
   m = make_model(num_layers=1, **({} if tie else {'tie_embeddings': False}))  # tied: the cached one
@@ -259,6 +265,7 @@ def test_untied_decoder_leaves_absent_tokens_embeddings_alone(tie):
         num_layers=1), nnx.Param)[1]) + VOCAB * 32
 
 
+@pytest.mark.slow
 def test_bfloat16_forward_runs_and_is_close_to_float32():
   m32 = make_model(seed=3)
   m16 = make_model(seed=3, dtype='bfloat16')
@@ -281,6 +288,7 @@ def bert_param_count(v, h, layers, inter, max_pos=512, types=2, pre_ln=False) ->
   return embeddings + layers * layer + head + (2 * h if pre_ln else 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pre_ln', [True, False])
 def test_base_parameter_count_matches_bert_formula(pre_ln):
   vocab = 30522
@@ -444,6 +452,7 @@ def _checkpoint_policies(jaxpr) -> list:
   return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat', ['full', 'dots', 'dots_no_batch'])
 def test_remat_policies_keep_loss_and_grads(remat):
   tokens, positions, labels, weights = sparse_batch(np.random.default_rng(15))

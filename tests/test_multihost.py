@@ -127,6 +127,7 @@ def runs(make_tiny_config, tmp_path_factory):
   return base, ref_dir, ref, multi_dir, multi
 
 
+@pytest.mark.slow
 def test_two_processes_form_one_four_device_run(runs):
   _, _, ref, _, multi = runs
   assert (ref['process_count'], ref['devices'], ref['distributed']) == (1, 4, False)
@@ -136,6 +137,7 @@ def test_two_processes_form_one_four_device_run(runs):
     assert r['step'] == STEPS
 
 
+@pytest.mark.slow
 def test_losses_match_the_single_process_run(runs):
   _, ref_dir, _, multi_dir, _ = runs
   ref, multi = _losses(ref_dir), _losses(multi_dir)
@@ -145,6 +147,7 @@ def test_losses_match_the_single_process_run(runs):
   assert np.isfinite(list(ref.values())).all()
 
 
+@pytest.mark.slow
 def test_evaluation_and_checkpoints_are_collective(runs):
   _, ref_dir, _, multi_dir, _ = runs
   ref_summary = json.loads((ref_dir / 'summary.json').read_text())
@@ -158,6 +161,7 @@ def test_evaluation_and_checkpoints_are_collective(runs):
     assert (state / 'ocdbt.process_0').is_dir() and (state / 'ocdbt.process_1').is_dir()
 
 
+@pytest.mark.slow
 def test_processes_read_disjoint_halves_of_the_global_batch(runs):
   base, _, _, multi_dir, multi = runs
   by_index = {r['process_index']: np.asarray(r['first_local_batch'], np.int32) for r in multi}

@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 import nbformat
+import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
@@ -38,6 +39,7 @@ def test_notebook_is_valid_and_stored_without_outputs():
       assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path, topics_corpus, cache_dir, monkeypatch):
   workdir = tmp_path / 'run'
   monkeypatch.setenv('MLMJAX_NOTEBOOK_STEPS', '12')
@@ -75,6 +77,7 @@ def test_quickstart_notebook_runs(tmp_path, topics_corpus, cache_dir, monkeypatc
 ABLATION = NOTEBOOK.parent / 'masking_ablation.ipynb'
 
 
+@pytest.mark.slow
 def test_masking_ablation_notebook_runs(tmp_path, topics_corpus, cache_dir, monkeypatch):
   nb = nbformat.read(ABLATION, as_version=4)
   nbformat.validate(nb)

@@ -126,6 +126,7 @@ def tag_dir(tmp_path_factory, tokenizer):
   return path, _workdir(path, _task_config('tag'), tokenizer, {'labels': TAGS}, best=None)
 
 
+@pytest.mark.slow
 def test_classify_reproduces_the_chosen_checkpoints_forward(classify_dir, tokenizer):
   _, models, runs = classify_dir
   assert (runs['best'].task, runs['best'].step, runs['best'].labels) == ('classify', 5, CLASSES)
@@ -212,6 +213,7 @@ def test_cli_prints_labels_and_tags(classify_dir, tag_dir, capsys):
   assert '--out and --pooling apply to --mode embed only' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_mlm_workdir_keeps_fill_mask_and_refuses_task_modes(tmp_path, tokenizer, capsys):
   config = _shrink(pretrain.get_config('tiny'))
   models = _workdir(tmp_path, config, tokenizer, best=None)

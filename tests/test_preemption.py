@@ -110,6 +110,7 @@ def reference(tmp_path_factory, make_tiny_config) -> pathlib.Path:
   return workdir
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resumes_exactly(reference, make_tiny_config, tmp_path):
   config = _config(make_tiny_config, every_steps=1000)  # no periodic save before the signal
   workdir, log = tmp_path / 'run', tmp_path / 'child.log'
@@ -134,6 +135,7 @@ def test_sigterm_saves_the_current_step_and_resumes_exactly(reference, make_tiny
   _assert_same_params(reference, workdir)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_matches_uninterrupted(reference, make_tiny_config,
                                                                    tmp_path):
   config = _config(make_tiny_config, every_steps=3, async_save=True)

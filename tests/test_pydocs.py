@@ -34,6 +34,7 @@ def _print_in_fresh_process(code: str, hash_seed: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The embedded corpus (the session's `pydocs` fixture is in conftest.py)
 
+@pytest.mark.slow
 def test_pydocs_is_deterministic_in_and_across_processes(pydocs):
   assert pydocs_lib.documents() == pydocs
   # A fresh interpreter with another string-hash seed and nothing imported beforehand.

@@ -38,6 +38,7 @@ def _num(text: str) -> float:
   return float(text) if text else math.nan
 
 
+@pytest.mark.slow
 def test_report_rows_match_the_workdirs(runs):
   root, summaries = runs
   paths = report.write_report(root)
@@ -79,6 +80,7 @@ def test_report_rows_match_the_workdirs(runs):
     assert image.shape[0] > 200 and image.shape[1] > 300
 
 
+@pytest.mark.slow
 def test_downstream_results_join_the_table(runs, tmp_path):
   root, _ = runs
   flat_and_nested = {'sst2/accuracy': 0.81, 'cola': {'mcc': 0.2}}
@@ -106,6 +108,7 @@ def test_downstream_results_join_the_table(runs, tmp_path):
       path.unlink()
 
 
+@pytest.mark.slow
 def test_cli_metric_choice_and_errors(runs, tmp_path, capsys):
   root, _ = runs
   report.main([str(root), '--out', str(tmp_path / 'r'), '--metric', 'eval/accuracy_at_random'])

@@ -256,6 +256,7 @@ def multi_device_run(tmp_path_factory) -> dict:
   return json.loads(line[len('RESULT '):])
 
 
+@pytest.mark.slow
 def test_losses_agree_across_meshes(multi_device_run):
   r = multi_device_run
   assert r['devices'] == 8
@@ -269,6 +270,7 @@ def test_losses_agree_across_meshes(multi_device_run):
     assert r[name]['step'] == _STEPS
 
 
+@pytest.mark.slow
 def test_batch_is_split_over_the_data_parallel_axes(multi_device_run):
   # 8 rows of 32 over data x fsdp (tensor replicates): 8 -> 1 row per device, 4 -> 2 rows.
   expected = {'data8': [[1, 32]], 'fsdp8': [[1, 32]], 'd2f2t2': [[2, 32]], 'd4t2': [[2, 32]],
@@ -297,6 +299,7 @@ _EXPECTED_SHARDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(_EXPECTED_SHARDS))
 def test_parameter_and_optimizer_shards_follow_the_rules(multi_device_run, name):
   r = multi_device_run[name]

@@ -56,6 +56,7 @@ def base(make_tiny_config):
   return c
 
 
+@pytest.mark.slow
 def test_sweep_stops_on_sigterm_resumes_then_skips(base, tmp_path):
   workdir = tmp_path / 'abl'
   grid = [('masking.rate', [0.15, 0.3])]

@@ -119,6 +119,7 @@ def test_prepare_errors(tok, tmp_path):
     classify.ClassifyTask(make_config(path, title_field=''), tok, print).prepare(None)
 
 
+@pytest.mark.slow
 def test_batch_loss_matches_numpy_and_ignores_padding_rows(prepared, net):
   task, data = prepared
   graphdef, params, logits_fn = net

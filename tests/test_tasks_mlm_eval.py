@@ -135,6 +135,7 @@ def metrics(setup) -> dict:
   return evaluate.evaluate(step, params, batches, seed=1234, unigram=unigram, successor=successor)
 
 
+@pytest.mark.slow
 def test_metrics_are_finite_and_sensible(metrics):
   for key in ('loss', 'accuracy', 'perplexity', 'accuracy_at_mask', 'accuracy_at_random',
               'accuracy_at_keep', 'baseline/unigram_accuracy_at_mask',

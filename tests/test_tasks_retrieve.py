@@ -184,6 +184,7 @@ def test_prepare_errors_name_the_config_key(tok, tmp_path):
 # The loss
 
 
+@pytest.mark.slow
 def test_batch_loss_equals_numpy_info_nce(tok, pairs_file, dual_model, tmp_path):
   path, _ = pairs_file
   task = retrieve.RetrieveTask(make_config(path), tok, lambda s: None)
@@ -408,6 +409,7 @@ def test_tfidf_baseline_on_a_constructed_example():
 # The real Bible pairs
 
 
+@pytest.mark.slow
 def test_bible_pairs(tok, shared_data, tmp_path):
   path = str(shared_data / 'tasks' / 'bible_kjv_web_verses.jsonl')
   c = finetune.get_config('bible')

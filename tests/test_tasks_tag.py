@@ -155,6 +155,7 @@ def test_prepare_errors(tok, tmp_path):
 # Loss and evaluation on a tiny random model
 
 
+@pytest.mark.slow
 def test_batch_loss_matches_numpy_over_first_pieces(prepared, net):
   task, data = prepared
   graphdef, params, logits_fn = net

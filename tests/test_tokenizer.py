@@ -229,6 +229,7 @@ def real_text(shared_data):
   return train, held_out
 
 
+@pytest.mark.slow
 def test_real_text(real_text, tmp_path):
   train, held_out = real_text
   assert sum(map(len, train)) > 1_000_000

@@ -3,10 +3,12 @@
 import json
 
 import numpy as np
+import pytest
 
 from mlmjax import predict, train
 
 
+@pytest.mark.slow
 def test_a_task_from_outside_mlmjax_trains_resumes_and_predicts(make_tiny_config, topics_tokenizer,
                                                                  tmp_path, capsys):
   c = make_tiny_config()

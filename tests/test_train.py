@@ -35,6 +35,7 @@ def reference_run(tmp_path_factory, make_tiny_config):
   return c, workdir, train.run(c, workdir)
 
 
+@pytest.mark.slow
 def test_workdir_holds_everything(reference_run):
   config, workdir, summary = reference_run
   for name in ('config.json', 'tokenizer.model', 'metrics.jsonl', 'summary.json', 'log.txt'):
@@ -74,6 +75,7 @@ def test_workdir_holds_everything(reference_run):
   assert t.vocab_size == 1000 and t.id_to_piece(tok.MASK_ID) == '[MASK]'
 
 
+@pytest.mark.slow
 def test_resume_continues_with_same_data_and_masks(reference_run, tmp_path):
   config, ref_dir, _ = reference_run
   # Stop after 3 steps (a checkpoint is written on stopping, as on preemption), then rerun.
@@ -93,6 +95,7 @@ def test_resume_continues_with_same_data_and_masks(reference_run, tmp_path):
   assert second['eval/loss'] == pytest.approx(reference_run[2]['eval/loss'], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_training_without_tensorflow_matches_tf_data(reference_run, tmp_path, monkeypatch):
   config, ref_dir, _ = reference_run
   monkeypatch.setitem(sys.modules, 'tensorflow', None)  # `import tensorflow` now raises ImportError
@@ -103,6 +106,7 @@ def test_training_without_tensorflow_matches_tf_data(reference_run, tmp_path, mo
     assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), step
 
 
+@pytest.mark.slow
 def test_rerun_of_finished_run_trains_no_more(reference_run, tmp_path):
   config, workdir, summary = reference_run
   again = train.run(config, workdir)
@@ -110,6 +114,7 @@ def test_rerun_of_finished_run_trains_no_more(reference_run, tmp_path):
   assert again['eval/loss'] == pytest.approx(summary['eval/loss'], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_fill_mask(reference_run, capsys):
   _, workdir, _ = reference_run
   run = predict.load_run(workdir)
@@ -126,6 +131,7 @@ def test_fill_mask(reference_run, capsys):
     predict.fill_mask(run, 'Nothing hidden here.')
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_step_and_checkpoint(tiny_config, tmp_path):
   c = tiny_config
   c.optim.learning_rate = 1e30  # diverges within a few steps
@@ -196,6 +202,7 @@ def test_cli_rejects_unknown_key_in_one_line(tmp_path, capsys):
   assert 'enormous' in str(e.value.code)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('strategy,schedule', [
     ('pmi', {'rate': 0.4, 'schedule.kind': 'linear', 'schedule.end': 0.15, 'schedule.steps': 5}),
     ('span', {'rate': 0.15, 'schedule.kind': 'step', 'schedule.boundaries': (3,),
@@ -227,6 +234,7 @@ def test_strategy_and_rate_schedule_logged_every_step(tiny_config, tmp_path, str
 # Non-finite batches: skipped without an update, counted across resumes, stopped past the limit.
 
 
+@pytest.mark.slow
 def test_train_step_skips_a_non_finite_batch_and_leaves_the_state(tiny_config):
   c = tiny_config
   vocab, seq_len = 64, 16
@@ -275,6 +283,7 @@ def _stored_state(workdir: pathlib.Path, step: int) -> tuple[list, dict]:
   return [np.asarray(x) for x in jax.tree.leaves((params, opt_state))], meta
 
 
+@pytest.mark.slow
 def test_skipped_batches_are_logged_counted_across_resume_and_stop_past_the_limit(
     tiny_config, tmp_path):
   c = tiny_config
@@ -354,6 +363,7 @@ def _packed_rows(rng: np.random.Generator, batch: int, seq_len: int, vocab: int)
   return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('optimizer', ['sgd', 'adamw'])
 def test_accumulated_microbatches_give_the_large_batch_update(tiny_config, optimizer):
   c = tiny_config
@@ -446,6 +456,7 @@ def test_accumulated_microbatches_give_the_large_batch_update(tiny_config, optim
     assert diff > 1e-3
 
 
+@pytest.mark.slow
 def test_bfloat16_keeps_float32_master_weights_and_optimizer_state(tiny_config):
   vocab = 64
   c = tiny_config
