@@ -73,17 +73,15 @@ def load_run(workdir, checkpoint_choice: str = 'best') -> LoadedRun:
   config = schema.upgrade(json.loads((workdir / 'config.json').read_text()))
   tokenizer = tok.load_any(stored)
   task = tasks.create(config, tokenizer, log=lambda _: None)
-  stats = {}
-  if task.name != 'mlm':
-    meta_path = workdir / 'task.json'
-    if not meta_path.is_file():
-      raise FileNotFoundError(f'{meta_path} is missing: the {task.name!r} model needs the task '
-                              'metadata (labels) that mlmjax.train writes there')
-    stats = json.loads(meta_path.read_text())
+  meta_path = workdir / 'task.json'  # what train.run stored of the task's data (e.g. label names)
+  stats = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
   try:
     task.load_meta(stats)
   except ValueError as e:
-    raise ValueError(f'{workdir / "task.json"} {e}') from None
+    if not meta_path.is_file():
+      raise FileNotFoundError(f'{meta_path} is missing: the {task.name!r} model needs the task '
+                              'metadata (labels) that mlmjax.train writes there') from None
+    raise ValueError(f'{meta_path} {e}') from None
   enc_cfg = model.EncoderConfig(vocab_size=tokenizer.vocab_size, **config.model)
   one_device = ml_collections.ConfigDict({'shape': tuple((a, 1) for a in sharding.MESH_AXES)})
   mesh = sharding.make_mesh(one_device, devices=jax.devices()[:1])

@@ -172,7 +172,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   checkpoint.check_disk_space(workdir, exp.abstract_state, max_to_keep=config.ckpt.max_to_keep)
   spe = input_pipeline.steps_per_epoch(len(data.train), config.train.batch_size)
   early = _EarlyStop(config, task)
-  keep_best = task.name != 'mlm' or early.patience > 0
+  keep_best = task.keeps_best or early.patience > 0
 
   def to_global(rows):  # evaluation rows: this process's part of each global batch
     part = input_pipeline.process_slice(len(rows), jax.process_index(), jax.process_count())

@@ -50,6 +50,7 @@ class Task:
   # Early stopping and the best checkpoint follow this validation metric unless the config names one.
   best_metric = 'loss'
   best_mode = 'min'  # 'min' or 'max'
+  keeps_best = True  # keep best/ (the best evaluation's checkpoint) even without early stopping
   sequences_per_row = 1  # sequences of seq_len tokens per row (a retrieval row holds two)
   # The progress line's and the evaluation line's numbers, in order (see format_metrics).
   progress_metrics: Sequence[Metric] = (('train/loss', 'loss', '.4f'),

@@ -99,6 +99,7 @@ class MlmTask(Task):
   name = 'mlm'
   best_metric = 'loss'
   best_mode = 'min'
+  keeps_best = False  # pretraining keeps best/ only with early stopping
   progress_metrics = (('train/loss', 'loss', '.4f'), ('train/accuracy', 'acc', '.4f'),
                       ('train/lr', 'lr', '.2e'), ('train/mask_rate', 'mask rate', '.3f'))
   predict_modes = ('fill_mask',)
