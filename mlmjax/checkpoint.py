@@ -31,6 +31,21 @@ class DiskSpaceError(ValueError):
   """Too little free disk for the checkpoints a run keeps, found before training starts."""
 
 
+class UnrestorableError(ValueError):
+  """Committed checkpoints exist but none restores; they were left in place."""
+
+
+# Waits before each retry of a restore that failed reading files (an NFS or gcsfuse hiccup, a
+# remount): about 3.5 s in all before the step counts as damaged.
+IO_RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+# TensorStore raises ValueError('CODE: ...'); these codes are those of a failed file or object
+# store read (an OS errno maps to NOT_FOUND, PERMISSION_DENIED, UNAVAILABLE, ...). Contents that do
+# not decode are FAILED_PRECONDITION, OUT_OF_RANGE or DATA_LOSS (with tensorstore 0.1.86, orbax
+# 0.12.8 also an OCDBT data file that is missing: it reads as empty), not retried.
+_TENSORSTORE_IO_CODES = ('NOT_FOUND:', 'PERMISSION_DENIED:', 'UNAVAILABLE:', 'DEADLINE_EXCEEDED:',
+                         'RESOURCE_EXHAUSTED:', 'ABORTED:')
+
+
 def _split(state: dict) -> tuple[Any, dict]:
   """Returns (params, the rest of the state): the payloads of the params and opt_state items."""
   return state[PARAMS], {k: v for k, v in state.items() if k != PARAMS}
@@ -124,30 +139,47 @@ class Checkpointer:
     state = out[PRE_SPLIT_STATE]
     return (state[PARAMS] if params_only else state), dict(out[META])
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-    """Returns (step, state, meta) of the newest step that restores, moving damaged ones aside."""
-    return self._newest(lambda step: self.restore(step, abstract_state))
+  def restore_latest(self, abstract_state: Any, *,
+                     keep_unrestorable: bool = False) -> tuple[int, Any, dict] | None:
+    """Returns (step, state, meta) of the newest step that restores, moving damaged ones aside.
+
+    Returns None where there are no steps. Where steps exist but none restores, they are moved
+    aside and None is returned; with keep_unrestorable, UnrestorableError is raised, nothing moved.
+    """
+    return self._newest(lambda step: self.restore(step, abstract_state), keep_unrestorable)
 
   def restore_latest_params(self, abstract_params: Any) -> tuple[int, Any, dict] | None:
     """Returns (step, params, meta) of the newest step whose params restore (damage as above)."""
-    return self._newest(lambda step: self.restore_params(step, abstract_params))
+    return self._newest(lambda step: self.restore_params(step, abstract_params), False)
 
-  def _newest(self, restore_one: Callable[[int], tuple[Any, dict]]) -> tuple[int, Any, dict] | None:
+  def _newest(self, restore_one: Callable[[int], tuple[Any, dict]],
+              keep_unrestorable: bool) -> tuple[int, Any, dict] | None:
     """Returns (step, *restore_one(step)) of the newest step that restores, or None."""
+    damaged, found = [], None  # damaged: (step, why) of the steps newer than the one found
     for step in reversed(self.all_steps()):
       try:
-        tree, meta = restore_one(step)
-        return step, tree, meta
+        tree, meta = _retrying_io(lambda: restore_one(step))  # pylint: disable=cell-var-from-loop
+        found = step, tree, meta
+        break
       except CheckpointMismatchError:
         raise  # an intact checkpoint of another model: not damage, leave it in place
       except Exception as e:  # orbax raises ValueError, KeyError or bare Exception for damage.
-        why = f'checkpoint step {step} does not restore ({type(e).__name__}: {_first_line(e)})'
-        if self.read_only:
-          self.log(f'WARNING: {why}; skipping it (read-only), trying the previous step')
-        else:
-          aside = self._move_aside(step)
-          self.log(f'WARNING: {why}; moved to {aside}, trying the previous step')
-    return None
+        damaged.append((step, _why(e)))
+    if found is None and damaged and keep_unrestorable:
+      step, why = damaged[0]
+      raise UnrestorableError(
+          f'no checkpoint in {self.directory} restores (steps {sorted(s for s, _ in damaged)}; '
+          f'step {step}: {why}); nothing was moved.\nIf the files are back (a disk or network '
+          'hiccup), rerun; else set ckpt.restart_if_unrestorable=True to move them aside and '
+          'start over')
+    used = f'; step {found[0]} restores' if found else '; no step restores'
+    for step, why in damaged:
+      why = f'checkpoint step {step} does not restore ({why})'
+      if self.read_only:
+        self.log(f'WARNING: {why}; skipping it (read-only){used}')
+      else:
+        self.log(f'WARNING: {why}; moved to {self._move_aside(step)}{used}')
+    return found
 
   def _check_fits(self, step: int, abstract: Any, *, params_only: bool) -> None:
     """Raises CheckpointMismatchError naming a leaf whose stored shape or presence differs.
@@ -330,19 +362,52 @@ def restore_params_in(directory, abstract_params: Any, *, what: str,
       raise FileNotFoundError(f'{what}: no checkpoint step {step} in {directory} '
                               f'(steps there: {", ".join(map(str, steps)) or "none"})')
     try:
-      params, meta = ckpt.restore_params(step, abstract_params)
+      params, meta = _retrying_io(lambda: ckpt.restore_params(step, abstract_params))
     except CheckpointMismatchError:
       raise
     except Exception as e:  # damage, as in Checkpointer._newest
       raise FileNotFoundError(f'{what}: checkpoint step {step} in {directory} does not restore '
-                              f'({type(e).__name__}: {_first_line(e)})') from e
+                              f'({_why(e)})') from e
     return step, params, meta
   finally:
     ckpt.close()
 
 
+def _retrying_io(restore: Callable[[], Any]) -> Any:
+  """Returns restore(), retried after each of IO_RETRY_DELAYS_S while it fails reading files."""
+  for delay in IO_RETRY_DELAYS_S:
+    try:
+      return restore()
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_io_error(e):
+        raise
+      time.sleep(delay)
+  return restore()
+
+
+def _is_io_error(e: BaseException) -> bool:
+  """Returns True where e, or an exception it was raised from, is a failure to read files."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) or (isinstance(e, ValueError) and (
+        str(e).startswith(_TENSORSTORE_IO_CODES) or '[OS error' in str(e))):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _why(e: BaseException) -> str:
+  """Returns 'Type: first line' of the exception e was raised from, innermost (orbax wraps it)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  return f'{type(e).__name__}: {_first_line(e)}'
+
+
 def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
+  text = str(e).strip().split(' [tensorstore_spec')[0].splitlines()  # the spec is a JSON page
   return text[0][:300] if text else ''
 
 

@@ -16,6 +16,11 @@ SELECTIONS = ('exact', 'bernoulli')
 STRATEGIES = ('token', 'whole_word', 'span', 'pmi')
 RATE_SCHEDULES = ('constant', 'linear', 'cosine', 'step')
 PMI_MAX_N = 5  # longest PMI n-gram
+# fold_in(rng, c) equals split(rng, n)[c] for every c < n (partitionable threefry, STACK.md), so
+# the span-length stream takes a constant far beyond any split width: split(rng, 3) gives the
+# selection, corruption and replacement keys, and the span lengths must not reuse the corruption
+# uniforms (fold_in(rng, 1) did, tying a span's kind to its length).
+_SPAN_LENGTH_STREAM = 0x5350414E  # 'SPAN'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +88,7 @@ class MaskedBatch(NamedTuple):
 
 class MaskingTables(NamedTuple):
   """Vocabulary-sized data the unit strategies need; jnp arrays, passed next to the spec."""
-  word_start: Any = None  # (V,) bool: the id begins a word (whole_word, span with span_words)
+  word_start: Any = None  # (V,) bool: the id begins a word (whole_word, span with words, pmi)
   pmi_hash1: Any = None  # (K,) uint32 sorted first hashes of the PMI n-gram vocabulary
   pmi_hash2: Any = None  # (K,) uint32 second hashes, aligned with pmi_hash1
 
@@ -109,7 +114,7 @@ def _unit_length_bounds(strategy: str, span_p: float, span_max: int, span_words:
     words = 1.5 if span_words else 1.0  # subword tokens per word, roughly
     return truncated_geometric_mean(span_p, span_max) * words, span_max * (2 if span_words else 1)
   if strategy == 'pmi':
-    return 1.5, PMI_MAX_N
+    return 1.5, max(PMI_MAX_N, 10)  # n-grams, else whole words
   return 1.5, 10  # whole words
 
 
@@ -166,10 +171,15 @@ def spec_from_config(masking_cfg: Any, *, vocab_size: int, seq_len: int,
       max_predictions=max_predictions, selection=masking_cfg.selection, **unit, **specials)
 
 
+def needs_word_starts(spec: MaskingSpec) -> bool:
+  """Returns whether `spec.strategy` reads MaskingTables.word_start (pmi: its fallback units)."""
+  return spec.strategy in ('whole_word', 'pmi') or (spec.strategy == 'span' and spec.span_words)
+
+
 def tables_for(spec: MaskingSpec, tokenizer: Any = None, pmi_vocab: Any = None) -> MaskingTables:
   """Returns the MaskingTables `spec.strategy` needs (word starts from the tokenizer, PMI hashes)."""
   word_start = pmi1 = pmi2 = None
-  if spec.strategy == 'whole_word' or (spec.strategy == 'span' and spec.span_words):
+  if needs_word_starts(spec):
     if tokenizer is None:
       raise ValueError(f'masking.strategy={spec.strategy!r} needs the tokenizer\'s word-start flags')
     word_start = jnp.asarray(tokenizer.word_start_table, dtype=bool)
@@ -329,9 +339,10 @@ def _span_lengths(rng: jax.Array, shape: tuple[int, ...], p: float, max_len: int
   return jnp.clip(n, 1, max_len).astype(jnp.int32)
 
 
-def _pmi_match_lengths(tokens: jax.Array, candidates: jax.Array, tables: MaskingTables) -> jax.Array:
-  """Returns (B, L) int32: length of the longest PMI n-gram starting at each position, else 1."""
-  match = jnp.ones(tokens.shape, jnp.int32)
+def _pmi_match_lengths(tokens: jax.Array, candidates: jax.Array, tables: MaskingTables,
+                       fallback: jax.Array) -> jax.Array:
+  """Returns (B, L) int32: the longest PMI n-gram's length at each position, else `fallback`."""
+  match = fallback
   size = tables.pmi_hash1.shape[0]
   for n in range(2, min(PMI_MAX_N, tokens.shape[1]) + 1):  # longer matches overwrite shorter
     cols = [_shift(tokens, -i, 0) for i in range(n)]
@@ -361,7 +372,7 @@ def _unit_starts(rng: jax.Array, tokens: jax.Array, candidates: jax.Array, spec:
   """Returns (B, L) bool: True where a unit (word, span, n-gram) begins."""
   # Every non-candidate is a unit of its own and never selected; so units never cross them.
   forced = ~candidates | _shift(~candidates, 1, True)
-  if spec.strategy in ('whole_word', 'span') and (spec.strategy == 'whole_word' or spec.span_words):
+  if needs_word_starts(spec):
     if tables is None or tables.word_start is None:
       raise ValueError(f'masking.strategy={spec.strategy!r} needs MaskingTables.word_start '
                        '(masking.tables_for(spec, tokenizer))')
@@ -383,7 +394,12 @@ def _unit_starts(rng: jax.Array, tokens: jax.Array, candidates: jax.Array, spec:
   if tables is None or tables.pmi_hash1 is None:
     raise ValueError("masking.strategy='pmi' needs MaskingTables.pmi_hash1/pmi_hash2 "
                      '(masking.tables_for(spec, pmi_vocab=...))')
-  return forced | _greedy_starts(_pmi_match_lengths(tokens, candidates, tables))
+  # Outside the n-grams a unit is the rest of the word (a whole word unless an n-gram ended
+  # inside it): up to the next word start.
+  pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+  nxt = jax.lax.cummin(_shift(jnp.where(words, pos, tokens.shape[1]), -1, tokens.shape[1]),
+                       axis=1, reverse=True)
+  return forced | _greedy_starts(_pmi_match_lengths(tokens, candidates, tables, nxt - pos))
 
 
 def _select_units(rng: jax.Array, starts: jax.Array, candidates: jax.Array, rate: jax.Array,
@@ -436,7 +452,7 @@ def mask_tokens(rng: jax.Array, tokens: jax.Array, spec: MaskingSpec,
   length = tokens.shape[1]
   rate = jnp.asarray(spec.rate if rate is None else rate, jnp.float32)
   k_select, k_kind, k_replace = jax.random.split(rng, 3)
-  k_units = jax.random.fold_in(rng, 1)  # only unit strategies draw it: token masks stay as they were
+  k_units = jax.random.fold_in(rng, _SPAN_LENGTH_STREAM)  # only span draws from it
 
   candidates = tokens >= spec.first_regular_id
   if spec.special_ids:

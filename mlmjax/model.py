@@ -112,8 +112,13 @@ def encoder_config(size: str, *, vocab_size: int, **overrides) -> EncoderConfig:
   return EncoderConfig(vocab_size=vocab_size, **{**SIZES[size], 'size': size, **overrides})
 
 
-def packed_layout(tokens: jax.Array, *, cls_id: int = 2,
-                  pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+# [CLS] and [PAD] of the sentencepiece layout (tokenizer.py's fixed ids): the defaults where rows
+# are known to use it; a fine-tuning task passes its tokenizer's ids (WordPiece: [CLS]=101).
+SP_CLS_ID, SP_PAD_ID = 2, 0
+
+
+def packed_layout(tokens: jax.Array, *, cls_id: int = SP_CLS_ID,
+                  pad_id: int = SP_PAD_ID) -> tuple[jax.Array, jax.Array]:
   """Returns (position_ids, doc_ids), both (B, L) int32, from the [CLS] markers of packed rows."""
   tokens = jnp.asarray(tokens)
   idx = jnp.arange(tokens.shape[-1], dtype=jnp.int32)
@@ -172,11 +177,11 @@ class Dense(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm whose statistics are float32; returns the compute dtype."""
+  """LayerNorm whose statistics are float32; returns `dtype` (default: the compute dtype)."""
 
-  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: EncoderConfig, *, dtype: Any = None, rngs: nnx.Rngs):
     self.eps = config.layer_norm_eps
-    self.dtype = config.compute_dtype
+    self.dtype = config.compute_dtype if dtype is None else dtype
     h = config.hidden_size
     self.scale = _param(rngs, jax.nn.initializers.ones, (h,), ('embed',))
     self.bias = _param(rngs, jax.nn.initializers.zeros, (h,), ('embed',))
@@ -234,18 +239,23 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """One transformer layer, pre-LN or post-LN per the config."""
+  """One transformer layer, pre-LN or post-LN per the config; the residual stream is float32."""
 
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
     self.pre_ln = config.pre_layer_norm
     self.rate = config.dropout_rate
     self.attention = Attention(config, rngs=rngs)
-    self.attention_norm = LayerNorm(config, rngs=rngs)
+    # Post-LN's norms write the residual stream (float32); pre-LN's feed the matmuls only.
+    stream = None if config.pre_layer_norm else jnp.float32
+    self.attention_norm = LayerNorm(config, dtype=stream, rngs=rngs)
     self.mlp = Mlp(config, rngs=rngs)
-    self.mlp_norm = LayerNorm(config, rngs=rngs)
+    self.mlp_norm = LayerNorm(config, dtype=stream, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
     keys = [_fold(dropout_rng, i) for i in range(3)]
+    # With bf16 sublayers the stream stays float32: its ~8 bits would round away each layer's
+    # update where it is small against the stream; the sublayer outputs promote to float32.
+    x = x.astype(jnp.float32)
     if self.pre_ln:
       x = x + _dropout(self.attention(self.attention_norm(x), mask, keys[0]), self.rate, keys[1])
       return x + _dropout(self.mlp(self.mlp_norm(x)), self.rate, keys[2])
@@ -275,19 +285,20 @@ class Encoder(nnx.Module):
     self.token_embed = _param(rngs, init, (config.vocab_size, h), ('vocab', 'embed'))
     self.position_embed = _param(rngs, init, (config.max_position, h), (None, 'embed'))
     self.type_embed = _param(rngs, init, (config.type_vocab_size, h), (None, 'embed'))
-    self.embed_norm = LayerNorm(config, rngs=rngs)
+    self.embed_norm = LayerNorm(config, dtype=jnp.float32, rngs=rngs)  # starts the residual stream
     self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
     self.final_norm = LayerNorm(config, rngs=rngs) if config.pre_layer_norm else None
 
   def __call__(self, input_ids: jax.Array, *, type_ids: jax.Array | None = None,
                position_ids: jax.Array | None = None, doc_ids: jax.Array | None = None,
-               dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Returns hidden states (B, L, H) in the compute dtype."""
+               dropout_rng: jax.Array | None = None, cls_id: int = SP_CLS_ID,
+               pad_id: int = SP_PAD_ID) -> jax.Array:
+    """Returns hidden states (B, L, H) in the compute dtype; absent layout ids: packed_layout's."""
     if input_ids.shape[-1] > self.config.max_position:
       raise ValueError(f'model.max_position: {self.config.max_position} is shorter than the '
                        f'sequence length {input_ids.shape[-1]}; raise it or lower train.seq_len')
     if position_ids is None or doc_ids is None:
-      pos, doc = packed_layout(input_ids)
+      pos, doc = packed_layout(input_ids, cls_id=cls_id, pad_id=pad_id)
       position_ids = pos if position_ids is None else position_ids
       doc_ids = doc if doc_ids is None else doc_ids
     if type_ids is None:
@@ -301,7 +312,9 @@ class Encoder(nnx.Module):
     call = block_fn(self.config.remat)
     for i, layer in enumerate(self.layers):
       x = call(layer, x, mask, _fold(dropout_rng, i + 1))
-    return x if self.final_norm is None else self.final_norm(x)
+    if self.final_norm is None:
+      return x.astype(self.config.compute_dtype)
+    return self.final_norm(x)
 
 
 class MlmHead(nnx.Module):
@@ -361,7 +374,7 @@ def mean_pool(hidden: jax.Array, valid: jax.Array) -> jax.Array:
   return (hidden.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
 
 
-def pool(hidden: jax.Array, tokens: jax.Array, how: str, pad_id: int = 0) -> jax.Array:
+def pool(hidden: jax.Array, tokens: jax.Array, how: str, pad_id: int = SP_PAD_ID) -> jax.Array:
   """Returns float32 (B, H): the [CLS] (first) vector, or the mean over non-padding positions."""
   if how == 'cls':
     return hidden[:, 0].astype(jnp.float32)
@@ -374,47 +387,57 @@ class SequenceClassifier(nnx.Module):
   """Encoder, pooled vector ([CLS] or mean), dropout and a linear layer to num_labels logits."""
 
   def __init__(self, config: EncoderConfig, num_labels: int, *, pooling: str = 'cls',
-               rngs: nnx.Rngs):
+               cls_id: int = SP_CLS_ID, pad_id: int = SP_PAD_ID, rngs: nnx.Rngs):
     if pooling not in POOLINGS:
       raise ValueError(f'pooling {pooling!r} is not supported; use one of {list(POOLINGS)}')
     self.encoder = Encoder(config, rngs=rngs)
     self.pooling = pooling
+    self.cls_id, self.pad_id = int(cls_id), int(pad_id)  # the tokenizer's: layout, padding
     self.rate = config.dropout_rate
     self.classifier = Dense(config, (config.hidden_size, num_labels), ('embed', None), rngs=rngs)
 
   def __call__(self, input_ids: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Returns float32 logits (B, num_labels) for single-sequence rows (B, L)."""
-    hidden = self.encoder(input_ids, dropout_rng=_fold(dropout_rng, 0))
-    pooled = _dropout(pool(hidden, input_ids, self.pooling), self.rate, _fold(dropout_rng, 1))
+    hidden = self.encoder(input_ids, dropout_rng=_fold(dropout_rng, 0), cls_id=self.cls_id,
+                          pad_id=self.pad_id)
+    pooled = pool(hidden, input_ids, self.pooling, pad_id=self.pad_id)
+    pooled = _dropout(pooled, self.rate, _fold(dropout_rng, 1))
     return self.classifier(pooled).astype(jnp.float32)
 
 
 class TokenTagger(nnx.Module):
   """Encoder, dropout and a linear layer to num_tags logits at every position."""
 
-  def __init__(self, config: EncoderConfig, num_tags: int, *, rngs: nnx.Rngs):
+  def __init__(self, config: EncoderConfig, num_tags: int, *, cls_id: int = SP_CLS_ID,
+               pad_id: int = SP_PAD_ID, rngs: nnx.Rngs):
     self.encoder = Encoder(config, rngs=rngs)
+    self.cls_id, self.pad_id = int(cls_id), int(pad_id)
     self.rate = config.dropout_rate
     self.classifier = Dense(config, (config.hidden_size, num_tags), ('embed', None), rngs=rngs)
 
   def __call__(self, input_ids: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Returns float32 logits (B, L, num_tags)."""
-    hidden = self.encoder(input_ids, dropout_rng=_fold(dropout_rng, 0))
+    hidden = self.encoder(input_ids, dropout_rng=_fold(dropout_rng, 0), cls_id=self.cls_id,
+                          pad_id=self.pad_id)
     return self.classifier(_dropout(hidden, self.rate, _fold(dropout_rng, 1))).astype(jnp.float32)
 
 
 class DualEncoder(nnx.Module):
   """One shared encoder for queries and documents; embeddings are pooled hidden states."""
 
-  def __init__(self, config: EncoderConfig, *, pooling: str = 'mean', rngs: nnx.Rngs):
+  def __init__(self, config: EncoderConfig, *, pooling: str = 'mean', cls_id: int = SP_CLS_ID,
+               pad_id: int = SP_PAD_ID, rngs: nnx.Rngs):
     if pooling not in POOLINGS:
       raise ValueError(f'pooling {pooling!r} is not supported; use one of {list(POOLINGS)}')
     self.encoder = Encoder(config, rngs=rngs)
     self.pooling = pooling
+    self.cls_id, self.pad_id = int(cls_id), int(pad_id)
 
   def __call__(self, input_ids: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Returns float32 (B, H) embeddings, not normalized."""
-    return pool(self.encoder(input_ids, dropout_rng=dropout_rng), input_ids, self.pooling)
+    hidden = self.encoder(input_ids, dropout_rng=dropout_rng, cls_id=self.cls_id,
+                          pad_id=self.pad_id)
+    return pool(hidden, input_ids, self.pooling, pad_id=self.pad_id)
 
 
 def count_params(params) -> int:

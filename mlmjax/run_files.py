@@ -16,12 +16,10 @@ import jax
 class Reporter:
   """Writes the progress line, log.txt, metrics.jsonl and TensorBoard events of a workdir."""
 
-  def __init__(self, workdir: pathlib.Path, *, enabled: bool, resume_step: int | None):
+  def __init__(self, workdir: pathlib.Path, *, enabled: bool):
     self.workdir = workdir
     self.enabled = enabled
     self._tb = None
-    if enabled:
-      self._truncate_metrics(resume_step)
 
   def log(self, text: str) -> None:
     """Prints a line and appends it to log.txt."""
@@ -31,15 +29,15 @@ class Reporter:
     with open(self.workdir / 'log.txt', 'a') as f:
       f.write(text + '\n')
 
-  def _truncate_metrics(self, resume_step: int | None) -> None:
-    """Drops metrics.jsonl records past the step a resumed run continues from."""
+  def truncate_metrics(self, step: int) -> None:
+    """Drops metrics.jsonl records past step, the step restored (0, a fresh start: all of them)."""
     path = self.workdir / 'metrics.jsonl'
-    if not path.exists():
+    if not self.enabled or not path.exists():
       return
     keep = []
     for line in path.read_text().splitlines():
       try:
-        if resume_step is not None and json.loads(line).get('step', 0) <= resume_step:
+        if step > 0 and json.loads(line).get('step', 0) <= step:
           keep.append(line)
       except json.JSONDecodeError:
         continue  # a line cut short by a crash

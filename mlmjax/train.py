@@ -90,19 +90,44 @@ def _count_nonfinite(flags, first_step: int, progress: _Progress, max_skipped: i
 def _restore_or_init(exp, ckpts: checkpoint.RunCheckpoints, init_run, data_key: str, log):
   """Returns (step, state, progress): this workdir's checkpoint > init_from's parameters > scratch."""
   config, task = exp.config, exp.task
-  restored = ckpts.latest.restore_latest(exp.abstract_state)
+  restart = config.ckpt.restart_if_unrestorable
+  had_steps = bool(ckpts.latest.all_steps())
+  restored = ckpts.latest.restore_latest(exp.abstract_state, keep_unrestorable=not restart)
   if restored is not None:
     step0, state, meta = restored
     run_files.check_resume_meta(meta, data_key, task.tokenizer, config, log)
     ckpts.last_good = step0
     log(f'resumed from step {step0} (checkpoint {ckpts.latest.directory / str(step0)})')
     return step0, state, _Progress(**meta['progress'])
+  if had_steps:
+    log(f'WARNING: no checkpoint in {ckpts.latest.directory} restores; starting over '
+        '(ckpt.restart_if_unrestorable=True)')
   state = exp.init_state()
   if init_run is not None:
     state = train_state.init_params_from(init_run, state, exp, log)
   log(f'initialized {config.model.size} {task.name} model: {exp.num_params / 1e6:.2f} M '
       f'parameters' + ('' if init_run is None else ' (pretrained weights from init_from)'))
   return 0, state, _Progress()
+
+
+def _meta(exp, step: int, progress: _Progress, window, t_start: float) -> dict:
+  """Returns a checkpoint's meta at step; its tokens_seen counts the steps not yet logged too."""
+  config, data = exp.config, exp.data
+  meta = {'step': step, 'seed': config.seed, 'cache_key': data.key, 'task': exp.task.name,
+          'data': input_pipeline.data_position(step, len(data.train), config.train.batch_size),
+          'tokenizer': exp.task.tokenizer.fingerprint, 'progress': dataclasses.asdict(progress)}
+  meta['progress']['wall_time_s'] += time.perf_counter() - t_start
+  if window is not None:  # the steps since the last log line
+    meta['progress']['tokens_seen'] += float(jax.device_get(window['tokens']))
+  return meta
+
+
+def _record_start(workdir: pathlib.Path, config, exp, reporter, step0: int, log) -> None:
+  """Truncates metrics.jsonl to the step restored and writes config.json and task.json."""
+  reporter.truncate_metrics(step0)
+  if jax.process_index() == 0:
+    run_files.write_config(workdir, config, log)
+    run_files.atomic_write_json(workdir / 'task.json', {'task': exp.task.name, **exp.data.stats})
 
 
 def _log_window(window, task, meter: flops.Meter, progress: _Progress, step: int, num_steps: int,
@@ -157,8 +182,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   run_files.check_writable(workdir)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
-  saved = [int(p.name) for p in (workdir / 'checkpoints').glob('*') if p.name.isdigit()]
-  reporter = run_files.Reporter(workdir, enabled=is_main, resume_step=max(saved, default=0))
+  reporter = run_files.Reporter(workdir, enabled=is_main)
   log = reporter.log
   log(f'mlmjax: workdir {workdir} | task {config.task} | devices {jax.device_count()} '
       f'({jax.devices()[0].platform}) | mesh {dict(mesh.shape)} | processes {jax.process_count()}')
@@ -166,9 +190,6 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   init_run = train_state.init_source(config.init_from) if config.init_from else None
   exp = experiment.setup(config, workdir, mesh, log=log, init_run=init_run)
   task, data, num_steps = exp.task, exp.data, config.train.num_steps
-  if is_main:
-    run_files.write_config(workdir, config, log)
-    run_files.atomic_write_json(workdir / 'task.json', {'task': task.name, **data.stats})
   checkpoint.check_disk_space(workdir, exp.abstract_state, max_to_keep=config.ckpt.max_to_keep)
   spe = input_pipeline.steps_per_epoch(len(data.train), config.train.batch_size)
   early = _EarlyStop(config, task)
@@ -180,15 +201,13 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
 
   with checkpoint.RunCheckpoints(workdir, config.ckpt, keep_best=keep_best, log=log) as ckpts, \
        contextlib.closing(reporter):
-    # --- restore or init
+    # --- restore or init; only then (checks passed) config.json, task.json, metrics.jsonl change
     step0, state, progress = _restore_or_init(exp, ckpts, init_run, data.key, log)
+    _record_start(workdir, config, exp, reporter, step0, log)
+    step, window, pending = step0, None, []  # pending: per-step `nonfinite` flags on the device
 
     def meta_of(step):
-      meta = {'step': step, 'seed': config.seed, 'cache_key': data.key, 'task': task.name,
-              'data': input_pipeline.data_position(step, len(data.train), config.train.batch_size),
-              'tokenizer': task.tokenizer.fingerprint, 'progress': dataclasses.asdict(progress)}
-      meta['progress']['wall_time_s'] += time.perf_counter() - t_start
-      return meta
+      return _meta(exp, step, progress, window, t_start)
 
     def run_eval(step):
       metrics = task.evaluate(exp.graphdef, state['params'], 'val', to_global)
@@ -217,7 +236,6 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
     log(f'training steps {step0}..{num_steps} | batch {config.train.batch_size} x '
         f'{config.train.seq_len} tokens | {spe} steps per epoch | {task.describe()}')
     eval_record = run_eval(0) if step0 == 0 and config.eval.at_start else None
-    step, window, pending = step0, None, []  # pending: per-step `nonfinite` flags on the device
     stop_at = num_steps if stop_after is None else min(num_steps, step0 + stop_after)
     if progress.early_stopped:
       log(f'this run stopped early at step {step0} (no improvement of {early.metric}); '

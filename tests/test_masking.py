@@ -1,5 +1,6 @@
 """Tests for mlmjax.masking: selection counts and rates, corruption split, buffer layout, errors."""
 
+import hashlib
 import importlib.util
 import math
 import pathlib
@@ -246,6 +247,61 @@ def test_typed_and_legacy_keys_agree(tokens):
     np.testing.assert_array_equal(a, b)
 
 
+def _frozen_tables(rows: np.ndarray) -> dict:
+  """Returns MaskingTables per strategy for synthetic rows: random word starts; pmi: n-grams
+  copied from the rows and every token a word, so that no fallback unit spans several tokens."""
+  rng = np.random.default_rng(5)
+  word_start = rng.random(VOCAB) < 0.6
+  word_start[:FIRST_REGULAR] = True
+  h1, h2 = [], []
+  for n in range(2, masking.PMI_MAX_N + 1):
+    grams = np.stack([rows[2 + n::4, 10 + n + i] for i in range(n)], axis=1)
+    grams = grams[(grams >= FIRST_REGULAR).all(axis=1)]
+    a, b = masking.ngram_hashes([grams[:, i] for i in range(n)], xp=np)
+    h1.append(a)
+    h2.append(b)
+  h1, h2 = np.concatenate(h1), np.concatenate(h2)
+  order = np.argsort(h1, kind='stable')
+  pmi = masking.MaskingTables(np.ones(VOCAB, bool), h1[order], h2[order])
+  return {'token': None, 'whole_word': masking.MaskingTables(word_start=word_start), 'pmi': pmi}
+
+
+def _digest(mb: masking.MaskedBatch) -> str:
+  """Returns a short sha256 hex digest of every field of a MaskedBatch."""
+  h = hashlib.sha256()
+  for field in mb:
+    h.update(np.ascontiguousarray(np.asarray(field)).tobytes())
+  return h.hexdigest()[:16]
+
+
+# Digests of the masks that the code at commit 876aac8 drew: token and whole_word masks (and pmi
+# ones where no word falls back) must stay bit for bit what they were, so resumed runs and tests
+# keep their masks whatever other streams (span lengths) are derived.
+_FROZEN_MASKS = {
+    ('token', 'exact', 0.15): '6c789e2872ebe14b',
+    ('token', 'bernoulli', 0.4): 'f1671713a0c5a83f',
+    ('whole_word', 'exact', 0.4): '6efe06794da7e3a2',
+    ('whole_word', 'bernoulli', 0.3): '21de5433445a687f',
+    ('pmi', 'exact', 0.4): 'e1f246efe223b0b6',
+}
+
+
+def test_token_whole_word_and_pmi_masks_are_frozen():
+  rows = _packed_rows(1, 256, SEQ_LEN, VOCAB)
+  tables = _frozen_tables(rows)
+  assert len(tables['pmi'].pmi_hash1) > 150
+  got = {}
+  for (strategy, selection, rate), digest in _FROZEN_MASKS.items():
+    spec = MaskingSpec(vocab_size=VOCAB, strategy=strategy, selection=selection,
+                       max_predictions=SEQ_LEN)
+    mb = _np(_jit_mask(jax.random.key(123), rows, spec, rate, tables[strategy]))
+    assert mb.selected.sum() > 2000
+    if strategy == 'pmi':
+      assert (np.diff(mb.units, axis=1) == 0).sum() > 100  # n-grams were units
+    got[strategy, selection, rate] = _digest(mb)
+  assert got == _FROZEN_MASKS
+
+
 @pytest.mark.parametrize('selection', ['exact', 'bernoulli'])
 def test_traced_rate_matches_python_float(tokens, selection):
   spec = MaskingSpec(vocab_size=VOCAB, rate=0.4, selection=selection, max_predictions=SEQ_LEN)
@@ -468,12 +524,65 @@ def test_span_lengths_match_truncated_geometric(real, rate, span_words):
   assert abs(lengths.mean() - mean) <= 4.5 * sd / math.sqrt(len(lengths)), (lengths.mean(), mean)
 
 
-def _greedy_reference(row, cand, grams):
-  """Returns unit starts of the left-to-right longest PMI-match segmentation (pure Python)."""
+# The mean span length, in words, that docs/masking.md and the masking.span.p comment in
+# mlmjax/schema.py give for selected spans in 128-token packed rows at rate 0.15 (exact).
+REALISED_SPAN_WORDS = 3.5
+
+
+def test_selected_span_lengths_in_packed_rows_match_the_documented_mean(real):
+  tok, rows = real[0], real[1]
+  assert rows.shape[1] == 128
+  words = _words(tok, rows)
+  lengths = []
+  for key in range(8):
+    mb, _ = _unit_run(real, 'span', 0.15, key=200 + key)
+    sel, units = mb.selected, mb.units
+    # The last selected position of each selected span; its words run from the span's start.
+    same_next = np.zeros_like(sel)
+    same_next[:, :-1] = sel[:, 1:] & (units[:, 1:] == units[:, :-1])
+    b, i = np.nonzero(sel & ~same_next)
+    lengths.append(words[b, i] - words[b, units[b, i]] + 1)
+  lengths = np.concatenate(lengths)
+  assert len(lengths) > 15_000
+  # 4.5 standard errors of the mean of n spans (independent across rows and keys; the budget
+  # couples the few spans of one row only weakly), plus 0.05 for the figure's one decimal.
+  se = lengths.std() / math.sqrt(len(lengths))
+  assert abs(lengths.mean() - REALISED_SPAN_WORDS) <= 4.5 * se + 0.05, (lengths.mean(), se)
+
+
+def test_span_kind_is_independent_of_its_length(real):
+  tok, long_rows = real[0], real[2]
+  rows = long_rows.reshape(-1, UNIT_LEN)  # 128-token rows of running text
+  last_word = _words(tok, rows)
+  n_words, kinds = [], []
+  for key in range(16):
+    mb, _ = _unit_run(real, 'span', 0.3, key=100 + key, rows=rows)
+    # The span at position 0 of each row reads the first length draw and the first kind draw.
+    first = mb.selected[:, 0]
+    end = (mb.units == 0).sum(1) - 1
+    n_words.append((last_word[np.arange(len(rows)), end] - last_word[:, 0] + 1)[first])
+    kinds.append(mb.kinds[first, 0])
+  n_words, kinds = np.concatenate(n_words), np.concatenate(kinds)
+  short = n_words <= 3  # P(L <= 3) = 0.55 for the truncated Geometric(0.2) on [1, 10]
+  n1, n2 = short.sum(), (~short).sum()
+  assert min(n1, n2) > 1000
+  for kind, p in ((KIND_KEEP, 0.1), (KIND_MASK, 0.8)):
+    diff = (kinds[short] == kind).mean() - (kinds[~short] == kind).mean()
+    # Two independent proportions of the same p: the difference has sd sqrt(p q (1/n1 + 1/n2)).
+    # Tolerance 4.5 sd < 0.06 means sd < 0.0134: a 10-point dependence would be observed above
+    # 0.10 - 3 sd > 0.06 in 99.9% of draws, so it could not pass.
+    tol = 4.5 * math.sqrt(p * (1 - p) * (1 / n1 + 1 / n2))
+    assert tol < 0.06 and abs(diff) <= tol, (kind, diff, tol, n1, n2)
+
+
+def _greedy_reference(row, cand, grams, words):
+  """Returns unit starts of the longest-PMI-match segmentation, else rest of word (pure Python)."""
   starts, i = np.zeros(len(row), bool), 0
   while i < len(row):
     starts[i] = True
     step = 1
+    while i + step < len(row) and words[i + step] == words[i]:
+      step += 1
     for n in range(masking.PMI_MAX_N, 1, -1):
       if i + n <= len(row) and cand[i:i + n].all() and tuple(row[i:i + n]) in grams:
         step = n
@@ -482,16 +591,22 @@ def _greedy_reference(row, cand, grams):
   return starts
 
 
+def _pmi_grams(vocab) -> set:
+  """Returns the PMI vocabulary's n-grams as a set of token tuples."""
+  return {tuple(g[:n]) for g, n in zip(vocab['ngrams'].tolist(), vocab['length'].tolist())}
+
+
 @pytest.mark.parametrize('rate', [0.15, 0.4, 0.8])
 def test_pmi_ngrams_are_masked_whole(real, rate):
-  rows, vocab = real[1], real[3]
+  tok, rows, vocab = real[0], real[1], real[3]
   mb, _ = _unit_run(real, 'pmi', rate, key=7)
-  grams = {tuple(g[:n]) for g, n in zip(vocab['ngrams'].tolist(), vocab['length'].tolist())}
+  grams = _pmi_grams(vocab)
   assert len(grams) == len(vocab['ngrams']) > 1000
   cand = rows >= FIRST_REGULAR
+  words = _words(tok, rows)
   multi = 0
   for b in range(0, len(rows), 5):
-    ref = _greedy_reference(rows[b], cand[b], grams) | ~cand[b]
+    ref = _greedy_reference(rows[b], cand[b], grams, words[b]) | ~cand[b]
     ref |= np.concatenate([[True], ~cand[b][:-1]])
     assert (ref == (mb.units[b] == np.arange(rows.shape[1]))).all(), b
     for s in np.flatnonzero(ref):
@@ -499,6 +614,30 @@ def test_pmi_ngrams_are_masked_whole(real, rate):
       assert mb.selected[b][unit].all() or not mb.selected[b][unit].any()
       multi += unit.sum() > 1 and mb.selected[b][s]
   assert multi > 50  # n-grams really were selected as units
+
+
+@pytest.mark.parametrize('rate', [0.15, 0.4])
+def test_pmi_falls_back_to_whole_words(real, rate):
+  tok, rows, vocab = real[0], real[1], real[3]
+  mb, _ = _unit_run(real, 'pmi', rate, key=13)
+  grams = _pmi_grams(vocab)
+  words = _words(tok, rows)
+  cand = rows >= FIRST_REGULAR
+  multi_piece = 0
+  for b in range(0, len(rows), 3):
+    starts = np.unique(mb.units[b])
+    ends = np.append(starts[1:], rows.shape[1])
+    in_gram = np.zeros(rows.shape[1], bool)
+    for s, e in zip(starts, ends):
+      if e - s > 1 and tuple(rows[b, s:e].tolist()) in grams:
+        in_gram[s:e] = True
+    # The pieces of a word that no n-gram covers are selected all together or not at all.
+    outside = cand[b] & ~in_gram
+    for w in np.unique(words[b][outside]):
+      sel = mb.selected[b][outside & (words[b] == w)]
+      assert sel.all() or not sel.any(), (b, w, rows[b][words[b] == w])
+      multi_piece += len(sel) > 1 and sel.all()
+  assert multi_piece > 200  # selected words of several pieces outside the n-grams
 
 
 @pytest.mark.parametrize('strategy', ['whole_word', 'span', 'pmi'])

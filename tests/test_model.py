@@ -280,6 +280,32 @@ def test_bfloat16_forward_runs_and_is_close_to_float32():
   assert float(jnp.abs(l16 - l32).max()) < 0.05 * scale
 
 
+def _output(captured, *path):
+  """Returns the first output of the submodule at `path` from an nnx.capture of method outputs."""
+  for key in path:
+    captured = captured[key]
+  return captured['__call__'][0]
+
+
+@pytest.mark.parametrize('pre_ln', [True, False])
+def test_bfloat16_keeps_the_residual_stream_float32(pre_ln):
+  tokens = two_unit_batch(np.random.default_rng(12))
+  capture = nnx.capture(lambda m: m.encoder(tokens), nnx.Intermediate,
+                        method_outputs=nnx.Intermediate)
+  h16, out16 = capture(make_model(seed=3, dtype='bfloat16', pre_layer_norm=pre_ln))
+  _, out32 = capture(make_model(seed=3, pre_layer_norm=pre_ln))
+  # The stream starts as the float32 embedding LayerNorm, unrounded: the float32 model's bits.
+  stream = _output(out16, 'encoder', 'embed_norm')
+  assert stream.dtype == jnp.float32
+  np.testing.assert_array_equal(stream, _output(out32, 'encoder', 'embed_norm'))
+  for i in range(2):
+    layer = ('encoder', 'layers', i)
+    assert _output(out16, *layer).dtype == jnp.float32  # the stream after each block
+    assert _output(out16, *layer, 'attention').dtype == jnp.bfloat16  # the matmuls stay bf16
+    assert _output(out16, *layer, 'mlp').dtype == jnp.bfloat16
+  assert h16.dtype == jnp.bfloat16  # the encoder still hands its heads the compute dtype
+
+
 def bert_param_count(v, h, layers, inter, max_pos=512, types=2, pre_ln=False) -> int:
   """BERT's encoder plus MLM head (no pooler), counted by formula."""
   embeddings = v * h + max_pos * h + types * h + 2 * h
@@ -482,3 +508,23 @@ def test_remat_policies_keep_loss_and_grads(remat):
 def test_unknown_remat_policy_names_the_key():
   with pytest.raises(ValueError, match=r"model\.remat: 'some' is not supported"):
     small_config(remat='some')
+
+
+def test_heads_lay_out_rows_by_the_cls_and_pad_ids_they_are_given():
+  """A WordPiece-like row ([CLS]=7, [SEP]=8): id 2 inside the text is a word, not a unit start."""
+  cfg = small_config()
+  row = jnp.array([[7, 9, CLS, 11, 12, 8, PAD, PAD]], jnp.int32)
+  real = (row != PAD).astype(jnp.int32)
+  one_unit = dict(position_ids=jnp.arange(8, dtype=jnp.int32)[None] * real, doc_ids=real)
+  ids = dict(cls_id=7, pad_id=PAD)
+  clf = M.SequenceClassifier(cfg, 3, pooling='cls', **ids, rngs=nnx.Rngs(0))
+  hidden = clf.encoder(row, **one_unit)
+  # The sentencepiece default splits the row at id 2: the [CLS] vector would read 2 tokens only.
+  assert np.abs(np.asarray(clf.encoder(row)[:, 0] - hidden[:, 0])).max() > 1e-3
+  np.testing.assert_allclose(clf.encoder(row, **ids), hidden, atol=1e-6)
+  np.testing.assert_allclose(clf(row), clf.classifier(hidden[:, 0]), atol=1e-6)
+  tagger = M.TokenTagger(cfg, 3, **ids, rngs=nnx.Rngs(1))
+  np.testing.assert_allclose(tagger(row), tagger.classifier(tagger.encoder(row, **one_unit)),
+                             atol=1e-6)
+  dual = M.DualEncoder(cfg, pooling='mean', **ids, rngs=nnx.Rngs(2))
+  np.testing.assert_allclose(dual(row), M.mean_pool(dual.encoder(row, **one_unit), real), atol=1e-6)

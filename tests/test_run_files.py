@@ -17,7 +17,10 @@ def test_resume_drops_metrics_past_the_restored_step_and_cut_lines(tmp_path):
   records = [{'step': s, 'train/loss': 10.0 - s} for s in (50, 100, 150, 200)]
   # A crash cut the last line short: it goes whatever the step.
   metrics.write_text(''.join(json.dumps(r) + '\n' for r in records) + '{"step": 250, "tr')
-  reporter = run_files.Reporter(tmp_path, enabled=True, resume_step=100)
+  before = metrics.read_bytes()
+  reporter = run_files.Reporter(tmp_path, enabled=True)
+  assert metrics.read_bytes() == before  # nothing changes until the run knows its restored step
+  reporter.truncate_metrics(100)
   assert [json.loads(l)['step'] for l in _lines(metrics)] == [50, 100]
   reporter.write(150, {'train/loss': 1.5, 'note': 'text is kept out of TensorBoard'})
   reporter.close()
@@ -27,13 +30,14 @@ def test_resume_drops_metrics_past_the_restored_step_and_cut_lines(tmp_path):
 
 
 def test_a_fresh_start_in_an_old_workdir_keeps_no_metrics(tmp_path):
-  (tmp_path / 'metrics.jsonl').write_text('{"step": 10}\n')
-  run_files.Reporter(tmp_path, enabled=True, resume_step=None)
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 0, "eval/loss": 7.0}\n{"step": 10}\n')
+  run_files.Reporter(tmp_path, enabled=True).truncate_metrics(0)
   assert (tmp_path / 'metrics.jsonl').read_text() == ''
 
 
 def test_a_disabled_reporter_writes_nothing(tmp_path):
-  reporter = run_files.Reporter(tmp_path, enabled=False, resume_step=None)
+  reporter = run_files.Reporter(tmp_path, enabled=False)
+  reporter.truncate_metrics(0)
   reporter.log('a line')
   reporter.write(1, {'x': 1.0})
   reporter.close()
@@ -41,7 +45,7 @@ def test_a_disabled_reporter_writes_nothing(tmp_path):
 
 
 def test_log_appends_to_log_txt(tmp_path, capsys):
-  reporter = run_files.Reporter(tmp_path, enabled=True, resume_step=None)
+  reporter = run_files.Reporter(tmp_path, enabled=True)
   reporter.log('first')
   reporter.log('second')
   assert _lines(tmp_path / 'log.txt') == ['first', 'second']

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mlmjax import corpus
+from mlmjax import tokenizer as tokenizer_lib
 from mlmjax.tasks import task_data as td
 
 
@@ -353,3 +354,20 @@ def test_embedded_tasks_are_cached_copies_and_names_are_checked(embedded_tasks):
     td.embedded_examples('nope')
   with pytest.raises(ValueError, match='embedded:nope'):
     td.read_examples('embedded:nope')
+
+
+def test_rows_take_the_special_ids_of_a_wordpiece_tokenizer(tmp_path):
+  """Rows use a BERT vocabulary's [CLS] [SEP] [PAD] [UNK] (6, 7, 0, 5 here), not sentencepiece's."""
+  vocab = (['[PAD]'] + [f'[unused{i}]' for i in range(4)] + ['[UNK]', '[CLS]', '[SEP]', '[MASK]']
+           + ['the', 'list', 'is', 'sorted', '.', '##s'])
+  (tmp_path / 'vocab.txt').write_text('\n'.join(vocab) + '\n')
+  wp = tokenizer_lib.load_any(tmp_path / 'vocab.txt')
+  assert (wp.cls_id, wp.sep_id, wp.pad_id, wp.unk_id) == (6, 7, 0, 5)
+  pieces = wp.encode('The lists are sorted.')
+  rows = td.encode_texts(wp, ['The lists are sorted.', 'the list'], 12)
+  np.testing.assert_array_equal(rows[0], [6, *pieces, 7] + [0] * (10 - len(pieces)))
+  np.testing.assert_array_equal(td.encode_text(wp, 'the list', 12), rows[1])
+  assert list(rows[1][:4]) == [6, wp.piece_to_id('the'), wp.piece_to_id('list'), 7]
+  ids, starts = td.encode_words(wp, ['the', '\u200b', 'lists'], 8)
+  np.testing.assert_array_equal(ids, [6, 9, 5, 10, 14, 7, 0, 0])
+  np.testing.assert_array_equal(starts, [1, 2, 3])

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -12,7 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from mlmjax import experiment, flops, losses, masking, model, optim, predict, train, train_state, train_step
+from mlmjax import (experiment, flops, input_pipeline, losses, masking, model, optim, predict,
+                    train, train_state, train_step)
 from mlmjax.tasks import mlm as mlm_task
 from mlmjax import tokenizer as tok
 
@@ -319,7 +321,6 @@ def test_skipped_batches_are_logged_counted_across_resume_and_stop_past_the_limi
 
 
 def test_full_disk_is_reported_before_training_starts(tiny_config, tmp_path, monkeypatch):
-  import shutil  # pylint: disable=g-import-not-at-top
   usage = shutil.disk_usage(tmp_path)
   # The disk is the environment, not the thing under test: report 1 MiB free.
   monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage._replace(free=2**20))
@@ -497,3 +498,102 @@ def test_bfloat16_keeps_float32_master_weights_and_optimizer_state(tiny_config):
   assert float(weight) == float(sums['weight']) > 0  # the same masks
   loss16 = float(sums['loss_sum']) / float(sums['weight'])
   assert abs(loss16 - float(ref)) < 0.02 * float(ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume bookkeeping: damaged checkpoints, refused reruns, tokens_seen.
+
+
+def _metric_steps(workdir: pathlib.Path) -> list[int]:
+  return [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def _damage(step_dir: pathlib.Path) -> None:
+  """Cuts the largest data file of a step's parameters in half (a write cut short)."""
+  files = [p for p in (step_dir / 'params').rglob('*') if p.is_file() and p.parent.name == 'd']
+  big = max(files, key=lambda p: p.stat().st_size)
+  with open(big, 'r+b') as f:
+    f.truncate(big.stat().st_size // 2)
+
+
+def _workdir_files(workdir: pathlib.Path) -> dict[str, bytes]:
+  return {n: (workdir / n).read_bytes() for n in ('config.json', 'task.json', 'metrics.jsonl')}
+
+
+# Orbax's reads of a damaged step can leave a failed coroutine behind that Python reports later.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.slow
+def test_resume_past_a_damaged_step_keeps_the_metrics_up_to_the_step_restored(tiny_config,
+                                                                             tmp_path):
+  c = tiny_config
+  c.ckpt.every_steps, c.eval.every_steps = 2, 100
+  train.run(c, tmp_path, stop_after=4)  # checkpoints 2 and 4, metrics of steps 1..4
+  assert _metric_steps(tmp_path) == [1, 2, 3, 4]
+  _damage(tmp_path / 'checkpoints' / '4')
+  assert train.run(c, tmp_path, stop_after=1)['step'] == 3
+  assert 'resumed from step 2' in (tmp_path / 'log.txt').read_text()
+  # Steps 3 and 4 of the first run are gone: the rerun trained from step 2 again.
+  assert _metric_steps(tmp_path) == [1, 2, 3]
+
+
+# Orbax's reads of a damaged step can leave a failed coroutine behind that Python reports later.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.slow
+def test_refused_reruns_change_no_workdir_file_and_nothing_restorable_stops(tiny_config, tmp_path):
+  c = tiny_config
+  c.ckpt.every_steps, c.eval.every_steps = 2, 100
+  train.run(c, tmp_path, stop_after=2)
+  before = _workdir_files(tmp_path)
+  # Another model shape: refused before config.json or task.json record the new shape.
+  c.model.intermediate_size = 256
+  with pytest.raises(ValueError, match='does not fit this model'):
+    train.run(c, tmp_path)
+  assert _workdir_files(tmp_path) == before
+  c.model.intermediate_size = 0
+
+  # Checkpoints exist but none restores: a clear stop naming the directory and the key, not a
+  # silent start from scratch; the damaged step stays where it is.
+  _damage(tmp_path / 'checkpoints' / '2')
+  with pytest.raises(ValueError) as e:
+    train.run(c, tmp_path)
+  msg = _one_or_two_lines(e.value)
+  assert str(tmp_path / 'checkpoints') in msg and 'ckpt.restart_if_unrestorable=True' in msg
+  assert _workdir_files(tmp_path) == before
+  assert [p.name for p in (tmp_path / 'checkpoints').iterdir()] == ['2']
+  assert not (tmp_path / 'checkpoints_damaged').exists()
+
+  # Asked to: the damaged step is moved aside and the run starts again at step 0, with warnings.
+  c.ckpt.restart_if_unrestorable = True
+  assert train.run(c, tmp_path, stop_after=1)['step'] == 1
+  log = (tmp_path / 'log.txt').read_text()
+  assert 'WARNING: checkpoint step 2 does not restore' in log and 'starting over' in log
+  assert [p.name.split('.')[0] for p in (tmp_path / 'checkpoints_damaged').iterdir()] == ['2']
+  assert _metric_steps(tmp_path) == [1]
+
+
+def _tokens_through(config, workdir: pathlib.Path) -> np.ndarray:
+  """Returns [0, tokens of step 1, of steps 1..2, ...]: non-PAD tokens of each global batch."""
+  rows = input_pipeline.prepare_data(config, workdir, log=lambda s: None).cache.train_rows
+  per_step = [np.count_nonzero(input_pipeline.global_batch_rows(
+      rows, s, global_batch=config.train.batch_size, seed=config.seed) != tok.PAD_ID)
+              for s in range(config.train.num_steps)]
+  return np.cumsum([0] + per_step).astype(float)
+
+
+@pytest.mark.slow
+def test_checkpoints_count_the_tokens_of_steps_not_yet_logged(tiny_config, tmp_path):
+  c = tiny_config
+  c.train.log_every_steps, c.ckpt.every_steps, c.ckpt.max_to_keep = 4, 3, 10
+  c.eval.every_steps = 100
+  summary = train.run(c, tmp_path)  # saves at 3 and 6, between the log lines at 4 and 8
+  through = _tokens_through(c, tmp_path)
+  for step in (3, 6, 8):
+    _, meta = _stored_state(tmp_path, step)
+    assert meta['progress']['tokens_seen'] == through[step], step
+  assert summary['tokens_seen'] == through[8]
+  # A crash after the save at step 3: the resumed run ends with the uninterrupted count.
+  for step in (6, 8):
+    shutil.rmtree(tmp_path / 'checkpoints' / str(step))
+  resumed = train.run(c, tmp_path)
+  assert 'resumed from step 3' in (tmp_path / 'log.txt').read_text()
+  assert resumed['step'] == 8 and resumed['tokens_seen'] == summary['tokens_seen']

@@ -183,23 +183,36 @@ class Task:
     """Returns (N, seq_len) int32 rows [CLS] pieces [SEP] PAD... of cleaned texts (prediction input)."""
     return td.encode_texts(self.tokenizer, texts, int(self.config.train.seq_len))
 
+  def layout_ids(self) -> dict[str, int]:
+    """Returns the tokenizer's {'cls_id', 'pad_id'}, as the heads and the encoder take them.
+
+    Without a tokenizer (the compile check of a config that names none: shapes only) they are
+    the sentencepiece layout's.
+    """
+    t = self.tokenizer
+    if t is None:
+      return {'cls_id': tokenizer_lib.CLS_ID, 'pad_id': tokenizer_lib.PAD_ID}
+    return {'cls_id': int(t.cls_id), 'pad_id': int(t.pad_id)}
+
   def embedding(self, model, ids: jax.Array, pooling: str) -> jax.Array:
     """Returns the (B, H) embedding of rows: the encoder's output pooled by `pooling`."""
-    return model_lib.pool(model.encoder(ids), ids, pooling, pad_id=int(self.tokenizer.pad_id))
+    ids_of = self.layout_ids()
+    return model_lib.pool(model.encoder(ids, **ids_of), ids, pooling, pad_id=ids_of['pad_id'])
 
 
 # Rows per prediction forward call: 8, 16 or 32 (the next power of two), so a few compiles serve any count.
 _MIN_BATCH, _MAX_BATCH = 8, 32
 
 
-def batched(fn: Callable[[np.ndarray], jax.Array], rows: np.ndarray) -> np.ndarray:
-  """Returns fn's per-row outputs for rows (N, W), computed in zero-padded batches of a few sizes."""
+def batched(fn: Callable[[np.ndarray], jax.Array], rows: np.ndarray,
+            pad_id: int = tokenizer_lib.PAD_ID) -> np.ndarray:
+  """Returns fn's per-row outputs for rows (N, W), in batches of a few sizes padded with pad_id."""
   n = len(rows)
   size = min(_MAX_BATCH, max(_MIN_BATCH, 1 << max(n - 1, 0).bit_length()))
   outs = []
   for start in range(0, n, size):
     part = rows[start:start + size]
-    padded = np.zeros((size, rows.shape[1]), np.int32)  # all-PAD rows: their outputs are dropped
+    padded = np.full((size, rows.shape[1]), pad_id, np.int32)  # their outputs are dropped
     padded[:len(part)] = part
     outs.append(np.asarray(fn(padded))[:len(part)])
   return np.concatenate(outs)
@@ -208,8 +221,9 @@ def batched(fn: Callable[[np.ndarray], jax.Array], rows: np.ndarray) -> np.ndarr
 class LabelTask(Task):
   """Shared hooks of tasks with a label per row (classify) or per position (tag).
 
-  Subclasses define parts(rows) -> (tokens, labels, weights): the loss is softmax cross-entropy of
-  the model's logits against labels where weights > 0, and accuracy counts argmax hits there.
+  Subclasses define parts(rows, pad_id) -> (tokens, labels, weights), pad_id the tokenizer's (a
+  row whose first token is pad_id is padding): the loss is softmax cross-entropy of the model's
+  logits against labels where weights > 0, and accuracy counts argmax hits there.
   """
 
   count_name = 'examples'  # what evaluate counts: examples (classify) or words (tag)
@@ -224,8 +238,8 @@ class LabelTask(Task):
     self._probs = {}
 
   @staticmethod
-  def parts(rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Returns (tokens, labels, weights) of a batch of rows."""
+  def parts(rows: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns (tokens, labels, weights) of a batch of rows; pad_id marks padding rows."""
     raise NotImplementedError
 
   def label_names(self) -> list[str]:
@@ -248,7 +262,7 @@ class LabelTask(Task):
 
   def batch_loss(self, m, rows, mask_key, drop_key, step):
     del mask_key, step
-    tokens, labels, weights = self.parts(rows)
+    tokens, labels, weights = self.parts(rows, self.layout_ids()['pad_id'])
     logits = m(tokens, dropout_rng=drop_key)
     loss_sum, weight = losses.cross_entropy_sum(logits, labels, weights)
     correct, _ = losses.accuracy_sum(logits, labels, weights)
@@ -279,10 +293,10 @@ class LabelTask(Task):
   def _forward_fn(self):
     """Returns the jitted (graphdef, params, rows) -> (pred, label, weight, nll), built once."""
     if self._forward is None:
-      parts = self.parts
+      parts, pad_id = self.parts, self.layout_ids()['pad_id']
 
       def forward(graphdef, params, rows):
-        tokens, labels, weights = parts(rows)
+        tokens, labels, weights = parts(rows, pad_id)
         logits = nnx.merge(graphdef, params)(tokens)
         lse = jax.nn.logsumexp(logits, axis=-1)
         gold = jnp.take_along_axis(logits, labels[..., None], axis=-1, mode='clip')[..., 0]
@@ -296,4 +310,5 @@ class LabelTask(Task):
     if graphdef not in self._probs:
       self._probs[graphdef] = jax.jit(
           lambda p, ids: jax.nn.softmax(nnx.merge(graphdef, p)(ids), axis=-1))
-    return batched(lambda ids: self._probs[graphdef](params, ids), rows)
+    return batched(lambda ids: self._probs[graphdef](params, ids), rows,
+                   self.layout_ids()['pad_id'])

@@ -7,7 +7,8 @@ set of labels in the whole file; a label's id is its position in that list (stat
 Row layout, W = train.seq_len + 1, int32:
   columns [0, seq_len)  tokens: [CLS] pieces [SEP] PAD... (texts longer than seq_len - 2 pieces are cut)
   column  seq_len       the label id
-Rows whose first token is PAD (evaluation padding) carry no weight.
+Every token id is the tokenizer's. Rows whose first token is its PAD (evaluation padding) carry
+no weight.
 """
 
 import jax
@@ -18,10 +19,13 @@ from mlmjax.tasks import task_data as td
 from mlmjax.tasks.base import LabelTask, TaskData
 
 
-def split_row_parts(rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Returns (tokens (B, L), label ids (B,), valid (B,) bool) of classification rows (B, L + 1)."""
+def split_row_parts(rows: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Returns (tokens (B, L), label ids (B,), valid (B,) bool) of classification rows (B, L + 1).
+
+  A row whose first token is pad_id (the tokenizer's; evaluation padding) is not valid.
+  """
   tokens, labels = rows[:, :-1], rows[:, -1]
-  return tokens, labels, tokens[:, 0] != td.PAD_ID
+  return tokens, labels, tokens[:, 0] != pad_id
 
 
 class ClassifyTask(LabelTask):
@@ -99,8 +103,8 @@ class ClassifyTask(LabelTask):
   def build_model(self, enc_cfg, rngs):
     if not self.labels:
       raise RuntimeError('classify: no labels: call prepare() or load_meta() before build_model()')
-    return model.SequenceClassifier(enc_cfg, len(self.labels),
-                                    pooling=self.config.classify.pooling, rngs=rngs)
+    return model.SequenceClassifier(enc_cfg, len(self.labels), pooling=self.config.classify.pooling,
+                                    **self.layout_ids(), rngs=rngs)
 
   def baselines(self) -> dict[str, float]:
     if self.splits is None:

@@ -173,7 +173,7 @@ class MlmTask(Task):
     # The tokenizer's word starts and the corpus's PMI n-grams are not built here; zeros of their
     # shapes compile the same step.
     word_start = pmi_hashes = None
-    if self.spec.strategy == 'whole_word' or (self.spec.strategy == 'span' and self.spec.span_words):
+    if masking.needs_word_starts(self.spec):
       word_start = jnp.zeros((vocab,), bool)
     if self.spec.strategy == 'pmi':
       pmi_hashes = jnp.zeros((int(self.config.masking.pmi.vocab_size),), jnp.uint32)

@@ -43,7 +43,7 @@ from mlmjax import corpus, input_pipeline, model
 from mlmjax.tasks import task_data
 from mlmjax.tasks.base import Task, TaskData
 
-PAD_ID = task_data.PAD_ID
+PAD_ID = task_data.PAD_ID  # the sentencepiece layout's; the task passes its tokenizer's pad_id
 # Cosines within this of the gold score count as ties (against the gold): float32 embeddings carry
 # ~1e-7 relative rounding, so documents with equal scores in exact arithmetic land within ~1e-7.
 TIE_TOL = 1e-6
@@ -62,16 +62,18 @@ def normalize(x: jax.Array) -> jax.Array:
 
 
 def in_batch_sums(q: jax.Array, d: jax.Array, q_tokens: jax.Array, d_tokens: jax.Array,
-                  temperature: float) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+                  temperature: float, pad_id: int = PAD_ID
+                  ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """Returns (loss_sum, weight, sums) of InfoNCE with in-batch negatives over the valid rows.
 
   q, d: (B, H) embeddings; q_tokens, d_tokens: (B, L) their token rows (row valid: q_tokens[:, 0]
-  != PAD). Row i's negatives are the valid documents j != i whose tokens differ from document i's.
+  != pad_id, the tokenizer's). Row i's negatives are the valid documents j != i whose tokens differ
+  from document i's.
   sums: 'loss_sum', 'weight' (valid rows), 'correct' (gold strictly above every negative),
   'negatives' (negatives summed over valid rows).
   """
   b = q.shape[0]
-  valid = q_tokens[:, 0] != PAD_ID
+  valid = q_tokens[:, 0] != pad_id
   scores = (normalize(q) @ normalize(d).T) / temperature
   same_doc = jnp.all(d_tokens[:, None, :] == d_tokens[None, :, :], axis=-1)
   negative = valid[None, :] & ~same_doc
@@ -283,7 +285,8 @@ class RetrieveTask(Task):
                     stats=stats, key=key)
 
   def build_model(self, enc_cfg, rngs):
-    return model.DualEncoder(enc_cfg, pooling=self.config.retrieve.pooling, rngs=rngs)
+    return model.DualEncoder(enc_cfg, pooling=self.config.retrieve.pooling, **self.layout_ids(),
+                             rngs=rngs)
 
   def _split_halves(self, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
     if rows.shape[-1] != 2 * self.seq_len:
@@ -300,7 +303,7 @@ class RetrieveTask(Task):
     q_tokens, d_tokens = self._split_halves(rows)
     q = m(q_tokens, dropout_rng=None if drop_key is None else jax.random.fold_in(drop_key, 0))
     d = m(d_tokens, dropout_rng=None if drop_key is None else jax.random.fold_in(drop_key, 1))
-    return in_batch_sums(q, d, q_tokens, d_tokens, self.temperature)
+    return in_batch_sums(q, d, q_tokens, d_tokens, self.temperature, self.layout_ids()['pad_id'])
 
   def window_record(self, sums):
     w = max(float(sums['weight']), 1.0)
@@ -310,12 +313,13 @@ class RetrieveTask(Task):
   def _eval_fn(self, graphdef) -> Callable:
     """Returns the jitted (params, rows) -> (q, d, [loss_sum, weight, correct]) of a graphdef."""
     if graphdef not in self._eval_fns:
+      pad_id = self.layout_ids()['pad_id']
 
       def forward(params, rows):
         m = nnx.merge(graphdef, params)
         q_tokens, d_tokens = self._split_halves(rows)
         q, d = m(q_tokens), m(d_tokens)
-        _, _, sums = in_batch_sums(q, d, q_tokens, d_tokens, self.temperature)
+        _, _, sums = in_batch_sums(q, d, q_tokens, d_tokens, self.temperature, pad_id)
         return q, d, jnp.stack([sums['loss_sum'], sums['weight'], sums['correct']])
 
       self._eval_fns[graphdef] = jax.jit(forward)
@@ -332,11 +336,11 @@ class RetrieveTask(Task):
     rows = self._split_rows(split)
     if not len(rows):
       return {}
-    fn = self._eval_fn(graphdef)
+    fn, pad_id = self._eval_fn(graphdef), self.layout_ids()['pad_id']
     q_parts, d_parts, totals = [], [], np.zeros(3)
     for batch in input_pipeline.eval_batches(rows, batch_size=int(self.config.eval.batch_size)):
       q, d, sums = fn(params, to_device(batch))
-      valid = batch[:, 0] != PAD_ID  # the padding rows of the last batch are all PAD
+      valid = batch[:, 0] != pad_id  # the padding rows of the last batch are all PAD
       q_parts.append(task_data.to_host(q)[valid])
       d_parts.append(task_data.to_host(d)[valid])
       totals += task_data.to_host(sums).reshape(-1)[:3]

@@ -95,11 +95,14 @@ def map_tag(tag: str, tag_map: str, unmapped: collections.Counter) -> str:
   return coarse
 
 
-def split_row_parts(rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Returns (tokens (B, L), tag ids (B, L), weights (B, L) bool) of tagging rows (B, 2 L)."""
+def split_row_parts(rows: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Returns (tokens (B, L), tag ids (B, L), weights (B, L) bool) of tagging rows (B, 2 L).
+
+  A row whose first token is pad_id (the tokenizer's; evaluation padding) has no weight.
+  """
   seq_len = rows.shape[1] // 2
   tokens, tags = rows[:, :seq_len], rows[:, seq_len:]
-  return tokens, tags, (tags >= 0) & (tokens[:, :1] != td.PAD_ID)
+  return tokens, tags, (tags >= 0) & (tokens[:, :1] != pad_id)
 
 
 class TagTask(LabelTask):
@@ -221,7 +224,7 @@ class TagTask(LabelTask):
   def build_model(self, enc_cfg, rngs):
     if not self.labels:
       raise RuntimeError('tag: no labels: call prepare() or load_meta() before build_model()')
-    return model.TokenTagger(enc_cfg, len(self.labels), rngs=rngs)
+    return model.TokenTagger(enc_cfg, len(self.labels), **self.layout_ids(), rngs=rngs)
 
   def baselines(self) -> dict[str, float]:
     if self.splits is None:

@@ -10,7 +10,9 @@ sentences of one Brown document land in one split), else its `task_data.id_field
 '') the example's whole content. Adding or removing examples never moves the others.
 
 Text is cleaned with corpus.clean_document (ftfy mojibake repair: the BBC articles' 'Â£' becomes
-'£'; Unicode NFC; whitespace) before sentencepiece, as the pretraining corpus is.
+'£'; Unicode NFC; whitespace) before sentencepiece, as the pretraining corpus is. Rows take every
+special id ([CLS], [SEP], [PAD], [UNK]) from the tokenizer: a WordPiece vocabulary imported from
+Hugging Face has [CLS]=101, not the sentencepiece layout's 2.
 """
 
 import collections
@@ -29,6 +31,7 @@ from mlmjax import corpus, input_pipeline
 from mlmjax import pydocs
 from mlmjax import tokenizer as tokenizer_lib
 
+# The sentencepiece layout's ids (a sentencepiece tokenizer's own); rows use the tokenizer's ids.
 PAD_ID, CLS_ID, SEP_ID, UNK_ID = (tokenizer_lib.PAD_ID, tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID,
                                   tokenizer_lib.UNK_ID)
 SPLITS = ('train', 'val', 'test')
@@ -247,17 +250,17 @@ def _check_seq_len(seq_len: int) -> None:
     raise ValueError(f'train.seq_len={seq_len} is too short for [CLS] text [SEP]; use >= 3')
 
 
-def _layout(pieces: Sequence[int], seq_len: int, stats: dict | None) -> np.ndarray:
-  """Returns [CLS] pieces [SEP] PAD... of length seq_len, the pieces cut to fit."""
+def _layout(tokenizer, pieces: Sequence[int], seq_len: int, stats: dict | None) -> np.ndarray:
+  """Returns [CLS] pieces [SEP] PAD... (the tokenizer's ids), seq_len long, pieces cut to fit."""
   room = seq_len - 2
   if len(pieces) > room:
     _bump(stats, 'truncated')
     _bump(stats, 'pieces_dropped', len(pieces) - room)
     pieces = pieces[:room]
-  row = np.full(seq_len, PAD_ID, np.int32)
-  row[0] = CLS_ID
+  row = np.full(seq_len, tokenizer.pad_id, np.int32)
+  row[0] = tokenizer.cls_id
   row[1:1 + len(pieces)] = pieces
-  row[1 + len(pieces)] = SEP_ID
+  row[1 + len(pieces)] = tokenizer.sep_id
   return row
 
 
@@ -268,7 +271,7 @@ def encode_text(tokenizer, text: str, seq_len: int, *, stats: dict | None = None
   stats['pieces_dropped'].
   """
   _check_seq_len(seq_len)
-  return _layout(tokenizer.encode(corpus.clean_document(text)), seq_len, stats)
+  return _layout(tokenizer, tokenizer.encode(corpus.clean_document(text)), seq_len, stats)
 
 
 def encode_texts(tokenizer, texts: Iterable[str], seq_len: int, *,
@@ -279,7 +282,7 @@ def encode_texts(tokenizer, texts: Iterable[str], seq_len: int, *,
   if not cleaned:
     return np.zeros((0, seq_len), np.int32)
   pieces = tokenizer.encode_batch(cleaned)
-  return np.stack([_layout(p, seq_len, stats) for p in pieces])
+  return np.stack([_layout(tokenizer, p, seq_len, stats) for p in pieces])
 
 
 def word_pieces(tokenizer, word: str, cache: dict | None = None) -> list[int]:
@@ -289,7 +292,7 @@ def word_pieces(tokenizer, word: str, cache: dict | None = None) -> list[int]:
   clean = corpus.clean_document(word)
   # A leading space keeps the word-start marker for tokenizers that do not add one themselves.
   pieces = list(tokenizer.encode(' ' + clean)) if clean else []
-  pieces = pieces or [UNK_ID]
+  pieces = pieces or [int(tokenizer.unk_id)]
   if cache is not None:
     cache[word] = pieces
   return pieces
@@ -304,9 +307,9 @@ def encode_words(tokenizer, words: Sequence[str], seq_len: int, *, stats: dict |
   stats['truncated_words'] and stats['truncated'] (examples). `cache` (a dict) memoizes words.
   """
   _check_seq_len(seq_len)
-  ids = np.full(seq_len, PAD_ID, np.int32)
+  ids = np.full(seq_len, tokenizer.pad_id, np.int32)
   starts = np.full(len(words), -1, np.int32)
-  ids[0] = CLS_ID
+  ids[0] = tokenizer.cls_id
   pos = 1
   for j, word in enumerate(words):
     pieces = word_pieces(tokenizer, str(word), cache)
@@ -317,7 +320,7 @@ def encode_words(tokenizer, words: Sequence[str], seq_len: int, *, stats: dict |
     starts[j] = pos
     ids[pos:pos + len(pieces)] = pieces
     pos += len(pieces)
-  ids[pos] = SEP_ID
+  ids[pos] = tokenizer.sep_id
   return ids, starts
 
 
