@@ -56,6 +56,16 @@ def _adam_states(tree) -> list:
           if isinstance(s, optax.ScaleByAdamState)]
 
 
+def _two_steps(ckpt_dir) -> dict:
+  """Saves steps 1 and 2 (a different state) in ckpt_dir; returns step 1's state."""
+  good = _train_state(0.0)
+  ck = _checkpointer(ckpt_dir, async_save=False)
+  ck.save(1, good, {'step': 1})
+  ck.save(2, _train_state(1.0), {'step': 2})
+  ck.close()
+  return good
+
+
 def _checkpointer(directory, log: list | None = None, **kw) -> checkpoint.Checkpointer:
   sink = [] if log is None else log
   return checkpoint.Checkpointer(directory, log=sink.append, **kw)
@@ -175,11 +185,7 @@ def _remove_meta_json(step_dir):
                          ids=lambda f: f.__name__.strip('_'))
 def test_restore_latest_falls_back_past_a_damaged_step(tmp_path, damage):
   ckpt_dir = tmp_path / 'checkpoints'
-  good, newer = _train_state(0.0), _train_state(1.0)
-  ck = _checkpointer(ckpt_dir, async_save=False)
-  ck.save(1, good, {'step': 1})
-  ck.save(2, newer, {'step': 2})
-  ck.close()
+  good = _two_steps(ckpt_dir)
   damage(ckpt_dir / '2')
   files_left = sorted(p.relative_to(ckpt_dir / '2') for p in (ckpt_dir / '2').rglob('*'))
 
@@ -367,11 +373,7 @@ def test_params_restore_alone_also_after_the_optimizer_state_is_deleted(tmp_path
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_restore_latest_params_falls_back_past_a_damaged_step(tmp_path):
   ckpt_dir = tmp_path / 'checkpoints'
-  good, newer = _train_state(0.0), _train_state(1.0)
-  ck = _checkpointer(ckpt_dir, async_save=False)
-  ck.save(1, good, {'step': 1})
-  ck.save(2, newer, {'step': 2})
-  ck.close()
+  good = _two_steps(ckpt_dir)
   _remove_data_file(ckpt_dir / '2')
   target = _target(good)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain
-from mlmjax import checkpoint, predict, train
+from mlmjax import checkpoint, predict, schema, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 40
@@ -33,19 +33,11 @@ print('SUMMARY ' + json.dumps(train.run(c, sys.argv[2])), flush=True)
 """
 
 
-def _flat(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
 
 def _overrides(config) -> dict:
   """Returns {dotted key: value} where config differs from get_config('tiny')."""
-  new, base = _flat(config.to_dict()), _flat(pretrain.get_config('tiny').to_dict())
+  new = schema.flatten(config.to_dict())
+  base = schema.flatten(pretrain.get_config('tiny').to_dict())
   return {k: v for k, v in new.items() if base.get(k) != v}
 
 
