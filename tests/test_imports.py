@@ -45,11 +45,13 @@ def _imports_of(module: str, path: pathlib.Path, modules: dict) -> set[str]:
         source = '.'.join(base + ([node.module] if node.module else []))
       else:
         source = node.module or ''
+      # `from mlmjax.tasks import task_data` reads the package mlmjax.tasks (its __init__ runs
+      # and the name is looked up there) and loads the module mlmjax.tasks.task_data: both count.
+      found.add(_imported(source, modules))
       for alias in node.names:
-        # `from mlmjax import corpus` imports the module mlmjax.corpus; `from mlmjax.tasks
-        # import Task` imports a name of the package mlmjax.tasks.
         sub = f'{source}.{alias.name}'
-        found.add(sub if sub in modules else _imported(source, modules))
+        if sub in modules:
+          found.add(sub)
   found.discard(None)
   found.discard(module)
   return found
@@ -125,14 +127,28 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
   assert import_graph(tmp_path / 'pkg') == {
       'pkg': set(),
       'pkg.core': set(),
-      'pkg.mid': {'pkg.core'},  # from pkg import core; import pkg.core
-      'pkg.top': {'pkg.mid', 'pkg.sub'},  # inside a function; a package is its __init__
+      # `from pkg import core` reads the package pkg and loads pkg.core; import pkg.core
+      'pkg.mid': {'pkg', 'pkg.core'},
+      'pkg.top': {'pkg', 'pkg.mid', 'pkg.sub'},  # inside a function; a package is its __init__
       'pkg.sub': {'pkg.sub.base', 'pkg.sub.leaf'},  # absolute and relative submodules
-      'pkg.sub.base': {'pkg.core', 'pkg.mid'},  # `from ..mid import thing`: a name of pkg.mid
+      'pkg.sub.base': {'pkg', 'pkg.core', 'pkg.mid'},  # `from ..mid import thing`: a name of pkg.mid
       'pkg.sub.leaf': {'pkg.sub', 'pkg.sub.base', 'pkg'},  # a name of the package: its __init__
   }
   graph = import_graph()
   assert {'mlmjax', 'mlmjax.tasks', 'mlmjax.tasks.mlm', 'mlmjax.masking'} <= set(graph)
+
+
+def test_a_submodule_that_imports_from_its_importing_package_is_a_cycle(tmp_path):
+  # pkg/__init__ imports pkg.base, and pkg.base reads a sibling through the package: a circle
+  # that works only because Python finds the sibling while pkg is half initialized.
+  files = {'__init__.py': 'from pkg.base import Base\n', 'util.py': 'X = 1\n',
+           'base.py': 'from pkg import util\n'}
+  for name, text in files.items():
+    (tmp_path / 'pkg' / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / 'pkg' / name).write_text(text)
+  assert find_cycles(import_graph(tmp_path / 'pkg')) == [['pkg', 'pkg.base', 'pkg']]
+  (tmp_path / 'pkg' / 'base.py').write_text('import pkg.util as util\n')
+  assert find_cycles(import_graph(tmp_path / 'pkg')) == []
 
 
 def test_find_cycles_reports_each_cycle_once():

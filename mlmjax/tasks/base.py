@@ -21,7 +21,7 @@ from flax import nnx
 
 from mlmjax import losses, model as model_lib
 from mlmjax import tokenizer as tokenizer_lib
-from mlmjax.tasks import task_data as td
+import mlmjax.tasks.task_data as td  # not `from mlmjax.tasks import`: that package imports this one
 
 # (record key, label, format spec): one entry of a progress or evaluation line.
 Metric = tuple[str, str, str]
