@@ -11,7 +11,9 @@ imports nothing of mlmjax: train, sweep and the task exporters all sit above it.
 """
 
 import contextlib
+import importlib.util
 import os
+import pathlib
 import sys
 from typing import Callable, Iterator, NoReturn, Sequence
 
@@ -65,6 +67,18 @@ def flag_error(e: BaseException, argv: Sequence[str] = ()) -> str:
   useful = [l for l in lines if not l.startswith(('Traceback', 'File ', '^', '~'))]
   last = useful[-1] if useful else str(e)
   return last if last == lines[0] else f'{lines[0].rstrip(":")}: {last}'
+
+
+def load_config(spec: str, *, key: str = '--config'):
+  """Returns the config of 'path/to/config.py:variant' (get_config(variant), or get_config())."""
+  path, _, arg = spec.strip().partition(':')
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f'{key}: no such config file {path!r}')
+  module_spec = importlib.util.spec_from_file_location(f'_mlmjax_config_{file.stem}', file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def check_config_path(argv: Sequence[str]) -> None:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from mlmjax import cli
 from mlmjax import tokenizer as tok
 
 # HF config fields whose other values our encoder cannot compute, with the value it needs.
@@ -253,18 +254,6 @@ def params_to_hf(params: dict, enc_cfg) -> dict[str, np.ndarray]:
 # Workdir <-> HF directory.
 
 
-def _base_config(spec: str):
-  """Returns the locked ConfigDict of 'path/to/config.py:variant'."""
-  path, _, arg = spec.partition(':')
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise FileNotFoundError(f'--config: no such config file {path!r}')
-  module_spec = importlib.util.spec_from_file_location('mlmjax_convert_config', file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'pretrain.py') + ':base'
 
 
@@ -298,7 +287,7 @@ def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
   if (workdir / 'checkpoints').is_dir() and any((workdir / 'checkpoints').iterdir()):
     raise ValueError(f'{workdir / "checkpoints"} already holds checkpoints; import into a new --workdir')
 
-  config = _base_config(config_spec)
+  config = cli.load_config(config_spec)
   m = config.model
   m.size = 'custom'
   m.hidden_size, m.num_layers = enc_cfg.hidden_size, enc_cfg.num_layers

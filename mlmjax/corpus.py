@@ -23,7 +23,7 @@ binary, empty or not gzip is an error under either policy: it was asked for by n
 Cleaning, in order, with per-rule counts in `CleaningReport`: ftfy mojibake / HTML-entity repair,
 Unicode normalization, control and zero-width characters, whitespace; then documents that are
 empty, shorter than `data.min_chars`, or exact duplicates are dropped, and `data.max_documents`
-keeps the first N survivors.
+keeps the first N survivors. Near-duplicates are grouped later, before the split (near_dups.py).
 """
 
 import contextlib

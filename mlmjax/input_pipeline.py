@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from mlmjax import corpus
+from mlmjax import corpus, near_dups
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
@@ -34,17 +35,46 @@ _ENCODE_CHUNK = 1024  # documents per encode_batch call
 _DONE = 'DONE'
 
 
-def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list[int], list[int]]:
-  """Returns (train indices, val indices), chosen by a blake2b hash of each document's text."""
+def split_documents(documents: Sequence[str], val_fraction: float,
+                    groups: np.ndarray | None = None) -> tuple[list[int], list[int]]:
+  """Returns (train indices, val indices), chosen by a blake2b hash of each document's text.
+
+  groups: near_dups.Groups.of (document -> its group's id); a group follows the hash of its
+  smallest text, so near-duplicates share a split and a document alone keeps its own.
+  """
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f'data.val_fraction={val_fraction} must satisfy 0 <= data.val_fraction < 1')
+  key = list(documents)
+  if groups is not None:
+    smallest: dict[int, str] = {}
+    for doc, g in zip(documents, groups.tolist()):
+      if g not in smallest or doc < smallest[g]:
+        smallest[g] = doc
+    key = [smallest[g] for g in groups.tolist()]
   train, val = [], []
-  for i, doc in enumerate(documents):
+  for i, doc in enumerate(key):
     digest = hashlib.blake2b(doc.encode('utf-8'), digest_size=8).digest()
     # The hash read as a uniform number in [0, 1): a document's split never depends on the others.
     u = int.from_bytes(digest, 'big') / 2.0**64
     (val if u < val_fraction else train).append(i)
   return train, val
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSplit:
+  """The train/val document indices of a corpus and what near-duplicate grouping did."""
+  train: list[int]
+  val: list[int]
+  stats: dict  # near_dups.Groups.stats() plus 'moved': documents whose split the group changed
+
+
+def split_corpus(documents: Sequence[str], val_fraction: float, near_dups_cfg) -> CorpusSplit:
+  """Returns the split of documents, near-duplicates grouped first (data.near_dups)."""
+  found = near_dups.group(documents, **near_dups.options(near_dups_cfg))
+  train, val = split_documents(documents, val_fraction, found.of)
+  _, alone_val = split_documents(documents, val_fraction)
+  moved = len(set(val).symmetric_difference(alone_val))
+  return CorpusSplit(train, val, {**found.stats(), 'moved': moved})
 
 
 def _plan_chunks(lengths: np.ndarray, seq_len: int, min_chunk: int) -> np.ndarray:
@@ -108,12 +138,12 @@ class TokenCache:
 
 
 def token_cache_key(corpus_key: str, tokenizer_fingerprint: str, *, seq_len: int,
-                    val_fraction: float, seed: int) -> str:
+                    val_fraction: float, seed: int, grouping: dict | None = None) -> str:
   """Returns the cache directory name for this corpus, tokenizer, packing and split."""
   spec = json.dumps({'format': CACHE_FORMAT, 'corpus': corpus_key,
                      'tokenizer': tokenizer_fingerprint, 'seq_len': int(seq_len),
                      'val_fraction': float(val_fraction), 'seed': int(seed),
-                     'min_chunk': MIN_CHUNK}, sort_keys=True)
+                     'min_chunk': MIN_CHUNK, 'near_dups': grouping}, sort_keys=True)
   return f'tokens-L{int(seq_len)}-{hashlib.sha256(spec.encode()).hexdigest()[:20]}'
 
 
@@ -184,16 +214,16 @@ def _split_stats(token_lists: list[list[int]], rows: np.ndarray) -> dict:
           'padding_fraction': float((rows == PAD_ID).mean()) if rows.size else 0.0}
 
 
-def _build(directory: pathlib.Path, key: str, documents: Sequence[str],
+def _build(directory: pathlib.Path, key: str, documents: Sequence[str], split: CorpusSplit,
            tokenizer: tokenizer_lib.Tokenizer, seq_len: int, val_fraction: float,
            seed: int) -> dict:
-  """Splits, encodes, shuffles and packs the documents into `directory`; returns the stats."""
-  train_idx, val_idx = split_documents(documents, val_fraction)
+  """Encodes, shuffles and packs the documents of each split into `directory`; returns the stats."""
   rng = np.random.default_rng(seed)
   stats = {'format': CACHE_FORMAT, 'key': key, 'seq_len': seq_len,
            'tokenizer_fingerprint': tokenizer.fingerprint, 'vocab_size': tokenizer.vocab_size,
-           'val_fraction': val_fraction, 'seed': seed, 'min_chunk': MIN_CHUNK}
-  for name, idx in (('train', train_idx), ('val', val_idx)):
+           'val_fraction': val_fraction, 'seed': seed, 'min_chunk': MIN_CHUNK,
+           'near_duplicates': split.stats}
+  for name, idx in (('train', split.train), ('val', split.val)):
     # Shuffled document order, so that one row mixes documents from anywhere in the corpus.
     order = [idx[j] for j in rng.permutation(len(idx))]
     token_lists = _encode_all(tokenizer, [documents[i] for i in order])
@@ -207,8 +237,12 @@ def load_or_build_token_cache(cache_root: str | os.PathLike, key: str, *,
                               documents_fn: Callable[[], Sequence[str]],
                               tokenizer: tokenizer_lib.Tokenizer, seq_len: int,
                               val_fraction: float, seed: int,
+                              split_fn: Callable[[Sequence[str]], CorpusSplit] | None = None,
                               log: Callable[[str], None] = print) -> TokenCache:
-  """Returns the token cache cache_root/key, building it (atomically) only when not complete."""
+  """Returns the token cache cache_root/key, building it (atomically) only when not complete.
+
+  split_fn(documents) gives the train/val split; None splits by each document's own hash.
+  """
   cache_root = pathlib.Path(cache_root)
   final = cache_root / key
   if _is_complete(final):
@@ -227,7 +261,11 @@ def load_or_build_token_cache(cache_root: str | os.PathLike, key: str, *,
   tmp.mkdir()
   try:
     documents = list(documents_fn())
-    stats = _build(tmp, key, documents, tokenizer, seq_len, val_fraction, seed)
+    if split_fn is None:
+      split = CorpusSplit(*split_documents(documents, val_fraction), {})
+    else:
+      split = split_fn(documents)
+    stats = _build(tmp, key, documents, split, tokenizer, seq_len, val_fraction, seed)
     stats['build_seconds'] = round(time.perf_counter() - start, 3)
     (tmp / 'stats.json').write_text(json.dumps(stats, indent=1, sort_keys=True))
     (tmp / _DONE).write_text('')
@@ -247,8 +285,16 @@ def load_or_build_token_cache(cache_root: str | os.PathLike, key: str, *,
   log(f'token cache: built {final} in {time.perf_counter() - start:.1f}s: '
       f'train {s["train"]["documents"]} docs, {s["train"]["tokens"]} tokens, '
       f'{s["train"]["rows"]} rows ({100 * s["train"]["padding_fraction"]:.1f}% padding); '
-      f'val {s["val"]["documents"]} docs, {s["val"]["rows"]} rows')
+      f'val {s["val"]["documents"]} docs, {s["val"]["rows"]} rows'
+      + (f'; {near_dup_text(s["near_duplicates"])}' if s.get('near_duplicates') else ''))
   return cache
+
+
+def near_dup_text(stats: dict) -> str:
+  """Returns one line of a CorpusSplit's stats: groups, documents in them, documents moved."""
+  return (f'near-duplicates: {stats["groups"]:,} groups of {stats["documents_in_groups"]:,} '
+          f'documents (largest {stats["largest_group"]}), {stats["moved"]:,} moved to their '
+          "group's split")
 
 
 def steps_per_epoch(num_rows: int, global_batch: int) -> int:
@@ -423,32 +469,69 @@ def cleaned_documents(data_cfg, root: pathlib.Path, *, log=print) -> list[str]:
   return docs
 
 
-def prepare_data(config, workdir, *, log=print) -> PreparedData:
+def decontaminate(docs: list[str], texts: Sequence[str], data_cfg, *, log=print) -> list[str]:
+  """Returns docs without those holding >= data.decontaminate.min_share of one of texts' n-grams."""
+  cfg = data_cfg.decontaminate
+  t = time.perf_counter()
+  found = near_dups.contained(docs, texts, ngram=int(data_cfg.near_dups.ngram),
+                              min_share=float(cfg.min_share))
+  s = found.stats()
+  log(f'decontaminate: {s["texts"]:,} of {s["of_texts"]:,} fine-tuning val/test texts are inside '
+      f'{s["documents"]:,} of {s["of_documents"]:,} pretraining documents, which are dropped '
+      f'({time.perf_counter() - t:.1f} s)')
+  return [d for d, hit in zip(docs, found.documents) if not hit]
+
+
+def _near_dups_key(data_cfg) -> dict | None:
+  """Returns the data.near_dups settings that shape the split (None when grouping is off)."""
+  near_dups.check(data_cfg)
+  cfg = data_cfg.near_dups
+  if not cfg.threshold:
+    return None
+  return {**near_dups.options(cfg), 'datasketch': importlib.metadata.version('datasketch')}
+
+
+def prepare_data(config, workdir, *, exclude_texts: Sequence[str] = (), log=print) -> PreparedData:
   """Returns the tokenizer and token cache of a run, building (and caching) whatever is missing.
 
   Tokenizer order: workdir/tokenizer.model or .json (a resumed run) > tokenizer.path (a .model,
   vocab.txt or tokenizer.json) > cached > trained on the training split. The tokenizer used is
   always copied to workdir/tokenizer.model (sentencepiece) or workdir/tokenizer.json (WordPiece).
+  exclude_texts: fine-tuning val/test texts that data.decontaminate checks the corpus against.
   """
   workdir = pathlib.Path(workdir)
   root = cache_root(config.data)
   ckey = corpus.corpus_key(config.data)
-  docs_memo = {}
+  if exclude_texts:  # the texts and the rule are part of the corpus
+    ckey = _digest(ckey, list(exclude_texts), float(config.data.decontaminate.min_share),
+                   int(config.data.near_dups.ngram))
+  nd_key = _near_dups_key(config.data)
+  memo = {}
 
   def documents():
-    if 'docs' not in docs_memo:
-      docs_memo['docs'] = cleaned_documents(config.data, root, log=log)
-    return docs_memo['docs']
+    if 'docs' not in memo:
+      docs = cleaned_documents(config.data, root, log=log)
+      memo['docs'] = decontaminate(docs, exclude_texts, config.data, log=log) if exclude_texts else docs
+    return memo['docs']
+
+  def split(docs):
+    if 'split' not in memo:
+      t = time.perf_counter()
+      memo['split'] = split_corpus(docs, config.data.val_fraction, config.data.near_dups)
+      if nd_key:
+        log(f'{near_dup_text(memo["split"].stats)} ({time.perf_counter() - t:.1f} s)')
+    return memo['split']
 
   t_cfg = config.tokenizer
   tokenizer = tokenizer_lib.resolve(workdir, t_cfg.path)
   if tokenizer is None:
-    tok_path = root / 'tokenizers' / (_digest(ckey, config.data.val_fraction, t_cfg.to_dict()) + '.model')
+    tok_path = root / 'tokenizers' / (_digest(ckey, config.data.val_fraction, t_cfg.to_dict(),
+                                              *([nd_key] if nd_key else [])) + '.model')
     if tok_path.exists():
       tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
     else:
       docs = documents()
-      train_idx, _ = split_documents(docs, config.data.val_fraction)
+      train_idx = split(docs).train
       t = time.perf_counter()
       tokenizer = tokenizer_lib.train_tokenizer(
           [docs[i] for i in train_idx], tok_path, vocab_size=t_cfg.vocab_size,
@@ -461,8 +544,9 @@ def prepare_data(config, workdir, *, log=print) -> PreparedData:
   # Packing order uses a fixed seed, so runs that differ only in config.seed share one cache;
   # config.seed drives the per-epoch row order instead.
   key = token_cache_key(ckey, tokenizer.fingerprint, seq_len=config.train.seq_len,
-                        val_fraction=config.data.val_fraction, seed=0)
+                        val_fraction=config.data.val_fraction, seed=0, grouping=nd_key)
   cache = load_or_build_token_cache(root / 'tokens', key, documents_fn=documents, tokenizer=tokenizer,
                                     seq_len=config.train.seq_len,
-                                    val_fraction=config.data.val_fraction, seed=0, log=log)
+                                    val_fraction=config.data.val_fraction, seed=0, split_fn=split,
+                                    log=log)
   return PreparedData(tokenizer, cache)

@@ -44,6 +44,16 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.normalization = 'NFC'  # Unicode normalization form: NFC, NFKC, or '' for none
   c.data.dedup = True  # drop exact duplicate documents
   c.data.val_fraction = 0.05  # fraction of documents held out for validation (by content hash)
+  # Near-duplicates share a split: MinHash over word n-grams, grouped at this Jaccard (mlmjax/near_dups.py).
+  c.data.near_dups = ml_collections.ConfigDict()
+  c.data.near_dups.threshold = 0.7  # estimated Jaccard of two documents' n-gram sets; 0 turns grouping off
+  c.data.near_dups.containment = 0.9  # or this share of the smaller document's n-grams inside the larger
+  c.data.near_dups.ngram = 8  # words per shingle
+  c.data.near_dups.num_perm = 128  # MinHash permutations (the estimate's sd is sqrt(J(1-J)/num_perm))
+  # Pretraining documents that hold a fine-tuning val/test text are dropped (python -m mlmjax.corpus_report).
+  c.data.decontaminate = ml_collections.ConfigDict()
+  c.data.decontaminate.configs = ''  # fine-tuning configs, comma-separated: 'configs/finetune.py:bbc'; '' = none
+  c.data.decontaminate.min_share = 0.5  # share of a text's n-grams a document must hold to be dropped
   c.data.cache_dir = ''  # token cache; '' uses $MLMJAX_CACHE or ~/.cache/mlmjax
   c.data.bad_input = 'skip'  # binary/empty files, bad UTF-8, long lines, bad JSONL rows: 'skip' (counted) or 'error'
   c.data.max_line_chars = 1_000_000  # longer lines are bad input (minified data, dumps)
@@ -237,10 +247,12 @@ def _upgrade(raw: Mapping) -> tuple[ml_collections.ConfigDict, list[str]]:
   if hasattr(raw, 'to_dict'):
     raw = raw.to_dict()
   flat = {RENAMED.get(k, k): v for k, v in flatten(raw).items()}
-  # What a missing key meant: attention dropout was the hidden dropout; a linear/cosine schedule
-  # without an end stayed at masking.rate.
+  # What a missing key meant: attention dropout was the hidden dropout; no near-duplicate grouping;
+  # a linear/cosine schedule without an end stayed at masking.rate.
   if 'model.attention_dropout_rate' not in flat and 'model.dropout_rate' in flat:
     flat['model.attention_dropout_rate'] = flat['model.dropout_rate']
+  if 'data.near_dups.threshold' not in flat and 'data.corpus' in flat:
+    flat['data.near_dups.threshold'] = 0.0  # the split hashed each document alone
   if 'masking.schedule.end' not in flat and 'masking.rate' in flat:
     flat['masking.schedule.end'] = flat['masking.rate']
   # Values older code read as "unset": no task was MLM; attention_impl None let XLA choose.

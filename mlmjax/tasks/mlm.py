@@ -16,7 +16,7 @@ from flax import nnx
 
 from mlmjax import corpus, input_pipeline, losses, masking, model, pmi, train_step
 from mlmjax import tokenizer as tokenizer_lib
-from mlmjax.tasks import mlm_eval
+from mlmjax.tasks import mlm_eval, texts
 from mlmjax.tasks.base import Task, TaskData
 
 
@@ -143,7 +143,8 @@ class MlmTask(Task):
   def prepare(self, workdir) -> TaskData:
     config = self.config
     if self.cache is None:
-      prepared = input_pipeline.prepare_data(config, workdir, log=self.log)
+      exclude = texts.eval_texts(config.data.decontaminate.configs)
+      prepared = input_pipeline.prepare_data(config, workdir, exclude_texts=exclude, log=self.log)
       self.tokenizer, self.cache = prepared.tokenizer, prepared.cache
     self._build_specs()
     cache = self.cache

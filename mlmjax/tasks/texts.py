@@ -19,20 +19,38 @@ import pathlib
 from mlmjax import cli, tasks
 from mlmjax.tasks import task_data as td
 
-def train_texts(config) -> list[str]:
-  """Returns the unlabeled texts (the task's unlabeled_texts) of the training split, in file order."""
+def split_texts(config, splits=('train',)) -> list[str]:
+  """Returns the unlabeled texts (the task's unlabeled_texts) of the given splits, in file order."""
   task = tasks.create(config, log=lambda _: None)
   if type(task).unlabeled_texts is tasks.Task.unlabeled_texts:
     raise ValueError(f'task: {config.task!r} has no task data to export; use a fine-tuning config '
                      '(e.g. configs/finetune.py:bible)')
   path = str(config.task_data.path)
   rows = td.read_examples(path, max_examples=int(config.task_data.max_examples))
-  splits = td.split_rows(rows, path, config.task_data)
-  texts = [t for i, (row, split) in enumerate(zip(rows, splits), 1) if split == 'train'
-           for t in task.unlabeled_texts(row, i, path)]
+  split_of = td.split_rows(rows, path, config.task_data)
+  return [t for i, (row, split) in enumerate(zip(rows, split_of), 1) if split in splits
+          for t in task.unlabeled_texts(row, i, path)]
+
+
+def train_texts(config) -> list[str]:
+  """Returns the unlabeled texts of the training split (an error when it is empty)."""
+  texts = split_texts(config, ('train',))
   if not texts:
+    path = config.task_data.path
     raise ValueError(f'{path}: the train split is empty; lower task_data.val_fraction / '
                      'task_data.test_fraction or add examples')
+  return texts
+
+
+def eval_texts(specs: str, *, key: str = 'data.decontaminate.configs') -> list[str]:
+  """Returns the validation and test texts of each fine-tuning config in comma-separated specs."""
+  texts = []
+  for spec in filter(None, (s.strip() for s in str(specs).split(','))):
+    try:
+      config = cli.load_config(spec, key=key)
+    except (ImportError, AttributeError) as e:
+      raise ValueError(f'{key}: cannot load {spec!r} ({e})') from None
+    texts += split_texts(config, ('val', 'test'))
   return texts
 
 
