@@ -63,16 +63,25 @@ def report(config, *, against: str = '', log=print) -> dict:
              val_in_train={'grouped': grouped, 'alone': alone},
              largest_groups=[{'size': n, 'first': docs[i][:200]} for i, n in largest])
   specs = against or data.decontaminate.configs
-  if specs:
-    texts = task_texts.eval_texts(specs, key='--against' if against else 'data.decontaminate.configs')
-    hit = near_dups.contained(docs, texts, ngram=int(nd.ngram),
-                              min_share=float(data.decontaminate.min_share))
-    s = hit.stats()
-    log(f'overlap with {specs} (validation and test, {s["of_texts"]:,} texts): {s["texts"]:,} '
-        f'({100 * s["texts"] / max(s["of_texts"], 1):.1f}%) hold >= {data.decontaminate.min_share} '
-        f'of their {nd.ngram}-grams in one of {s["documents"]:,} pretraining documents; '
-        f'data.decontaminate.configs={specs!r} drops those documents')
-    out['overlap'] = {'configs': specs, 'min_share': float(data.decontaminate.min_share), **s}
+  if not specs:
+    return out
+  key = '--against' if against else 'data.decontaminate.configs'
+  min_share = float(data.decontaminate.min_share)
+  spans, every = {}, []
+  for spec in filter(None, (x.strip() for x in specs.split(','))):
+    texts = task_texts.eval_texts(spec, key=key)
+    spans[spec] = slice(len(every), len(every) + len(texts))
+    every += texts
+  found = near_dups.contained(docs, every, ngram=int(nd.ngram), min_share=min_share)
+  out['overlap'] = {'configs': specs, 'min_share': min_share, **found.stats(), 'by_config': {}}
+  for spec, span in spans.items():
+    s = found.stats(span)
+    log(f'overlap with {spec} (validation and test, {s["of_texts"]:,} texts): {s["texts"]:,} '
+        f'({100 * s["texts"] / max(s["of_texts"], 1):.1f}%) hold >= {min_share} of their '
+        f'{nd.ngram}-grams in one of {s["documents"]:,} pretraining documents')
+    out['overlap']['by_config'][spec] = s
+  log(f'data.decontaminate.configs={specs!r} would drop {out["overlap"]["documents"]:,} of '
+      f'{len(docs):,} pretraining documents')
   return out
 
 

@@ -26,6 +26,7 @@ and Jaccard would hide a short text inside a long one.
 """
 
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 
@@ -73,14 +74,21 @@ def options(cfg) -> dict:
           'ngram': int(cfg.ngram), 'num_perm': int(cfg.num_perm)}
 
 
+@functools.cache
+def _permutations(num_perm: int):
+  """Returns the MinHash permutations of (num_perm, _SEED): drawn once, not once per document."""
+  return MinHash(num_perm=num_perm, seed=_SEED, scheme=_SCHEME).permutations
+
+
 def signatures(documents: Sequence[str], ngram: int, num_perm: int) -> tuple[np.ndarray, np.ndarray]:
   """Returns (N, num_perm) uint32 MinHash signatures and the (N,) shingle counts of documents."""
   sigs = np.zeros((len(documents), num_perm), np.uint32)
   sizes = np.zeros(len(documents), np.int64)
+  perms = _permutations(num_perm)
   for i, doc in enumerate(documents):
     s = shingles(doc, ngram)
     if s:
-      m = MinHash(num_perm=num_perm, seed=_SEED, scheme=_SCHEME)
+      m = MinHash(num_perm=num_perm, seed=_SEED, scheme=_SCHEME, permutations=perms)
       m.update_batch([x.encode('utf-8') for x in s])
       sigs[i], sizes[i] = m.hashvalues, len(s)
   return sigs, sizes
@@ -120,12 +128,15 @@ def group(documents: Sequence[str], *, threshold: float, ngram: int = 8, num_per
   if threshold <= 0 or n < 2:
     return Groups(parent, 0)
   sigs, sizes = signatures(documents, ngram, num_perm)
+  perms = _permutations(num_perm)
   lsh = MinHashLSH(num_perm=num_perm, params=(num_perm // _ROWS, _ROWS))
   pairs = 0
   for i in np.flatnonzero(sizes).tolist():
-    m = MinHash(seed=_SEED, hashvalues=sigs[i], scheme=_SCHEME)
-    for j in lsh.query(m):  # documents before i whose bands collide with i's
-      if _near(float(np.mean(sigs[i] == sigs[j])), sizes[i], sizes[j], threshold, containment):
+    m = MinHash(seed=_SEED, hashvalues=sigs[i], permutations=perms, scheme=_SCHEME)
+    cands = np.fromiter(lsh.query(m), np.int64)  # documents before i whose bands collide with i's
+    if cands.size:
+      jaccard = np.mean(sigs[cands] == sigs[i], axis=1)
+      for j in cands[_near(jaccard, sizes[i], sizes[cands], threshold, containment)].tolist():
         pairs += 1
         a, b = _root(parent, i), _root(parent, j)
         parent[max(a, b)] = min(a, b)
@@ -134,30 +145,39 @@ def group(documents: Sequence[str], *, threshold: float, ngram: int = 8, num_per
   return Groups(of, pairs)
 
 
-def _near(jaccard: float, size_a: int, size_b: int, threshold: float, containment: float) -> bool:
-  """Returns whether a pair is near-duplicate: Jaccard, or the smaller set mostly inside the larger."""
-  if jaccard >= threshold:
-    return True
+def _near(jaccard: np.ndarray, size: int, sizes: np.ndarray, threshold: float,
+          containment: float) -> np.ndarray:
+  """Returns which pairs are near-duplicates: Jaccard, or the smaller set mostly inside the larger."""
   # |A & B| = J (|A| + |B|) / (1 + J); trusted where J is at least half the threshold.
-  share = jaccard * (size_a + size_b) / ((1 + jaccard) * min(size_a, size_b))
-  return jaccard >= threshold / 2 and share >= containment
+  share = jaccard * (size + sizes) / ((1 + jaccard) * np.minimum(size, sizes))
+  return (jaccard >= threshold) | ((jaccard >= threshold / 2) & (share >= containment))
 
 
 @dataclasses.dataclass
 class Containment:
   """Which pretraining documents contain which evaluation texts (share >= min_share)."""
-  documents: np.ndarray  # (N,) bool: the pretraining document contains some evaluation text
-  texts: np.ndarray  # (M,) bool: the evaluation text is contained in some pretraining document
+  pairs: np.ndarray  # (K, 2) int64 (document, text) pairs
+  num_documents: int
+  num_texts: int
 
-  def stats(self) -> dict:
-    """Returns JSON-able counts."""
-    return {'documents': int(self.documents.sum()), 'of_documents': len(self.documents),
-            'texts': int(self.texts.sum()), 'of_texts': len(self.texts)}
+  @property
+  def documents(self) -> np.ndarray:
+    """Returns the (N,) mask of documents that contain some text."""
+    mask = np.zeros(self.num_documents, bool)
+    mask[self.pairs[:, 0]] = True
+    return mask
+
+  def stats(self, texts: slice = slice(None)) -> dict:
+    """Returns JSON-able counts, over the texts in the slice `texts` (all by default)."""
+    lo, hi, _ = texts.indices(self.num_texts)
+    mine = self.pairs[(self.pairs[:, 1] >= lo) & (self.pairs[:, 1] < hi)]
+    return {'documents': len(np.unique(mine[:, 0])), 'of_documents': self.num_documents,
+            'texts': len(np.unique(mine[:, 1])), 'of_texts': hi - lo}
 
 
 def contained(documents: Sequence[str], texts: Sequence[str], *, ngram: int = 8,
               min_share: float = 0.5) -> Containment:
-  """Returns which documents hold >= min_share of some text's shingles (and which texts are held)."""
+  """Returns the (document, text) pairs where the document holds >= min_share of the text's shingles."""
   owners: dict[str, list[int]] = {}
   size = np.zeros(len(texts), np.int64)
   for t, text in enumerate(texts):
@@ -165,18 +185,14 @@ def contained(documents: Sequence[str], texts: Sequence[str], *, ngram: int = 8,
     size[t] = len(s)
     for x in s:
       owners.setdefault(x, []).append(t)
-  doc_hit = np.zeros(len(documents), bool)
-  text_hit = np.zeros(len(texts), bool)
+  pairs = []
   for d, doc in enumerate(documents):
     counts: dict[int, int] = {}
     for x in shingles(doc, ngram):
       for t in owners.get(x, ()):
         counts[t] = counts.get(t, 0) + 1
-    held = [t for t, c in counts.items() if c >= min_share * size[t]]
-    if held:
-      doc_hit[d] = True
-      text_hit[held] = True
-  return Containment(doc_hit, text_hit)
+    pairs += [(d, t) for t, c in counts.items() if c >= min_share * size[t]]
+  return Containment(np.array(pairs, np.int64).reshape(-1, 2), len(documents), len(texts))
 
 
 def shared_shingles(train: Sequence[str], val: Sequence[str], ngram: int = 8) -> dict:

@@ -47,6 +47,7 @@ def test_corpus_report_counts_fine_tuning_texts_inside_the_corpus(corpus, tmp_pa
   held = texts.eval_texts(spec)
   inside = sum(t.startswith(tuple(' '.join(b.split()[20:30]) for b in base)) for t in held)
   assert overlap['of_texts'] == len(held) and overlap['texts'] == inside > 0
+  assert overlap['by_config'][spec]['texts'] == inside
   assert 'hold >= 0.5 of their 8-grams' in capsys.readouterr().out
 
 

@@ -172,9 +172,11 @@ def test_contained_finds_short_texts_inside_long_documents():
   unseen = ' '.join(other.split()[:30])
   found = near_dups.contained([long_a, long_b], [verse, half, unseen], min_share=0.5)
   assert found.documents.tolist() == [True, False]
-  assert found.texts.tolist() == [True, True, False]
+  assert found.pairs.tolist() == [[0, 0], [0, 1]]
+  assert found.stats() == {'documents': 1, 'of_documents': 2, 'texts': 2, 'of_texts': 3}
+  assert found.stats(slice(1, 3)) == {'documents': 1, 'of_documents': 2, 'texts': 1, 'of_texts': 2}
   strict = near_dups.contained([long_a, long_b], [verse, half, unseen], min_share=0.9)
-  assert strict.texts.tolist() == [True, False, False]
+  assert strict.pairs.tolist() == [[0, 0]]
 
 
 def test_shared_shingles_counts_validation_text_found_in_training():
