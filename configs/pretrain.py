@@ -6,8 +6,8 @@ Run (the tiny variant is what `python3 quickstart.py demo` trains, into runs/dem
 
 tiny on 2 CPU cores: 5,000 steps of 16 x 64 tokens on the embedded corpus in about 9 minutes
 (532 s measured for the steps, plus under a minute of one-time data preparation; 2026-11-27,
-jax 0.10.2). Expected result: validation accuracy at [MASK] 11.5% at the fixed 15% evaluation
-masks (unigram baseline 4.6%, bigram 19.3%), loss 5.19; docs/tiny.md has the details. mini and
+jax 0.10.2). Expected result: validation accuracy at [MASK] about 2.5x the unigram baseline at the
+fixed 15% evaluation masks, still below the bigram baseline; docs/tiny.md has the numbers. mini and
 larger are for accelerators: one mini step takes about 2.5 s on 2 CPU cores, so its 100,000
 steps would take days there (docs/benchmarks.md).
 """

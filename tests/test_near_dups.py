@@ -236,3 +236,19 @@ def test_old_config_json_reads_as_split_without_grouping():
   del old['data']['near_dups']
   assert schema.upgrade(old).data.near_dups.threshold == 0.0
   assert schema.upgrade(schema.defaults().to_dict()).data.near_dups.threshold == 0.7
+
+
+def test_mlm_task_drops_documents_holding_texts_of_data_decontaminate_configs(
+    tiny_config, planted_corpus, tmp_path):
+  from mlmjax import tasks
+  path, base = planted_corpus
+  c = tiny_config
+  c.data.corpus = str(path)
+  c.data.cache_dir = str(tmp_path / 'cache')
+  rows = [{'id': f'r{i}', 'text': ' '.join(base[i].split()[:60]), 'label': 'ab'[i % 2]}
+          for i in range(20, 40)]  # topics without an edited copy: one document each
+  c.data.decontaminate.configs = planted.finetune_config_file(tmp_path, rows)
+  from mlmjax.tasks import texts
+  held_out = len(texts.eval_texts(c.data.decontaminate.configs))
+  stats = tasks.create(c, log=lambda _: None).prepare(tmp_path / 'w').stats
+  assert stats['train']['documents'] + stats['val']['documents'] == 60 - held_out
