@@ -9,6 +9,9 @@ from the tiny pretrained 6,000 steps on ../shared/data/pretrain/general (docs/re
 technical validation accuracy at [MASK] 4.9% -> 18.8% (loss 6.57 -> 4.33), general 11.0% ->
 10.1% (loss 5.54 -> 6.09). From another starting run the numbers differ.
 
+--config.tokenizer.extend_pieces=2000 appends pieces learned from the new domain to init_from's
+tokenizer, their embeddings the mean of the old pieces they replace (docs/adaptation.md).
+
 The run starts from init_from's parameters and tokenizer (fresh optimizer), trains MLM on
 data.corpus (the new domain) and validates on held-out text of both domains: eval/... is the new
 domain, eval_<eval.other_name>/... the original one (eval.other_corpus), so the trade-off is

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from mlmjax import corpus, near_dups
+from mlmjax import corpus, near_dups, vocab_extension
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
@@ -523,7 +523,28 @@ def prepare_data(config, workdir, *, exclude_texts: Sequence[str] = (), log=prin
     return memo['split']
 
   t_cfg = config.tokenizer
+  stored = tokenizer_lib.stored_path(workdir) is not None
   tokenizer = tokenizer_lib.resolve(workdir, t_cfg.path)
+  if t_cfg.extend_pieces and not stored:  # a resumed run's stored tokenizer is already extended
+    if tokenizer is None:
+      raise ValueError(f'tokenizer.extend_pieces={t_cfg.extend_pieces} extends an existing '
+                       'tokenizer: set init_from (or tokenizer.path)')
+    ext_path = root / 'tokenizers' / (_digest('extend', tokenizer.fingerprint, ckey,
+                                              config.data.val_fraction, nd_key,
+                                              int(t_cfg.extend_pieces), config.seed) + '.model')
+    if ext_path.exists():
+      tokenizer = tokenizer_lib.Tokenizer.load(ext_path)
+    else:
+      docs = documents()
+      t = time.perf_counter()
+      found = vocab_extension.extend(tokenizer, [docs[i] for i in split(docs).train],
+                                     int(t_cfg.extend_pieces), seed=config.seed, log=log)
+      ext_path.parent.mkdir(parents=True, exist_ok=True)
+      tokenizer_lib.write_atomically(ext_path, found.tokenizer.serialized_model)
+      tokenizer = tokenizer_lib.Tokenizer.load(ext_path)
+      log(f'extended the tokenizer by {len(found.sources)} pieces learned from the training split '
+          f'({found.base_vocab_size} -> {tokenizer.vocab_size}; {time.perf_counter() - t:.1f} s): '
+          + ' '.join(found.pieces[:12]) + ' ...')
   if tokenizer is None:
     tok_path = root / 'tokenizers' / (_digest(ckey, config.data.val_fraction, t_cfg.to_dict(),
                                               *([nd_key] if nd_key else [])) + '.model')

@@ -65,6 +65,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.tokenizer.model_type = 'unigram'  # 'unigram' or 'bpe'
   c.tokenizer.character_coverage = 0.9995  # sentencepiece character coverage; the rest byte-fallback
   c.tokenizer.max_sentences = 2_000_000  # lines sampled for training the tokenizer
+  # DAPT: add up to N pieces learned from data.corpus's training split after the ids of init_from's
+  # (or tokenizer.path's) unigram tokenizer; their embeddings start as their old pieces' mean.
+  c.tokenizer.extend_pieces = 0
 
   c.masking = ml_collections.ConfigDict()
   c.masking.rate = 0.15  # fraction of maskable tokens selected for prediction (the schedule's start)

@@ -113,7 +113,7 @@ def _without_rule_path(model: bytes) -> bytes:
   return proto.SerializeToString(deterministic=True)
 
 
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+def write_atomically(path: pathlib.Path, data: bytes) -> None:
   """Writes `data` to a temporary file next to `path`, then renames it into place."""
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
@@ -169,7 +169,7 @@ def train_tokenizer(documents: Sequence[str], model_path: str | os.PathLike, *,
       raise
   data = _without_rule_path(model.getvalue())
   path = pathlib.Path(model_path)
-  _write_atomically(path, data)
+  write_atomically(path, data)
   return Tokenizer(data, str(path))
 
 
@@ -466,4 +466,4 @@ def store(tokenizer, workdir) -> None:
   workdir = pathlib.Path(workdir)
   if stored_path(workdir) is not None or jax.process_index() != 0:
     return
-  _write_atomically(workdir / tokenizer.file_name, tokenizer.serialized_model)
+  write_atomically(workdir / tokenizer.file_name, tokenizer.serialized_model)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from mlmjax import checkpoint, model, schema, sharding
 from mlmjax import tokenizer as tokenizer_lib
+from mlmjax import vocab_extension
 
 # Parameters carry logical axis names as metadata only; shardings are applied by jit.
 nnx.use_eager_sharding(False)
@@ -107,7 +108,13 @@ def init_params_from(src: InitSource, state: dict, exp, log) -> dict:
   where = f'init_from={src.source!r}'
   task, enc_cfg = exp.task, exp.enc_cfg
   theirs = tokenizer_lib.load_any(src.tokenizer_path)
+  new_pieces = []  # per id this run's tokenizer adds to theirs: the old ids its rows start from
   if theirs.fingerprint != task.tokenizer.fingerprint:
+    try:
+      new_pieces = vocab_extension.sources(theirs, task.tokenizer)
+    except ValueError:
+      new_pieces = None
+  if new_pieces is None:
     raise ValueError(f'{where}: its tokenizer {src.tokenizer_path} differs from this run\'s '
                      f'{task.tokenizer.model_path} ({theirs.vocab_size} vs '
                      f'{task.tokenizer.vocab_size} pieces); leave tokenizer.path empty to use the '
@@ -124,6 +131,16 @@ def init_params_from(src: InitSource, state: dict, exp, log) -> dict:
   _, target = abstract_params(src_cfg, _mlm_model, exp.mesh)
   step, loaded, _ = checkpoint.restore_params_in(src.ckpt_dir, target, what=where, log=log,
                                                  step=src.step)
+  if new_pieces:
+    _, param_state = abstract_model(src_cfg, 0)
+    axes = vocab_extension.vocab_axes(nnx.to_pure_dict(nnx.get_partition_spec(param_state)))
+    grown = vocab_extension.extend_params(loaded, axes, new_pieces)
+    # Placed like this run's freshly initialized parameters of the same path.
+    fresh = dict(jax.tree_util.tree_flatten_with_path(state['params'])[0])
+    loaded = jax.tree_util.tree_map_with_path(
+        lambda path, a: jax.device_put(a, fresh[path].sharding) if path in fresh else a, grown)
+    log(f'{where}: {len(new_pieces)} new pieces after its {theirs.vocab_size} ids start as the '
+        'mean of the embeddings of the pieces its tokenizer cuts them into')
   params = task.transfer(loaded, state['params'])
   log(f'initialized the model from {src.ckpt_dir / str(step)} (fresh optimizer'
       + (')' if params is loaded else ', fresh task head)'))

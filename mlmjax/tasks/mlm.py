@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mlmjax import corpus, input_pipeline, losses, masking, model, pmi, train_step
+from mlmjax import corpus, input_pipeline, losses, masking, model, pmi, tokenizer_report
+from mlmjax import train_step
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax.tasks import mlm_eval, texts
 from mlmjax.tasks.base import Task, TaskData
@@ -159,6 +160,8 @@ class MlmTask(Task):
                                                    num_batches=config.eval.num_batches)
     if not self.val_batches:
       self.log('WARNING: the validation split is empty; evaluation is skipped (raise data.val_fraction)')
+    else:
+      self._log_fit('validation', cache.val_rows)
     self.unigram, self.successor = mlm_eval.baseline_tables(
         cache.train_rows, self.tokenizer.vocab_size, self.tokenizer.special_mask)
     if config.eval.other_corpus:
@@ -185,6 +188,13 @@ class MlmTask(Task):
     del stats
     self._build_specs()
 
+  def _log_fit(self, what: str, rows) -> None:
+    """Logs how the tokenizer cuts `rows` (python -m mlmjax.tokenizer_report has the full report)."""
+    f = tokenizer_report.rows_figures(self.tokenizer, rows)
+    self.log(f'tokenizer on {what}: {f["fertility"]:.3f} pieces per word, '
+             f'{100 * f["split_share"]:.1f}% of words split, byte fallback '
+             f'{100 * f["byte_fallback_rate"]:.2f}%, [UNK] {100 * f["unk_rate"]:.2f}%')
+
   def _prepare_other(self, workdir, corpus_name: str):
     """Returns (name, val batches, unigram, successor) of a second corpus, same tokenizer and packing."""
     config = self.config
@@ -198,6 +208,7 @@ class MlmTask(Task):
                                           num_batches=config.eval.num_batches)
     if not batches:
       raise ValueError(f'eval.other_corpus={corpus_name!r}: its validation split is empty')
+    self._log_fit(f'{name} validation', data.cache.val_rows)
     unigram, successor = mlm_eval.baseline_tables(data.cache.train_rows, self.tokenizer.vocab_size,
                                                   self.tokenizer.special_mask)
     return name, batches, unigram, successor
