@@ -200,3 +200,49 @@ def test_empty_validation_split_is_a_clear_error(setup):
   step, params, _, unigram, successor = setup
   with pytest.raises(ValueError, match='data.val_fraction'):
     evaluate.evaluate(step, params, [], seed=0, unigram=unigram, successor=successor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-word scores
+
+
+def _texts(topics_corpus, n=120):
+  return [p for p in topics_corpus.read_text().split('\n\n') if len(p.split()) > 20][:n]
+
+
+def test_whole_word_rows_mask_the_same_words_whatever_the_tokenizer(topics_corpus, topics_tokenizer,
+                                                                   tmp_path):
+  texts = _texts(topics_corpus)
+  other = tok.train_tokenizer(texts, tmp_path / 'small.model', vocab_size=400)
+  a = evaluate.whole_word_rows(topics_tokenizer, texts, 128, rate=0.2, seed=3, words_per_row=8)
+  b = evaluate.whole_word_rows(other, texts, 128, rate=0.2, seed=3, words_per_row=8)
+  assert a['dropped'] == b['dropped'] == 0
+  np.testing.assert_array_equal(a['chars'], b['chars'])  # the same words, in the same order
+  assert (b['word'] >= 0).sum() > (a['word'] >= 0).sum()  # cut into more pieces by the small one
+  for d, cut in ((a, topics_tokenizer), (b, other)):
+    masked = d['word'] >= 0
+    assert (d["inputs"][masked] == cut.mask_id).all()
+    np.testing.assert_array_equal(d['inputs'][~masked], d['tokens'][~masked])
+  words = sum(len(t.split()) for t in texts)
+  n = len(a['chars'])
+  assert abs(n / words - 0.2) < 4 * np.sqrt(0.2 * 0.8 / words)
+
+
+def test_whole_word_scores_sum_the_pieces_of_each_word(topics_corpus, topics_tokenizer):
+  texts = _texts(topics_corpus, 6)
+  cfg = model.EncoderConfig(vocab_size=topics_tokenizer.vocab_size, hidden_size=32,
+                                num_layers=1, num_heads=2, intermediate_size=64, max_position=128)
+  m = model.BertForMLM(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(m, nnx.Param)
+  got = evaluate.whole_word_scores(graphdef, params, topics_tokenizer, texts, seq_len=128,
+                                   rate=0.3, seed=1, batch_size=4)
+  d = evaluate.whole_word_rows(topics_tokenizer, texts, 128, rate=0.3, seed=1)
+  pos, doc = model.packed_layout(d['tokens'], cls_id=topics_tokenizer.cls_id,
+                                     pad_id=topics_tokenizer.pad_id)
+  logp = np.asarray(jax.nn.log_softmax(m.dense_logits(jnp.asarray(d['inputs']), position_ids=pos,
+                                                      doc_ids=doc), axis=-1))
+  nll = -np.take_along_axis(logp, d['tokens'][..., None], axis=-1)[..., 0]
+  total = sum(nll[d['word'] == k].sum() for k in range(len(d['chars'])))
+  assert got['words'] == len(d['chars']) and got['chars'] == d['chars'].sum()
+  np.testing.assert_allclose(got['nats_per_char'], total / d['chars'].sum(), rtol=1e-5)
+  assert 0 <= got['word_accuracy'] <= 1 and got['pieces_per_word'] >= 1

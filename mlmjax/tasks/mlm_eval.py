@@ -1,5 +1,6 @@
 """MLM validation: fixed-key masks at a fixed rate, metrics by kind of position, n-gram baselines (the MLM task's evaluation)."""
 
+import hashlib
 from typing import Callable, Sequence
 
 import jax
@@ -83,3 +84,93 @@ def evaluate(eval_step: Callable, params, batches: Sequence, *, seed: int, unigr
       total['baseline_bigram_correct_mask'] / n_mask if n_mask else float('nan'))
   out['predictions'] = total['weight']
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-word scores: comparable between tokenizations of the same text.
+
+
+def whole_word_rows(tokenizer, texts: Sequence[str], seq_len: int, *, rate: float = 0.15,
+                    seed: int = 0, words_per_row: int = 0) -> dict[str, np.ndarray]:
+  """Returns rows with a fixed set of whole words masked, the same words whatever the tokenizer.
+
+  Each text's whitespace-separated words are cut into windows of words_per_row words (0:
+  seq_len // 8, room for 8 pieces per word), one row each ([CLS] pieces [SEP]); a window whose pieces do not fit is dropped
+  (counted in `dropped`). Word j of text i is chosen when a blake2b hash of (seed, i, j) read as a
+  uniform number is below `rate`, and every piece of a chosen word becomes [MASK]. Returns tokens,
+  inputs, word (chosen word index or -1), all (N, L) int32, per chosen word its characters, and
+  the number of dropped windows.
+  """
+  per_row = words_per_row or max(seq_len // 8, 1)
+  rows, words_of, chars, dropped = [], [], [], 0
+  for i, text in enumerate(texts):
+    words = text.split()
+    pieces = tokenizer.encode_batch(words) if words else []
+    for lo in range(0, len(words), per_row):
+      ids = [tokenizer.cls_id]
+      marks = [-1]
+      window = []
+      for j in range(lo, min(lo + per_row, len(words))):
+        digest = hashlib.blake2b(f'{seed}:{i}:{j}'.encode(), digest_size=8).digest()
+        chosen = int.from_bytes(digest, 'big') / 2.0**64 < rate and bool(pieces[j])
+        window.append(len(words[j]) if chosen else 0)
+        ids += pieces[j]
+        marks += [len(window) - 1 if chosen else -1] * len(pieces[j])
+      if len(ids) + 1 > seq_len:
+        dropped += 1
+        continue
+      row_chars = [c for c in window if c]
+      index = {k: len(chars) + n for n, k in enumerate(k for k, c in enumerate(window) if c)}
+      chars += row_chars
+      rows.append(ids + [tokenizer.sep_id] + [tokenizer.pad_id] * (seq_len - len(ids) - 1))
+      words_of.append([index[m] if m >= 0 else -1 for m in marks] + [-1] * (seq_len - len(marks)))
+  tokens = np.array(rows, np.int32).reshape(-1, seq_len)
+  word = np.array(words_of, np.int32).reshape(-1, seq_len)
+  inputs = np.where(word >= 0, tokenizer.mask_id, tokens).astype(np.int32)
+  return {'tokens': tokens, 'inputs': inputs, 'word': word, 'chars': np.array(chars, np.int64),
+          'dropped': dropped}
+
+
+def whole_word_scores(graphdef, params, tokenizer, texts: Sequence[str], *, seq_len: int,
+                      rate: float = 0.15, seed: int = 0, batch_size: int = 32,
+                      words_per_row: int = 0) -> dict[str, float]:
+  """Returns nats per character and per word and whole-word accuracy at whole-word masks.
+
+  A chosen word's score is the sum over its pieces of -log p(piece) with all its pieces masked at
+  once; it is right when every piece is the argmax. Per character of the chosen words, the figure
+  compares models whose tokenizers cut the same words differently.
+  """
+  data = whole_word_rows(tokenizer, texts, seq_len, rate=rate, seed=seed,
+                         words_per_row=words_per_row)
+
+  @jax.jit
+  def piece_scores(p, tokens, inputs):
+    position_ids, doc_ids = model_lib.packed_layout(tokens, cls_id=tokenizer.cls_id,
+                                                    pad_id=tokenizer.pad_id)
+    logits = nnx.merge(graphdef, p).dense_logits(inputs, position_ids=position_ids,
+                                                 doc_ids=doc_ids)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return nll, jnp.argmax(logits, axis=-1) == tokens
+
+  n = len(data['tokens'])
+  nll = np.zeros(data['tokens'].shape, np.float64)
+  right = np.zeros(data['tokens'].shape, bool)
+  for s in range(0, n, batch_size):
+    rows = slice(s, min(s + batch_size, n))
+    pad = batch_size - (rows.stop - rows.start)
+    t = np.pad(data['tokens'][rows], ((0, pad), (0, 0)), constant_values=tokenizer.pad_id)
+    x = np.pad(data['inputs'][rows], ((0, pad), (0, 0)), constant_values=tokenizer.pad_id)
+    a, b = jax.device_get(piece_scores(params, jnp.asarray(t), jnp.asarray(x)))
+    nll[rows], right[rows] = a[:batch_size - pad], b[:batch_size - pad]
+  w = data['word']
+  chosen = w >= 0
+  words = len(data['chars'])
+  word_nll = np.bincount(w[chosen], weights=nll[chosen], minlength=words)
+  word_wrong = np.bincount(w[chosen], weights=~right[chosen], minlength=words)
+  chars = int(data['chars'].sum())
+  return {'words': words, 'chars': chars, 'dropped_rows': data['dropped'],
+          'pieces_per_word': float(chosen.sum() / max(words, 1)),
+          'nats_per_char': float(word_nll.sum() / max(chars, 1)),
+          'nats_per_word': float(word_nll.sum() / max(words, 1)),
+          'word_accuracy': float((word_wrong == 0).mean()) if words else float('nan')}
