@@ -95,6 +95,7 @@ def signatures(documents: Sequence[str], ngram: int, num_perm: int) -> tuple[np.
 
 
 def _root(parent: np.ndarray, i: int) -> int:
+  """Returns the root of i in the union-find forest `parent`, halving the path on the way."""
   while parent[i] != i:
     parent[i] = parent[parent[i]]
     i = parent[i]
@@ -105,7 +106,7 @@ def _root(parent: np.ndarray, i: int) -> int:
 class Groups:
   """Near-duplicate groups of a document list: `of[i]` is the smallest index in i's group."""
   of: np.ndarray
-  pairs: int  # candidate pairs whose signatures agreed at >= threshold
+  pairs: int  # candidate pairs judged near-duplicate (a group of k needs k - 1 or more)
 
   @property
   def sizes(self) -> dict[int, int]:

@@ -132,7 +132,7 @@ def test_dapt_with_an_extended_tokenizer_resumes_and_exports(tmp_path, make_tiny
   from mlmjax import convert, predict
   pre = make_tiny_config()
   pre.model.pre_layer_norm = False  # exportable
-  pre.train.num_steps = 4
+  pre.train.num_steps, pre.ckpt.every_steps, pre.eval.every_steps = 2, 2, 2
   train.run(pre, tmp_path / 'pre')
   domain = tmp_path / 'domain.txt'
   domain.write_text('\n\n'.join(' '.join(d.split()) for d in domain_texts[:600]) + '\n')
@@ -141,7 +141,7 @@ def test_dapt_with_an_extended_tokenizer_resumes_and_exports(tmp_path, make_tiny
   c.init_from = str(tmp_path / 'pre')
   c.data.corpus = str(domain)
   c.tokenizer.extend_pieces = NEW
-  c.train.num_steps, c.ckpt.every_steps, c.eval.every_steps = 4, 2, 2
+  c.train.num_steps, c.ckpt.every_steps, c.eval.every_steps = 2, 1, 2
   work = tmp_path / 'dapt'
   assert train.run(c, work)['finished']
   log = (work / 'log.txt').read_text()
@@ -150,10 +150,11 @@ def test_dapt_with_an_extended_tokenizer_resumes_and_exports(tmp_path, make_tiny
   ext = tokenizer_lib.load_any(work / 'tokenizer.model')
   assert ext.vocab_size == base.vocab_size + NEW
   assert len(vocab_extension.sources(base, ext)) == NEW
-  # Resume: the same command with more steps continues from step 4 with the stored tokenizer.
-  c.train.num_steps = 6
+  # Resume: the same command with more steps continues from step 2 with the stored tokenizer.
+  c.train.num_steps = 3
   summary = train.run(c, work)
-  assert summary['finished'] and summary['step'] == 6
+  assert summary['finished'] and summary['step'] == 3
+  assert 'resumed from step 2' in (work / 'log.txt').read_text()
   assert tokenizer_lib.load_any(work / 'tokenizer.model').fingerprint == ext.fingerprint
   run = predict.load_run(work)
   assert run.params['encoder']['token_embed'].shape[0] == ext.vocab_size
