@@ -3,10 +3,11 @@
   python benchmarks/word_scores.py runs/dapt runs/dapt_ext --max_texts 400
   python benchmarks/word_scores.py runs/dapt runs/dapt_ext --corpus '../shared/data/pretrain/general/*.txt'
 
-For each workdir (its latest checkpoint, or best/ when it kept one) and each corpus (default: the
-run's data.corpus and, for a DAPT run, eval.other_corpus), the held-out documents of the run's own
-split (data.val_fraction, near-duplicates grouped) are read, cut into windows of the same words,
-and the same 15% of words are masked whole (mlm_eval.whole_word_scores). Printed per run and
+For each corpus (default: the first run's data.corpus and, for a DAPT run, eval.other_corpus) the
+first run's held-out documents (its data.val_fraction split, near-duplicates grouped) are cut into
+windows of the same words (a window any run's tokenizer cannot fit is skipped by all) and the same
+15% of words are masked whole (mlm_eval.whole_word_scores); every workdir (its latest checkpoint, or
+best/ when it kept one) is scored on them. Printed per run and
 corpus: pieces per word over all words, nats per character and per word of the masked words, and
 whole-word accuracy. MLM loss per masked piece is not comparable between tokenizations; these are,
 because every run scores the same words of the same text.
@@ -45,27 +46,31 @@ def main() -> None:
   p.add_argument('--rate', type=float, default=0.15, help='share of words masked')
   p.add_argument('--json', default='', help='also write the numbers to this file')
   args = p.parse_args()
-  out = []
-  texts = {}
-  for workdir in args.workdirs:
-    run = predict.load_run(workdir)
+  runs = [predict.load_run(w) for w in args.workdirs]
+  for workdir, run in zip(args.workdirs, runs):
     if run.task != 'mlm':
       sys.exit(f'error: {workdir} is a {run.task!r} run; word scores need an MLM run')
-    specs = args.corpus or [c for c in (run.config.data.corpus, run.config.eval.other_corpus) if c]
-    for spec in specs:
-      if spec not in texts:  # the first run's split decides the texts every run is scored on
-        texts[spec] = held_out(run.config, spec, args.max_texts)
-      words = [w for t in texts[spec] for w in t.split()]
+  specs = args.corpus or [c for c in (runs[0].config.data.corpus, runs[0].config.eval.other_corpus)
+                          if c]
+  seq_len = int(runs[0].config.train.seq_len)
+  out = []
+  for spec in specs:
+    texts = held_out(runs[0].config, spec, args.max_texts)  # the first run's split, for every run
+    # Windows any run's tokenizer cannot fit are skipped by all: every run scores the same words.
+    skip = frozenset().union(*(mlm_eval.whole_word_rows(r.tokenizer, texts, seq_len)['dropped']
+                               for r in runs))
+    for workdir, run in zip(args.workdirs, runs):
+      words = [w for t in texts for w in t.split()]
       pieces = sum(len(x) for x in run.tokenizer.encode_batch(words))
-      scores = mlm_eval.whole_word_scores(run.graphdef, run.params, run.tokenizer, texts[spec],
-                                          seq_len=int(run.config.train.seq_len), rate=args.rate)
+      scores = mlm_eval.whole_word_scores(run.graphdef, run.params, run.tokenizer, texts,
+                                          seq_len=seq_len, rate=args.rate, skip=skip)
       row = {'workdir': workdir, 'step': run.step, 'vocab_size': run.tokenizer.vocab_size,
-             'corpus': spec, 'texts': len(texts[spec]), 'fertility': pieces / max(len(words), 1),
-             **scores}
+             'corpus': spec, 'texts': len(texts), 'skipped_windows': len(skip),
+             'fertility': pieces / max(len(words), 1), **scores}
       out.append(row)
       print(f'{workdir} (step {run.step}, {run.tokenizer.vocab_size} pieces) on {spec}: '
             f'{row["fertility"]:.3f} pieces/word, {scores["words"]:,} masked words '
-            f'({scores["chars"]:,} chars, {scores["dropped_rows"]} windows dropped): '
+            f'({scores["chars"]:,} chars; {len(skip)} windows skipped): '
             f'{scores["nats_per_char"]:.4f} nats/char, {scores["nats_per_word"]:.3f} nats/word, '
             f'word accuracy {100 * scores["word_accuracy"]:.2f}%', flush=True)
   if args.json:

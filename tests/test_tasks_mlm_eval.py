@@ -216,8 +216,14 @@ def test_whole_word_rows_mask_the_same_words_whatever_the_tokenizer(topics_corpu
   other = tok.train_tokenizer(texts, tmp_path / 'small.model', vocab_size=400)
   a = evaluate.whole_word_rows(topics_tokenizer, texts, 128, rate=0.2, seed=3, words_per_row=8)
   b = evaluate.whole_word_rows(other, texts, 128, rate=0.2, seed=3, words_per_row=8)
-  assert a['dropped'] == b['dropped'] == 0
+  assert a['dropped'] == b['dropped'] == set()
   np.testing.assert_array_equal(a['chars'], b['chars'])  # the same words, in the same order
+  # Windows one tokenizer cannot fit are skipped by both when passed on.
+  wide = evaluate.whole_word_rows(other, texts, 48, rate=0.2, seed=3, words_per_row=8)
+  assert wide['dropped']
+  narrow = evaluate.whole_word_rows(topics_tokenizer, texts, 48, rate=0.2, seed=3,
+                                    words_per_row=8, skip=frozenset(wide['dropped']))
+  np.testing.assert_array_equal(narrow['chars'], wide['chars'])
   assert (b['word'] >= 0).sum() > (a['word'] >= 0).sum()  # cut into more pieces by the small one
   for d, cut in ((a, topics_tokenizer), (b, other)):
     masked = d['word'] >= 0

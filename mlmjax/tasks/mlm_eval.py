@@ -1,7 +1,7 @@
 """MLM validation: fixed-key masks at a fixed rate, metrics by kind of position, n-gram baselines (the MLM task's evaluation)."""
 
 import hashlib
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,22 +91,26 @@ def evaluate(eval_step: Callable, params, batches: Sequence, *, seed: int, unigr
 
 
 def whole_word_rows(tokenizer, texts: Sequence[str], seq_len: int, *, rate: float = 0.15,
-                    seed: int = 0, words_per_row: int = 0) -> dict[str, np.ndarray]:
+                    seed: int = 0, words_per_row: int = 0,
+                    skip: frozenset = frozenset()) -> dict[str, Any]:
   """Returns rows with a fixed set of whole words masked, the same words whatever the tokenizer.
 
   Each text's whitespace-separated words are cut into windows of words_per_row words (0:
-  seq_len // 8, room for 8 pieces per word), one row each ([CLS] pieces [SEP]); a window whose pieces do not fit is dropped
-  (counted in `dropped`). Word j of text i is chosen when a blake2b hash of (seed, i, j) read as a
-  uniform number is below `rate`, and every piece of a chosen word becomes [MASK]. Returns tokens,
-  inputs, word (chosen word index or -1), all (N, L) int32, per chosen word its characters, and
-  the number of dropped windows.
+  seq_len // 8, room for 8 pieces per word), one row each ([CLS] pieces [SEP]); a window whose
+  pieces do not fit is dropped (listed in `dropped` as (text, first word)), and so is every
+  window in `skip` (pass the union of several tokenizers' `dropped` to score the same words).
+  Word j of text i is chosen when a blake2b hash of (seed, i, j) read as a uniform number is below
+  `rate`, and every piece of a chosen word becomes [MASK]. Returns tokens, inputs, word (chosen
+  word index or -1), all (N, L) int32, per chosen word its characters, and `dropped`.
   """
   per_row = words_per_row or max(seq_len // 8, 1)
-  rows, words_of, chars, dropped = [], [], [], 0
+  rows, words_of, chars, dropped = [], [], [], set()
   for i, text in enumerate(texts):
     words = text.split()
     pieces = tokenizer.encode_batch(words) if words else []
     for lo in range(0, len(words), per_row):
+      if (i, lo) in skip:
+        continue
       ids = [tokenizer.cls_id]
       marks = [-1]
       window = []
@@ -117,7 +121,7 @@ def whole_word_rows(tokenizer, texts: Sequence[str], seq_len: int, *, rate: floa
         ids += pieces[j]
         marks += [len(window) - 1 if chosen else -1] * len(pieces[j])
       if len(ids) + 1 > seq_len:
-        dropped += 1
+        dropped.add((i, lo))
         continue
       row_chars = [c for c in window if c]
       index = {k: len(chars) + n for n, k in enumerate(k for k, c in enumerate(window) if c)}
@@ -133,7 +137,7 @@ def whole_word_rows(tokenizer, texts: Sequence[str], seq_len: int, *, rate: floa
 
 def whole_word_scores(graphdef, params, tokenizer, texts: Sequence[str], *, seq_len: int,
                       rate: float = 0.15, seed: int = 0, batch_size: int = 32,
-                      words_per_row: int = 0) -> dict[str, float]:
+                      words_per_row: int = 0, skip: frozenset = frozenset()) -> dict[str, float]:
   """Returns nats per character and per word and whole-word accuracy at whole-word masks.
 
   A chosen word's score is the sum over its pieces of -log p(piece) with all its pieces masked at
@@ -141,7 +145,7 @@ def whole_word_scores(graphdef, params, tokenizer, texts: Sequence[str], *, seq_
   compares models whose tokenizers cut the same words differently.
   """
   data = whole_word_rows(tokenizer, texts, seq_len, rate=rate, seed=seed,
-                         words_per_row=words_per_row)
+                         words_per_row=words_per_row, skip=skip)
 
   @jax.jit
   def piece_scores(p, tokens, inputs):
@@ -169,7 +173,7 @@ def whole_word_scores(graphdef, params, tokenizer, texts: Sequence[str], *, seq_
   word_nll = np.bincount(w[chosen], weights=nll[chosen], minlength=words)
   word_wrong = np.bincount(w[chosen], weights=~right[chosen], minlength=words)
   chars = int(data['chars'].sum())
-  return {'words': words, 'chars': chars, 'dropped_rows': data['dropped'],
+  return {'words': words, 'chars': chars, 'dropped_rows': len(data['dropped']),
           'pieces_per_word': float(chosen.sum() / max(words, 1)),
           'nats_per_char': float(word_nll.sum() / max(chars, 1)),
           'nats_per_word': float(word_nll.sum() / max(words, 1)),
