@@ -12,6 +12,7 @@ imports nothing of mlmjax: train, sweep and the task exporters all sit above it.
 
 import contextlib
 import importlib.util
+import json
 import os
 import pathlib
 import sys
@@ -67,6 +68,13 @@ def flag_error(e: BaseException, argv: Sequence[str] = ()) -> str:
   useful = [l for l in lines if not l.startswith(('Traceback', 'File ', '^', '~'))]
   last = useful[-1] if useful else str(e)
   return last if last == lines[0] else f'{lines[0].rstrip(":")}: {last}'
+
+
+def write_json(path, obj) -> None:
+  """Writes obj as indented JSON to path (parent folders created): a report's --json file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
 
 
 def load_config(spec: str, *, key: str = '--config'):

@@ -13,8 +13,6 @@ many pretraining documents data.decontaminate.configs would drop. Reads no token
 nothing but --json.
 """
 
-import json
-import pathlib
 import time
 
 from mlmjax import cli, corpus, input_pipeline, near_dups
@@ -104,9 +102,7 @@ def main(argv=None) -> None:
   with cli.user_errors((ValueError, FileNotFoundError, PermissionError)):
     out = report(f.config, against=f.against)
     if f.json:
-      path = pathlib.Path(f.json)
-      path.parent.mkdir(parents=True, exist_ok=True)
-      path.write_text(json.dumps(out, indent=1, ensure_ascii=False) + '\n')
+      cli.write_json(f.json, out)
 
 
 if __name__ == '__main__':

@@ -23,7 +23,6 @@ cross whitespace. `rows_figures` gives the figures that need no text from packed
 """
 
 import collections
-import json
 import pathlib
 import re
 import tempfile
@@ -199,9 +198,7 @@ def main(argv=None) -> None:
     out = report(tok, docs, top=f.top, compare_vocab_size=f.compare_vocab_size or None)
     print(format_report(out))
     if f.json:
-      path = pathlib.Path(f.json)
-      path.parent.mkdir(parents=True, exist_ok=True)
-      path.write_text(json.dumps(out, indent=1, ensure_ascii=False) + '\n')
+      cli.write_json(f.json, out)
 
 
 if __name__ == '__main__':

@@ -201,12 +201,17 @@ def planted_corpus(tmp_path):
   return path, base
 
 
+def _on_planted(config, planted_corpus, tmp_path):
+  """Returns (the corpus's 40 base documents, config reading the corpus with a cache of its own)."""
+  path, base = planted_corpus
+  config.data.corpus = str(path)
+  config.data.cache_dir = str(tmp_path / 'cache')
+  return base, config
+
+
 def test_prepare_data_groups_before_the_split_and_drops_contaminated_documents(
     tiny_config, planted_corpus, tmp_path):
-  path, base = planted_corpus
-  c = tiny_config
-  c.data.corpus = str(path)
-  c.data.cache_dir = str(tmp_path / 'cache')
+  base, c = _on_planted(tiny_config, planted_corpus, tmp_path)
   c.data.val_fraction = 0.3
   logs = []
   data = ip.prepare_data(c, tmp_path / 'w1', log=logs.append)
@@ -241,10 +246,7 @@ def test_old_config_json_reads_as_split_without_grouping():
 def test_mlm_task_drops_documents_holding_texts_of_data_decontaminate_configs(
     tiny_config, planted_corpus, tmp_path):
   from mlmjax import tasks
-  path, base = planted_corpus
-  c = tiny_config
-  c.data.corpus = str(path)
-  c.data.cache_dir = str(tmp_path / 'cache')
+  base, c = _on_planted(tiny_config, planted_corpus, tmp_path)
   rows = [{'id': f'r{i}', 'text': ' '.join(base[i].split()[:60]), 'label': 'ab'[i % 2]}
           for i in range(20, 40)]  # topics without an edited copy: one document each
   c.data.decontaminate.configs = planted.finetune_config_file(tmp_path, rows)

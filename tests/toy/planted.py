@@ -2,7 +2,6 @@
 
 import functools
 import json
-import math
 import re
 
 from pydoc_data.topics import topics
