@@ -1,12 +1,22 @@
 """The files of a run's workdir: log.txt, metrics.jsonl, TensorBoard, config.json, resume checks."""
 
+import datetime
+import importlib.metadata
 import json
 import math
 import os
 import pathlib
+import platform
+import shlex
+import subprocess
+import sys
+import traceback
 from typing import Any, Callable
 
 import jax
+
+_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'sentencepiece',
+             'tensorflow-cpu', 'tensorflow', 'ml-collections', 'datasketch')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,6 +74,67 @@ class Reporter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None  # a write after close (the evaluation after the loop) opens a new writer
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance: what produced a run, and how it ended when it failed.
+
+
+def _git(*args: str) -> str | None:
+  """Returns git's output in mlmjax's own checkout, or None (an installed copy, no git)."""
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  try:
+    out = subprocess.run(['git', '-C', str(repo), *args], capture_output=True, text=True,
+                         timeout=10, check=True)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip()
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+  """Returns the commit (and whether the checkout has uncommitted changes), library versions,
+  the command line, the devices and the process count of this invocation."""
+  versions = {'python': platform.python_version()}
+  for name in _PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      continue
+  device = jax.devices()[0]
+  versions['runtime'] = getattr(device.client, 'platform_version', '') or device.platform
+  commit = _git('rev-parse', 'HEAD')
+  status = _git('status', '--porcelain', '--untracked-files=no') if commit else None
+  return {'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+          'commit': commit, 'dirty': bool(status) if status is not None else None,
+          'versions': versions, 'command': shlex.join(sys.argv if argv is None else argv),
+          'devices': {'platform': device.platform, 'kind': device.device_kind,
+                      'count': jax.device_count(), 'local_count': jax.local_device_count()},
+          'process_count': jax.process_count(), 'host': platform.node()}
+
+
+def record_provenance(workdir: pathlib.Path, entry: dict) -> None:
+  """Appends this invocation's provenance to workdir/provenance.json (one entry per start)."""
+  path = workdir / 'provenance.json'
+  entries = []
+  if path.exists():
+    try:
+      entries = json.loads(path.read_text())
+    except json.JSONDecodeError:
+      entries = []  # a file cut short by a crash: start the list again
+  atomic_write_json(path, [*entries, entry] if isinstance(entries, list) else [entry])
+
+
+def log_fatal(workdir, error: BaseException, user_errors: tuple[type[BaseException], ...]) -> None:
+  """Appends the error that ended a run to log.txt: one line for a user's error, else the traceback."""
+  path = pathlib.Path(workdir) / 'log.txt'
+  if jax.process_index() != 0 or not path.parent.is_dir():
+    return
+  if isinstance(error, user_errors):
+    text = f'error: {error}\n'
+  else:
+    text = 'fatal: ' + ''.join(traceback.format_exception(error))
+  with open(path, 'a') as f:
+    f.write(text)
 
 
 def fmt_time(seconds: float) -> str:

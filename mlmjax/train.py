@@ -122,12 +122,14 @@ def _meta(exp, step: int, progress: _Progress, window, t_start: float) -> dict:
   return meta
 
 
-def _record_start(workdir: pathlib.Path, config, exp, reporter, step0: int, log) -> None:
-  """Truncates metrics.jsonl to the step restored and writes config.json and task.json."""
+def _record_start(workdir: pathlib.Path, config, exp, reporter, step0: int, prov: dict,
+                  log) -> None:
+  """Truncates metrics.jsonl to the step restored; writes config.json, task.json, provenance.json."""
   reporter.truncate_metrics(step0)
   if jax.process_index() == 0:
     run_files.write_config(workdir, config, log)
     run_files.atomic_write_json(workdir / 'task.json', {'task': exp.task.name, **exp.data.stats})
+    run_files.record_provenance(workdir, {**prov, 'start_step': step0})
 
 
 def _log_window(window, task, meter: flops.Meter, progress: _Progress, step: int, num_steps: int,
@@ -173,7 +175,17 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   stop_after: end this invocation after that many steps (checkpointing first), as a crash would.
   SIGTERM/SIGINT during training (or JAX's multi-host preemption sync point) saves a checkpoint at
   the current step, waits for it to commit and returns with summary['preempted'] = True.
+  An error that ends the run is appended to log.txt before it propagates.
   """
+  try:
+    return _run(config, workdir, stop_after=stop_after)
+  except Exception as e:
+    run_files.log_fatal(workdir, e, cli.USER_ERRORS)
+    raise
+
+
+def _run(config, workdir, *, stop_after: int | None) -> dict:
+  """The body of run()."""
   # --- setup
   t_start = time.perf_counter()
   sharding.maybe_initialize_distributed(config)  # first: before anything touches a device
@@ -187,6 +199,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   log(f'mlmjax: workdir {workdir} | task {config.task} | devices {jax.device_count()} '
       f'({jax.devices()[0].platform}) | mesh {dict(mesh.shape)} | processes {jax.process_count()}')
   _use_compilation_cache(config)
+  prov = run_files.provenance()
   init_run = train_state.init_source(config.init_from) if config.init_from else None
   exp = experiment.setup(config, workdir, mesh, log=log, init_run=init_run)
   task, data, num_steps = exp.task, exp.data, config.train.num_steps
@@ -203,7 +216,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
        contextlib.closing(reporter):
     # --- restore or init; only then (checks passed) config.json, task.json, metrics.jsonl change
     step0, state, progress = _restore_or_init(exp, ckpts, init_run, data.key, log)
-    _record_start(workdir, config, exp, reporter, step0, log)
+    _record_start(workdir, config, exp, reporter, step0, prov, log)
     step, window, pending = step0, None, []  # pending: per-step `nonfinite` flags on the device
 
     def meta_of(step):
@@ -291,7 +304,7 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   finished = step >= num_steps or progress.early_stopped
   if eval_record is None and finished:
     eval_record = run_eval(step)
-  summary = _summary(exp, progress, step, finished=finished, preempted=preempted,
+  summary = _summary(exp, progress, step, prov, finished=finished, preempted=preempted,
                      best_metric=early.metric if keep_best else None)
   summary.update(eval_record or {})
   if finished and len(data.test):
@@ -307,8 +320,8 @@ def run(config, workdir, *, stop_after: int | None = None) -> dict:
   return summary
 
 
-def _summary(exp, progress: _Progress, step: int, *, finished: bool, preempted: bool,
-             best_metric: str | None) -> dict:
+def _summary(exp, progress: _Progress, step: int, prov: dict, *, finished: bool,
+             preempted: bool, best_metric: str | None) -> dict:
   """Returns the summary.json entries of the run's state (evaluation and test numbers come after)."""
   config, task = exp.config, exp.task
   summary = {'step': step, 'num_steps': config.train.num_steps, 'finished': finished,
@@ -317,7 +330,7 @@ def _summary(exp, progress: _Progress, step: int, *, finished: bool, preempted: 
              'num_params': exp.num_params, 'best_eval_loss': progress.best_eval_loss,
              'best_eval_step': progress.best_eval_step, 'variant': config.variant,
              'skipped_batches': progress.skipped_batches, 'init_from': config.init_from,
-             'data': exp.data.stats, **task.summary_extras()}
+             'data': exp.data.stats, 'provenance': prov, **task.summary_extras()}
   if best_metric is not None:
     summary.update(best_metric=best_metric, best_value=progress.best_value,
                    best_step=progress.best_step)

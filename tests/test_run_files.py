@@ -86,3 +86,47 @@ def test_resume_checks_refuse_another_tokenizer_and_warn_on_other_data_or_seed()
     run_files.check_resume_meta({**meta, 'tokenizer': 'zzz'}, 'rows-1', tok, config, notes.append)
   run_files.check_resume_meta({}, 'rows-1', tok, config, notes.append)  # older checkpoints: no meta
   assert len(notes) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance and fatal errors
+
+
+def test_provenance_names_the_code_libraries_command_and_devices():
+  import importlib.metadata
+  import subprocess
+  import jax
+  p = run_files.provenance(['mlmjax.train', '--config', 'configs/pretrain.py:tiny', '--x=a b'])
+  head = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                        cwd=run_files.__file__.rsplit('/mlmjax/', 1)[0]).stdout.strip()
+  assert p['commit'] == (head or None) and isinstance(p['dirty'], (bool, type(None)))
+  for name in ('jax', 'flax', 'optax', 'orbax-checkpoint'):
+    assert p['versions'][name] == importlib.metadata.version(name)
+  assert p['versions']['runtime']
+  assert p['command'] == "mlmjax.train --config configs/pretrain.py:tiny '--x=a b'"
+  assert p['devices'] == {'platform': jax.devices()[0].platform,
+                          'kind': jax.devices()[0].device_kind, 'count': jax.device_count(),
+                          'local_count': jax.local_device_count()}
+  assert p['process_count'] == jax.process_count()
+  json.dumps(p)  # written to provenance.json and summary.json as it is
+
+
+def test_record_provenance_appends_one_entry_per_start(tmp_path):
+  run_files.record_provenance(tmp_path, {'start_step': 0})
+  run_files.record_provenance(tmp_path, {'start_step': 5})
+  assert json.loads((tmp_path / 'provenance.json').read_text()) == [{'start_step': 0},
+                                                                    {'start_step': 5}]
+
+
+def test_log_fatal_writes_one_line_for_a_users_error_and_a_traceback_otherwise(tmp_path):
+  (tmp_path / 'log.txt').write_text('step 1\n')
+  run_files.log_fatal(tmp_path, ValueError('train.batch_size=0 must be positive'), (ValueError,))
+  try:
+    {}['missing']
+  except KeyError as e:
+    run_files.log_fatal(tmp_path, e, (ValueError,))
+  lines = _lines(tmp_path / 'log.txt')
+  assert lines[:2] == ['step 1', 'error: train.batch_size=0 must be positive']
+  assert lines[2] == 'fatal: Traceback (most recent call last):' and lines[-1] == "KeyError: 'missing'"
+  run_files.log_fatal(tmp_path / 'nowhere', ValueError('x'), (ValueError,))  # no workdir: nothing
+  assert not (tmp_path / 'nowhere').exists()

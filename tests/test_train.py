@@ -86,6 +86,10 @@ def test_resume_continues_with_same_data_and_masks(reference_run, tmp_path):
   assert sorted(_train_losses(tmp_path)) == [1, 2, 3]
   second = train.run(config, tmp_path)
   assert second['step'] == 8
+  # One provenance entry per invocation; the summary holds this one.
+  starts = json.loads((tmp_path / 'provenance.json').read_text())
+  assert [p['start_step'] for p in starts] == [0, 3]
+  assert second['provenance']['command'] == starts[1]['command']
   ref, resumed = _train_losses(ref_dir), _train_losses(tmp_path)
   assert sorted(resumed) == list(range(1, 9))  # one record per step, none duplicated
   for step in range(1, 9):
@@ -328,8 +332,11 @@ def test_full_disk_is_reported_before_training_starts(tiny_config, tmp_path, mon
     train.run(tiny_config, tmp_path)
   msg = _one_or_two_lines(e.value)
   assert f'workdir {tmp_path} has 1.0 MiB free but the checkpoints need' in msg
-  assert 'training steps' not in (tmp_path / 'log.txt').read_text()
+  log = (tmp_path / 'log.txt').read_text()
+  assert 'training steps' not in log
+  assert log.splitlines()[-1] == f'error: {e.value}'.splitlines()[0]  # the error reaches log.txt
   assert not (tmp_path / 'checkpoints').exists()
+  assert not (tmp_path / 'provenance.json').exists()  # written only once the checks pass
 
 
 # ---------------------------------------------------------------------------------------------
