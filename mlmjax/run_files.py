@@ -11,7 +11,7 @@ import shlex
 import subprocess
 import sys
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -55,15 +55,36 @@ class Reporter:
     tmp.write_text(''.join(line + '\n' for line in keep))
     os.replace(tmp, path)
 
+  def _writer(self):
+    """Returns the TensorBoard writer of workdir/tensorboard, opening it on first use."""
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(self.workdir / 'tensorboard'))
+    return self._tb
+
+  def hparams(self, settings: dict[str, Any], metrics: Sequence[str]) -> None:
+    """Writes the run's settings for TensorBoard's HParams view, beside its scalars.
+
+    settings: dotted config keys -> values (numbers, booleans and strings are kept; tuples become
+    strings); metrics: the scalar tags the view tabulates (e.g. 'eval/loss').
+    """
+    if not self.enabled:
+      return
+    from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
+    kept = {k: (v if isinstance(v, (bool, int, float, str)) else str(v))
+            for k, v in settings.items() if v is not None}
+    writer = self._writer()
+    for summary in hparams(kept, dict.fromkeys(metrics, 0.0)):  # the values are not written
+      writer.file_writer.add_summary(summary)
+    writer.flush()
+
   def write(self, step: int, record: dict[str, float]) -> None:
     """Appends one record to metrics.jsonl and TensorBoard."""
     if not self.enabled:
       return
     with open(self.workdir / 'metrics.jsonl', 'a') as f:
       f.write(json.dumps({'step': step, **record}) + '\n')
-    if self._tb is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(self.workdir / 'tensorboard'))
+    self._writer()
     for k, v in record.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(k, v, step)

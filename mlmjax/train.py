@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlmjax import (checkpoint, cli, compile_check, experiment, flops, input_pipeline, run_files,
-                    sharding, train_state)
+                    schema, sharding, train_state)
 
 
 @dataclasses.dataclass
@@ -130,6 +130,10 @@ def _record_start(workdir: pathlib.Path, config, exp, reporter, step0: int, prov
     run_files.write_config(workdir, config, log)
     run_files.atomic_write_json(workdir / 'task.json', {'task': exp.task.name, **exp.data.stats})
     run_files.record_provenance(workdir, {**prov, 'start_step': step0})
+  task = exp.task
+  reporter.hparams(schema.flatten(config.to_dict()),
+                   [k for k, _, _ in task.progress_metrics]
+                   + [k if '/' in k else f'eval/{k}' for k, _, _ in task.eval_metrics])
 
 
 def _log_window(window, task, meter: flops.Meter, progress: _Progress, step: int, num_steps: int,

@@ -1,5 +1,6 @@
 """End-to-end tests of mlmjax.train.run: a few steps, exact resume, workdir contents, failures."""
 
+import collections
 import json
 import pathlib
 import shutil
@@ -42,8 +43,20 @@ def test_workdir_holds_everything(reference_run):
   config, workdir, summary = reference_run
   for name in ('config.json', 'tokenizer.model', 'metrics.jsonl', 'summary.json', 'log.txt'):
     assert (workdir / name).is_file(), name
-  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  events = list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert events
   assert json.loads((workdir / 'config.json').read_text())['train']['num_steps'] == 8
+  # TensorBoard's HParams view: the settings and the metric tags, in the scalars' own run.
+  import tensorflow as tf  # the reader of event files
+  plugins = collections.defaultdict(list)
+  for event in tf.compat.v1.train.summary_iterator(str(events[0])):
+    for value in event.summary.value:
+      plugins[value.metadata.plugin_data.plugin_name].append(value)
+  hparams = b''.join(v.metadata.plugin_data.content for v in plugins['hparams'])
+  for expected in (b'masking.rate', b'optim.learning_rate', b'eval/accuracy_at_mask', b'train/loss'):
+    assert expected in hparams, expected
+  scalars = {v.tag for name, values in plugins.items() if name != 'hparams' for v in values}
+  assert scalars >= {'eval/accuracy_at_mask', 'train/loss'}
   on_disk = json.loads((workdir / 'summary.json').read_text())
   for key in ('eval/loss', 'eval/accuracy', 'eval/accuracy_at_mask', 'eval/accuracy_at_random',
               'eval/accuracy_at_keep', 'baseline/unigram_accuracy_at_mask',
