@@ -192,7 +192,7 @@ def contained(documents: Sequence[str], texts: Sequence[str], *, ngram: int = 8,
     for x in shingles(doc, ngram):
       for t in owners.get(x, ()):
         counts[t] = counts.get(t, 0) + 1
-    pairs += [(d, t) for t, c in counts.items() if c >= min_share * size[t]]
+    pairs += [(d, t) for t, c in sorted(counts.items()) if c >= min_share * size[t]]
   return Containment(np.array(pairs, np.int64).reshape(-1, 2), len(documents), len(texts))
 
 
