@@ -18,7 +18,7 @@ NEW = 60
 @pytest.fixture(scope='module')
 def domain_texts(pydocs):
   """Return-value and parameter prose: text whose words the help-topics tokenizer cuts finely."""
-  return pydocs[:1500]
+  return pydocs[:600]
 
 
 @pytest.fixture(scope='module')
