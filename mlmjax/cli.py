@@ -104,9 +104,14 @@ def parse_flags(argv: Sequence[str] | None,
   argv: the command line, program name first (None: sys.argv). define(flags, flag_values) adds
   the entry point's own flags, with `flags` the absl flags module. --help prints every flag and
   exits; a bad flag, an unknown config key or a missing config file exits with one 'error:' line.
-  prog names the program in --help ('mlmjax.train': 'python -m mlmjax.train').
+  prog names the program in --help ('mlmjax.train': 'python -m mlmjax.train'). --flagfile=FILE
+  reads flags (one per line, config overrides included) from FILE.
   """
   argv = list(sys.argv if argv is None else argv)
+  try:  # --flagfile expanded first, so that --config and its overrides in the file are seen
+    argv = flags.FlagValues().read_flags_from_files(argv, force_gnu=False)
+  except flags.Error as e:
+    fail(f"error: {str(e).removeprefix('ERROR:: ')}")
   flag_values = flags.FlagValues()
   # sys_argv: config_flags otherwise reads --config.KEY overrides from sys.argv, not from argv.
   config_flags.DEFINE_config_file('config', None, config_help, flag_values=flag_values,

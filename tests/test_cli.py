@@ -94,3 +94,28 @@ def test_cli_imports_nothing_of_mlmjax():
   names += [n.module or '' for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
   assert not any(n == 'mlmjax' or n.startswith('mlmjax.') for n in names), names
   assert not any(n.level for n in ast.walk(tree) if isinstance(n, ast.ImportFrom))
+
+
+def test_flagfile_supplies_the_config_its_overrides_and_flags(tmp_path):
+  flagfile = tmp_path / 'run.flags'
+  flagfile.write_text(f'--config={PRETRAIN}:tiny\n--config.train.num_steps=7\n--workdir=runs/x\n')
+  f = cli.parse_flags(['train', f'--flagfile={flagfile}', '--config.masking.rate=0.3'], _define)
+  assert (f.config.train.num_steps, f.config.masking.rate, f.workdir) == (7, 0.3, 'runs/x')
+  missing = tmp_path / 'nope.flags'
+  assert _error(['train', f'--flagfile={missing}']).startswith('error: Unable to open flagfile')
+  (tmp_path / 'bad.flags').write_text(f'--config={tmp_path}/nope.py:tiny\n')
+  assert _error(['train', f'--flagfile={tmp_path}/bad.flags']) == (
+      f"error: --config: no such config file '{tmp_path}/nope.py'")
+
+
+@pytest.mark.slow  # eight interpreters importing jax
+@pytest.mark.parametrize('script', ['mlmjax-train', 'mlmjax-predict', 'mlmjax-sweep',
+                                    'mlmjax-report', 'mlmjax-convert', 'mlmjax-task-texts',
+                                    'mlmjax-corpus-report', 'mlmjax-tokenizer-report'])
+def test_console_scripts_answer_help(script):
+  import subprocess
+  path = pathlib.Path(sys.executable).parent / script  # installed with the package (setup.cfg)
+  assert path.is_file(), f'{path} is missing: reinstall the package (python3 quickstart.py test)'
+  out = subprocess.run([str(path), '--help'], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'usage' in out.stdout or 'flags:' in out.stdout
