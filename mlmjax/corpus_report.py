@@ -40,10 +40,9 @@ def report(config, *, against: str = '', log=print) -> dict:
                                              'dropped': cleaning.dropped}}
   nd = data.near_dups
   t = time.perf_counter()
-  found = near_dups.group(docs, **near_dups.options(nd))
-  train, val = input_pipeline.split_documents(docs, data.val_fraction, found.of)
+  split = input_pipeline.split_corpus(docs, data.val_fraction, nd)
+  train, val, stats = split.train, split.val, split.stats
   alone_train, alone_val = input_pipeline.split_documents(docs, data.val_fraction)
-  stats = {**found.stats(), 'moved': len(set(val).symmetric_difference(alone_val))}
   log(f'near_dups (word {nd.ngram}-grams, Jaccard >= {nd.threshold} or {nd.containment} inside, '
       f'{nd.num_perm} permutations): '
       f'{input_pipeline.near_dup_text(stats)} ({time.perf_counter() - t:.1f} s)')
@@ -54,7 +53,7 @@ def report(config, *, against: str = '', log=print) -> dict:
   alone = near_dups.shared_shingles(pick(alone_train), pick(alone_val), int(nd.ngram))
   log(f'validation text in training, grouped: {_share(grouped)}')
   log(f'validation text in training, each document hashed alone: {_share(alone)}')
-  largest = sorted(found.sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:_EXAMPLES]
+  largest = sorted(split.groups.sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:_EXAMPLES]
   for first, size in largest:
     log(f'  group of {size}: {docs[first][:90]!r}')
   out.update(near_dups=stats, split={'train': len(train), 'val': len(val)},

@@ -65,7 +65,13 @@ class CorpusSplit:
   """The train/val document indices of a corpus and what near-duplicate grouping did."""
   train: list[int]
   val: list[int]
-  stats: dict  # near_dups.Groups.stats() plus 'moved': documents whose split the group changed
+  groups: near_dups.Groups | None = None  # None: each document was hashed alone
+  moved: int = 0  # documents whose split their group changed
+
+  @property
+  def stats(self) -> dict:
+    """Returns the groups' counts plus 'moved' ({} without grouping)."""
+    return {**self.groups.stats(), 'moved': self.moved} if self.groups is not None else {}
 
 
 def split_corpus(documents: Sequence[str], val_fraction: float, near_dups_cfg) -> CorpusSplit:
@@ -73,8 +79,7 @@ def split_corpus(documents: Sequence[str], val_fraction: float, near_dups_cfg) -
   found = near_dups.group(documents, **near_dups.options(near_dups_cfg))
   train, val = split_documents(documents, val_fraction, found.of)
   _, alone_val = split_documents(documents, val_fraction)
-  moved = len(set(val).symmetric_difference(alone_val))
-  return CorpusSplit(train, val, {**found.stats(), 'moved': moved})
+  return CorpusSplit(train, val, found, len(set(val).symmetric_difference(alone_val)))
 
 
 def _plan_chunks(lengths: np.ndarray, seq_len: int, min_chunk: int) -> np.ndarray:
@@ -262,7 +267,7 @@ def load_or_build_token_cache(cache_root: str | os.PathLike, key: str, *,
   try:
     documents = list(documents_fn())
     if split_fn is None:
-      split = CorpusSplit(*split_documents(documents, val_fraction), {})
+      split = CorpusSplit(*split_documents(documents, val_fraction))
     else:
       split = split_fn(documents)
     stats = _build(tmp, key, documents, split, tokenizer, seq_len, val_fraction, seed)

@@ -28,7 +28,7 @@ def test_corpus_report_prints_and_writes_the_counts(corpus, tmp_path, capsys):
   assert report['near_dups']['documents_in_groups'] == 2 * report['near_dups']['groups'] > 0
   assert f"{report['near_dups']['groups']:,} groups" in text
   grouped, alone = report['val_in_train']['grouped'], report['val_in_train']['alone']
-  assert grouped['documents_90pct_in_train'] == 0 <= alone['documents_90pct_in_train']
+  assert grouped['documents_90pct_in_train'] == 0 < alone['documents_90pct_in_train']
 
 
 
