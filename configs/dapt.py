@@ -22,7 +22,7 @@ evaluation's checkpoint is kept in <workdir>/best.
 
 import ml_collections
 
-from configs import pretrain
+from mlmjax.configs import pretrain
 
 _SIZES = {
     # steps, peak lr, warmup, evaluation cadence

@@ -27,7 +27,7 @@ tokenizer are loaded, the task head starts fresh. Without init_from the encoder 
 
 import ml_collections
 
-from configs import pretrain
+from mlmjax.configs import pretrain
 
 SHARED_TASKS = '../shared/data/tasks'
 

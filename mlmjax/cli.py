@@ -5,7 +5,9 @@
       run(f.config, f.workdir)
 
 `--config` is an ml_collections config file (`configs/pretrain.py:tiny`), locked, with
-`--config.KEY=VALUE` overrides read from `argv` (not from sys.argv). A bad flag, an unknown config
+`--config.KEY=VALUE` overrides read from `argv` (not from sys.argv). The configs shipped with the
+package (the repository's configs/, installed as mlmjax.configs) can also be named without a path
+(`pretrain:tiny`); `configs/NAME.py` falls back to the shipped file when no such file is here. A bad flag, an unknown config
 key or a missing config file exits with one `error: ...` line, never a traceback. This module
 imports nothing of mlmjax: train, sweep and the task exporters all sit above it.
 """
@@ -21,7 +23,9 @@ from typing import Callable, Iterator, NoReturn, Sequence
 from absl import flags
 from ml_collections import config_flags
 
-DEFAULT_CONFIG_HELP = 'Path to a config file, e.g. configs/pretrain.py:tiny.'
+DEFAULT_CONFIG_HELP = ('A config file and variant, e.g. configs/pretrain.py:tiny, or a shipped config '
+                       'by name: pretrain:tiny, finetune:bbc, dapt:tiny.')
+SHIPPED_CONFIGS = pathlib.Path(__file__).resolve().parent / 'configs'
 # What a user's mistake raises inside a run (a bad value, a missing file, a diverged loss): shown
 # as one line. Anything else is a bug in mlmjax and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, FloatingPointError, RuntimeError)
@@ -35,14 +39,49 @@ def fail(message: str) -> NoReturn:
   sys.exit(message)
 
 
+def shipped_configs() -> list[str]:
+  """Returns the names of the configs installed with the package ('dapt', 'finetune', 'pretrain')."""
+  return sorted(p.stem for p in SHIPPED_CONFIGS.glob('*.py') if not p.name.startswith('_'))
+
+
+def resolve_config(spec: str) -> str:
+  """Returns 'file:variant' for a config spec: a path as given, else the shipped config it names.
+
+  'pretrain:tiny', 'pretrain.py:tiny' and 'configs/pretrain.py:tiny' (from a directory without
+  that file) name the shipped configs/pretrain.py; a spec matching nothing is returned unchanged.
+  """
+  path, sep, arg = spec.strip().partition(':')
+  if os.path.isfile(path):
+    return spec.strip()
+  name = path.removeprefix('configs/').removesuffix('.py')
+  shipped = SHIPPED_CONFIGS / f'{name}.py'
+  if name and '/' not in name and not name.startswith('_') and shipped.is_file():
+    return f'{shipped}{sep}{arg}'
+  return spec.strip()
+
+
+def _missing_config(path: str, key: str = '--config') -> str:
+  """Returns the one-line message for a config file that does not exist."""
+  return (f'{key}: no such config file {path!r}; shipped configs, named without a path: '
+          f'{", ".join(shipped_configs())} (e.g. pretrain:tiny)')
+
+
+def _config_arg(argv: Sequence[str]) -> int | None:
+  """Returns the index in argv of the --config value ('--config=X' or the word after '--config')."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return i
+    if arg == '--config' and i + 1 < len(argv):
+      return i + 1
+  return None
+
+
 def _config_file(argv: Sequence[str]) -> str | None:
   """Returns the file part of the --config value in argv ('configs/pretrain.py'), or None."""
-  for i, arg in enumerate(argv):
-    value = arg.split('=', 1)[1] if arg.startswith('--config=') else (
-        argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
-    if value is not None:
-      return value.split(':', 1)[0]
-  return None
+  i = _config_arg(argv)
+  if i is None:
+    return None
+  return argv[i].removeprefix('--config=').split(':', 1)[0]
 
 
 def flag_error(e: BaseException, argv: Sequence[str] = ()) -> str:
@@ -78,11 +117,11 @@ def write_json(path, obj) -> None:
 
 
 def load_config(spec: str, *, key: str = '--config'):
-  """Returns the config of 'path/to/config.py:variant' (get_config(variant), or get_config())."""
-  path, _, arg = spec.strip().partition(':')
+  """Returns the config of 'path/to/config.py:variant' or 'name:variant' (get_config(variant))."""
+  path, _, arg = resolve_config(spec).partition(':')
   file = pathlib.Path(path)
   if not file.is_file():
-    raise FileNotFoundError(f'{key}: no such config file {path!r}')
+    raise FileNotFoundError(_missing_config(path, key))
   module_spec = importlib.util.spec_from_file_location(f'_mlmjax_config_{file.stem}', file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -93,7 +132,7 @@ def check_config_path(argv: Sequence[str]) -> None:
   """Exits with a one-line error when --config names a file that does not exist."""
   path = _config_file(argv)
   if path is not None and not os.path.isfile(path):
-    fail(f'error: --config: no such config file {path!r}')
+    fail(f'error: {_missing_config(path)}')
 
 
 def parse_flags(argv: Sequence[str] | None,
@@ -112,6 +151,10 @@ def parse_flags(argv: Sequence[str] | None,
     argv = flags.FlagValues().read_flags_from_files(argv, force_gnu=False)
   except flags.Error as e:
     fail(f"error: {str(e).removeprefix('ERROR:: ')}")
+  i = _config_arg(argv)
+  if i is not None:  # a shipped config named without a path becomes its file
+    value = argv[i].removeprefix('--config=')
+    argv[i] = argv[i][:len(argv[i]) - len(value)] + resolve_config(value)
   flag_values = flags.FlagValues()
   # sys_argv: config_flags otherwise reads --config.KEY overrides from sys.argv, not from argv.
   config_flags.DEFINE_config_file('config', None, config_help, flag_values=flag_values,

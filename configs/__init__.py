@@ -1,0 +1,1 @@
+"""Run configs: pretrain.py, dapt.py, finetune.py (installed with the package as mlmjax.configs)."""
