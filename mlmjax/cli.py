@@ -135,6 +135,21 @@ def check_config_path(argv: Sequence[str]) -> None:
     fail(f'error: {_missing_config(path)}')
 
 
+def expand_flagfiles(argv: Sequence[str] | None) -> list[str]:
+  """Returns argv (None: sys.argv) with each --flagfile=FILE replaced by the flags FILE holds."""
+  try:
+    return flags.FlagValues().read_flags_from_files(list(sys.argv if argv is None else argv),
+                                                    force_gnu=False)
+  except flags.Error as e:
+    fail(f"error: {str(e).removeprefix('ERROR:: ')}")
+
+
+def override_keys(argv: Sequence[str] | None) -> frozenset[str]:
+  """Returns the dotted keys a command line sets explicitly (--config.KEY=VALUE, flagfiles read)."""
+  return frozenset(a[len('--config.'):].split('=', 1)[0] for a in expand_flagfiles(argv)
+                   if a.startswith('--config.'))
+
+
 def parse_flags(argv: Sequence[str] | None,
                 define: Callable[..., None] | None = None, *, prog: str = '',
                 config_help: str = DEFAULT_CONFIG_HELP) -> flags.FlagValues:
@@ -146,11 +161,7 @@ def parse_flags(argv: Sequence[str] | None,
   prog names the program in --help ('mlmjax.train': 'python -m mlmjax.train'). --flagfile=FILE
   reads flags (one per line, config overrides included) from FILE.
   """
-  argv = list(sys.argv if argv is None else argv)
-  try:  # --flagfile expanded first, so that --config and its overrides in the file are seen
-    argv = flags.FlagValues().read_flags_from_files(argv, force_gnu=False)
-  except flags.Error as e:
-    fail(f"error: {str(e).removeprefix('ERROR:: ')}")
+  argv = expand_flagfiles(argv)  # first, so that --config and its overrides in a file are seen
   i = _config_arg(argv)
   if i is not None:  # a shipped config named without a path becomes its file
     value = argv[i].removeprefix('--config=')

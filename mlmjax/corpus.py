@@ -211,6 +211,34 @@ def _clean_all(raw: Iterable[str], *, fix_text: bool, normalization: str, min_ch
   return docs, report
 
 
+_BREAKS = (re.compile(r'\n\s*\n'), re.compile(r'\n'), re.compile(r'[.!?]["\')\]]*\s'),
+           re.compile(r'\s'))
+
+
+def passages(docs: Iterable[str], max_chars: int) -> list[str]:
+  """Returns docs with each one longer than max_chars cut into passages of at most max_chars.
+
+  A cut falls at the last paragraph break in a passage's second half, else the last line break,
+  sentence end or space there, else at max_chars; passages are stripped and empty ones dropped.
+  """
+  out = []
+  for doc in docs:
+    while len(doc) > max_chars:
+      window = doc[:max_chars + 1]
+      cut = max_chars
+      for pattern in _BREAKS:
+        ends = [m.end() for m in pattern.finditer(window, max_chars // 2)]
+        if ends:
+          cut = min(ends[-1], max_chars)
+          break
+      head, doc = doc[:cut].strip(), doc[cut:].lstrip()
+      if head:
+        out.append(head)
+    if doc.strip():
+      out.append(doc.strip())
+  return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 

@@ -93,12 +93,19 @@ def with_init_tokenizer(config, workdir, init_run: train_state.InitSource | None
 
 
 def setup(config, workdir, mesh, *, log: Callable[[str], None] = print,
-          init_run: train_state.InitSource | None = None) -> Experiment:
-  """Returns the Experiment of config on mesh; workdir None sets it up from shapes alone."""
+          init_run: train_state.InitSource | None = None, adapt=None) -> Experiment:
+  """Returns the Experiment of config on mesh; workdir None sets it up from shapes alone.
+
+  adapt: an adapt.Adaptations; defaults that do not fit the run's budget or data are changed in
+  config (each with a note) before they are checked.
+  """
+  if adapt is not None:
+    adapt.budget(config)
   validate_config(config)
   check_batch(config, mesh)
   config = with_init_tokenizer(config, workdir, init_run, log)
   task = tasks.create(config, log=log)
+  task.adapt = adapt
   if workdir is None:
     if config.tokenizer.path:  # cheap to load, and it sizes the vocabulary
       task.tokenizer = tokenizer_lib.load_any(config.tokenizer.path)

@@ -496,28 +496,115 @@ def _near_dups_key(data_cfg) -> dict | None:
   return {**near_dups.options(cfg), 'datasketch': importlib.metadata.version('datasketch')}
 
 
-def prepare_data(config, workdir, *, exclude_texts: Sequence[str] = (), log=print) -> PreparedData:
+# The longest passage data.passage_chars becomes when a corpus has too few documents to hold any out.
+PASSAGE_CHARS = 2000
+
+
+def _trained_tokenizer(config, root: pathlib.Path, ckey: str, nd_key, documents, split, log,
+                       adapt):
+  """Returns the tokenizer tokenizer.* trains on the training split (cached by its settings)."""
+  t_cfg = config.tokenizer
+
+  def path_of(vocab_size: int) -> pathlib.Path:
+    settings = {**t_cfg.to_dict(), 'vocab_size': vocab_size}
+    return root / 'tokenizers' / (_digest(ckey, config.data.val_fraction, settings,
+                                          *([nd_key] if nd_key else [])) + '.model')
+
+  def train(vocab_size: int):
+    path = path_of(vocab_size)
+    too_large = path.with_suffix('.too_large')  # remembers a size the text does not support
+    if path.exists():
+      return tokenizer_lib.Tokenizer.load(path)
+    if too_large.exists():
+      raise tokenizer_lib.VocabTooLarge(*json.loads(too_large.read_text()))
+    docs = documents()
+    t = time.perf_counter()
+    try:
+      tokenizer = tokenizer_lib.train_tokenizer(
+          [docs[i] for i in split(docs).train], path, vocab_size=vocab_size,
+          model_type=t_cfg.model_type, character_coverage=t_cfg.character_coverage,
+          max_sentences=t_cfg.max_sentences, seed=config.seed)
+    except tokenizer_lib.VocabTooLarge as e:
+      if e.limit is not None:
+        tokenizer_lib.write_atomically(too_large, json.dumps([str(e), e.limit]).encode())
+      raise
+    log(f'trained a {t_cfg.model_type} tokenizer, {tokenizer.vocab_size} pieces '
+        f'({time.perf_counter() - t:.1f} s)')
+    return tokenizer
+
+  try:
+    return train(int(t_cfg.vocab_size))
+  except tokenizer_lib.VocabTooLarge as e:
+    if adapt is None or e.limit is None or not adapt.allowed('tokenizer.vocab_size'):
+      raise
+    tokenizer = train(e.limit)
+    adapt.change(config, 'tokenizer.vocab_size', tokenizer.vocab_size,
+                 f'the training split supports at most {e.limit} pieces')
+    return tokenizer
+
+
+class _TooFewDocuments(Exception):
+  """A split is empty: prepare_data retries with documents cut into passages."""
+
+  def __init__(self, docs: Sequence[str]):
+    super().__init__()
+    self.docs = docs
+
+
+def prepare_data(config, workdir, *, exclude_texts: Sequence[str] = (), log=print,
+                 adapt=None) -> PreparedData:
   """Returns the tokenizer and token cache of a run, building (and caching) whatever is missing.
 
   Tokenizer order: workdir/tokenizer.model or .json (a resumed run) > tokenizer.path (a .model,
   vocab.txt or tokenizer.json) > cached > trained on the training split. The tokenizer used is
   always copied to workdir/tokenizer.model (sentencepiece) or workdir/tokenizer.json (WordPiece).
   exclude_texts: fine-tuning val/test texts that data.decontaminate checks the corpus against.
+  adapt: an adapt.Adaptations; then defaults that do not fit the data are changed in config, each
+  with a note, instead of failing: a tokenizer.vocab_size larger than the training split supports
+  becomes the largest it does, and a corpus with too few documents for both splits is cut into
+  passages (data.passage_chars).
   """
+  try:
+    return _prepare_data(config, workdir, exclude_texts, log, adapt)
+  except _TooFewDocuments as e:
+    # About 20 held-out passages expected (val_fraction of them), 200 to 2,000 characters each.
+    chars = sum(map(len, e.docs)) * config.data.val_fraction / 20
+    size = int(min(max(chars // 100 * 100, 200), PASSAGE_CHARS))
+    adapt.change(config, 'data.passage_chars', size,
+                 f'{len(e.docs):,} document(s) leave a split empty; documents are cut into '
+                 'passages so that some are held out for validation')
+    return _prepare_data(config, workdir, exclude_texts, log, adapt)
+
+
+def _prepare_data(config, workdir, exclude_texts: Sequence[str], log, adapt) -> PreparedData:
+  """The body of prepare_data."""
   workdir = pathlib.Path(workdir)
   root = cache_root(config.data)
   ckey = corpus.corpus_key(config.data)
   if exclude_texts:  # the texts and the rule are part of the corpus
     ckey = _digest(ckey, list(exclude_texts), float(config.data.decontaminate.min_share),
                    int(config.data.near_dups.ngram))
+  passage_chars = int(config.data.passage_chars)
+  if passage_chars:
+    ckey = _digest(ckey, 'passages', passage_chars)
   nd_key = _near_dups_key(config.data)
   memo = {}
 
   def documents():
     if 'docs' not in memo:
       docs = cleaned_documents(config.data, root, log=log)
+      if passage_chars:
+        n = len(docs)
+        docs = corpus.passages(docs, passage_chars)
+        log(f'passages: {n:,} documents -> {len(docs):,} passages of at most {passage_chars:,} '
+            'characters (data.passage_chars)')
       memo['docs'] = decontaminate(docs, exclude_texts, config.data, log=log) if exclude_texts else docs
     return memo['docs']
+
+  def too_few(docs):  # raises when adapt may cut documents into passages
+    if (adapt is not None and config.data.val_fraction > 0 and not passage_chars
+        and adapt.allowed('data.passage_chars')):
+      raise _TooFewDocuments(docs)
 
   def split(docs):
     if 'split' not in memo:
@@ -525,6 +612,8 @@ def prepare_data(config, workdir, *, exclude_texts: Sequence[str] = (), log=prin
       memo['split'] = split_corpus(docs, config.data.val_fraction, config.data.near_dups)
       if nd_key:
         log(f'{near_dup_text(memo["split"].stats)} ({time.perf_counter() - t:.1f} s)')
+      if not len(memo['split'].train) or not len(memo['split'].val):
+        too_few(docs)
     return memo['split']
 
   t_cfg = config.tokenizer
@@ -551,21 +640,11 @@ def prepare_data(config, workdir, *, exclude_texts: Sequence[str] = (), log=prin
           f'({found.base_vocab_size} -> {tokenizer.vocab_size}; {time.perf_counter() - t:.1f} s): '
           + ' '.join(found.pieces[:12]) + ' ...')
   if tokenizer is None:
-    tok_path = root / 'tokenizers' / (_digest(ckey, config.data.val_fraction, t_cfg.to_dict(),
-                                              *([nd_key] if nd_key else [])) + '.model')
-    if tok_path.exists():
-      tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
-    else:
-      docs = documents()
-      train_idx = split(docs).train
-      t = time.perf_counter()
-      tokenizer = tokenizer_lib.train_tokenizer(
-          [docs[i] for i in train_idx], tok_path, vocab_size=t_cfg.vocab_size,
-          model_type=t_cfg.model_type, character_coverage=t_cfg.character_coverage,
-          max_sentences=t_cfg.max_sentences, seed=config.seed)
-      log(f'trained a {t_cfg.model_type} tokenizer, {tokenizer.vocab_size} pieces '
-          f'({time.perf_counter() - t:.1f} s)')
-  tokenizer_lib.store(tokenizer, workdir)
+    tokenizer = _trained_tokenizer(config, root, ckey, nd_key, documents, split, log, adapt)
+  elif stored and adapt is not None and not t_cfg.path and not t_cfg.extend_pieces:
+    if tokenizer.vocab_size < t_cfg.vocab_size and adapt.allowed('tokenizer.vocab_size'):
+      adapt.change(config, 'tokenizer.vocab_size', tokenizer.vocab_size,
+                   "the size of the tokenizer this run trained (the most its text supports)")
 
   # Packing order uses a fixed seed, so runs that differ only in config.seed share one cache;
   # config.seed drives the per-epoch row order instead.
@@ -575,4 +654,7 @@ def prepare_data(config, workdir, *, exclude_texts: Sequence[str] = (), log=prin
                                     seq_len=config.train.seq_len,
                                     val_fraction=config.data.val_fraction, seed=0, split_fn=split,
                                     log=log)
+  if not len(cache.val_rows):
+    too_few(documents())
+  tokenizer_lib.store(tokenizer, workdir)  # last: a retry with passages trains another
   return PreparedData(tokenizer, cache)

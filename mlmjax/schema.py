@@ -44,6 +44,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.normalization = 'NFC'  # Unicode normalization form: NFC, NFKC, or '' for none
   c.data.dedup = True  # drop exact duplicate documents
   c.data.val_fraction = 0.05  # fraction of documents held out for validation (by content hash)
+  c.data.passage_chars = 0  # cut longer documents into passages of at most this many characters; 0 = whole documents
   # Near-duplicates share a split: MinHash over word n-grams, grouped at this Jaccard (mlmjax/near_dups.py).
   c.data.near_dups = ml_collections.ConfigDict()
   c.data.near_dups.threshold = 0.7  # estimated Jaccard of two documents' n-gram sets; 0 turns grouping off

@@ -93,13 +93,22 @@ def _training_lines(documents: Sequence[str], max_sentences: int, seed: int) -> 
   return lines
 
 
-def _vocab_error(message: str, vocab_size: int) -> ValueError:
+class VocabTooLarge(ValueError):
+  """tokenizer.vocab_size exceeds what the training text supports; `limit` is the most it does."""
+
+  def __init__(self, message: str, limit: int | None):
+    super().__init__(message)
+    self.limit = limit
+
+
+def vocab_error(message: str, vocab_size: int) -> VocabTooLarge:
   """Returns a one-line error naming tokenizer.vocab_size from a sentencepiece trainer message."""
-  limit = re.search(r'<= (\d+)', message)
-  hint = f' (at most {limit.group(1)} for this text)' if limit else ''
-  return ValueError(f'tokenizer.vocab_size={vocab_size} does not fit the training text{hint}: '
-                    f'lower tokenizer.vocab_size or train on more text. sentencepiece said: '
-                    f'{message.splitlines()[-1]}')
+  found = re.search(r'<= (\d+)', message)
+  limit = int(found.group(1)) if found else None
+  hint = f' (at most {limit} for this text)' if found else ''
+  return VocabTooLarge(f'tokenizer.vocab_size={vocab_size} does not fit the training text{hint}: '
+                       f'lower tokenizer.vocab_size or train on more text. sentencepiece said: '
+                       f'{message.splitlines()[-1]}', limit)
 
 
 def _without_rule_path(model: bytes) -> bytes:
@@ -165,7 +174,7 @@ def train_tokenizer(documents: Sequence[str], model_path: str | os.PathLike, *,
           max_sentence_length=_MAX_LINE_BYTES, num_threads=num_threads, minloglevel=2)
     except RuntimeError as e:
       if 'ocabulary size' in str(e):
-        raise _vocab_error(str(e), vocab_size) from None
+        raise vocab_error(str(e), vocab_size) from None
       raise
   data = _without_rule_path(model.getvalue())
   path = pathlib.Path(model_path)

@@ -6,6 +6,7 @@ checkpoint > init_from's parameters > scratch.
 """
 
 import contextlib
+import copy
 import dataclasses
 import math
 import pathlib
@@ -17,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlmjax import (checkpoint, cli, compile_check, experiment, flops, input_pipeline, run_files,
-                    schema, sharding, train_state)
+from mlmjax import (adapt as adapt_lib, checkpoint, cli, compile_check, experiment, flops,
+                    input_pipeline, run_files, schema, sharding, train_state)
 
 
 @dataclasses.dataclass
@@ -173,22 +174,25 @@ def _is_number(v) -> bool:
 # The run.
 
 
-def run(config, workdir, *, stop_after: int | None = None) -> dict:
+def run(config, workdir, *, stop_after: int | None = None, explicit=()) -> dict:
   """Trains (or resumes) the run of config.task in workdir; returns the summary also in summary.json.
 
   stop_after: end this invocation after that many steps (checkpointing first), as a crash would.
   SIGTERM/SIGINT during training (or JAX's multi-host preemption sync point) saves a checkpoint at
   the current step, waits for it to commit and returns with summary['preempted'] = True.
   An error that ends the run is appended to log.txt before it propagates.
+  Defaults that do not fit the run (a warmup longer than train.num_steps, a vocabulary larger than
+  the text supports) are changed with a note (mlmjax/adapt.py), except keys listed in `explicit`;
+  config itself is not modified, config.json and summary['adapted'] record the changes.
   """
   try:
-    return _run(config, workdir, stop_after=stop_after)
+    return _run(copy.deepcopy(config), workdir, stop_after=stop_after, explicit=explicit)
   except Exception as e:
     run_files.log_fatal(workdir, e, cli.USER_ERRORS)
     raise
 
 
-def _run(config, workdir, *, stop_after: int | None) -> dict:
+def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
   """The body of run()."""
   # --- setup
   t_start = time.perf_counter()
@@ -205,7 +209,9 @@ def _run(config, workdir, *, stop_after: int | None) -> dict:
   _use_compilation_cache(config)
   prov = run_files.provenance()
   init_run = train_state.init_source(config.init_from) if config.init_from else None
-  exp = experiment.setup(config, workdir, mesh, log=log, init_run=init_run)
+  adapt = adapt_lib.Adaptations(explicit, log=log)
+  exp = experiment.setup(config, workdir, mesh, log=log, init_run=init_run, adapt=adapt)
+  adapt.apply(config)  # config.json records what runs
   task, data, num_steps = exp.task, exp.data, config.train.num_steps
   checkpoint.check_disk_space(workdir, exp.abstract_state, max_to_keep=config.ckpt.max_to_keep)
   spe = input_pipeline.steps_per_epoch(len(data.train), config.train.batch_size)
@@ -310,6 +316,7 @@ def _run(config, workdir, *, stop_after: int | None) -> dict:
     eval_record = run_eval(step)
   summary = _summary(exp, progress, step, prov, finished=finished, preempted=preempted,
                      best_metric=early.metric if keep_best else None)
+  summary['adapted'] = adapt.changes
   summary.update(eval_record or {})
   if finished and len(data.test):
     summary.update(_test_with_best(exp, state, ckpts.best, to_global, log))
@@ -385,6 +392,7 @@ def main(argv=None) -> None:
                         'v5e:2x2 (needs libtpu).', flag_values=flag_values)
 
   f = cli.parse_flags(argv, define, prog='mlmjax.train')
+  explicit = cli.override_keys(argv)
   if f.config is None or (f.workdir is None and not f.dry_run):
     cli.fail('usage: python -m mlmjax.train --config configs/pretrain.py:tiny --workdir runs/demo '
              '[--config.KEY=VALUE ...] [--dry_run [--topology v5e:2x2]]')
@@ -392,10 +400,10 @@ def main(argv=None) -> None:
     cli.fail('error: --topology only applies with --dry_run')
   with cli.user_errors():
     if f.dry_run:
-      print(compile_check.format_report(compile_check.compile_report(f.config, topology=f.topology)),
-            flush=True)
+      report = compile_check.compile_report(f.config, topology=f.topology, explicit=explicit)
+      print(compile_check.format_report(report), flush=True)
       return
-    run(f.config, f.workdir)
+    run(f.config, f.workdir, explicit=explicit)
 
 
 if __name__ == '__main__':

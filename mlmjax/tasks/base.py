@@ -64,6 +64,7 @@ class Task:
     self.config = config
     self.tokenizer = tokenizer  # set by prepare() when None
     self.log = log
+    self.adapt = None  # an adapt.Adaptations: defaults prepare() may change to fit the data
 
   # --- data
 

@@ -145,7 +145,8 @@ class MlmTask(Task):
     config = self.config
     if self.cache is None:
       exclude = texts.eval_texts(config.data.decontaminate.configs)
-      prepared = input_pipeline.prepare_data(config, workdir, exclude_texts=exclude, log=self.log)
+      prepared = input_pipeline.prepare_data(config, workdir, exclude_texts=exclude, log=self.log,
+                                             adapt=self.adapt)
       self.tokenizer, self.cache = prepared.tokenizer, prepared.cache
     self._build_specs()
     cache = self.cache

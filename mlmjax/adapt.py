@@ -1,0 +1,66 @@
+"""First runs that just run: defaults that cannot fit a run's budget or data are changed, with a note.
+
+  adapt = Adaptations(explicit={'train.num_steps'}, log=print)
+  adapt.budget(config)  # e.g. a warmup longer than the run
+  ...                   # input_pipeline.prepare_data(..., adapt=adapt): the vocabulary
+  adapt.apply(config_to_record)  # config.json records what ran
+
+A key named on the command line (`--config.KEY=VALUE`, cli.override_keys) is explicit: it is never changed, and the
+check that a default would have failed stays a one-line error naming it. Every change is logged as
+one `note:` line and kept in `changes` (summary.json's 'adapted').
+"""
+
+from typing import Any, Callable, Iterable
+
+
+def _get(config, key: str) -> Any:
+  node = config
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def _set(config, key: str, value: Any) -> None:
+  *path, last = key.split('.')
+  node = config
+  for part in path:
+    node = node[part]
+  node[last] = value
+
+
+class Adaptations:
+  """The defaults a run changed to fit, each with its reason; explicit keys are left alone."""
+
+  def __init__(self, explicit: Iterable[str] = (), log: Callable[[str], None] = print):
+    self.explicit = frozenset(explicit)
+    self.log = log
+    self.changes: dict[str, dict[str, Any]] = {}
+
+  def allowed(self, key: str) -> bool:
+    """Returns whether key may be changed (it was not set explicitly)."""
+    return key not in self.explicit
+
+  def change(self, config, key: str, value: Any, why: str) -> None:
+    """Sets key to value in config, logs one note and records the change."""
+    old = _get(config, key)
+    if old == value:
+      return
+    _set(config, key, value)
+    first = self.changes.get(key, {}).get('from', old)
+    self.changes[key] = {'from': first, 'to': value, 'why': why}
+    self.log(f'note: {key} {old} -> {value}: {why} (set --config.{key} to choose)')
+
+  def apply(self, config) -> None:
+    """Sets every changed key in another copy of the config (the one config.json records)."""
+    for key, c in self.changes.items():
+      _set(config, key, c['to'])
+
+  def budget(self, config) -> None:
+    """Changes defaults that do not fit train.num_steps: a longer warmup, evaluation only at the end."""
+    steps = int(config.train.num_steps)
+    if config.optim.warmup_steps > steps and self.allowed('optim.warmup_steps'):
+      self.change(config, 'optim.warmup_steps', max(steps // 10, 1),
+                  f'the default warmup is longer than the {steps}-step run; a tenth of it')
+    if config.eval.every_steps > steps and steps >= 5 and self.allowed('eval.every_steps'):
+      self.change(config, 'eval.every_steps', steps // 5,
+                  f'the {steps}-step run would be evaluated only at its end; five evaluations')
