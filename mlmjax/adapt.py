@@ -50,6 +50,16 @@ class Adaptations:
     self.changes[key] = {'from': first, 'to': value, 'why': why}
     self.log(f'note: {key} {old} -> {value}: {why} (set --config.{key} to choose)')
 
+  def adopt(self, config, values: dict[str, Any], why: str) -> None:
+    """Sets each allowed key of values that differs in config; logs them on one note line."""
+    changed = {k: v for k, v in values.items() if self.allowed(k) and _get(config, k) != v}
+    for key, value in changed.items():
+      self.changes[key] = {'from': _get(config, key), 'to': value, 'why': why}
+      _set(config, key, value)
+    if changed:
+      self.log(f'note: {why}: ' + ', '.join(f'{k}={v!r}' for k, v in changed.items())
+               + ' (set --config.KEY to choose)')
+
   def apply(self, config) -> None:
     """Sets every changed key in another copy of the config (the one config.json records)."""
     for key, c in self.changes.items():

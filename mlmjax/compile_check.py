@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from mlmjax import adapt as adapt_lib
-from mlmjax import experiment, sharding
+from mlmjax import experiment, sharding, train_state
 
 
 def topology_devices(topology: str) -> list:
@@ -64,13 +64,14 @@ def compile_report(config, *, topology: str = '', explicit=None) -> dict:
   """Returns per-device memory, FLOPs and the mesh of the configured task's train step, compiled AOT.
 
   explicit: the keys set on the command line; given, defaults that do not fit the budget are
-  adapted as a run would adapt them (adapt.Adaptations), else they are errors.
+  adapted and init_from's model adopted as a run would (adapt.Adaptations), else they are errors.
   """
   t0 = time.perf_counter()
   devices = topology_devices(topology) if topology else jax.devices()
   mesh = sharding.make_mesh(config.mesh, devices)
   adapt = None if explicit is None else adapt_lib.Adaptations(explicit, log=print)
-  exp = experiment.setup(config, None, mesh, log=lambda _: None, adapt=adapt)
+  init_run = train_state.init_source(config.init_from) if config.init_from and adapt else None
+  exp = experiment.setup(config, None, mesh, log=lambda _: None, adapt=adapt, init_run=init_run)
   rows, seed_key = exp.abstract_batch()
   t_lower = time.perf_counter()
   compiled = exp.train_step.lower(exp.abstract_state, rows, seed_key).compile()

@@ -97,10 +97,13 @@ def setup(config, workdir, mesh, *, log: Callable[[str], None] = print,
   """Returns the Experiment of config on mesh; workdir None sets it up from shapes alone.
 
   adapt: an adapt.Adaptations; defaults that do not fit the run's budget or data are changed in
-  config (each with a note) before they are checked.
+  config (each with a note) before they are checked, and with init_run the model's architecture
+  keys are the pretrained run's unless set explicitly.
   """
   if adapt is not None:
     adapt.budget(config)
+    if init_run is not None:
+      train_state.adopt_model(config, init_run, adapt)
   validate_config(config)
   check_batch(config, mesh)
   config = with_init_tokenizer(config, workdir, init_run, log)

@@ -93,6 +93,18 @@ def init_source(source: str) -> InitSource:
                     int(src.name) if src != workdir and src.name.isdigit() else None)
 
 
+# The model keys that shape the parameters: a run started from init_from takes them from its config.
+ARCHITECTURE_KEYS = ('size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
+                     'max_position', 'type_vocab_size', 'layer_norm_eps', 'pre_layer_norm',
+                     'tie_embeddings')
+
+
+def adopt_model(config, src: InitSource, adapt) -> None:
+  """Sets config.model's architecture keys to src's, except keys adapt says were set explicitly."""
+  theirs = {f'model.{k}': src.config.model[k] for k in ARCHITECTURE_KEYS}
+  adapt.adopt(config, theirs, f'model from init_from ({src.workdir / "config.json"})')
+
+
 def abstract_params(enc_cfg: model.EncoderConfig, build: Callable, mesh) -> tuple[Any, dict]:
   """Returns (graphdef, params as ShapeDtypeStructs with shardings on mesh): a restore target."""
   graphdef, param_state = abstract_model(enc_cfg, 0, build)
@@ -120,11 +132,12 @@ def init_params_from(src: InitSource, state: dict, exp, log) -> dict:
                      f'{task.tokenizer.vocab_size} pieces); leave tokenizer.path empty to use the '
                      'pretrained one')
   src_cfg = model.EncoderConfig(vocab_size=theirs.vocab_size, **src.config.model)
-  for key in task.init_match_keys():
-    if getattr(src_cfg, key) != getattr(enc_cfg, key):
-      raise ValueError(f'{where}: model.{key} is {getattr(enc_cfg, key)!r} in this config but '
-                       f'{getattr(src_cfg, key)!r} in {src.workdir / "config.json"}; use the '
-                       'pretrained model\'s settings')
+  differ = [f'model.{k}={getattr(enc_cfg, k)!r} (theirs {getattr(src_cfg, k)!r})'
+            for k in task.init_match_keys() if getattr(src_cfg, k) != getattr(enc_cfg, k)]
+  if differ:
+    raise ValueError(f'{where}: this config\'s model differs from {src.workdir / "config.json"} in '
+                     f'{len(differ)} key(s): {", ".join(differ)}; leave them unset to take the '
+                     'pretrained model\'s')
   if not src.ckpt_dir.is_dir():
     raise FileNotFoundError(f'{where}: no checkpoint directory {src.ckpt_dir}')
   # The pretrained run's parameters only (its MLM model), on this run's mesh: no optimizer is built.

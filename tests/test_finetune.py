@@ -130,16 +130,34 @@ def test_classify_from_pretrained_loads_encoder_and_tokenizer(pretrained, make_t
 
 
 @pytest.mark.slow
-def test_init_from_mismatches_name_what_differs(pretrained, make_tiny_config, tmp_path,
-                                                topics_corpus):
+def test_init_from_adopts_the_model_and_names_every_explicit_mismatch(pretrained, make_tiny_config,
+                                                                      tmp_path, topics_corpus):
   pre_cfg, pre_dir = pretrained
+  c = _finetune_config(make_tiny_config, 'tiny')  # no model flags: the pretrained run's are taken
+  c.init_from = str(pre_dir)
+  c.model.size, c.model.pre_layer_norm, c.model.layer_norm_eps = 'small', False, 1e-5
+  c.train.num_steps = 2
+  summary = train.run(c, tmp_path / 'adopted')
+  recorded = json.loads((tmp_path / 'adopted' / 'config.json').read_text())['model']
+  for key in ('size', 'pre_layer_norm', 'layer_norm_eps'):
+    assert recorded[key] == pre_cfg.model[key] and f'model.{key}' in summary['adapted']
+  assert recorded['dropout_rate'] == 0.1  # this run's regularizer, not the pretrained run's
+  log = (tmp_path / 'adopted' / 'log.txt').read_text()
+  assert "note: model from init_from" in log and "model.size='tiny'" in log
+  # Keys set explicitly are kept, and every one that cannot work is named at once.
   c = _finetune_config(make_tiny_config, 'tiny')
   c.init_from = str(pre_dir)
   c.model.num_heads = 4 if pre_cfg.model.get('num_heads', 0) != 4 else 8
-  c.model.size = 'custom'
-  c.model.hidden_size, c.model.num_layers, c.model.intermediate_size = 128, 2, 512
-  with pytest.raises(ValueError, match='model.num_heads'):
-    train.run(c, tmp_path / 'heads')
+  c.model.size, c.model.pre_layer_norm = 'custom', not pre_cfg.model.pre_layer_norm
+  c.model.hidden_size, c.model.num_layers, c.model.intermediate_size = 128, 3, 512
+  explicit = {f'model.{k}' for k in ('num_heads', 'size', 'pre_layer_norm', 'hidden_size',
+                                     'num_layers', 'intermediate_size')}
+  with pytest.raises(ValueError) as e:
+    train.run(c, tmp_path / 'heads', explicit=explicit)
+  msg = str(e.value)
+  assert len(msg.splitlines()) == 1 and 'differs from' in msg and '3 key(s)' in msg, msg
+  for key in ('model.num_layers=3', 'model.num_heads=', 'model.pre_layer_norm='):
+    assert key in msg, msg
   c = _finetune_config(make_tiny_config, 'tiny')
   c.init_from = str(pre_dir)
   c.tokenizer.path = str(tmp_path / 'other.model')
@@ -163,10 +181,10 @@ def test_untied_run_feeds_fine_tuning_and_dapt_must_match_it(make_tiny_config, t
   train.run(c, tmp_path / 'untied')
   pre = predict.load_run(tmp_path / 'untied')
   assert pre.params['mlm_head']['decoder'].shape == pre.params['encoder']['token_embed'].shape
-  dapt = make_tiny_config()  # tied by default: the MLM head would not fit
+  dapt = make_tiny_config()  # tied by default, set explicitly: the MLM head would not fit
   dapt.init_from = str(tmp_path / 'untied')
-  with pytest.raises(ValueError, match='model.tie_embeddings is True in this config but False'):
-    train.run(dapt, tmp_path / 'dapt')
+  with pytest.raises(ValueError, match=r'model.tie_embeddings=True \(theirs False\)'):
+    train.run(dapt, tmp_path / 'dapt', explicit={'model.tie_embeddings'})
   ft = _finetune_config(make_tiny_config, 'tiny')  # a task model keeps only the encoder
   ft.init_from = str(tmp_path / 'untied')
   ft.train.num_steps, ft.optim.learning_rate = 2, 1e-9
