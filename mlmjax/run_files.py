@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import traceback
+import uuid
 from typing import Any, Callable, Sequence
 
 import jax
@@ -24,12 +25,19 @@ _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'sen
 
 
 class Reporter:
-  """Writes the progress line, log.txt, metrics.jsonl and TensorBoard events of a workdir."""
+  """Writes the progress line, log.txt, metrics.jsonl, TensorBoard events (and a W&B run) of a workdir.
 
-  def __init__(self, workdir: pathlib.Path, *, enabled: bool):
+  wandb: the config's wandb section; with a project named and the wandb package installed, every
+  record and the settings also go to a W&B run, resumed with the workdir (its id is kept in
+  workdir/wandb_run_id).
+  """
+
+  def __init__(self, workdir: pathlib.Path, *, enabled: bool, wandb=None):
     self.workdir = workdir
     self.enabled = enabled
     self._tb = None
+    self._wandb_cfg = wandb if wandb is not None and wandb.project else None
+    self._wandb = None
 
   def log(self, text: str) -> None:
     """Prints a line and appends it to log.txt."""
@@ -77,6 +85,28 @@ class Reporter:
     for summary in hparams(kept, dict.fromkeys(metrics, 0.0)):  # the values are not written
       writer.file_writer.add_summary(summary)
     writer.flush()
+    if self._wandb_cfg is not None:
+      self._open_wandb(kept)
+
+  def _open_wandb(self, settings: dict[str, Any]) -> None:
+    """Starts (or resumes) the workdir's W&B run; without the wandb package, says so and goes on."""
+    try:
+      import wandb  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      self.log(f'WARNING: wandb.project={self._wandb_cfg.project!r} but the wandb package is not '
+               'installed (pip install wandb); metrics go to TensorBoard and metrics.jsonl only')
+      self._wandb_cfg = None
+      return
+    cfg = self._wandb_cfg
+    id_file = self.workdir / 'wandb_run_id'
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + '\n')
+    self._wandb = wandb.init(project=cfg.project, entity=cfg.entity or None,
+                             name=cfg.name or self.workdir.resolve().name, id=run_id,
+                             resume='allow', dir=str(self.workdir), config=settings,
+                             mode=cfg.mode or None)
+    self.log(f'W&B run {run_id} of project {cfg.project!r}'
+             + (f' ({cfg.mode})' if cfg.mode else ''))
 
   def write(self, step: int, record: dict[str, float]) -> None:
     """Appends one record to metrics.jsonl and TensorBoard."""
@@ -85,16 +115,28 @@ class Reporter:
     with open(self.workdir / 'metrics.jsonl', 'a') as f:
       f.write(json.dumps({'step': step, **record}) + '\n')
     self._writer()
-    for k, v in record.items():
-      if isinstance(v, (int, float)) and math.isfinite(v):
-        self._tb.add_scalar(k, v, step)
+    scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
     self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=step)
 
   def close(self) -> None:
-    """Flushes and closes the TensorBoard writer."""
+    """Flushes and closes the TensorBoard writer (the W&B run stays open until finish())."""
     if self._tb is not None:
       self._tb.close()
       self._tb = None  # a write after close (the evaluation after the loop) opens a new writer
+
+  def finish(self, summary: dict[str, Any] | None = None) -> None:
+    """Closes every writer; the W&B run gets the summary's numbers and ends."""
+    self.close()
+    if self._wandb is not None:
+      if summary:
+        self._wandb.summary.update({k: v for k, v in summary.items()
+                                    if isinstance(v, (int, float, str, bool))})
+      self._wandb.finish()
+      self._wandb = None
 
 
 # ---------------------------------------------------------------------------------------------

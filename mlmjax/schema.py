@@ -150,6 +150,14 @@ def defaults() -> ml_collections.ConfigDict:
   c.eval.other_corpus = ''  # mlm: a second held-out corpus evaluated beside the first (DAPT: the original domain)
   c.eval.other_name = 'original'  # its metrics are logged as eval_<name>/...
 
+  # Weights & Biases: metrics and settings also go to a W&B run when the wandb package is installed
+  # and a project is named; TensorBoard and metrics.jsonl are written either way.
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ''  # W&B project; '' = no W&B run
+  c.wandb.entity = ''  # W&B team or user; '' = wandb's default
+  c.wandb.name = ''  # run name; '' = the workdir's name
+  c.wandb.mode = ''  # 'online', 'offline' (sync later with `wandb sync`), or '' = wandb's default ($WANDB_MODE)
+
   # jax.distributed: empty/0/-1 leaves a value to $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES,
   # $JAX_PROCESS_ID, then to JAX's cluster detection (automatic on a multi-host TPU VM).
   c.distributed = ml_collections.ConfigDict()

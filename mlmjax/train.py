@@ -202,7 +202,7 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
   run_files.check_writable(workdir)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
-  reporter = run_files.Reporter(workdir, enabled=is_main)
+  reporter = run_files.Reporter(workdir, enabled=is_main, wandb=config.wandb)
   log = reporter.log
   log(f'mlmjax: workdir {workdir} | task {config.task} | devices {jax.device_count()} '
       f'({jax.devices()[0].platform}) | mesh {dict(mesh.shape)} | processes {jax.process_count()}')
@@ -322,7 +322,7 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
     summary.update(_test_with_best(exp, state, ckpts.best, to_global, log))
   if finished:
     summary.update({f'baseline/{k}': v for k, v in task.baselines().items()})
-  reporter.close()
+  reporter.finish(summary)
   if is_main:
     run_files.atomic_write_json(workdir / 'summary.json', summary)
     table = task.final_text(summary) if finished or eval_record else None

@@ -1,6 +1,7 @@
 """Tests for mlmjax/run_files.py: metrics truncation on resume, config notes, resume checks."""
 
 import json
+import time
 import types
 
 import pytest
@@ -130,3 +131,55 @@ def test_log_fatal_writes_one_line_for_a_users_error_and_a_traceback_otherwise(t
   assert lines[2] == 'fatal: Traceback (most recent call last):' and lines[-1] == "KeyError: 'missing'"
   run_files.log_fatal(tmp_path / 'nowhere', ValueError('x'), (ValueError,))  # no workdir: nothing
   assert not (tmp_path / 'nowhere').exists()
+
+
+def _wandb_section(**kw):
+  from mlmjax import schema
+  c = schema.defaults().wandb
+  c.update(kw)
+  return c
+
+
+def test_wandb_run_gets_settings_metrics_and_summary_and_resumes(tmp_path, monkeypatch):
+  pytest.importorskip('wandb')
+  monkeypatch.setenv('WANDB_SILENT', 'true')
+  cfg = _wandb_section(project='mlmjax-test', mode='offline', name='first')
+  reporter = run_files.Reporter(tmp_path, enabled=True, wandb=cfg)
+  reporter.hparams({'masking.rate': 0.3, 'model.size': 'tiny'}, ['eval/loss'])
+  reporter.write(10, {'train/loss': 2.5, 'note': 'text stays out'})
+  reporter.finish({'eval/loss': 2.25, 'finished': True})
+  run_id = (tmp_path / 'wandb_run_id').read_text().strip()
+  logs = list((tmp_path / 'wandb').glob(f'offline-run-*-{run_id}/run-{run_id}.wandb'))
+  assert len(logs) == 1
+  texts = (b'train/loss', b'masking.rate', b'mlmjax-test', b'eval/loss')
+  for _ in range(120):  # wandb's service process writes the log after finish() returns
+    data = logs[0].read_bytes()
+    if all(t in data for t in texts):
+      break
+    time.sleep(0.25)
+  for text in texts:
+    assert text in data, text
+  assert b'text stays out' not in data
+  # A resumed run continues the same W&B run.
+  again = run_files.Reporter(tmp_path, enabled=True, wandb=cfg)
+  again.hparams({'masking.rate': 0.3}, ['eval/loss'])
+  again.write(20, {'train/loss': 2.0})
+  again.finish()
+  assert (tmp_path / 'wandb_run_id').read_text().strip() == run_id
+  assert len(list((tmp_path / 'wandb').glob(f'offline-run-*-{run_id}'))) >= 1
+
+
+def test_wandb_is_never_required(tmp_path, monkeypatch):
+  monkeypatch.setitem(__import__('sys').modules, 'wandb', None)  # as if not installed
+  reporter = run_files.Reporter(tmp_path, enabled=True, wandb=_wandb_section(project='p'))
+  reporter.hparams({'a': 1}, ['eval/loss'])
+  reporter.write(1, {'train/loss': 1.0})
+  reporter.finish()
+  assert 'the wandb package is not installed' in (tmp_path / 'log.txt').read_text()
+  assert (tmp_path / 'metrics.jsonl').read_text().count('train/loss') == 1
+  off = tmp_path / 'off'  # no project: no W&B whatever is installed
+  off.mkdir()
+  reporter = run_files.Reporter(off, enabled=True, wandb=_wandb_section())
+  reporter.hparams({'a': 1}, ['eval/loss'])
+  reporter.finish()
+  assert not (off / 'wandb_run_id').exists() and not (off / 'log.txt').exists()
