@@ -66,11 +66,8 @@ class Adaptations:
       _set(config, key, c['to'])
 
   def budget(self, config) -> None:
-    """Changes defaults that do not fit train.num_steps: a longer warmup, evaluation only at the end."""
+    """Changes defaults that do not fit train.num_steps: a warmup longer than the run."""
     steps = int(config.train.num_steps)
     if config.optim.warmup_steps > steps and self.allowed('optim.warmup_steps'):
       self.change(config, 'optim.warmup_steps', max(steps // 10, 1),
                   f'the default warmup is longer than the {steps}-step run; a tenth of it')
-    if config.eval.every_steps > steps and steps >= 5 and self.allowed('eval.every_steps'):
-      self.change(config, 'eval.every_steps', steps // 5,
-                  f'the {steps}-step run would be evaluated only at its end; five evaluations')
