@@ -1,14 +1,20 @@
-"""Hugging Face BERT interop: import a BERT directory into a workdir, export a workdir as BERT.
+"""Hugging Face interop: import a BERT or RoBERTa-PreLayerNorm directory, export a workdir as one.
 
   python -m mlmjax.convert import SRC_DIR --workdir runs/imported
   python -m mlmjax.convert export --workdir runs/x OUT_DIR
 
-Reading needs only safetensors and numpy (pytorch_model.bin needs torch). The weight layout:
-HF Linear weights are (out, in) and compute x @ W.T; our kernels are (in, ...) with the output
-split per head for query/key/value (H, heads, head_dim) and the attention output (heads, head_dim, H).
+A post-LN run exports as BertForMaskedLM, a pre-LN run (the default) as
+RobertaPreLayerNormForMaskedLM, which computes the same: LayerNorm after the embeddings, before
+attention and before the MLP, and a final one; its positions start at padding_idx + 1, so position
+row p of ours is its row p + 1 and its row 0 (padding only) is zeros. Reading needs only
+safetensors and numpy (pytorch_model.bin needs torch). The weight layout: HF Linear weights are
+(out, in) and compute x @ W.T; our kernels are (in, ...) with the output split per head for
+query/key/value (H, heads, head_dim) and the attention output (heads, head_dim, H).
 """
 
 import argparse
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import pathlib
@@ -17,25 +23,52 @@ from typing import Callable
 
 import numpy as np
 
-from mlmjax import cli
+from mlmjax import cli, hf_tokenizer, model_card
 from mlmjax import tokenizer as tok
 
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """How one transformers masked-LM class names what our encoder computes."""
+  model_type: str
+  architecture: str  # the *ForMaskedLM class
+  prefix: str  # the base model's prefix in the *ForMaskedLM state dict
+  head: str  # the MLM head's prefix
+  head_dense: str
+  head_norm: str
+  ignored: tuple  # tensors with no use in an MLM encoder (pooler, heads of other tasks, buffers)
+
+
+BERT = Arch('bert', 'BertForMaskedLM', 'bert.', 'cls.predictions.', 'transform.dense',
+            'transform.LayerNorm', ('pooler.', 'cls.seq_relationship.', 'embeddings.position_ids'))
+PRE_LN = Arch('roberta-prelayernorm', 'RobertaPreLayerNormForMaskedLM', 'roberta_prelayernorm.',
+              'lm_head.', 'dense', 'layer_norm', ('pooler.', 'embeddings.position_ids',
+                                                  'embeddings.token_type_ids'))
+ARCHS = {a.model_type: a for a in (BERT, PRE_LN)}
+# Rows of RoBERTa's position table before our position 0: padding_idx + 1 with [PAD] = 0.
+ROBERTA_POSITION_OFFSET = 1
 # HF config fields whose other values our encoder cannot compute, with the value it needs.
-_REQUIRED = (('model_type', 'bert'), ('hidden_act', 'gelu'),
-             ('position_embedding_type', 'absolute'), ('is_decoder', False),
-             ('add_cross_attention', False))
-# Tensors a BERT checkpoint may hold that an MLM encoder has no use for.
-_IGNORED = ('pooler.', 'cls.seq_relationship.', 'embeddings.position_ids')
-_HEAD = 'cls.predictions.'
+_REQUIRED = (('hidden_act', 'gelu'), ('position_embedding_type', 'absolute'),
+             ('is_decoder', False), ('add_cross_attention', False))
+IMPORTED_FILE = 'imported.json'  # what an import knew of its source, kept in the workdir
+
+
+def arch_of(enc_cfg) -> Arch:
+  """Returns the transformers class that computes what enc_cfg does (pre-LN: RoBERTa-PreLayerNorm)."""
+  return PRE_LN if enc_cfg.pre_layer_norm else BERT
 
 
 def check_supported(hf_config: dict, where: str = 'config.json') -> None:
   """Returns None; raises ValueError naming the first config.json field our encoder cannot represent."""
+  kind = hf_config.get('model_type', 'bert')
+  if kind not in ARCHS:
+    raise ValueError(f'{where}: model_type={kind!r} is not supported; mlmjax computes only '
+                     f'model_type in {sorted(ARCHS)} (BERT, or RoBERTa-PreLayerNorm for pre-LN)')
   for field, needed in _REQUIRED:
     value = hf_config.get(field, needed)
     if value != needed:
       raise ValueError(f'{where}: {field}={value!r} is not supported; mlmjax computes only '
-                       f'{field}={needed!r} (BERT with exact GELU and absolute positions)')
+                       f'{field}={needed!r} (exact GELU, absolute positions, an encoder)')
   for field in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
                 'intermediate_size', 'max_position_embeddings'):
     if not isinstance(hf_config.get(field), int):
@@ -43,41 +76,55 @@ def check_supported(hf_config: dict, where: str = 'config.json') -> None:
   if hf_config['hidden_size'] % hf_config['num_attention_heads']:
     raise ValueError(f'{where}: hidden_size={hf_config["hidden_size"]} is not divisible by '
                      f'num_attention_heads={hf_config["num_attention_heads"]}')
+  if kind == PRE_LN.model_type and hf_config['max_position_embeddings'] <= _roberta_offset(hf_config):
+    raise ValueError(f'{where}: max_position_embeddings={hf_config["max_position_embeddings"]} '
+                     f'leaves no position after pad_token_id={hf_config.get("pad_token_id")}')
+
+
+def _roberta_offset(hf_config: dict) -> int:
+  pad = hf_config.get('pad_token_id')
+  return (1 if pad is None else int(pad)) + 1  # RobertaPreLayerNormConfig's default pad is 1
 
 
 def encoder_config(hf_config: dict):
-  """Returns the model.EncoderConfig (post-LN, float32) of a supported HF BERT config."""
+  """Returns the model.EncoderConfig (float32) of a supported BERT or RoBERTa-PreLayerNorm config."""
   from mlmjax import model  # pylint: disable=g-import-not-at-top
   check_supported(hf_config)
+  pre_ln = hf_config.get('model_type', 'bert') == PRE_LN.model_type
+  positions = hf_config['max_position_embeddings'] - (_roberta_offset(hf_config) if pre_ln else 0)
   return model.EncoderConfig(
       vocab_size=hf_config['vocab_size'], hidden_size=hf_config['hidden_size'],
       num_layers=hf_config['num_hidden_layers'], num_heads=hf_config['num_attention_heads'],
-      intermediate_size=hf_config['intermediate_size'],
-      max_position=hf_config['max_position_embeddings'],
+      intermediate_size=hf_config['intermediate_size'], max_position=positions,
       type_vocab_size=hf_config.get('type_vocab_size', 2),
       dropout_rate=hf_config.get('hidden_dropout_prob', 0.1),
       attention_dropout_rate=hf_config.get('attention_probs_dropout_prob', 0.1),
-      layer_norm_eps=hf_config.get('layer_norm_eps', 1e-12), pre_layer_norm=False,
+      layer_norm_eps=hf_config.get('layer_norm_eps', 1e-12), pre_layer_norm=pre_ln,
       tie_embeddings=bool(hf_config.get('tie_word_embeddings', True)),
       initializer_range=hf_config.get('initializer_range', 0.02))
 
 
-def hf_config_from(enc_cfg, pad_id: int = 0) -> dict:
-  """Returns the transformers BertConfig dict (BertForMaskedLM) of a post-LN EncoderConfig."""
-  if enc_cfg.pre_layer_norm:
-    raise ValueError('model.pre_layer_norm=True: BERT has no pre-LN variant (nor its final '
-                     'LayerNorm), so this run cannot be exported; train with model.pre_layer_norm=False')
-  return {
-      'architectures': ['BertForMaskedLM'], 'model_type': 'bert',
+def hf_config_from(enc_cfg, pad_id: int = tok.PAD_ID, *, cls_id: int = tok.CLS_ID,
+                   sep_id: int = tok.SEP_ID) -> dict:
+  """Returns the transformers config dict (BertForMaskedLM, or RobertaPreLayerNormForMaskedLM if pre-LN)."""
+  arch = arch_of(enc_cfg)
+  common = {
+      'architectures': [arch.architecture], 'model_type': arch.model_type,
       'vocab_size': enc_cfg.vocab_size, 'hidden_size': enc_cfg.hidden_size,
       'num_hidden_layers': enc_cfg.num_layers, 'num_attention_heads': enc_cfg.num_heads,
       'intermediate_size': enc_cfg.intermediate_size, 'hidden_act': 'gelu',
       'hidden_dropout_prob': enc_cfg.dropout_rate,
       'attention_probs_dropout_prob': enc_cfg.attention_dropout_rate,
-      'max_position_embeddings': enc_cfg.max_position, 'type_vocab_size': enc_cfg.type_vocab_size,
-      'initializer_range': enc_cfg.initializer_range, 'layer_norm_eps': enc_cfg.layer_norm_eps,
-      'pad_token_id': int(pad_id), 'position_embedding_type': 'absolute',
+      'type_vocab_size': enc_cfg.type_vocab_size, 'initializer_range': enc_cfg.initializer_range,
+      'layer_norm_eps': enc_cfg.layer_norm_eps, 'pad_token_id': int(pad_id),
       'tie_word_embeddings': enc_cfg.tie_embeddings, 'torch_dtype': 'float32'}
+  if arch is BERT:
+    return {**common, 'max_position_embeddings': enc_cfg.max_position,
+            'position_embedding_type': 'absolute'}
+  if pad_id != 0:
+    raise ValueError(f'the tokenizer pads with id {pad_id}; mlmjax pads with 0, so [PAD] must be id 0')
+  return {**common, 'max_position_embeddings': enc_cfg.max_position + ROBERTA_POSITION_OFFSET,
+          'bos_token_id': int(cls_id), 'eos_token_id': int(sep_id)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +157,14 @@ def _attn_out_out(w, c):
   return w.reshape(-1, c.hidden_size).T
 
 
+def _positions_in(x, c):
+  return x[x.shape[0] - c.max_position:]  # RoBERTa's rows after padding_idx
+
+
+def _positions_out(x, c):
+  return np.concatenate([np.zeros((ROBERTA_POSITION_OFFSET, c.hidden_size), x.dtype), x])
+
+
 def _norm(ours: tuple, hf: str) -> list:
   return [((*ours, 'scale'), f'{hf}.weight', _ident, _ident),
           ((*ours, 'bias'), f'{hf}.bias', _ident, _ident)]
@@ -122,10 +177,15 @@ def _dense(ours: tuple, hf: str, to_ours: Callable = _linear_in, to_hf: Callable
 
 
 def name_map(enc_cfg, *, head: bool = True) -> list[tuple]:
-  """Returns [(our param path, HF tensor name (BertModel), to_ours(x, cfg), to_hf(x, cfg))]."""
-  enc = ('encoder',)
+  """Returns [(our param path, HF tensor name (base model, unprefixed), to_ours(x, cfg), to_hf(x, cfg))].
+
+  Head tensors carry their full name (cls.predictions.* or lm_head.*).
+  """
+  arch, enc = arch_of(enc_cfg), ('encoder',)
+  pre_ln = arch is PRE_LN
   out = [((*enc, 'token_embed'), 'embeddings.word_embeddings.weight', _ident, _ident),
-         ((*enc, 'position_embed'), 'embeddings.position_embeddings.weight', _ident, _ident),
+         ((*enc, 'position_embed'), 'embeddings.position_embeddings.weight',
+          *((_positions_in, _positions_out) if pre_ln else (_ident, _ident))),
          ((*enc, 'type_embed'), 'embeddings.token_type_embeddings.weight', _ident, _ident),
          *_norm((*enc, 'embed_norm'), 'embeddings.LayerNorm')]
   for i in range(enc_cfg.num_layers):
@@ -135,16 +195,22 @@ def name_map(enc_cfg, *, head: bool = True) -> list[tuple]:
                     _qkv_in, _qkv_out)
     out += _dense((*ours, 'attention', 'output'), f'{hf}.attention.output.dense', _attn_out_in,
                   _attn_out_out)
-    out += _norm((*ours, 'attention_norm'), f'{hf}.attention.output.LayerNorm')
     out += _dense((*ours, 'mlp', 'intermediate'), f'{hf}.intermediate.dense')
     out += _dense((*ours, 'mlp', 'output'), f'{hf}.output.dense')
-    out += _norm((*ours, 'mlp_norm'), f'{hf}.output.LayerNorm')
+    if pre_ln:  # the norms in front of attention and MLP
+      out += _norm((*ours, 'attention_norm'), f'{hf}.attention.LayerNorm')
+      out += _norm((*ours, 'mlp_norm'), f'{hf}.intermediate.LayerNorm')
+    else:  # the norms after each residual sum
+      out += _norm((*ours, 'attention_norm'), f'{hf}.attention.output.LayerNorm')
+      out += _norm((*ours, 'mlp_norm'), f'{hf}.output.LayerNorm')
+  if pre_ln:
+    out += _norm((*enc, 'final_norm'), 'LayerNorm')
   if head:
-    out += _dense(('mlm_head', 'transform'), f'{_HEAD}transform.dense')
-    out += _norm(('mlm_head', 'norm'), f'{_HEAD}transform.LayerNorm')
-    out.append((('mlm_head', 'bias'), f'{_HEAD}bias', _ident, _ident))
+    out += _dense(('mlm_head', 'transform'), f'{arch.head}{arch.head_dense}')
+    out += _norm(('mlm_head', 'norm'), f'{arch.head}{arch.head_norm}')
+    out.append((('mlm_head', 'bias'), f'{arch.head}bias', _ident, _ident))
     if not enc_cfg.tie_embeddings:
-      out.append((('mlm_head', 'decoder'), f'{_HEAD}decoder.weight', _ident, _ident))
+      out.append((('mlm_head', 'decoder'), f'{arch.head}decoder.weight', _ident, _ident))
   return out
 
 
@@ -161,16 +227,16 @@ def _get(tree: dict, path: tuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading and writing HF directories.
+# Reading and writing HF weights.
 
 
-def _normalize_names(weights: dict) -> dict:
-  """Returns weights keyed as BertModel (no 'bert.' prefix), with gamma/beta LayerNorm names fixed."""
-  prefixed = any(k.startswith('bert.') for k in weights)
+def _normalize_names(weights: dict, arch: Arch) -> dict:
+  """Returns weights keyed as the base model (no 'bert.' prefix), with gamma/beta LayerNorm names fixed."""
+  prefixed = any(k.startswith(arch.prefix) for k in weights)
   out = {}
   for k, v in weights.items():
-    if prefixed and k.startswith('bert.'):
-      k = k[len('bert.'):]
+    if prefixed and k.startswith(arch.prefix):
+      k = k[len(arch.prefix):]
     k = k.replace('LayerNorm.gamma', 'LayerNorm.weight').replace('LayerNorm.beta', 'LayerNorm.bias')
     out[k] = v
   return out
@@ -195,59 +261,66 @@ def read_weights(src: pathlib.Path) -> dict[str, np.ndarray]:
     raw = {k: v.float().numpy() for k, v in state.items()}
   else:
     raise FileNotFoundError(f'{src} has no model.safetensors or pytorch_model.bin: point '
-                            'SRC_DIR at a Hugging Face BERT directory')
+                            'SRC_DIR at a Hugging Face model directory')
   return {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}
 
 
 def params_from_hf(weights: dict, enc_cfg, fresh_head: dict | None = None,
                    log: Callable[[str], None] = print) -> dict:
-  """Returns our pure param dict {encoder, mlm_head} from HF tensors (BertModel or BertForMaskedLM).
+  """Returns our pure param dict {encoder, mlm_head} from HF tensors (base model or *ForMaskedLM).
 
-  fresh_head: our initialized mlm_head params, used (with a warning) when the checkpoint has none.
+  enc_cfg.pre_layer_norm picks the naming (RoBERTa-PreLayerNorm, else BERT). fresh_head: our
+  initialized mlm_head params, used (with a warning) when the checkpoint has none.
   """
-  weights = _normalize_names(weights)
-  has_head = any(k.startswith(_HEAD) for k in weights)
-  # BertLMPredictionHead adds the decoder's bias; in untied checkpoints it may differ from `bias`.
-  if 'cls.predictions.decoder.bias' in weights:
-    weights['cls.predictions.bias'] = weights['cls.predictions.decoder.bias']
-  decoder = weights.get(f'{_HEAD}decoder.weight')
+  arch = arch_of(enc_cfg)
+  weights = _normalize_names(weights, arch)
+  has_head = any(k.startswith(arch.head) for k in weights)
+  # The MLM decoder adds its own bias; in untied checkpoints it may differ from `bias`.
+  if f'{arch.head}decoder.bias' in weights:
+    weights[f'{arch.head}bias'] = weights[f'{arch.head}decoder.bias']
+  decoder = weights.get(f'{arch.head}decoder.weight')
   if (enc_cfg.tie_embeddings and decoder is not None
       and not np.array_equal(decoder, weights.get('embeddings.word_embeddings.weight'))):
-    raise ValueError('cls.predictions.decoder.weight differs from the word embeddings but '
+    raise ValueError(f'{arch.head}decoder.weight differs from the word embeddings but '
                      'config.json has tie_word_embeddings=true; set it to false to keep it')
-  params, used = {}, {f'{_HEAD}decoder.weight', f'{_HEAD}decoder.bias'}
+  params, used = {}, {f'{arch.head}decoder.weight', f'{arch.head}decoder.bias'}
   for ours, hf, to_ours, _ in name_map(enc_cfg, head=has_head):
     if hf not in weights:
       raise ValueError(f'the checkpoint lacks tensor {hf!r} that config.json\'s shape requires')
-    value = to_ours(weights[hf], enc_cfg)
-    _set(params, ours, value)
+    _set(params, ours, to_ours(weights[hf], enc_cfg))
     used.add(hf)
   if not has_head:
     if fresh_head is None:
-      raise ValueError('the checkpoint has no MLM head (cls.predictions.*) and no fresh head was given')
-    log('WARNING: the checkpoint has no MLM head (a BertModel); the head is freshly initialized')
+      raise ValueError(f'the checkpoint has no MLM head ({arch.head}*) and no fresh head was given')
+    log('WARNING: the checkpoint has no MLM head (a base model); the head is freshly initialized')
     params['mlm_head'] = fresh_head
-  unknown = sorted(k for k in weights if k not in used and not k.startswith(_IGNORED))
+  unknown = sorted(k for k in weights if k not in used and not k.startswith(arch.ignored))
   if unknown:
-    raise ValueError(f'the checkpoint holds {len(unknown)} tensors a BERT MLM encoder does not '
-                     f'have (e.g. {unknown[:3]}); only BertModel / BertForMaskedLM / '
-                     'BertForPreTraining weights are supported')
-  ignored = sorted({k.split('.')[0] for k in weights if k.startswith(_IGNORED)})
+    raise ValueError(f'the checkpoint holds {len(unknown)} tensors a {arch.model_type} MLM encoder '
+                     f'does not have (e.g. {unknown[:3]}); only base-model and {arch.architecture} '
+                     'weights are supported')
+  ignored = sorted({k.split('.')[0] for k in weights if k.startswith(arch.ignored)})
   if ignored:
     log(f'note: ignored tensors with no mlmjax counterpart: {", ".join(ignored)}')
   return params
 
 
 def params_to_hf(params: dict, enc_cfg) -> dict[str, np.ndarray]:
-  """Returns BertForMaskedLM tensors ('bert.' prefix, decoder weight included) of our params."""
-  out = {}
+  """Returns *ForMaskedLM tensors (base-model prefix, decoder weight and bias included) of our params."""
+  arch, out = arch_of(enc_cfg), {}
   for ours, hf, _, to_hf in name_map(enc_cfg):
-    name = hf if hf.startswith(_HEAD) else 'bert.' + hf
+    name = hf if hf.startswith(arch.head) else arch.prefix + hf
     out[name] = np.ascontiguousarray(to_hf(np.asarray(_get(params, ours), np.float32), enc_cfg))
   if enc_cfg.tie_embeddings:
-    out[f'{_HEAD}decoder.weight'] = out['bert.embeddings.word_embeddings.weight']
-  out[f'{_HEAD}decoder.bias'] = out[f'{_HEAD}bias']
+    out[f'{arch.head}decoder.weight'] = out[f'{arch.prefix}embeddings.word_embeddings.weight']
+  out[f'{arch.head}decoder.bias'] = out[f'{arch.head}bias']
   return out
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+  """Returns model.safetensors' bytes of the tensors (deterministic: equal tensors, equal bytes)."""
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  return save(tensors, metadata={'format': 'pt'})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,11 +330,23 @@ def params_to_hf(params: dict, enc_cfg) -> dict[str, np.ndarray]:
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'pretrain.py') + ':base'
 
 
+def read_tokenizer(src: pathlib.Path):
+  """Returns the tokenizer of a HF directory: tokenizer.model (sentencepiece), else WordPiece."""
+  if (src / 'tokenizer.model').is_file():  # an mlmjax export: the exact sentencepiece model
+    return tok.Tokenizer.load(src / 'tokenizer.model')
+  for name in ('tokenizer.json', 'vocab.txt'):
+    if (src / name).is_file():
+      return tok.WordPieceTokenizer.load(src / name)
+  raise FileNotFoundError(f'{src} has no tokenizer.model, tokenizer.json or vocab.txt: an import '
+                          "needs the checkpoint's tokenizer beside config.json")
+
+
 def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
               log: Callable[[str], None] = print) -> dict:
-  """Writes an mlmjax workdir (config.json, tokenizer, checkpoint step 0) from a HF BERT directory.
+  """Writes an mlmjax workdir (config.json, tokenizer, checkpoint step 0) from a HF directory.
 
-  Returns the written config as a dict. The workdir must not hold a checkpoint yet.
+  Reads BERT and RoBERTa-PreLayerNorm checkpoints with a WordPiece or an mlmjax sentencepiece
+  tokenizer. Returns the written config as a dict. The workdir must not hold a checkpoint yet.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -269,18 +354,11 @@ def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
   src, workdir = pathlib.Path(src_dir), pathlib.Path(workdir)
   cfg_path = src / 'config.json'
   if not cfg_path.is_file():
-    raise FileNotFoundError(f'{cfg_path} does not exist: point SRC_DIR at a Hugging Face BERT directory')
+    raise FileNotFoundError(f'{cfg_path} does not exist: point SRC_DIR at a Hugging Face model directory')
   hf_config = json.loads(cfg_path.read_text())
   check_supported(hf_config, str(cfg_path))
   enc_cfg = encoder_config(hf_config)
-  if not any((src / n).is_file() for n in ('tokenizer.json', 'vocab.txt')):
-    raise FileNotFoundError(f'{src} has no tokenizer.json or vocab.txt: an import needs the '
-                            "checkpoint's WordPiece vocabulary beside config.json")
-  tokenizer = tok.load_any(src / 'tokenizer.json' if (src / 'tokenizer.json').is_file()
-                           else src / 'vocab.txt')
-  if not hasattr(tokenizer, 'save_vocab'):
-    raise ValueError(f'{src}: found a sentencepiece model; imports need the BERT vocab.txt or '
-                     'tokenizer.json')
+  tokenizer = read_tokenizer(src)
   if tokenizer.vocab_size > enc_cfg.vocab_size:
     raise ValueError(f'{src}: the tokenizer has {tokenizer.vocab_size} pieces but config.json '
                      f'vocab_size={enc_cfg.vocab_size}')
@@ -293,7 +371,7 @@ def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
   m.hidden_size, m.num_layers = enc_cfg.hidden_size, enc_cfg.num_layers
   m.num_heads, m.intermediate_size = enc_cfg.num_heads, enc_cfg.intermediate_size
   m.type_vocab_size, m.layer_norm_eps = enc_cfg.type_vocab_size, enc_cfg.layer_norm_eps
-  m.max_position, m.pre_layer_norm = enc_cfg.max_position, False
+  m.max_position, m.pre_layer_norm = enc_cfg.max_position, enc_cfg.pre_layer_norm
   m.dropout_rate, m.tie_embeddings = enc_cfg.dropout_rate, enc_cfg.tie_embeddings
   m.attention_dropout_rate, m.initializer_range = (enc_cfg.attention_dropout_rate,
                                                    enc_cfg.initializer_range)
@@ -310,6 +388,15 @@ def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
   fresh_head = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(fresh, nnx.Param)))
   params = params_from_hf(read_weights(src), enc_cfg, fresh_head, log=log)
   _check_shapes(params, nnx.to_pure_dict(train_state.abstract_model(enc_cfg, config.seed)[1]))
+  # An mlmjax export's facts, kept with the digest of the weights as exported: an export of this
+  # workdir whose weights are still these carries them (and so writes the same model card).
+  digest = hashlib.sha256(safetensors_bytes(params_to_hf(params, enc_cfg))).hexdigest()
+  facts = None
+  if (src / model_card.FACTS_FILE).is_file():
+    facts = json.loads((src / model_card.FACTS_FILE).read_text())
+  (workdir / IMPORTED_FILE).write_text(json.dumps(
+      {'source': str(src.resolve()), 'model_sha256': digest, 'facts': facts},
+      indent=2, sort_keys=True) + '\n')
   params = jax.tree.map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), params)
   state = {'params': params, 'opt_state': tx.init(params), 'step': jax.numpy.zeros((), jax.numpy.int32)}
   ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', async_save=False, log=log)
@@ -320,21 +407,12 @@ def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
     ckpt.close()
   written = json.loads(config.to_json_best_effort())
   (workdir / 'config.json').write_text(json.dumps(written, indent=2, sort_keys=True) + '\n')
-  log(f'imported {src} ({enc_cfg.num_layers} layers, hidden {enc_cfg.hidden_size}, '
-      f'vocab {enc_cfg.vocab_size}) into {workdir}')
-  log('continue MLM from it with: python -m mlmjax.train --config configs/pretrain.py:base '
-      f'--workdir runs/NEW --config.init_from={workdir} {" ".join(train_overrides(written))}')
+  log(f'imported {src} ({hf_config.get("model_type", "bert")}, {enc_cfg.num_layers} layers, '
+      f'hidden {enc_cfg.hidden_size}, vocab {enc_cfg.vocab_size}) into {workdir}')
+  # init_from brings the model's architecture and the tokenizer: no model flags are needed.
+  log('continue MLM from it with: python -m mlmjax.train --config pretrain:base '
+      f'--workdir runs/NEW --config.init_from={workdir}')
   return written
-
-
-def train_overrides(config: dict) -> list[str]:
-  """Returns the --config.KEY=VALUE flags that give a train config this imported model's shape."""
-  m = config['model']
-  keys = ('size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size', 'type_vocab_size',
-          'layer_norm_eps', 'max_position', 'pre_layer_norm', 'tie_embeddings')
-  flags = [f'--config.model.{k}={m[k]}' for k in keys]
-  return flags + [f'--config.tokenizer.path={config["tokenizer"]["path"]}',
-                  f'--config.tokenizer.vocab_size={config["tokenizer"]["vocab_size"]}']
 
 
 def _check_shapes(params: dict, abstract: dict) -> None:
@@ -349,37 +427,89 @@ def _check_shapes(params: dict, abstract: dict) -> None:
                        f'{tuple(got[path].shape)}, config.json implies {tuple(want.shape)}')
 
 
-def export_hf(workdir, out_dir, *, log: Callable[[str], None] = print) -> pathlib.Path:
-  """Writes config.json, model.safetensors and the tokenizer files of a workdir's latest step to out_dir."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from mlmjax import model, predict  # pylint: disable=g-import-not-at-top
-  run = predict.load_run(workdir)  # parameters only
-  enc_cfg = model.EncoderConfig(vocab_size=run.tokenizer.vocab_size, **run.config.model)
-  hf_config = hf_config_from(enc_cfg, run.tokenizer.pad_id)
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  import jax  # pylint: disable=g-import-not-at-top
-  tensors = params_to_hf(jax.device_get(run.params), enc_cfg)
-  save_file(tensors, str(out / 'model.safetensors'), metadata={'format': 'pt'})
-  (out / 'config.json').write_text(json.dumps(hf_config, indent=2, sort_keys=True) + '\n')
-  _export_tokenizer(run.tokenizer, out, enc_cfg.max_position)
-  log(f'exported {workdir} (step {run.step}) to {out}: BertForMaskedLM, {len(tensors)} tensors')
-  return out
+def _tokenizer_files(tokenizer, max_len: int, log: Callable[[str], None]) -> dict[str, bytes]:
+  """Returns {file name: bytes} of the tokenizer: tokenizer.json that transformers reads, and more.
 
+  Sentencepiece: tokenizer.json built to encode as it does, and tokenizer.model, which import
+  restores exactly. WordPiece: its tokenizer.json and vocab.txt, as transformers' BERT ships them.
+  """
+  def dump(obj) -> bytes:
+    return (json.dumps(obj, indent=2) + '\n').encode('utf-8')
 
-def _export_tokenizer(tokenizer, out: pathlib.Path, max_len: int) -> None:
-  """Writes the tokenizer files transformers reads (WordPiece), or copies the sentencepiece model."""
-  if not hasattr(tokenizer, 'save_vocab'):
-    # transformers has no BERT tokenizer over a sentencepiece model: ship it for mlmjax users.
-    (out / 'tokenizer.model').write_bytes(tokenizer.serialized_model)
-    return
-  (out / 'tokenizer.json').write_bytes(tokenizer.serialized_model)
-  tokenizer.save_vocab(out / 'vocab.txt')
+  if isinstance(tokenizer, tok.Tokenizer):
+    files = {'tokenizer.model': tokenizer.serialized_model,
+             'tokenizer.json': hf_tokenizer.sentencepiece_json(tokenizer, tokenizer.model_path, log)}
+    return {**files, **{k: dump(v) for k, v in hf_tokenizer.config_files(max_len).items()}}
+  vocab = '\n'.join(tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)) + '\n'
   specials = dict(unk_token='[UNK]', sep_token='[SEP]', pad_token='[PAD]', cls_token='[CLS]',
                   mask_token='[MASK]')
-  (out / 'special_tokens_map.json').write_text(json.dumps(specials, indent=2) + '\n')
-  (out / 'tokenizer_config.json').write_text(json.dumps(
-      {'tokenizer_class': 'BertTokenizer', 'model_max_length': max_len, **specials}, indent=2) + '\n')
+  return {'tokenizer.json': tokenizer.serialized_model, 'vocab.txt': vocab.encode('utf-8'),
+          'special_tokens_map.json': dump(specials),
+          'tokenizer_config.json': dump({'tokenizer_class': 'BertTokenizer',
+                                         'model_max_length': max_len, **specials})}
+
+
+def _model_shape(enc_cfg, params) -> dict:
+  from mlmjax import model  # pylint: disable=g-import-not-at-top
+  keys = ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
+          'max_position', 'type_vocab_size', 'pre_layer_norm', 'tie_embeddings', 'layer_norm_eps')
+  return {**{k: getattr(enc_cfg, k) for k in keys}, 'parameters': model.count_params(params)}
+
+
+def _facts(workdir: pathlib.Path, run, enc_cfg, digest: str) -> dict:
+  """Returns the export's facts: the import's source facts while the weights are still those."""
+  origin = None
+  if (workdir / IMPORTED_FILE).is_file():
+    origin = json.loads((workdir / IMPORTED_FILE).read_text())
+    if origin.get('model_sha256') == digest and origin.get('facts'):
+      return origin['facts']
+  config = json.loads(run.config.to_json_best_effort())
+  facts = model_card.gather(
+      workdir, config, step=run.step, architecture=arch_of(enc_cfg).architecture,
+      model_shape=_model_shape(enc_cfg, run.params),
+      tokenizer={'kind': hf_tokenizer.describe(run.tokenizer), 'vocab_size': run.tokenizer.vocab_size,
+                 'fingerprint': run.tokenizer.fingerprint}, model_sha256=digest)
+  if origin is not None and origin.get('model_sha256') == digest:
+    facts['imported_from'] = origin.get('source')  # weights as imported: no mlmjax training
+  return facts
+
+
+def export_hf(workdir, out_dir, *, log: Callable[[str], None] = print) -> pathlib.Path:
+  """Writes a transformers model directory of a workdir's latest MLM step to out_dir.
+
+  config.json, model.safetensors, the tokenizer files, mlmjax.json (the run's facts) and
+  README.md (the model card made of them). Returns out_dir.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from mlmjax import model, predict  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  run = predict.load_run(workdir)  # parameters only
+  if run.task != 'mlm' or 'mlm_head' not in run.params:
+    raise ValueError(f'{workdir}: config.task={run.task!r}; export writes masked-LM models, so '
+                     'export the MLM workdir this one was fine-tuned from')
+  enc_cfg = model.EncoderConfig(vocab_size=run.tokenizer.vocab_size, **run.config.model)
+  t = run.tokenizer
+  hf_config = hf_config_from(enc_cfg, t.pad_id, cls_id=t.cls_id, sep_id=t.sep_id)
+  tensors = params_to_hf(jax.device_get(run.params), enc_cfg)
+  weights = safetensors_bytes(tensors)
+  digest = hashlib.sha256(weights).hexdigest()
+  facts = _facts(workdir, run, enc_cfg, digest)
+  files = {'config.json': (json.dumps(hf_config, indent=2, sort_keys=True) + '\n').encode('utf-8'),
+           'model.safetensors': weights, **_tokenizer_files(t, enc_cfg.max_position, log),
+           model_card.FACTS_FILE: model_card.dumps(facts).encode('utf-8'),
+           'README.md': model_card.render(facts).encode('utf-8')}
+  out = pathlib.Path(out_dir)
+  if out.is_dir():
+    stale = sorted(p.name for p in out.iterdir() if p.name not in files and not p.name.startswith('.'))
+    if stale:
+      raise ValueError(f'{out} holds {stale[0]}, which this export does not write; export into a '
+                       'new or empty directory')
+  out.mkdir(parents=True, exist_ok=True)
+  for name, data in files.items():
+    tok.write_atomically(out / name, data)
+  log(f'exported {workdir} (step {run.step}) to {out}: {arch_of(enc_cfg).architecture}, '
+      f'{len(tensors)} tensors, {hf_tokenizer.describe(t)} tokenizer, model card README.md')
+  return out
 
 
 def main(argv=None) -> None:
@@ -387,14 +517,14 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog='python -m mlmjax.convert', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='command', required=True)
-  imp = sub.add_parser('import', help='Hugging Face BERT directory -> mlmjax workdir')
-  imp.add_argument('src_dir', help='directory with config.json and model.safetensors')
+  imp = sub.add_parser('import', help='Hugging Face BERT / RoBERTa-PreLayerNorm directory -> mlmjax workdir')
+  imp.add_argument('src_dir', help='directory with config.json, model.safetensors and a tokenizer')
   imp.add_argument('--workdir', required=True, help='new mlmjax workdir to write')
   imp.add_argument('--config', default=DEFAULT_CONFIG,
                    help='config file:variant whose data/optim/train settings the workdir takes')
-  exp = sub.add_parser('export', help='mlmjax workdir -> Hugging Face BertForMaskedLM directory')
+  exp = sub.add_parser('export', help='mlmjax workdir -> Hugging Face *ForMaskedLM directory')
   exp.add_argument('--workdir', required=True, help='a workdir written by mlmjax.train or import')
-  exp.add_argument('out_dir', help='directory to write config.json and model.safetensors to')
+  exp.add_argument('out_dir', help='directory to write the model, tokenizer and model card to')
   args = parser.parse_args(argv)
   try:
     if args.command == 'import':

@@ -1,7 +1,14 @@
-"""Hugging Face BERT import/export: parity with transformers, round trips, the real MiniLM checkpoint."""
+"""Hugging Face import/export: BERT and RoBERTa-PreLayerNorm parity with transformers, tokenizers,
+model cards, bit-identical round trips, the real MiniLM checkpoint."""
 
+import dataclasses
+import hashlib
 import json
+import os
 import pathlib
+import random
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +20,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from mlmjax import convert, experiment, model, predict, tasks, train, train_state  # pylint: disable=wrong-import-position
+from mlmjax import convert, experiment, hf_tokenizer, model, predict, tasks, train, train_state  # pylint: disable=wrong-import-position
+from mlmjax import model_card  # pylint: disable=wrong-import-position
 
 TOL = 1e-4  # the acceptance bound: float32 on both sides, differences are summation order only
 
@@ -170,6 +178,10 @@ def test_import_workdir_predicts_exports_and_inits_training(tmp_path, make_tiny_
   assert tok('the list')['input_ids'] == [6] + run.tokenizer.encode('the list') + [7]
   again = convert.params_from_hf(convert.read_weights(out), enc_cfg)
   jax.tree.map(np.testing.assert_array_equal, again, jax.device_get(run.params))
+  facts = json.loads((out / model_card.FACTS_FILE).read_text())
+  assert facts['imported_from'] == str(d.resolve())  # the weights are still the imported ones
+  assert 'Not recorded: the weights were imported from' in (out / 'README.md').read_text()
+  assert_round_trip(out, tmp_path)  # BERT with a WordPiece tokenizer
 
   # init_from: a WordPiece continued-MLM run starts from the imported parameters.
   c = make_tiny_config()
@@ -190,39 +202,282 @@ def test_import_workdir_predicts_exports_and_inits_training(tmp_path, make_tiny_
 
 
 @pytest.mark.slow
-def test_tiny_run_fill_mask_matches_transformers(tmp_path, make_tiny_config):
+def test_post_ln_run_exports_as_bert_with_its_sentencepiece_tokenizer(tmp_path, make_tiny_config):
   c = make_tiny_config()
-  c.model.pre_layer_norm = False  # BERT is post-LN; pre-LN runs refuse to export
+  c.model.pre_layer_norm = False  # post-LN: BertForMaskedLM
   c.train.num_steps = 6
   work = tmp_path / 'tiny'
   train.run(c, work)
   out = convert.export_hf(work, tmp_path / 'hf', log=lambda s: None)
-  ref, info = transformers.BertForMaskedLM.from_pretrained(out, output_loading_info=True)
+  ref, info = transformers.AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
+  assert type(ref).__name__ == 'BertForMaskedLM'
   assert not info['missing_keys'] and not info['unexpected_keys'], info
-  ref.eval()
   run = predict.load_run(work)
-  texts = ['Return the [MASK] of the list.', 'The [MASK] statement [MASK] a function.']
-  ours = predict.fill_mask(run, texts, top_k=5)
-  special = torch.tensor(run.tokenizer.special_mask)
-  for text, per_mask in zip(texts, ours):
-    t = run.tokenizer
-    ids = [t.cls_id] + t.encode_with_specials(text) + [t.sep_id]
-    with torch.no_grad():
-      logits = ref(input_ids=torch.tensor([ids])).logits[0]
-    probs = torch.softmax(logits.masked_fill(special, -torch.inf), -1).numpy()
+  assert_same_fill_mask(run, ref.eval(), transformers.AutoTokenizer.from_pretrained(out),
+                        ['Return the [MASK] of the list.', 'The [MASK] statement [MASK] a function.'])
+  assert 'post-LN (BERT)' in (out / 'README.md').read_text()
+  assert_round_trip(out, tmp_path)
+
+
+def test_pre_ln_config_is_roberta_prelayernorm():
+  enc = model.EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
+                            intermediate_size=32, max_position=40, pre_layer_norm=True)
+  cfg = convert.hf_config_from(enc)
+  assert cfg['model_type'] == 'roberta-prelayernorm'
+  assert cfg['architectures'] == ['RobertaPreLayerNormForMaskedLM']
+  assert cfg['max_position_embeddings'] == 41 and cfg['pad_token_id'] == 0  # positions from 1
+  assert (cfg['bos_token_id'], cfg['eos_token_id']) == (2, 3)
+  assert convert.encoder_config(cfg) == enc
+  post = dataclasses.replace(enc, pre_layer_norm=False)
+  assert convert.encoder_config(convert.hf_config_from(post)) == post
+  transformers.RobertaPreLayerNormConfig(**cfg)  # transformers takes every field
+
+
+PRE_LN_SHAPES = [
+    dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+         intermediate_size=64, max_position_embeddings=33),
+    dict(vocab_size=97, hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
+         intermediate_size=100, max_position_embeddings=41, type_vocab_size=3, layer_norm_eps=1e-7,
+         tie_word_embeddings=False),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('shape,head', [(PRE_LN_SHAPES[0], True), (PRE_LN_SHAPES[1], True),
+                                        (PRE_LN_SHAPES[0], False)], ids=['h32', 'h48_untied', 'base'])
+def test_pre_ln_import_matches_transformers(tmp_path, shape, head):
+  """Random RobertaPreLayerNorm weights (every LayerNorm moved off its init) compute as ours."""
+  cfg = transformers.RobertaPreLayerNormConfig(
+      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0, **shape)
+  torch.manual_seed(0)
+  cls = (transformers.RobertaPreLayerNormForMaskedLM if head
+         else transformers.RobertaPreLayerNormModel)
+  d = tmp_path / 'hf'
+  randomized(cls(cfg)).save_pretrained(d)
+  enc_cfg = convert.encoder_config(json.loads((d / 'config.json').read_text()))
+  assert enc_cfg.pre_layer_norm and enc_cfg.max_position == shape['max_position_embeddings'] - 1
+  fresh = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(
+      model.MlmHead(enc_cfg, rngs=nnx.Rngs(0)), nnx.Param)))
+  params = convert.params_from_hf(convert.read_weights(d), enc_cfg, fresh, log=lambda s: None)
+  ids, mask, types = padded_inputs(shape['vocab_size'], shape.get('type_vocab_size', 2))
+  hidden, logits = ours_forward(merged(enc_cfg, params), ids, mask, types)
+  ref = cls.from_pretrained(d).eval()
+  with torch.no_grad():  # positions: RoBERTa's own, counted from padding_idx + 1
+    out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+              token_type_ids=torch.tensor(types))
+    base = ref.roberta_prelayernorm if head else ref
+    ref_hidden = base(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                      token_type_ids=torch.tensor(types)).last_hidden_state.numpy()
+  real = mask.astype(bool)
+  diff_h = np.abs(hidden[real] - ref_hidden[real]).max()
+  print(f'pre-LN {shape["hidden_size"]}: max |hidden - transformers| = {diff_h:.2e}')
+  assert diff_h <= TOL
+  if head:
+    diff_l = np.abs(logits[real] - out.logits.numpy()[real]).max()
+    print(f'pre-LN {shape["hidden_size"]}: max |logits - transformers| = {diff_l:.2e}')
+    assert diff_l <= TOL
+  tensors = convert.params_to_hf(params, enc_cfg)
+  assert not tensors['roberta_prelayernorm.embeddings.position_embeddings.weight'][0].any()
+  jax.tree.map(np.testing.assert_array_equal, convert.params_from_hf(tensors, enc_cfg), params)
+
+
+# ---------------------------------------------------------------------------------------------
+# A default run (pre-LN, sentencepiece, the embedded corpus), exported once for the tests below.
+
+FILL_TEXTS = ['Return the [MASK] of the list.', 'The [MASK] statement [MASK] a function.',
+              'Open the file and read its [MASK] into a string.',
+              'If the key is not found, a [MASK] is raised.']
+HIDDEN_TEXTS = ['Return a new event loop.', 'How do I sort a list in Python?',
+              'The weather is lovely today.', 'Raise ValueError if the argument is negative.']
+AWKWARD = ['café', 'cafe\u0301', 'x\u00a0\u0301y', '😀 emoji 👍🏽 family 👨\u200d👩\u200d👧',
+           '\t tabs\tand\nnewlines\r\n  runs   of  spaces \u3000 ideographic', '中文 日本語 한국어',
+           '<0x41> literal bytes', 'unknown \U00010348 gothic', '▁ literal meta ▁▁', 'a[MASK]b',
+           ' [MASK] [MASK]', 'naïve ＦＵＬＬ ﬁ ½']
+
+
+@pytest.fixture(scope='module')
+def pre_ln_run(make_tiny_config, tmp_path_factory):
+  """Returns the workdir of the default tiny config (pre-LN) after 30 steps on 600 pydocs documents.
+
+  Trained once per session: pytest-xdist workers share the base temp directory's parent and wait
+  for the first one's run under a file lock.
+  """
+  import filelock  # pylint: disable=g-import-not-at-top  (a dependency of transformers)
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent
+  work = root / 'convert_pre_ln' / 'pydocs_tiny'
+  with filelock.FileLock(str(root / 'convert_pre_ln.lock')):
+    if not (work / 'summary.json').is_file():
+      c = make_tiny_config()
+      assert c.model.pre_layer_norm  # the default, exported as RobertaPreLayerNormForMaskedLM
+      c.data.corpus, c.data.max_documents = 'pydocs', 600
+      c.train.num_steps, c.eval.every_steps, c.ckpt.every_steps = 30, 30, 30
+      c.train.log_every_steps = 10
+      assert train.run(c, work)['finished']
+  return work
+
+
+@pytest.fixture(scope='module')
+def pre_ln_export(pre_ln_run, tmp_path_factory):
+  """Returns (workdir, the export of it)."""
+  out = convert.export_hf(pre_ln_run, tmp_path_factory.mktemp('pre_ln_hf') / 'export',
+                          log=lambda s: None)
+  return pre_ln_run, out
+
+
+def assert_round_trip(out: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+  """Imports an export and exports it again: every file of both exports is byte-identical."""
+  work = tmp_path / 'reimported'
+  convert.import_hf(out, work, log=lambda s: None)
+  again = convert.export_hf(work, tmp_path / 'reexported', log=lambda s: None)
+  names = sorted(p.name for p in out.iterdir())
+  assert names == sorted(p.name for p in again.iterdir())
+  for name in names:
+    assert (out / name).read_bytes() == (again / name).read_bytes(), name
+  return work
+
+
+def hf_fill_mask(ref, t, ids):
+  """Returns transformers' probabilities (L, V) over non-special ids for one row of ids."""
+  with torch.no_grad():
+    logits = ref(input_ids=torch.tensor([ids])).logits[0]
+  return torch.softmax(logits.masked_fill(torch.tensor(t.special_mask), -torch.inf), -1).numpy()
+
+
+def assert_same_fill_mask(run, ref, hf_tok, texts):
+  """Checks mlmjax's fill-mask top-5 (tokens and probabilities) against transformers'."""
+  t, worst = run.tokenizer, 0.0
+  for text, per_mask in zip(texts, predict.fill_mask(run, texts, top_k=5)):
+    ids = hf_tok(text)['input_ids']
+    assert ids == [t.cls_id] + t.encode_with_specials(text) + [t.sep_id], text
+    probs = hf_fill_mask(ref, t, ids)
     rows = [i for i, x in enumerate(ids) if x == t.mask_id]
     assert len(rows) == len(per_mask)
     for row, cands in zip(rows, per_mask):
       best = np.argsort(-probs[row])[:5]
       assert [predict._display(t.id_to_piece(int(i))) for i in best] == [w for w, _ in cands]
-      np.testing.assert_allclose([p for _, p in cands], probs[row][best], atol=TOL)
+      worst = max(worst, np.abs(np.array([p for _, p in cands]) - probs[row][best]).max())
+  print(f'fill-mask top-5: same tokens; max |probability - transformers| = {worst:.2e}')
+  assert worst <= TOL
 
 
-def test_pre_ln_run_refuses_export():
-  enc = model.EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
-                            intermediate_size=32, pre_layer_norm=True)
-  with pytest.raises(ValueError, match='model.pre_layer_norm'):
-    convert.hf_config_from(enc)
+@pytest.mark.slow
+def test_pre_ln_export_loads_in_transformers(pre_ln_export):
+  work, out = pre_ln_export
+  assert sorted(p.name for p in out.iterdir()) == [
+      'README.md', 'config.json', 'mlmjax.json', 'model.safetensors', 'special_tokens_map.json',
+      'tokenizer.json', 'tokenizer.model', 'tokenizer_config.json']
+  assert (out / 'tokenizer.model').read_bytes() == (work / 'tokenizer.model').read_bytes()
+  ref, info = transformers.AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
+  assert type(ref).__name__ == 'RobertaPreLayerNormForMaskedLM'
+  assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert (hf_tok.cls_token_id, hf_tok.sep_token_id, hf_tok.mask_token_id, hf_tok.pad_token_id) == (
+      2, 3, 4, 0)
+  fill = transformers.pipeline('fill-mask', model=ref.eval(), tokenizer=hf_tok)
+  assert len(fill('Return the [MASK] of the list.', top_k=5)) == 5  # the model card's example
+
+
+@pytest.mark.slow
+def test_pre_ln_export_matches_mlmjax(pre_ln_export):
+  work, out = pre_ln_export
+  run = predict.load_run(work)
+  ref = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  texts = HIDDEN_TEXTS + [s for triple in SENTENCES for s in triple]
+  enc = hf_tok(texts, padding=True, return_tensors='np')
+  ids, mask = enc['input_ids'], enc['attention_mask']
+  m = nnx.merge(run.graphdef, run.params)
+  hidden = np.asarray(m.encoder(jnp.asarray(ids)))  # mlmjax's own layout of [CLS] text [SEP] PAD
+  logits = np.asarray(m.dense_logits(jnp.asarray(ids)))
+  with torch.no_grad():
+    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    ref_hidden = ref.roberta_prelayernorm(**kw).last_hidden_state.numpy()
+    ref_logits = ref(**kw).logits.numpy()
+  real = mask.astype(bool)
+  diff_h = np.abs(hidden[real] - ref_hidden[real]).max()
+  diff_l = np.abs(logits[real] - ref_logits[real]).max()
+  print(f'pre-LN tiny run, {real.sum()} tokens of {len(texts)} sentences: max |hidden - '
+        f'transformers| = {diff_h:.2e}, max |logits - transformers| = {diff_l:.2e}')
+  assert diff_h <= TOL and diff_l <= TOL
+  assert_same_fill_mask(run, ref, hf_tok, FILL_TEXTS)
+
+
+@pytest.mark.slow
+def test_exported_tokenizer_encodes_as_mlmjax(pre_ln_export, pydocs):
+  work, out = pre_ln_export
+  t = predict.load_run(work).tokenizer
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  lines = [line for doc in pydocs for line in doc.split('\n') if line.strip()]
+  lines = random.Random(1).sample(lines, 3000)
+  got = hf_tok(lines)['input_ids']
+  assert hf_tokenizer.inexact(t)[0] == []  # no character of a piece lacks a piece of its own
+  differ = [i for i, line in enumerate(lines) if got[i] != [2] + t.encode(line) + [3]]
+  print(f'exported tokenizer: {len(lines) - len(differ)} of {len(lines)} pydocs lines identical, '
+        f'{len(differ)} equal-score ties segmented otherwise')
+  for i in differ:  # runs like '=====': the same pieces in another order, scoring exactly alike
+    assert (hf_tokenizer.exact_score(t, got[i][1:-1])
+            == hf_tokenizer.exact_score(t, t.encode(lines[i]))), lines[i]
+    assert re.search(r'(.)\1\1', lines[i]), lines[i]
+  assert len(differ) <= len(lines) // 50
+  for text in AWKWARD:
+    assert hf_tok(text)['input_ids'] == [2] + t.encode_with_specials(text) + [3], text
+  # The one declared special mlmjax reads as text: transformers matches the pad token anywhere.
+  assert hf_tok('[PAD] x')['input_ids'][1] == 0 and 0 not in t.encode_with_specials('[PAD] x')
+
+
+@pytest.mark.slow
+def test_pre_ln_export_import_export_is_bit_identical(pre_ln_export, tmp_path):
+  work, out = pre_ln_export
+  imported = assert_round_trip(out, tmp_path)
+  run, back = predict.load_run(work), predict.load_run(imported)
+  assert back.tokenizer.fingerprint == run.tokenizer.fingerprint  # the exact sentencepiece model
+  assert back.config.model.pre_layer_norm
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(run.params))
+
+
+@pytest.mark.slow
+def test_model_card_records_the_run(pre_ln_export):
+  import yaml  # pylint: disable=g-import-not-at-top
+  work, out = pre_ln_export
+  card = (out / 'README.md').read_text()
+  front = yaml.safe_load(card.split('---\n')[1])
+  assert front['library_name'] == 'transformers' and front['pipeline_tag'] == 'fill-mask'
+  assert 'roberta-prelayernorm' in front['tags']
+  facts = json.loads((out / model_card.FACTS_FILE).read_text())
+  summary = json.loads((work / 'summary.json').read_text())
+  task = json.loads((work / 'task.json').read_text())
+  prov = json.loads((work / 'provenance.json').read_text())[0]
+  assert facts['step'] == summary['step'] == 30
+  assert facts['data']['corpus'] == 'pydocs'
+  assert facts['data']['splits']['train']['documents'] == task['train']['documents']
+  assert facts['metrics']['eval/loss'] == summary['eval/loss']
+  assert facts['model_sha256'] == hashlib.sha256((out / 'model.safetensors').read_bytes()).hexdigest()
+  for text in ('30 steps trained (of 30 configured, finished)', 'Corpus `pydocs`',
+               f'| train | {task["train"]["documents"]:,} | {task["train"]["tokens"]:,} |',
+               f'| eval/loss | {summary["eval/loss"]:.4f}', f'`{prov["command"]}`',
+               f'commit `{prov["commit"]}`', '15% of the maskable tokens', '80% become [MASK]',
+               'AutoModelForMaskedLM.from_pretrained', 'RobertaPreLayerNormForMaskedLM',
+               'python -m mlmjax.convert import'):
+    assert text in card, text
+
+
+@pytest.mark.slow
+def test_model_card_says_what_the_workdir_did_not_record(pre_ln_run, tmp_path):
+  bare = tmp_path / 'bare'
+  shutil.copytree(pre_ln_run, bare)
+  for name in ('summary.json', 'provenance.json', 'task.json'):
+    (bare / name).unlink()
+  card = (convert.export_hf(bare, tmp_path / 'hf', log=lambda s: None) / 'README.md').read_text()
+  for text in ('Not recorded: the workdir held no provenance.json',
+               'Not recorded: the workdir held no summary.json',
+               'not recorded (the workdir held no task.json)'):
+    assert text in card, text
+  (tmp_path / 'other').mkdir()
+  (tmp_path / 'other' / 'vocab.txt').write_text('[PAD]\n')
+  with pytest.raises(ValueError, match='other holds vocab.txt'):
+    convert.export_hf(bare, tmp_path / 'other', log=lambda s: None)
 
 
 SENTENCES = [
@@ -299,6 +554,8 @@ def test_imported_bert_fine_tunes_with_its_own_cls_and_sep(tmp_path, make_tiny_c
   c.init_from = str(work)
   summary = train.run(c, tmp_path / 'cls')
   assert summary['finished'] and summary['task'] == 'classify'
+  with pytest.raises(ValueError, match="config.task='classify'; export writes masked-LM models"):
+    convert.export_hf(tmp_path / 'cls', tmp_path / 'cls_hf', log=lambda s: None)
 
   tuned = predict.load_run(tmp_path / 'cls', 'latest')
   t = tuned.tokenizer

@@ -131,7 +131,7 @@ def test_dapt_with_an_extended_tokenizer_resumes_and_exports(tmp_path, make_tiny
                                                              domain_texts):
   from mlmjax import convert, predict
   pre = make_tiny_config()
-  pre.model.pre_layer_norm = False  # exportable
+  pre.model.pre_layer_norm = False  # exported as BERT (pre-LN runs export as RoBERTa-PreLayerNorm)
   pre.train.num_steps, pre.ckpt.every_steps, pre.eval.every_steps = 2, 2, 2
   train.run(pre, tmp_path / 'pre')
   domain = tmp_path / 'domain.txt'
