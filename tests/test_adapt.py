@@ -1,6 +1,7 @@
 """Tests for mlmjax/adapt.py and the first-run adaptations of data preparation and train.run."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -120,11 +121,12 @@ def test_prepare_data_adapts_vocabulary_and_passages_of_a_small_text(tmp_path, c
 
 
 @pytest.mark.slow  # a 200-step run and a 10-step fine-tune in fresh interpreters
-def test_first_runs_on_defaults_complete_with_their_notes(tmp_path, cache_dir):
-  text = _one_document_corpus(tmp_path, 1_000_000)  # ~1 MB or all the topics there are
-  env_cache = {'MLMJAX_CACHE': str(cache_dir)}
-  import os
-  env = {**os.environ, **env_cache}
+def test_first_runs_on_defaults_complete_with_their_notes(tmp_path, cache_dir, pydocs):
+  # A user's own 1 MB text file: embedded documentation, one document per line, no blank lines
+  # (so one document for the .txt reader).
+  text = tmp_path / 'mine.txt'
+  text.write_text('\n'.join(' '.join(d.split()) for d in pydocs)[:1_000_000], encoding='utf-8')
+  env = {**os.environ, 'MLMJAX_CACHE': str(cache_dir)}
   pre = subprocess.run([sys.executable, '-m', 'mlmjax.train', '--config', 'pretrain:tiny',
                         f'--config.data.corpus={text}', '--config.train.num_steps=200',
                         '--workdir', str(tmp_path / 'pre')],
