@@ -26,6 +26,18 @@ from mlmjax import model_card  # pylint: disable=wrong-import-position
 TOL = 1e-4  # the acceptance bound: float32 on both sides, differences are summation order only
 
 
+def _assert_parity(mask, hidden, ref_hidden, logits, ref_logits, what: str) -> None:
+  """Asserts hidden states (and logits, when given) within TOL of transformers' at real tokens."""
+  real = mask.astype(bool)  # padded positions are not defined the same way, nor used
+  diff_h = np.abs(hidden[real] - ref_hidden[real]).max()
+  print(f'{what}: max |hidden - transformers| = {diff_h:.2e}')
+  assert diff_h <= TOL
+  if logits is not None:
+    diff_l = np.abs(logits[real] - ref_logits[real]).max()
+    print(f'{what}: max |logits - transformers| = {diff_l:.2e}')
+    assert diff_l <= TOL
+
+
 def write_vocab(path: pathlib.Path, vocab_size: int) -> None:
   """Writes a BERT-layout vocab.txt: [PAD], [unusedN], [UNK] [CLS] [SEP] [MASK], words, ##pieces."""
   head = ['[PAD]'] + [f'[unused{i}]' for i in range(4)] + ['[UNK]', '[CLS]', '[SEP]', '[MASK]']
@@ -110,15 +122,8 @@ def test_import_matches_transformers(tmp_path, shape, head):
   with torch.no_grad():
     out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
               token_type_ids=torch.tensor(types), output_hidden_states=True)
-  real = mask.astype(bool)  # padded positions are not defined the same way, nor used
-  ref_hidden = out.hidden_states[-1].numpy()
-  diff_h = np.abs(hidden[real] - ref_hidden[real]).max()
-  print(f'max |hidden - transformers| = {diff_h:.2e}')
-  assert diff_h <= TOL
-  if head:
-    diff_l = np.abs(logits[real] - out.logits.numpy()[real]).max()
-    print(f'max |logits - transformers| = {diff_l:.2e}')
-    assert diff_l <= TOL
+  _assert_parity(mask, hidden, out.hidden_states[-1].numpy(), logits if head else None,
+                 out.logits.numpy() if head else None, 'BERT')
   # Export then import is the identity, bit for bit.
   again = convert.params_from_hf(convert.params_to_hf(params, enc_cfg), enc_cfg)
   jax.tree.map(np.testing.assert_array_equal, again, params)
@@ -268,14 +273,8 @@ def test_pre_ln_import_matches_transformers(tmp_path, shape, head):
     base = ref.roberta_prelayernorm if head else ref
     ref_hidden = base(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                       token_type_ids=torch.tensor(types)).last_hidden_state.numpy()
-  real = mask.astype(bool)
-  diff_h = np.abs(hidden[real] - ref_hidden[real]).max()
-  print(f'pre-LN {shape["hidden_size"]}: max |hidden - transformers| = {diff_h:.2e}')
-  assert diff_h <= TOL
-  if head:
-    diff_l = np.abs(logits[real] - out.logits.numpy()[real]).max()
-    print(f'pre-LN {shape["hidden_size"]}: max |logits - transformers| = {diff_l:.2e}')
-    assert diff_l <= TOL
+  _assert_parity(mask, hidden, ref_hidden, logits if head else None,
+                 out.logits.numpy() if head else None, f'pre-LN {shape["hidden_size"]}')
   tensors = convert.params_to_hf(params, enc_cfg)
   assert not tensors['roberta_prelayernorm.embeddings.position_embeddings.weight'][0].any()
   jax.tree.map(np.testing.assert_array_equal, convert.params_from_hf(tensors, enc_cfg), params)
