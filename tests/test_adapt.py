@@ -1,9 +1,6 @@
 """Tests for mlmjax/adapt.py and the first-run adaptations of data preparation and train.run."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -120,19 +117,24 @@ def test_prepare_data_adapts_vocabulary_and_passages_of_a_small_text(tmp_path, c
   assert ip.prepare_data(c3, tmp_path / 'plain', log=log).cache.key == kept.cache.key  # no adapt
 
 
-@pytest.mark.slow  # a 200-step run and a 10-step fine-tune in fresh interpreters
-def test_first_runs_on_defaults_complete_with_their_notes(tmp_path, cache_dir, pydocs):
+def _main(argv, capsys) -> str:
+  """Runs `python -m mlmjax.train ARGV` in this process; returns what it printed."""
+  from mlmjax import train
+  train.main(['mlmjax.train', *argv])
+  return capsys.readouterr().out
+
+
+@pytest.mark.slow  # a 200-step run and a 10-step fine-tune from the command line
+def test_first_runs_on_defaults_complete_with_their_notes(tmp_path, cache_dir, pydocs, capsys,
+                                                          monkeypatch):
   # A user's own 1 MB text file: embedded documentation, one document per line, no blank lines
   # (so one document for the .txt reader).
   text = tmp_path / 'mine.txt'
   text.write_text('\n'.join(' '.join(d.split()) for d in pydocs)[:1_000_000], encoding='utf-8')
-  env = {**os.environ, 'MLMJAX_CACHE': str(cache_dir)}
-  pre = subprocess.run([sys.executable, '-m', 'mlmjax.train', '--config', 'pretrain:tiny',
-                        f'--config.data.corpus={text}', '--config.train.num_steps=200',
-                        '--workdir', str(tmp_path / 'pre')],
-                       capture_output=True, text=True, env=env, timeout=900)
-  assert pre.returncode == 0, pre.stderr[-3000:]
-  notes = [l for l in pre.stdout.splitlines() if l.startswith('note: ')]
+  monkeypatch.setenv('MLMJAX_CACHE', str(cache_dir))
+  out = _main(['--config', 'pretrain:tiny', f'--config.data.corpus={text}',
+               '--config.train.num_steps=200', '--workdir', str(tmp_path / 'pre')], capsys)
+  notes = [l for l in out.splitlines() if l.startswith('note: ')]
   assert any(l.startswith('note: optim.warmup_steps 300 -> 20') for l in notes), notes
   assert any(l.startswith('note: data.passage_chars 0 -> ') for l in notes), notes
   summary = json.loads((tmp_path / 'pre' / 'summary.json').read_text())
@@ -141,17 +143,13 @@ def test_first_runs_on_defaults_complete_with_their_notes(tmp_path, cache_dir, p
   recorded = json.loads((tmp_path / 'pre' / 'config.json').read_text())
   assert recorded['optim']['warmup_steps'] == 20 and recorded['data']['passage_chars'] > 0
 
-  ft = subprocess.run([sys.executable, '-m', 'mlmjax.train', '--config', 'finetune:tiny',
-                       f'--config.init_from={tmp_path / "pre"}', '--config.train.num_steps=10',
-                       '--workdir', str(tmp_path / 'ft')],
-                      capture_output=True, text=True, env=env, timeout=900)
-  assert ft.returncode == 0, ft.stderr[-3000:]
-  assert 'note: optim.warmup_steps 40 -> 1' in ft.stdout
+  finetune_argv = ['--config', 'finetune:tiny', f'--config.init_from={tmp_path / "pre"}',
+                   '--config.train.num_steps=10']
+  out = _main([*finetune_argv, '--workdir', str(tmp_path / 'ft')], capsys)
+  assert 'note: optim.warmup_steps 40 -> 1' in out
   assert json.loads((tmp_path / 'ft' / 'summary.json').read_text())['finished']
   # Set explicitly, the same warmup is a one-line error naming the key.
-  bad = subprocess.run([sys.executable, '-m', 'mlmjax.train', '--config', 'finetune:tiny',
-                        f'--config.init_from={tmp_path / "pre"}', '--config.train.num_steps=10',
-                        '--config.optim.warmup_steps=40', '--workdir', str(tmp_path / 'ft2')],
-                       capture_output=True, text=True, env=env, timeout=900)
-  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(
-      'error: optim.warmup_steps=40 exceeds train.num_steps=10')
+  with pytest.raises(SystemExit) as e:
+    _main([*finetune_argv, '--config.optim.warmup_steps=40', '--workdir', str(tmp_path / 'ft2')],
+          capsys)
+  assert str(e.value.code).startswith('error: optim.warmup_steps=40 exceeds train.num_steps=10')
