@@ -47,7 +47,8 @@ _RANGES = {
     'masking.span.p': '(0, 1]', 'masking.span.max': '[1, inf)', 'masking.schedule.steps': '[0, inf)',
     'model.dropout_rate': '[0, 1)', 'model.attention_dropout_rate': '[0, 1)',
     'optim.learning_rate': '(0, inf)',
-    'optim.warmup_steps': '[0, inf)', 'optim.end_lr_fraction': '[0, 1]',
+    'optim.warmup_steps': '[0, inf)', 'optim.decay_steps': '[0, inf)',
+    'optim.end_lr_fraction': '[0, 1]',
     'optim.weight_decay': '[0, inf)', 'optim.grad_clip_norm': '[0, inf)', 'optim.b1': '[0, 1)',
     'optim.b2': '[0, 1)', 'optim.eps': '(0, inf)',
     'early_stop.patience': '[0, inf)', 'early_stop.min_delta': '[0, inf)',
@@ -60,6 +61,7 @@ _INTEGERS = frozenset({
     'train.max_skipped_batches', 'train.grad_accum_steps', 'eval.every_steps', 'eval.batch_size',
     'eval.num_batches', 'ckpt.every_steps', 'ckpt.max_to_keep', 'data.max_line_chars',
     'data.prefetch', 'masking.span.max', 'masking.schedule.steps', 'optim.warmup_steps',
+    'optim.decay_steps',
     'early_stop.patience', 'task_data.max_examples', 'retrieve.num_candidates'})
 
 

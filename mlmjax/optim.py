@@ -1,13 +1,26 @@
 """Optax chains for pretraining and adaptation: schedules, decay masks, clipping."""
 
 import jax
+import jax.numpy as jnp
 import optax
 
-DECAYS = ('linear', 'cosine', 'constant')
+DECAYS = ('linear', 'cosine', '1-sqrt', 'constant')
+
+
+def _one_minus_sqrt(peak: float, end: float, steps: int) -> optax.Schedule:
+  """Returns end + (peak - end) * (1 - sqrt(t / steps)), held at end after steps."""
+  def schedule(t):
+    frac = jnp.clip(jnp.asarray(t, jnp.float32) / steps, 0.0, 1.0)
+    return end + (peak - end) * (1.0 - jnp.sqrt(frac))
+  return schedule
 
 
 def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
-  """Returns linear warmup from 0 to the peak, then linear/cosine decay or a constant."""
+  """Returns linear warmup from 0 to the peak, a stable phase, then the decay to the end lr.
+
+  optim.decay_steps = 0 decays over everything after the warmup (no stable phase); N > 0 keeps
+  the peak until the last N steps (warmup-stable-decay). 'constant' never decays.
+  """
   peak = float(optim_cfg.learning_rate)
   warmup = int(optim_cfg.warmup_steps)
   end = peak * float(optim_cfg.end_lr_fraction)
@@ -17,16 +30,31 @@ def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
     raise ValueError(f'optim.learning_rate={peak} must be > 0')
   if warmup < 0:
     raise ValueError(f'optim.warmup_steps={warmup} must be >= 0')
-  decay_steps = max(num_steps - warmup, 1)
+  after_warmup = max(num_steps - warmup, 1)
+  decay_steps = int(optim_cfg.decay_steps) or after_warmup
+  if decay_steps > after_warmup:
+    raise ValueError(f'optim.decay_steps={decay_steps} exceeds the {after_warmup} steps after '
+                     f'the warmup of train.num_steps={num_steps}; lower it (0 = all of them)')
   if optim_cfg.decay == 'linear':
-    after = optax.linear_schedule(peak, end, decay_steps)
+    decay = optax.linear_schedule(peak, end, decay_steps)
   elif optim_cfg.decay == 'cosine':
-    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak)
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak)
+  elif optim_cfg.decay == '1-sqrt':
+    decay = _one_minus_sqrt(peak, end, decay_steps)
   else:
-    after = optax.constant_schedule(peak)
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+    decay = optax.constant_schedule(peak)
+  parts, boundaries = [], []
+  if warmup:
+    parts.append(optax.linear_schedule(0.0, peak, warmup))
+  stable = after_warmup - decay_steps
+  if stable > 0 and optim_cfg.decay != 'constant':
+    boundaries.append(warmup)
+    parts.append(optax.constant_schedule(peak))
+  boundaries.append(warmup + (stable if stable > 0 else 0))
+  parts.append(decay)
+  if len(parts) == 1:
+    return parts[0]
+  return optax.join_schedules(parts, boundaries[-(len(parts) - 1):])
 
 
 # Leaf names never decayed whatever their rank: attention q/k/v biases are (heads, head_dim).

@@ -122,7 +122,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 2e-3  # peak learning rate
   c.optim.warmup_steps = 300  # linear warmup from 0
-  c.optim.decay = 'linear'  # after warmup: 'linear' to 0, 'cosine' to 0, or 'constant'
+  c.optim.decay = 'linear'  # after warmup: 'linear', 'cosine' or '1-sqrt' down to the end lr, or 'constant'
+  c.optim.decay_steps = 0  # decay over the last N steps, the peak held before (warmup-stable-decay); 0 = all after warmup
   c.optim.end_lr_fraction = 0.0  # final lr as a fraction of the peak
   c.optim.weight_decay = 0.01  # AdamW decoupled decay, not applied to LayerNorm and biases
   c.optim.b1 = 0.9  # Adam beta1

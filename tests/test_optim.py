@@ -74,6 +74,38 @@ def test_constant_after_warmup_and_no_warmup():
   assert _at(s0, 100) == pytest.approx(0.0, abs=1e-12)
 
 
+def _closed_form(step: int, *, peak, end, warmup, stable_end, num_steps, decay) -> float:
+  """The warmup-stable-decay learning rate at step, written out."""
+  if step < warmup:
+    return peak * step / warmup
+  if step < stable_end:
+    return peak
+  t = min((step - stable_end) / (num_steps - stable_end), 1.0)
+  shape = {'linear': 1 - t, 'cosine': 0.5 * (1 + math.cos(math.pi * t)), '1-sqrt': 1 - math.sqrt(t)}
+  return end + (peak - end) * shape[decay]
+
+
+@pytest.mark.parametrize('decay', ['linear', 'cosine', '1-sqrt'])
+@pytest.mark.parametrize('warmup,decay_steps', [(20, 60), (0, 60), (20, 0), (20, 180)])
+def test_warmup_stable_decay_equals_its_closed_form(decay, warmup, decay_steps):
+  peak, num_steps, frac = 2e-3, 200, 0.1
+  s = optim.learning_rate_schedule(_optim_cfg(learning_rate=peak, warmup_steps=warmup,
+                                              decay=decay, decay_steps=decay_steps,
+                                              end_lr_fraction=frac), num_steps)
+  stable_end = num_steps - decay_steps if decay_steps else warmup
+  for step in (0, 5, 19, 20, 21, 80, 139, 140, 141, 150, 170, 199, 200, 260):
+    expected = _closed_form(step, peak=peak, end=frac * peak, warmup=warmup,
+                            stable_end=stable_end, num_steps=num_steps, decay=decay)
+    assert _at(s, step) == pytest.approx(expected, rel=1e-5, abs=1e-12), step
+  if decay_steps and decay_steps < num_steps - warmup:
+    assert _at(s, num_steps - decay_steps - 1) == pytest.approx(peak, rel=1e-6)  # stable phase
+
+
+def test_decay_longer_than_the_run_after_warmup_is_refused():
+  with pytest.raises(ValueError, match=r'optim.decay_steps=190 exceeds the 180 steps'):
+    optim.learning_rate_schedule(_optim_cfg(warmup_steps=20, decay_steps=190), 200)
+
+
 @pytest.mark.parametrize('field,value,needle', [
     ('decay', 'step', 'optim.decay'),
     ('learning_rate', 0.0, 'optim.learning_rate'),
