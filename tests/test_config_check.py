@@ -95,7 +95,7 @@ def test_every_variant_of_every_family_passes(family):
 
 
 @pytest.mark.parametrize('key,value,expected', [
-    ('optim.decay', 'step', "optim.decay='step': choose one of ('linear', 'cosine', 'constant')"),
+    ('optim.decay', 'step', "optim.decay='step': choose one of ('linear', 'cosine', '1-sqrt', 'constant')"),
     ('data.bad_input', 'ignore', "data.bad_input='ignore': choose one of ('skip', 'error')"),
     ('model.size', 'huge', "model.size='huge': choose one of ('tiny', 'mini', 'small', 'base', "
                            "'large', 'custom') ('custom' takes"),
