@@ -55,10 +55,11 @@ class Checkpointer:
   """Wraps an orbax CheckpointManager with items 'params', 'opt_state' (pytrees) and 'meta' (JSON).
 
   read_only: never writes (no save, no directory created, damaged steps are skipped, not moved).
+  keep_every: N > 0 also keeps every step divisible by N (step 0 too) whatever max_to_keep prunes.
   """
 
   def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True,
-               log: Callable[[str], None] = print, read_only: bool = False):
+               log: Callable[[str], None] = print, read_only: bool = False, keep_every: int = 0):
     self.directory = pathlib.Path(directory).absolute()
     self.log = log
     self.read_only = read_only
@@ -69,7 +70,8 @@ class Checkpointer:
           max_to_keep=None, enable_async_checkpointing=False, create=False)
     else:
       self._options = ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+          max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+          keep_period=keep_every or None)
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
@@ -250,7 +252,8 @@ class RunCheckpoints:
   def __init__(self, workdir: pathlib.Path, ckpt_cfg, *, keep_best: bool, log):
     quiet = log if jax.process_index() == 0 else (lambda s: None)
     self.latest = Checkpointer(workdir / 'checkpoints', max_to_keep=ckpt_cfg.max_to_keep,
-                               async_save=ckpt_cfg.async_save, log=quiet)
+                               async_save=ckpt_cfg.async_save, log=quiet,
+                               keep_every=int(ckpt_cfg.keep_every))
     self.best = None
     if keep_best:  # the best evaluation's step, for fine-tuning and early stopping
       self.best = Checkpointer(workdir / 'best', max_to_keep=1, async_save=ckpt_cfg.async_save,

@@ -43,6 +43,7 @@ _RANGES = {
     'eval.every_steps': '[1, inf)',
     'eval.batch_size': '[1, inf)', 'eval.num_batches': '[0, inf)', 'eval.rate': '(0, 1)',
     'ckpt.every_steps': '[1, inf)', 'ckpt.max_to_keep': '[1, inf)',
+    'ckpt.keep_every': '[0, inf)',
     'data.max_line_chars': '[1, inf)', 'data.val_fraction': '[0, 1)', 'data.prefetch': '[0, inf)',
     'masking.span.p': '(0, 1]', 'masking.span.max': '[1, inf)', 'masking.schedule.steps': '[0, inf)',
     'model.dropout_rate': '[0, 1)', 'model.attention_dropout_rate': '[0, 1)',
@@ -59,7 +60,8 @@ _RANGES = {
 _INTEGERS = frozenset({
     'train.num_steps', 'train.batch_size', 'train.seq_len', 'train.log_every_steps',
     'train.max_skipped_batches', 'train.grad_accum_steps', 'eval.every_steps', 'eval.batch_size',
-    'eval.num_batches', 'ckpt.every_steps', 'ckpt.max_to_keep', 'data.max_line_chars',
+    'eval.num_batches', 'ckpt.every_steps', 'ckpt.max_to_keep', 'ckpt.keep_every',
+    'data.max_line_chars',
     'data.prefetch', 'masking.span.max', 'masking.schedule.steps', 'optim.warmup_steps',
     'optim.decay_steps',
     'early_stop.patience', 'task_data.max_examples', 'retrieve.num_candidates'})

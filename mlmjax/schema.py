@@ -137,6 +137,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 1000  # save cadence (and always at the end)
   c.ckpt.max_to_keep = 3  # newest checkpoints kept
+  c.ckpt.keep_every = 0  # milestones: also keep every step divisible by N, and step 0's weights; 0 = off
   c.ckpt.async_save = True  # write in the background while training continues
   c.ckpt.restart_if_unrestorable = False  # checkpoints exist, none restores: True starts over
 

@@ -227,6 +227,8 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
     # --- restore or init; only then (checks passed) config.json, task.json, metrics.jsonl change
     step0, state, progress = _restore_or_init(exp, ckpts, init_run, data.key, log)
     _record_start(workdir, config, exp, reporter, step0, prov, log)
+    if step0 == 0 and config.ckpt.keep_every:  # milestones start with the initial weights
+      ckpts.save(0, state, _meta(exp, 0, progress, None, t_start))
     step, window, pending = step0, None, []  # pending: per-step `nonfinite` flags on the device
 
     def meta_of(step):

@@ -124,6 +124,19 @@ def test_max_to_keep_prunes_old_steps(tmp_path):
   ck.close()
 
 
+def test_milestones_survive_pruning_and_restore(tmp_path):
+  ck = _checkpointer(tmp_path / 'checkpoints', async_save=False, max_to_keep=2, keep_every=4)
+  for step in range(11):
+    ck.save(step, _train_state(float(step)), {'step': step})
+  ck.close()
+  ck = _checkpointer(tmp_path / 'checkpoints')
+  assert ck.all_steps() == [0, 4, 8, 9, 10]
+  state, meta = ck.restore(4, _train_state(0.0))
+  assert meta['step'] == 4
+  jax.tree.map(np.testing.assert_array_equal, state, _train_state(4.0))
+  ck.close()
+
+
 def test_restore_latest_of_an_empty_directory_is_none(tmp_path):
   ck = _checkpointer(tmp_path / 'checkpoints')
   assert ck.latest_step() is None

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from mlmjax import (experiment, flops, input_pipeline, losses, masking, model, optim, predict,
-                    train, train_state, train_step)
+                    sharding, train, train_state, train_step)
 from mlmjax.tasks import mlm as mlm_task
 from mlmjax import tokenizer as tok
 
@@ -617,3 +617,21 @@ def test_checkpoints_count_the_tokens_of_steps_not_yet_logged(tiny_config, tmp_p
   resumed = train.run(c, tmp_path)
   assert 'resumed from step 3' in (tmp_path / 'log.txt').read_text()
   assert resumed['step'] == 8 and resumed['tokens_seen'] == summary['tokens_seen']
+
+
+@pytest.mark.slow
+def test_milestone_checkpoints_keep_the_initial_weights_and_every_nth_step(tiny_config, tmp_path):
+  c = tiny_config
+  c.ckpt.every_steps, c.ckpt.max_to_keep, c.ckpt.keep_every = 2, 1, 4
+  c.eval.every_steps = 100
+  train.run(c, tmp_path)
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [0, 4, 8]
+  _, meta = _stored_state(tmp_path, 0)
+  assert meta['step'] == 0 and meta['progress']['tokens_seen'] == 0
+  # Step 0 holds the seed's initialization.
+  initial = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '0' / 'params')
+  exp = experiment.setup(c, tmp_path, sharding.make_mesh(c.mesh), log=lambda s: None)
+  fresh = jax.device_get(exp.init_state()['params'])
+  assert len(jax.tree.leaves(initial)) == len(jax.tree.leaves(fresh)) > 0
+  for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
