@@ -54,11 +54,12 @@ def _has_steps(directory: pathlib.Path) -> bool:
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
-def load_run(workdir, checkpoint_choice: str = 'best') -> LoadedRun:
+def load_run(workdir, checkpoint_choice: str = 'best', *, step: int | None = None) -> LoadedRun:
   """Returns the config, tokenizer, task and restored parameters (only those) of a workdir.
 
   checkpoint_choice 'best' restores best/ when it holds a step (fine-tuning and early stopping
   keep one there), else the latest restorable step of checkpoints/; 'latest' always the latter.
+  step: that step of checkpoints/ instead.
   """
   if checkpoint_choice not in CHECKPOINTS:
     raise ValueError(f'--checkpoint {checkpoint_choice!r}: choose one of {", ".join(CHECKPOINTS)}')
@@ -87,10 +88,11 @@ def load_run(workdir, checkpoint_choice: str = 'best') -> LoadedRun:
   mesh = sharding.make_mesh(one_device, devices=jax.devices()[:1])
   graphdef, target = train_state.abstract_params(enc_cfg, task.build_model, mesh)
   directory = workdir / 'checkpoints'
-  if checkpoint_choice == 'best' and _has_steps(workdir / 'best'):
+  if checkpoint_choice == 'best' and step is None and _has_steps(workdir / 'best'):
     directory = workdir / 'best'
   try:
-    step, params, _ = checkpoint.restore_params_in(directory, target, what=f'workdir {workdir}')
+    step, params, _ = checkpoint.restore_params_in(directory, target, what=f'workdir {workdir}',
+                                                   step=step)
   except FileNotFoundError as e:
     if directory.name != 'best':
       raise

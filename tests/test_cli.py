@@ -137,7 +137,8 @@ def test_shipped_configs_are_named_without_a_path(tmp_path, monkeypatch):
 @pytest.mark.slow  # eight interpreters importing jax
 @pytest.mark.parametrize('script', ['mlmjax-train', 'mlmjax-predict', 'mlmjax-sweep',
                                     'mlmjax-report', 'mlmjax-convert', 'mlmjax-task-texts',
-                                    'mlmjax-corpus-report', 'mlmjax-tokenizer-report'])
+                                    'mlmjax-corpus-report', 'mlmjax-tokenizer-report',
+                                    'mlmjax-average'])
 def test_console_scripts_answer_help(script):
   import subprocess
   path = pathlib.Path(sys.executable).parent / script  # installed with the package (setup.cfg)
