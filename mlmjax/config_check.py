@@ -51,7 +51,7 @@ _RANGES = {
     'optim.warmup_steps': '[0, inf)', 'optim.decay_steps': '[0, inf)',
     'optim.end_lr_fraction': '[0, 1]',
     'optim.weight_decay': '[0, inf)', 'optim.grad_clip_norm': '[0, inf)', 'optim.b1': '[0, 1)',
-    'optim.b2': '[0, 1)', 'optim.eps': '(0, inf)',
+    'optim.b2': '[0, 1)', 'optim.eps': '(0, inf)', 'optim.ema_decay': '[0, 1)',
     'early_stop.patience': '[0, inf)', 'early_stop.min_delta': '[0, inf)',
     'task_data.val_fraction': '[0, 1)', 'task_data.test_fraction': '[0, 1)',
     'task_data.max_examples': '[0, inf)', 'retrieve.temperature': '(0, inf)',

@@ -1,5 +1,7 @@
 """Optax chains for pretraining and adaptation: schedules, decay masks, clipping."""
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -73,8 +75,38 @@ def decay_mask(params):
       lambda path, p: p.ndim >= 2 and _leaf_name(path) not in _NO_DECAY_NAMES, params)
 
 
+class EmaParamsState(NamedTuple):
+  """An exponential moving average of the parameters, kept in the optimizer state."""
+  ema: Any
+
+
+def ema_of_params(decay: float) -> optax.GradientTransformation:
+  """Returns a transformation that passes updates through and tracks the EMA of the parameters.
+
+  Last in a chain, it sees the final updates: ema <- decay * ema + (1 - decay) * (params +
+  updates), starting from the initial parameters (no bias correction). Being optimizer state, it
+  is checkpointed, sharded like the parameters and resumed exactly.
+  """
+  def init(params):
+    return EmaParamsState(ema=jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params))
+
+  def update(updates, state, params=None):
+    ema = jax.tree.map(lambda e, p, u: decay * e + (1.0 - decay) * (p + u),
+                       state.ema, params, updates)
+    return updates, EmaParamsState(ema=ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state):
+  """Returns the EMA parameters held in an optimizer state, or None when it keeps none."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaParamsState))
+           if isinstance(s, EmaParamsState)]
+  return found[0].ema if found else None
+
+
 def make_optimizer(optim_cfg, num_steps: int) -> optax.GradientTransformation:
-  """Returns AdamW with global-norm clipping and the warmup/decay schedule."""
+  """Returns AdamW with global-norm clipping and the warmup/decay schedule (and the EMA tracker)."""
   schedule = learning_rate_schedule(optim_cfg, num_steps)
   parts = []
   if optim_cfg.grad_clip_norm and optim_cfg.grad_clip_norm > 0:
@@ -82,4 +114,6 @@ def make_optimizer(optim_cfg, num_steps: int) -> optax.GradientTransformation:
   parts.append(optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
                            eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay),
                            mask=decay_mask))
+  if optim_cfg.ema_decay:
+    parts.append(ema_of_params(float(optim_cfg.ema_decay)))
   return optax.chain(*parts)

@@ -130,6 +130,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.98  # Adam beta2
   c.optim.eps = 1e-6  # Adam epsilon
   c.optim.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
+  c.optim.ema_decay = 0.0  # > 0 keeps an EMA of the parameters (e.g. 0.999), evaluated beside them as eval_ema/*
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (('data', -1), ('fsdp', 1), ('tensor', 1))  # one -1 axis takes the remaining devices

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlmjax import (adapt as adapt_lib, checkpoint, cli, compile_check, experiment, flops,
-                    input_pipeline, run_files, schema, sharding, train_state)
+                    input_pipeline, optim, run_files, schema, sharding, train_state)
 
 
 @dataclasses.dataclass
@@ -239,6 +239,12 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
       if not metrics:
         return None
       record = {k if '/' in k else f'eval/{k}': v for k, v in metrics.items() if _is_number(v)}
+      ema = optim.ema_params(state['opt_state'])
+      if ema is not None:  # the parameters' moving average answers the same questions
+        ema_metrics = task.evaluate(exp.graphdef, ema, 'val', to_global)
+        record.update({f'eval_ema/{k}': v for k, v in ema_metrics.items()
+                       if _is_number(v) and '/' not in k})
+        log(f'eval  step {step} (EMA {config.optim.ema_decay}): {task.eval_text(ema_metrics)}')
       reporter.write(step, record)
       if 'loss' in metrics and metrics['loss'] < progress.best_eval_loss:
         progress.best_eval_loss, progress.best_eval_step = metrics['loss'], step

@@ -183,3 +183,23 @@ def test_global_norm_clipping_bounds_a_huge_gradient():
   # A gradient already inside the norm is left alone.
   small, update_small = _first_update(clip, 0.01, eps)
   np.testing.assert_allclose(update_small, -lr * small / (np.abs(small) + eps), rtol=1e-5)
+
+
+def test_ema_of_parameters_equals_a_numpy_reference():
+  decay = 0.9
+  cfg = _optim_cfg(warmup_steps=0, ema_decay=decay, grad_clip_norm=0.0)
+  tx = optim.make_optimizer(cfg, 10)
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+            'b': jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+  state = tx.init(params)
+  ref = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  for _ in range(5):
+    grads = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    ref = {k: decay * ref[k] + (1 - decay) * np.asarray(params[k], np.float64) for k in ref}
+  ema = optim.ema_params(state)
+  for k in ref:
+    np.testing.assert_allclose(np.asarray(ema[k]), ref[k], rtol=1e-5, atol=1e-6)
+  assert optim.ema_params(optim.make_optimizer(_optim_cfg(), 10).init(params)) is None

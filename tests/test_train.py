@@ -635,3 +635,23 @@ def test_milestone_checkpoints_keep_the_initial_weights_and_every_nth_step(tiny_
   assert len(jax.tree.leaves(initial)) == len(jax.tree.leaves(fresh)) > 0
   for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(fresh)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_ema_is_evaluated_and_resumes_exactly(make_tiny_config, tmp_path):
+  def config():
+    c = make_tiny_config()
+    c.optim.ema_decay = 0.9
+    c.ckpt.every_steps, c.eval.every_steps = 4, 4
+    return c
+
+  whole = train.run(config(), tmp_path / 'whole')
+  train.run(config(), tmp_path / 'cut', stop_after=4)
+  resumed = train.run(config(), tmp_path / 'cut')
+  assert resumed['step'] == whole['step'] == 8
+  for a, b in zip(_stored_state(tmp_path / 'whole', 8)[0], _stored_state(tmp_path / 'cut', 8)[0]):
+    np.testing.assert_array_equal(a, b)  # parameters, Adam moments and the EMA
+  assert whole['eval_ema/loss'] == resumed['eval_ema/loss']
+  assert whole['eval_ema/loss'] != whole['eval/loss']
+  records = [json.loads(l) for l in (tmp_path / 'whole' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if 'eval_ema/loss' in r] == [4, 8]
