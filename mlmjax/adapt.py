@@ -1,13 +1,13 @@
 """First runs that just run: defaults that cannot fit a run's budget or data are changed, with a note.
 
-  adapt = Adaptations(explicit={'train.num_steps'}, log=print)
-  adapt.budget(config)  # e.g. a warmup longer than the run
-  ...                   # input_pipeline.prepare_data(..., adapt=adapt): the vocabulary
+  adapt = Adaptations(explicit=cli.override_keys(argv), log=print)
+  adapt.budget(config)  # a warmup longer than the run
+  ...                   # prepare_data(..., adapt=adapt): the vocabulary size, passages
   adapt.apply(config_to_record)  # config.json records what ran
 
-A key named on the command line (`--config.KEY=VALUE`, cli.override_keys) is explicit: it is never changed, and the
-check that a default would have failed stays a one-line error naming it. Every change is logged as
-one `note:` line and kept in `changes` (summary.json's 'adapted').
+A key named on the command line (`--config.KEY=VALUE`, cli.override_keys) is explicit: it is
+never changed, and the check that a default would have failed stays a one-line error naming it.
+Every change is logged as one `note:` line and kept in `changes` (summary.json's 'adapted').
 """
 
 from typing import Any, Callable, Iterable
