@@ -80,8 +80,8 @@ def average(workdir, out, *, last: int = 0, steps: list[int] | None = None, log=
   record = {'source': str(workdir.resolve()), 'steps': chosen}
   writer = checkpoint.Checkpointer(out / 'checkpoints', async_save=False, log=log)
   try:
-    writer.save(run.step, state, {'step': run.step, 'seed': run.config.seed,
-                                  'tokenizer': run.tokenizer.fingerprint, 'averaged': record})
+    # The newest step's meta (progress, data position): the workdir continues as that run would.
+    writer.save(run.step, state, {**run.meta, 'averaged': record})
   finally:
     writer.close()
   (out / AVERAGED_FILE).write_text(json.dumps(record, indent=2) + '\n')

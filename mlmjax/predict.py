@@ -43,6 +43,7 @@ class LoadedRun:
   workdir: str = ''
   checkpoint_dir: str = ''  # the directory the parameters came from (checkpoints/ or best/)
   impl: tasks.Task | None = None  # the task object: its predict modes, pooling and formatting
+  meta: dict = dataclasses.field(default_factory=dict)  # the checkpoint's (progress, data position)
 
   @property
   def labels(self) -> list[str]:
@@ -91,14 +92,14 @@ def load_run(workdir, checkpoint_choice: str = 'best', *, step: int | None = Non
   if checkpoint_choice == 'best' and step is None and _has_steps(workdir / 'best'):
     directory = workdir / 'best'
   try:
-    step, params, _ = checkpoint.restore_params_in(directory, target, what=f'workdir {workdir}',
-                                                   step=step)
+    step, params, meta = checkpoint.restore_params_in(directory, target, what=f'workdir {workdir}',
+                                                      step=step)
   except FileNotFoundError as e:
     if directory.name != 'best':
       raise
     raise FileNotFoundError(f'{e}; try --checkpoint latest') from None
   return LoadedRun(config, tokenizer, graphdef, params, step, task=task.name, stats=stats,
-                   workdir=str(workdir), checkpoint_dir=str(directory), impl=task)
+                   workdir=str(workdir), checkpoint_dir=str(directory), impl=task, meta=meta)
 
 
 def predict(run: LoadedRun, mode: str, inputs, top_k: int = 0) -> list:

@@ -239,12 +239,11 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
       if not metrics:
         return None
       record = {k if '/' in k else f'eval/{k}': v for k, v in metrics.items() if _is_number(v)}
-      ema = optim.ema_params(state['opt_state'])
+      ema, ema_metrics = optim.ema_params(state['opt_state']), None
       if ema is not None:  # the parameters' moving average answers the same questions
         ema_metrics = task.evaluate(exp.graphdef, ema, 'val', to_global)
         record.update({f'eval_ema/{k}': v for k, v in ema_metrics.items()
                        if _is_number(v) and '/' not in k})
-        log(f'eval  step {step} (EMA {config.optim.ema_decay}): {task.eval_text(ema_metrics)}')
       reporter.write(step, record)
       if 'loss' in metrics and metrics['loss'] < progress.best_eval_loss:
         progress.best_eval_loss, progress.best_eval_step = metrics['loss'], step
@@ -253,6 +252,8 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
       log(f'eval  step {step}: {task.eval_text(metrics)}' + (
           f' | best {early.metric} {progress.best_value:.4f} at step {progress.best_step}'
           if keep_best else ''))
+      if ema_metrics is not None:
+        log(f'eval  step {step} (EMA {config.optim.ema_decay}): {task.eval_text(ema_metrics)}')
       return record
 
     # --- the loop

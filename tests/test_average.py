@@ -50,5 +50,8 @@ def test_averaged_workdir_holds_the_mean_and_predicts(tiny_config, tmp_path):
   assert json.loads((tmp_path / 'avg' / 'averaged.json').read_text())['steps'] == [4, 6, 8]
   run = predict.load_run(tmp_path / 'avg')
   assert run.step == 8 and predict.fill_mask(run, ['The [MASK] is here.'], top_k=3)[0][0]
+  # The averaged workdir continues as the run would: finished, so it only evaluates the mean.
+  evaluated = train.run(c, tmp_path / 'avg')
+  assert evaluated['step'] == 8 and evaluated['finished'] and 'eval/loss' in evaluated
   with pytest.raises(FileExistsError, match='is not empty'):
     average.average(tmp_path / 'run', tmp_path / 'avg', last=2, log=lambda s: None)
