@@ -1,4 +1,4 @@
-"""First runs that just run: defaults that cannot fit a run's budget or data are changed, with a note.
+"""First runs that just run: defaults that cannot fit a run's budget or data change, with a note.
 
   adapt = Adaptations(explicit=cli.override_keys(argv), log=print)
   adapt.budget(config)  # a warmup longer than the run

@@ -26,7 +26,8 @@ from mlmjax import tokenizer as tok
 AVERAGED_FILE = 'averaged.json'
 
 
-def choose_steps(available: list[int], *, last: int = 0, steps: list[int] | None = None) -> list[int]:
+def choose_steps(available: list[int], *, last: int = 0,
+                 steps: list[int] | None = None) -> list[int]:
   """Returns the steps to average: `steps` (each must exist) or the newest `last` of available."""
   if steps:
     missing = sorted(set(steps) - set(available))
@@ -58,7 +59,8 @@ def average(workdir, out, *, last: int = 0, steps: list[int] | None = None, log=
     raise FileExistsError(f'--out {out} is not empty: choose a new directory')
   ckpt_dir = workdir / 'checkpoints'
   if not ckpt_dir.is_dir():
-    raise FileNotFoundError(f'{ckpt_dir} is missing: is {workdir} a workdir written by mlmjax.train?')
+    raise FileNotFoundError(f'{ckpt_dir} is missing: is {workdir} a workdir written by '
+                            'mlmjax.train?')
   reader = checkpoint.Checkpointer(ckpt_dir, log=log, read_only=True)
   try:
     available = reader.all_steps()

@@ -7,9 +7,10 @@
 `--config` is an ml_collections config file (`configs/pretrain.py:tiny`), locked, with
 `--config.KEY=VALUE` overrides read from `argv` (not from sys.argv). The configs shipped with the
 package (the repository's configs/, installed as mlmjax.configs) can also be named without a path
-(`pretrain:tiny`); `configs/NAME.py` falls back to the shipped file when no such file is here. A bad flag, an unknown config
-key or a missing config file exits with one `error: ...` line, never a traceback. This module
-imports nothing of mlmjax: train, sweep and the task exporters all sit above it.
+(`pretrain:tiny`); `configs/NAME.py` falls back to the shipped file when no such file is here.
+A bad flag, an unknown config key or a missing config file exits with one `error: ...` line,
+never a traceback. This module imports nothing of mlmjax: train, sweep and the task exporters
+all sit above it.
 """
 
 import contextlib
@@ -23,8 +24,8 @@ from typing import Callable, Iterator, NoReturn, Sequence
 from absl import flags
 from ml_collections import config_flags
 
-DEFAULT_CONFIG_HELP = ('A config file and variant, e.g. configs/pretrain.py:tiny, or a shipped config '
-                       'by name: pretrain:tiny, finetune:bbc, dapt:tiny.')
+DEFAULT_CONFIG_HELP = ('A config file and variant, e.g. configs/pretrain.py:tiny, or a shipped '
+                       'config by name: pretrain:tiny, finetune:bbc, dapt:tiny.')
 SHIPPED_CONFIGS = pathlib.Path(__file__).resolve().parent / 'configs'
 # What a user's mistake raises inside a run (a bad value, a missing file, a diverged loss): shown
 # as one line. Anything else is a bug in mlmjax and keeps its traceback.
@@ -40,7 +41,7 @@ def fail(message: str) -> NoReturn:
 
 
 def shipped_configs() -> list[str]:
-  """Returns the names of the configs installed with the package ('dapt', 'finetune', 'pretrain')."""
+  """Returns the names of the configs installed with the package (dapt, finetune, pretrain)."""
   return sorted(p.stem for p in SHIPPED_CONFIGS.glob('*.py') if not p.name.startswith('_'))
 
 
