@@ -71,7 +71,8 @@ def average(workdir, out, *, last: int = 0, steps: list[int] | None = None, log=
   params = mean_params([r.params for r in runs])
   run = runs[-1]
   out.mkdir(parents=True, exist_ok=True)
-  for name in ('config.json', 'task.json', 'summary.json', 'provenance.json'):
+  # Not summary.json: its numbers are the source's last step, not the mean's (train re-evaluates).
+  for name in ('config.json', 'task.json', 'provenance.json'):
     if (workdir / name).is_file():
       shutil.copy2(workdir / name, out / name)
   stored = tok.stored_path(workdir)
