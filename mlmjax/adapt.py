@@ -13,21 +13,6 @@ Every change is logged as one `note:` line and kept in `changes` (summary.json's
 from typing import Any, Callable, Iterable
 
 
-def _get(config, key: str) -> Any:
-  node = config
-  for part in key.split('.'):
-    node = node[part]
-  return node
-
-
-def _set(config, key: str, value: Any) -> None:
-  *path, last = key.split('.')
-  node = config
-  for part in path:
-    node = node[part]
-  node[last] = value
-
-
 class Adaptations:
   """The defaults a run changed to fit, each with its reason; explicit keys are left alone."""
 
@@ -42,28 +27,27 @@ class Adaptations:
 
   def change(self, config, key: str, value: Any, why: str) -> None:
     """Sets key to value in config, logs one note and records the change."""
-    old = _get(config, key)
+    old = config[key]  # ConfigDict reads dotted keys; update_from_flattened_dict writes them
     if old == value:
       return
-    _set(config, key, value)
+    config.update_from_flattened_dict({key: value})
     first = self.changes.get(key, {}).get('from', old)
     self.changes[key] = {'from': first, 'to': value, 'why': why}
     self.log(f'note: {key} {old} -> {value}: {why} (set --config.{key} to choose)')
 
   def adopt(self, config, values: dict[str, Any], why: str) -> None:
     """Sets each allowed key of values that differs in config; logs them on one note line."""
-    changed = {k: v for k, v in values.items() if self.allowed(k) and _get(config, k) != v}
+    changed = {k: v for k, v in values.items() if self.allowed(k) and config[k] != v}
     for key, value in changed.items():
-      self.changes[key] = {'from': _get(config, key), 'to': value, 'why': why}
-      _set(config, key, value)
+      self.changes[key] = {'from': config[key], 'to': value, 'why': why}
+    config.update_from_flattened_dict(changed)
     if changed:
       self.log(f'note: {why}: ' + ', '.join(f'{k}={v!r}' for k, v in changed.items())
                + ' (set --config.KEY to choose)')
 
   def apply(self, config) -> None:
     """Sets every changed key in another copy of the config (the one config.json records)."""
-    for key, c in self.changes.items():
-      _set(config, key, c['to'])
+    config.update_from_flattened_dict({key: c['to'] for key, c in self.changes.items()})
 
   def budget(self, config) -> None:
     """Changes defaults that do not fit train.num_steps: a warmup longer than the run."""

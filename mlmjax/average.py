@@ -67,9 +67,12 @@ def average(workdir, out, *, last: int = 0, steps: list[int] | None = None, log=
   finally:
     reader.close()
   chosen = choose_steps(available, last=last, steps=steps)
-  runs = [predict.load_run(workdir, 'latest', step=s) for s in chosen]
-  params = mean_params([r.params for r in runs])
-  run = runs[-1]
+  run = predict.load_run(workdir, 'latest', step=chosen[-1])  # config, tokenizer, meta: once
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        run.params)
+  trees = [checkpoint.restore_params_in(ckpt_dir, target, what=f'workdir {workdir}', log=log,
+                                        step=s)[1] for s in chosen[:-1]]
+  params = mean_params(trees + [run.params])
   out.mkdir(parents=True, exist_ok=True)
   # Not summary.json: its numbers are the source's last step, not the mean's (train re-evaluates).
   for name in ('config.json', 'task.json', 'provenance.json'):
