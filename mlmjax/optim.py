@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 DECAYS = ('linear', 'cosine', '1-sqrt', 'constant')
+OPTIMIZERS = ('adamw', 'lamb', 'stable_adamw')
 
 
 def _one_minus_sqrt(peak: float, end: float, steps: int) -> optax.Schedule:

@@ -118,8 +118,15 @@ def defaults() -> ml_collections.ConfigDict:
   c.train.max_wall_minutes = 0.0  # stop (and checkpoint) after this many minutes; 0 = no limit
   c.train.max_skipped_batches = 0  # non-finite steps skipped (no update) before stopping; 0 stops at the first
   c.train.grad_accum_steps = 1  # microbatches per step (batch_size / k rows each), summed into one update
+  c.train.z_loss = 0.0  # mlm: adds z_loss * mean(logsumexp(logits)^2) over the predicted positions (PaLM's 1e-4)
+  # Budget-tied runs: the budget sets train.num_steps, so the schedule ends annealed when it runs out.
+  c.train.budget_tokens = 0  # > 0: train.num_steps = this many tokens / (batch_size * seq_len), phases included
+  c.train.budget_minutes = 0.0  # > 0: train.num_steps from the step time measured over the first steps
+  c.train.batch_warmup_steps = 0  # > 0: the batch grows from batch_warmup_from, doubling, to batch_size over these steps
+  c.train.batch_warmup_from = 0  # the first batch size of the batch warmup (batch_size halved until it fits)
 
   c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = 'adamw'  # 'adamw', 'lamb' (layer-wise trust ratio) or 'stable_adamw' (AdamW with update clipping)
   c.optim.learning_rate = 2e-3  # peak learning rate
   c.optim.warmup_steps = 300  # linear warmup from 0
   c.optim.decay = 'linear'  # after warmup: 'linear', 'cosine' or '1-sqrt' down to the end lr, or 'constant'
@@ -168,6 +175,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.distributed.num_processes = 0  # processes in the run; 0 = environment / auto-detect
   c.distributed.process_id = -1  # this process's index; -1 = environment / auto-detect
   c.distributed.initialization_timeout = 300  # seconds to wait for every process to connect
+
+  # Phases of one run: each a dict ending at a step ('until'; the last ends at train.num_steps)
+  # and overriding train.seq_len, train.batch_size or masking.* keys (dotted) for its steps:
+  # ({'until': 4500, 'train.seq_len': 64}, {'until': 5000, 'masking.rate': 0.15}). The optimizer
+  # and schedule carry across boundaries; evaluation stays at the run's own seq_len and masks.
+  c.phases = ()
 
   c.init_from = ''  # workdir or checkpoint to initialize the encoder (and tokenizer) from: DAPT, fine-tuning
   c.task = 'mlm'  # what train.py trains: 'mlm', 'classify', 'tag', 'retrieve' (mlmjax/tasks/)
