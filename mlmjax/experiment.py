@@ -15,7 +15,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from mlmjax import config_check, flops, masking, model, optim, sharding, tasks, train_state, train_step
+from mlmjax import (config_check, flops, masking, model, optim, phases, sharding, tasks, train_state,
+                    train_step)
 from mlmjax import tokenizer as tokenizer_lib
 
 
@@ -61,6 +62,13 @@ def validate_config(config) -> None:
   masking.spec_from_config(config.masking, vocab_size=config.tokenizer.vocab_size, seq_len=t.seq_len,
                            num_steps=t.num_steps)
   optim.learning_rate_schedule(config.optim, t.num_steps)
+  budget = t.budget_tokens or t.budget_minutes  # the run's length is known once it starts
+  for seg in phases.plan(config, 1 << 30 if budget else None):
+    if seg.overrides:
+      try:
+        validate_config(phases.config_of(config, seg))
+      except ValueError as e:
+        raise ValueError(f'{seg.label} (steps {seg.start}..{seg.end}): {e}') from e
 
 
 def encoder_config(config, vocab_size: int) -> model.EncoderConfig:

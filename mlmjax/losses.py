@@ -24,6 +24,17 @@ def cross_entropy_sum(logits: jax.Array, labels: jax.Array,
   return jnp.sum(nll * weights), jnp.sum(weights)
 
 
+def z_loss_sum(logits: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Returns (sum of weighted logsumexp(logits)^2, sum of weights), both float32."""
+  logits = logits.astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  # PaLM's auxiliary z-loss (Chowdhery et al. 2022): a penalty on log(Z)^2 keeps the softmax
+  # normalizer near 1, which they found stabilizes training.
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  z2 = jnp.where(weights != 0, jnp.square(lse), 0.0)
+  return jnp.sum(z2 * weights), jnp.sum(weights)
+
+
 def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
@@ -54,7 +65,7 @@ def _ratio(num: float, den: float) -> float:
 
 
 def finalize_metrics(sums: dict[str, Any]) -> dict[str, float]:
-  """Returns loss, accuracy, perplexity and per-kind accuracies (nan where nothing was counted)."""
+  """Returns loss, accuracy, perplexity, per-kind accuracies, any z_loss (nan: nothing counted)."""
   s = {k: float(np.asarray(v)) for k, v in sums.items()}
   loss = _ratio(s['loss_sum'], s['weight'])
   out = {
@@ -63,6 +74,8 @@ def finalize_metrics(sums: dict[str, Any]) -> dict[str, float]:
       # exp overflows a float near 709.8; a loss that large means the run has diverged anyway.
       'perplexity': math.exp(loss) if loss < 709.0 else (math.nan if math.isnan(loss) else math.inf),
   }
+  if 'z_loss_sum' in s:  # the coefficient-scaled z term, added to the trained objective
+    out['z_loss'] = _ratio(s['z_loss_sum'], s['weight'])
   for name in KINDS:
     if f'count_{name}' in s:
       out[f'accuracy_at_{name}'] = _ratio(s[f'correct_{name}'], s[f'count_{name}'])

@@ -1,4 +1,4 @@
-"""Optax chains for pretraining and adaptation: schedules, decay masks, clipping."""
+"""Optax chains for pretraining and adaptation: AdamW, LAMB, StableAdamW, schedules, decay masks."""
 
 from typing import Any, NamedTuple
 
@@ -106,15 +106,64 @@ def ema_params(opt_state):
   return found[0].ema if found else None
 
 
+def scale_by_stable_adam(b1: float, b2: float, eps: float, weight_decay: float,
+                         mask=decay_mask) -> optax.GradientTransformation:
+  """Returns StableAdamW's unscaled step: Adam plus masked decay, per tensor over max(1, RMS_t)."""
+  inner = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                      optax.add_decayed_weights(weight_decay, mask))
+
+  def update(grads, state, params=None):
+    updates, state = inner.update(grads, state, params)
+    adam = state[0]
+    # Wortsman et al. 2023, Algorithm 2: RMS_t = sqrt(mean(g_t^2 / max(v_hat_t, eps^2))) per
+    # tensor, with v_hat_t the bias-corrected second moment that already includes g_t. It is ~1
+    # while gradients stay near their running scale and > 1 when one spikes past it; dividing the
+    # whole step (Adam update and decoupled decay alike) by max(1, RMS_t) clips that step.
+    nu_hat = optax.tree.bias_correction(adam.nu, b2, adam.count)
+
+    def clip(u, g, v):
+      rms = jnp.sqrt(jnp.mean(jnp.square(g.astype(jnp.float32))
+                              / jnp.maximum(v.astype(jnp.float32), eps * eps)))
+      return u / jnp.maximum(rms, 1.0).astype(u.dtype)
+
+    return jax.tree.map(clip, updates, grads, nu_hat), state
+
+  return optax.GradientTransformation(inner.init, update)
+
+
+def _lamb(schedule, b1: float, b2: float, eps: float,
+          weight_decay: float) -> optax.GradientTransformation:
+  """Returns LAMB (You et al. 2020) from optax parts, the trust ratio on decayed leaves only."""
+  # optax.lamb applies the trust ratio ||p|| / ||adam + wd p|| to every leaf. LAMB's BERT
+  # practice (the reference optimizer's exclude_from_layer_adaptation, which defaults to its
+  # weight-decay exclusions) leaves LayerNorm scales and biases out, and so does this: a bias
+  # starts at 0, so after its first step ||p|| ~ lr ||u|| and the ratio would all but freeze it.
+  # Those leaves take the plain Adam step.
+  return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                     optax.add_decayed_weights(weight_decay, decay_mask),
+                     optax.masked(optax.scale_by_trust_ratio(), decay_mask),
+                     optax.scale_by_learning_rate(schedule))
+
+
 def make_optimizer(optim_cfg, num_steps: int) -> optax.GradientTransformation:
-  """Returns AdamW with global-norm clipping and the warmup/decay schedule (and the EMA tracker)."""
+  """Returns optim.optimizer with global-norm clipping and the lr schedule (and the EMA tracker)."""
+  name = optim_cfg.optimizer
+  if name not in OPTIMIZERS:
+    raise ValueError(f'optim.optimizer={name!r}: choose one of {OPTIMIZERS}')
   schedule = learning_rate_schedule(optim_cfg, num_steps)
+  b1, b2, eps = float(optim_cfg.b1), float(optim_cfg.b2), float(optim_cfg.eps)
+  weight_decay = float(optim_cfg.weight_decay)
   parts = []
   if optim_cfg.grad_clip_norm and optim_cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)))
-  parts.append(optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
-                           eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay),
-                           mask=decay_mask))
+  if name == 'adamw':
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                             mask=decay_mask))
+  elif name == 'lamb':
+    parts.append(_lamb(schedule, b1, b2, eps, weight_decay))
+  else:
+    parts += [scale_by_stable_adam(b1, b2, eps, weight_decay),
+              optax.scale_by_learning_rate(schedule)]
   if optim_cfg.ema_decay:
     parts.append(ema_of_params(float(optim_cfg.ema_decay)))
   return optax.chain(*parts)

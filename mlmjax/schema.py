@@ -121,7 +121,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.train.z_loss = 0.0  # mlm: adds z_loss * mean(logsumexp(logits)^2) over the predicted positions (PaLM's 1e-4)
   # Budget-tied runs: the budget sets train.num_steps, so the schedule ends annealed when it runs out.
   c.train.budget_tokens = 0  # > 0: train.num_steps = this many tokens / (batch_size * seq_len), phases included
-  c.train.budget_minutes = 0.0  # > 0: train.num_steps from the step time measured over the first steps
+  c.train.budget_minutes = 0.0  # > 0: train.num_steps that these minutes of steps afford at the measured step time
   c.train.batch_warmup_steps = 0  # > 0: the batch grows from batch_warmup_from, doubling, to batch_size over these steps
   c.train.batch_warmup_from = 0  # the first batch size of the batch warmup (batch_size halved until it fits)
 

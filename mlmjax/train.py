@@ -8,6 +8,7 @@ checkpoint > init_from's parameters > scratch.
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import pathlib
 import signal
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlmjax import (adapt as adapt_lib, checkpoint, cli, compile_check, experiment, flops,
-                    input_pipeline, optim, run_files, schema, sharding, train_state)
+                    input_pipeline, optim, phases, run_files, schema, sharding, train_state)
 
 
 @dataclasses.dataclass
@@ -111,11 +112,11 @@ def _restore_or_init(exp, ckpts: checkpoint.RunCheckpoints, init_run, data_key: 
   return 0, state, _Progress()
 
 
-def _meta(exp, step: int, progress: _Progress, window, t_start: float) -> dict:
+def _meta(exp, step: int, progress: _Progress, window, t_start: float, position: dict) -> dict:
   """Returns a checkpoint's meta at step; its tokens_seen counts the steps not yet logged too."""
   config, data = exp.config, exp.data
   meta = {'step': step, 'seed': config.seed, 'cache_key': data.key, 'task': exp.task.name,
-          'data': input_pipeline.data_position(step, len(data.train), config.train.batch_size),
+          'data': position,
           'tokenizer': exp.task.tokenizer.fingerprint, 'progress': dataclasses.asdict(progress)}
   meta['progress']['wall_time_s'] += time.perf_counter() - t_start
   if window is not None:  # the steps since the last log line
@@ -138,7 +139,7 @@ def _record_start(workdir: pathlib.Path, config, exp, reporter, step0: int, prov
 
 
 def _log_window(window, task, meter: flops.Meter, progress: _Progress, step: int, num_steps: int,
-                spe: int, where: str, reporter, log) -> None:
+                epoch: float, where: str, reporter, log) -> None:
   """Writes the metrics of a logging window and prints the progress line."""
   host = jax.device_get(window)
   record = _window_record(host, task)
@@ -150,7 +151,7 @@ def _log_window(window, task, meter: flops.Meter, progress: _Progress, step: int
   timing = meter.record(num_steps - step)
   record.update({k: v for k, v in timing.items() if k != 'eta_s'},
                 **{'train/skipped_batches': float(progress.skipped_batches),
-                   'train/epoch': step / spe})
+                   'train/epoch': epoch})
   reporter.write(step, record)
   log(f'step {step}/{num_steps} | {task.progress_text(record)} | '
       f'{record["train/tokens_per_s"] / 1e3:.1f}k tok/s | MFU {record["train/mfu"]:.1%} | '
@@ -168,6 +169,125 @@ def _window_record(sums: dict, task) -> dict[str, float]:
 
 def _is_number(v) -> bool:
   return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+
+
+class _Segments:
+  """The run's segments (config.phases, batch warmup), each with its Experiment and data stream.
+
+  A segment's stream starts where the tokens of the segments before it leave off in its own rows
+  (for segments with the run's rows and batch: at the step itself), so the batch of every step
+  is a pure function of (seed, step), wherever a run resumes.
+  """
+
+  def __init__(self, exp, make_exp: Callable):
+    self.exp, self.make_exp = exp, make_exp
+    self.segments = phases.plan(exp.config)
+    self._exps = {}
+    self._own = phases.config_of(exp.config, phases.Segment(0, 0, {}, 'run')).to_dict()
+    for i, seg in enumerate(self.segments):  # every segment's data and checks before step 0
+      try:
+        e = self.exp_of(i)
+      except ValueError as err:
+        raise ValueError(f'{seg.label} (steps {seg.start}..{seg.end}): {err}') from err
+      if jax.tree.map(lambda a: a.shape, e.abstract_state) != jax.tree.map(
+          lambda a: a.shape, exp.abstract_state):
+        raise ValueError(f'{seg.label}: its overrides {seg.overrides} change the model state')
+
+  def index_at(self, step: int) -> int:
+    """Returns the index of the segment that trains step (the last one past the end)."""
+    return next((i for i, s in enumerate(self.segments) if step < s.end), len(self.segments) - 1)
+
+  def exp_of(self, i: int):
+    """Returns the Experiment of segment i (the run's own when its overrides change nothing)."""
+    if i not in self._exps:
+      cfg = phases.config_of(self.exp.config, self.segments[i])
+      self._exps[i] = self.exp if cfg.to_dict() == self._own else self.make_exp(cfg)
+    return self._exps[i]
+
+  def stream_step(self, step: int) -> int:
+    """Returns the position of step in its segment's stream of batches."""
+    i = self.index_at(step)
+    seg, cfg = self.segments[i], self.exp_of(i).config
+    before = sum((s.end - s.start) * phases.tokens_per_step(self.exp_of(j).config)
+                 for j, s in enumerate(self.segments[:i]))
+    return before // phases.tokens_per_step(cfg) + step - seg.start
+
+  def position(self, step: int) -> dict:
+    """Returns {'epoch', 'offset'} of step's batch, and its segment when there are several."""
+    e = self.exp_of(self.index_at(step))
+    pos = input_pipeline.data_position(self.stream_step(step), len(e.data.train),
+                                       e.config.train.batch_size)
+    return pos if len(self.segments) == 1 else {**pos, 'segment': self.index_at(step)}
+
+  def epoch(self, step: int) -> float:
+    """Returns the epochs of step's stream read before step (train/epoch)."""
+    e = self.exp_of(self.index_at(step))
+    return self.stream_step(step) / input_pipeline.steps_per_epoch(
+        len(e.data.train), e.config.train.batch_size)
+
+  def batches(self, step: int, seed: int, prefetch: int):
+    """Returns the iterator of batches from step to the end of its segment."""
+    e = self.exp_of(self.index_at(step))
+    return input_pipeline.train_batches(
+        e.data.train, global_batch=e.config.train.batch_size, seed=seed,
+        start_step=self.stream_step(step), process_index=jax.process_index(),
+        process_count=jax.process_count(), prefetch=prefetch)
+
+
+def _budgeted_steps(config, steps: int, adapt, why: str, log) -> None:
+  """Sets train.num_steps to what a budget affords, unless the command line set it too."""
+  old = int(config.train.num_steps)
+  if not adapt.allowed('train.num_steps') and steps != old:
+    raise ValueError(f'train.num_steps={old} and a budget ({why}) both set the length of the '
+                     'run; set one of them')
+  config.train.num_steps = steps
+  adapt.changes['train.num_steps'] = {'from': old, 'to': steps, 'why': why}
+  log(f'budget: train.num_steps {old} -> {steps} ({why}); the schedule ends with the budget')
+
+
+def _step_seconds(exp, seed: int, steps: int = 5) -> float:
+  """Returns the mean time of one train step of exp, measured after two compiling steps."""
+  state = exp.init_state()
+  batches = input_pipeline.train_batches(exp.data.train, global_batch=exp.config.train.batch_size,
+                                         seed=seed, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+  key = jax.random.key(seed)
+  for i in range(2 + steps):
+    if i == 2:
+      jax.block_until_ready(state)
+      t0 = time.perf_counter()
+    state, _ = exp.train_step(state, sharding.global_batch(next(batches), exp.mesh), key)
+  jax.block_until_ready(state)
+  return (time.perf_counter() - t0) / steps
+
+
+def _time_budget(exp, workdir: pathlib.Path, mesh) -> tuple[int, str]:
+  """Returns (train.num_steps, why) that train.budget_minutes of steps afford, as measured.
+
+  Data preparation, compilation and evaluations are not counted. The count is written to budget.json; a resumed run (checkpoints present) reads it back, so
+  that its schedule is the one it started with.
+  """
+  config = exp.config
+  minutes = float(config.train.budget_minutes)
+  record = workdir / 'budget.json'
+  if record.exists() and (workdir / 'checkpoints').is_dir():
+    saved = json.loads(record.read_text())
+    if saved.get('budget_minutes') == minutes:
+      return int(saved['num_steps']), f'train.budget_minutes={minutes:g}, as measured at start'
+  shape = lambda c: (int(c.train.batch_size), int(c.train.seq_len), int(c.train.grad_accum_steps))
+  times = {}
+  for seg in phases.plan(config, 1 << 30):  # every shape the run will train
+    cfg = phases.config_of(config, seg)
+    if shape(cfg) not in times:
+      e = exp if shape(cfg) == shape(config) else experiment.setup(cfg, workdir, mesh,
+                                                                    log=lambda _: None)
+      times[shape(cfg)] = _step_seconds(e, config.seed)
+  steps = phases.budget_steps(config, lambda c: times[shape(c)], minutes * 60)
+  if jax.process_index() == 0:
+    run_files.atomic_write_json(record, {'budget_minutes': minutes, 'num_steps': steps,
+                                         'step_seconds': {str(k): v for k, v in times.items()}})
+  ms = ', '.join(f'{t * 1e3:.0f} ms' for t in times.values())
+  return steps, f'train.budget_minutes={minutes:g} of steps at {ms} per step'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,11 +330,22 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
   prov = run_files.provenance()
   init_run = train_state.init_source(config.init_from) if config.init_from else None
   adapt = adapt_lib.Adaptations(explicit, log=log)
+  if config.train.budget_tokens:
+    steps = phases.budget_steps(config, phases.tokens_per_step, config.train.budget_tokens)
+    _budgeted_steps(config, steps, adapt, f'train.budget_tokens={config.train.budget_tokens:,}',
+                    log)
+  if config.train.budget_minutes:  # steps measured on a first setup, then set up for them
+    pristine = copy.deepcopy(config)
+    exp = experiment.setup(config, workdir, mesh, log=log, init_run=init_run,
+                           adapt=adapt_lib.Adaptations(explicit, log=lambda _: None))
+    config = pristine
+    steps, why = _time_budget(exp, workdir, mesh)
+    _budgeted_steps(config, steps, adapt, why, log)
   exp = experiment.setup(config, workdir, mesh, log=log, init_run=init_run, adapt=adapt)
   adapt.apply(config)  # config.json records what runs
   task, data, num_steps = exp.task, exp.data, config.train.num_steps
   checkpoint.check_disk_space(workdir, exp.abstract_state, max_to_keep=config.ckpt.max_to_keep)
-  spe = input_pipeline.steps_per_epoch(len(data.train), config.train.batch_size)
+  segs = _Segments(exp, lambda cfg: experiment.setup(cfg, workdir, mesh, log=log))
   early = _EarlyStop(config, task)
   keep_best = task.keeps_best or early.patience > 0
 
@@ -228,11 +359,11 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
     step0, state, progress = _restore_or_init(exp, ckpts, init_run, data.key, log)
     _record_start(workdir, config, exp, reporter, step0, prov, log)
     if step0 == 0 and config.ckpt.keep_every:  # milestones start with the initial weights
-      ckpts.save(0, state, _meta(exp, 0, progress, None, t_start))
+      ckpts.save(0, state, _meta(exp, 0, progress, None, t_start, segs.position(0)))
     step, window, pending = step0, None, []  # pending: per-step `nonfinite` flags on the device
 
     def meta_of(step):
-      return _meta(exp, step, progress, window, t_start)
+      return _meta(exp, step, progress, window, t_start, segs.position(step))
 
     def run_eval(step):
       metrics = task.evaluate(exp.graphdef, state['params'], 'val', to_global)
@@ -257,16 +388,23 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
       return record
 
     # --- the loop
-    batches = input_pipeline.train_batches(
-        data.train, global_batch=config.train.batch_size, seed=config.seed, start_step=step0,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        prefetch=config.data.prefetch)
     seed_key = jax.random.key(config.seed)
-    meter = flops.Meter(config.train.batch_size * exp.row_tokens, exp.flops_per_token,
-                        exp.enc_cfg.dtype)
-    log(meter.describe())
-    log(f'training steps {step0}..{num_steps} | batch {config.train.batch_size} x '
-        f'{config.train.seq_len} tokens | {spe} steps per epoch | {task.describe()}')
+    seg_end, batches, meter, seg_exp = -1, None, None, exp
+
+    def enter_segment(step):
+      """Returns (end, batches, meter, exp) of the segment that trains step; logs it."""
+      i = segs.index_at(step)
+      e, seg = segs.exp_of(i), segs.segments[i]
+      m = flops.Meter(e.config.train.batch_size * e.row_tokens, e.flops_per_token, e.enc_cfg.dtype)
+      spe = input_pipeline.steps_per_epoch(len(e.data.train), e.config.train.batch_size)
+      if step == step0:
+        log(m.describe())
+      log(f'training steps {step}..{seg.end if len(segs.segments) > 1 else num_steps}'
+          + (f' ({seg.label})' if len(segs.segments) > 1 else '')
+          + f' | batch {e.config.train.batch_size} x {e.config.train.seq_len} tokens | '
+          f'{spe} steps per epoch | {e.task.describe()}')
+      return seg.end, segs.batches(step, config.seed, config.data.prefetch), m, e
+
     eval_record = run_eval(0) if step0 == 0 and config.eval.at_start else None
     stop_at = num_steps if stop_after is None else min(num_steps, step0 + stop_after)
     if progress.early_stopped:
@@ -276,7 +414,10 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
     max_wall, preempted = float(config.train.max_wall_minutes) * 60, False
     with checkpoint.StopRequest() as stop:
       while step < stop_at:
-        state, sums = exp.train_step(state, sharding.global_batch(next(batches), mesh), seed_key)
+        if step == seg_end or batches is None:
+          seg_end, batches, meter, seg_exp = enter_segment(step)
+        state, sums = seg_exp.train_step(state, sharding.global_batch(next(batches), mesh),
+                                         seed_key)
         pending.append(sums['nonfinite'])
         window = sums if window is None else jax.tree.map(jnp.add, window, sums)
         step += 1
@@ -286,15 +427,15 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
         preempted = step < stop_at and (stop.signum is not None
                                         or checkpoint.reached_preemption_sync_point(step))
         done = step == stop_at or wall_stop or preempted
-        log_now = step % config.train.log_every_steps == 0 or done
+        log_now = step % config.train.log_every_steps == 0 or done or step == seg_end
         # Before every log line and every save, so that a checkpoint's skip count is exact.
         if log_now or step % config.ckpt.every_steps == 0:
           _count_nonfinite(jax.device_get(pending), step - len(pending) + 1, progress,
                            config.train.max_skipped_batches, ckpts.where(), log)
           pending = []
         if log_now:
-          _log_window(window, task, meter, progress, step, num_steps, spe, ckpts.where(), reporter,
-                      log)
+          _log_window(window, task, meter, progress, step, num_steps, segs.epoch(step),
+                      ckpts.where(), reporter, log)
           window = None
         if step % config.eval.every_steps == 0 or step == num_steps:
           eval_record = run_eval(step)

@@ -123,3 +123,54 @@ def test_sums_add_across_shards_before_normalizing():
   whole = losses.finalize_metrics(losses.mlm_metric_sums(logits, labels, weights, kinds))
   for key, value in losses.finalize_metrics(summed).items():
     assert value == pytest.approx(whole[key], rel=1e-5), key
+
+
+def np_logsumexp(logits: np.ndarray) -> np.ndarray:
+  x = logits.astype(np.float64)
+  top = x.max(-1)
+  return top + np.log(np.exp(x - top[..., None]).sum(-1))
+
+
+@pytest.mark.parametrize('seed,scale,offset', [(20, 3.0, 0.0), (21, 0.1, -2.0), (22, 5.0, 40.0)])
+def test_z_loss_sum_matches_float64_reference_and_skips_padding(seed, scale, offset):
+  logits, _, weights = random_case(seed, scale, offset)
+  assert (weights == 0).any()
+  total, weight = jax.jit(losses.z_loss_sum)(jnp.asarray(logits), weights)
+  assert total.dtype == jnp.float32 and weight.dtype == jnp.float32
+  np.testing.assert_allclose(float(total), (np_logsumexp(logits) ** 2 * weights).sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(weight), weights.sum(), rtol=1e-6)
+  # Zero-weight (padding) slots contribute nothing, even with NaN or huge logits there.
+  bad = logits.copy()
+  pad = np.argwhere(weights == 0)
+  bad[tuple(pad[0])] = np.nan
+  bad[tuple(pad[-1])] = 1e30
+  np.testing.assert_allclose(float(losses.z_loss_sum(bad, weights)[0]), float(total), rtol=1e-6)
+
+
+@pytest.mark.parametrize('offset', [6.0, -10.0])
+def test_z_loss_gradient_pulls_logsumexp_toward_zero(offset):
+  logits, _, weights = random_case(23, 2.0, offset)
+  grad = jax.grad(lambda x: losses.z_loss_sum(x, weights)[0])(jnp.asarray(logits))
+  lse = np_logsumexp(logits)
+  assert (np.sign(lse) == np.sign(offset)).all()  # both signs of log Z are exercised
+  # d(lse^2)/dlogits = 2 lse softmax: every entry has the sign of lse; padding gets none.
+  g = np.asarray(grad, np.float64)
+  live = weights != 0
+  assert (np.sign(g[live]) == np.sign(lse[live])[..., None]).all()
+  np.testing.assert_array_equal(g[~live], 0.0)
+  np.testing.assert_allclose(g.sum(-1), 2 * lse * weights, rtol=1e-5)
+  # A small step down the gradient brings every live |logsumexp| closer to 0.
+  stepped = np_logsumexp(logits - 0.01 * g)
+  assert (np.abs(stepped[live]) < np.abs(lse[live])).all()
+  np.testing.assert_allclose(stepped[~live], lse[~live])
+
+
+def test_finalize_metrics_reports_z_loss_only_when_summed():
+  logits, labels, weights = random_case(24)
+  kinds = np.zeros(labels.shape, np.int32)
+  sums = losses.mlm_metric_sums(logits, labels, weights, kinds)
+  assert 'z_loss' not in losses.finalize_metrics(sums)
+  z_sum, _ = losses.z_loss_sum(logits, weights)
+  out = losses.finalize_metrics({**sums, 'z_loss_sum': 1e-4 * z_sum})
+  ref = 1e-4 * (np_logsumexp(logits) ** 2 * weights).sum() / weights.sum()
+  assert out['z_loss'] == pytest.approx(ref, rel=1e-5)

@@ -203,3 +203,230 @@ def test_ema_of_parameters_equals_a_numpy_reference():
   for k in ref:
     np.testing.assert_allclose(np.asarray(ema[k]), ref[k], rtol=1e-5, atol=1e-6)
   assert optim.ema_params(optim.make_optimizer(_optim_cfg(), 10).init(params)) is None
+
+
+# --- LAMB and StableAdamW against NumPy references written from the papers
+
+_PEAK, _END_FRACTION, _NUM_STEPS = 0.05, 0.1, 10
+
+
+def _lr(k: int) -> float:
+  """The linear schedule of _ref_cfg at optimizer step k (counting from 0), in closed form."""
+  return _PEAK + (_END_FRACTION * _PEAK - _PEAK) * min(k, _NUM_STEPS) / _NUM_STEPS
+
+
+def _ref_cfg(optimizer: str, **fields):
+  """Returns the optim section the references assume (no clipping unless `fields` set it)."""
+  ref = dict(optimizer=optimizer, learning_rate=_PEAK, warmup_steps=0, decay='linear',
+             end_lr_fraction=_END_FRACTION, weight_decay=0.3, b1=0.9, b2=0.98, eps=1e-6,
+             grad_clip_norm=0.0)
+  return _optim_cfg(**{**ref, **fields})
+
+
+def _small_tree(rng: np.random.Generator) -> dict:
+  """Returns a small float32 parameter tree: decayed matrices, an undecayed bias and norm scale."""
+  return {'dense': {'kernel': rng.normal(size=(3, 4)), 'bias': rng.normal(size=(4,)) * 0.1},
+          'norm': {'scale': 1.0 + rng.normal(size=(4,)) * 0.1},
+          'embed': rng.normal(size=(5, 3))}
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(p): np.asarray(x, np.float64)
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+_DECAYED = ("['dense']['kernel']", "['embed']")
+
+
+def _run_optax(optimizer: str, params: dict, grads_seq: list[dict], **fields):
+  """Returns (params after each step, updates of each step) of make_optimizer on the sequence."""
+  tx = optim.make_optimizer(_ref_cfg(optimizer, **fields), _NUM_STEPS)
+  p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  state = tx.init(p)
+  update = jax.jit(tx.update)
+  out_params, out_updates = [], []
+  for g in grads_seq:
+    u, state = update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), state, p)
+    p = optax.apply_updates(p, u)
+    out_params.append(_flat(p))
+    out_updates.append(_flat(u))
+  return out_params, out_updates
+
+
+def _grads_seq(rng: np.random.Generator, params: dict, n: int, scales=None) -> list[dict]:
+  scales = scales or [1.0] * n
+  return [jax.tree.map(lambda x, s=s: rng.normal(size=np.shape(x)) * s, params) for s in scales]
+
+
+def _np_lamb(params: dict, grads_seq: list[dict], b1=0.9, b2=0.98, eps=1e-6, wd=0.3):
+  """You et al. 2020, Algorithm 2 (LAMB), in float64; no trust ratio on LayerNorm and biases."""
+  p, m, v = _flat(params), {}, {}
+  out = []
+  for t, grads in enumerate(grads_seq, start=1):
+    g = _flat(grads)
+    for k in p:
+      m[k] = b1 * m.get(k, 0.0) + (1 - b1) * g[k]
+      v[k] = b2 * v.get(k, 0.0) + (1 - b2) * g[k] ** 2
+      r = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+      if k in _DECAYED:
+        r = r + wd * p[k]
+        p_norm, r_norm = np.linalg.norm(p[k]), np.linalg.norm(r)
+        r = r * (p_norm / r_norm if p_norm > 0 and r_norm > 0 else 1.0)  # phi(z) = z
+      p[k] = p[k] - _lr(t - 1) * r
+    out.append(dict(p))
+  return out
+
+
+def _np_stable_adamw(params: dict, grads_seq: list[dict], b1=0.9, b2=0.98, eps=1e-6, wd=0.3):
+  """Wortsman et al. 2023, Algorithm 2 (StableAdamW), float64; returns (params, RMS_t) per step."""
+  p, v, u = _flat(params), {}, {}
+  out, rms_seq = [], []
+  for t, grads in enumerate(grads_seq, start=1):
+    g = _flat(grads)
+    # The paper folds the bias correction into the averaging coefficients.
+    b1_hat = b1 * (1 - b1 ** (t - 1)) / (1 - b1 ** t)
+    b2_hat = b2 * (1 - b2 ** (t - 1)) / (1 - b2 ** t)
+    rms = {}
+    for k in p:
+      v[k] = b1_hat * v.get(k, 0.0) + (1 - b1_hat) * g[k]
+      u[k] = b2_hat * u.get(k, 0.0) + (1 - b2_hat) * g[k] ** 2
+      rms[k] = np.sqrt(np.mean(g[k] ** 2 / np.maximum(u[k], eps ** 2)))
+      eta = _lr(t - 1) / max(1.0, rms[k])
+      decay = wd * p[k] if k in _DECAYED else 0.0
+      p[k] = p[k] - eta * decay - eta * v[k] / (np.sqrt(u[k]) + eps)
+    out.append(dict(p))
+    rms_seq.append(rms)
+  return out, rms_seq
+
+
+def _assert_trees_close(got: dict, want: dict, rtol: float = 1e-6, atol: float = 1e-7):
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def test_lamb_equals_a_numpy_reference():
+  rng = np.random.default_rng(1)
+  params = _small_tree(rng)
+  grads_seq = _grads_seq(rng, params, 6)
+  got, _ = _run_optax('lamb', params, grads_seq)
+  want = _np_lamb(params, grads_seq)
+  for a, b in zip(got, want):
+    _assert_trees_close(a, b)
+  # The trust ratio acts: a decayed matrix's step is not Adam's (norm-scaled instead).
+  adam_params, _ = _run_optax('adamw', params, grads_seq[:1])
+  k = "['embed']"
+  assert not np.allclose(got[0][k], adam_params[0][k], rtol=1e-3)
+  # LayerNorm scale and bias take the plain AdamW step (no decay, no trust ratio).
+  for k in ("['dense']['bias']", "['norm']['scale']"):
+    np.testing.assert_allclose(got[0][k], adam_params[0][k], rtol=1e-6, atol=1e-7)
+
+
+def test_stable_adamw_equals_a_numpy_reference():
+  rng = np.random.default_rng(2)
+  params = _small_tree(rng)
+  # Growing then spiking gradients: some RMS_t well above 1, so the clip acts in the reference.
+  grads_seq = _grads_seq(rng, params, 7, scales=[1.0, 0.5, 2.0, 1.0, 8.0, 0.3, 1.0])
+  got, _ = _run_optax('stable_adamw', params, grads_seq)
+  want, rms_seq = _np_stable_adamw(params, grads_seq)
+  assert max(max(r.values()) for r in rms_seq) > 2.0
+  assert min(min(r.values()) for r in rms_seq) < 1.0
+  for a, b in zip(got, want):
+    _assert_trees_close(a, b)
+
+
+def test_stable_adamw_is_adamw_while_every_rms_is_at_most_one():
+  rng = np.random.default_rng(3)
+  params = _small_tree(rng)
+  # Shrinking gradients: each g_t^2 lies below the running second moment, so RMS_t <= 1.
+  grads_seq = _grads_seq(rng, params, 1) * 6
+  grads_seq = [jax.tree.map(lambda x, t=t: x * 0.7 ** t, g) for t, g in enumerate(grads_seq)]
+  _, rms_seq = _np_stable_adamw(params, grads_seq)
+  assert all(r <= 1.0 + 1e-9 for rms in rms_seq for r in rms.values())
+  stable, _ = _run_optax('stable_adamw', params, grads_seq)
+  adamw, _ = _run_optax('adamw', params, grads_seq)
+  for a, b in zip(stable, adamw):
+    _assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_stable_adamw_shrinks_the_whole_step_when_a_gradient_spikes():
+  rng = np.random.default_rng(4)
+  params = _small_tree(rng)
+  steady = _grads_seq(rng, params, 1) * 20
+  grads_seq = steady + [jax.tree.map(lambda x: 50.0 * x, steady[0])]
+  stable_params, stable = _run_optax('stable_adamw', params, grads_seq)
+  adamw_params, adamw = _run_optax('adamw', params, grads_seq)
+  _, rms_seq = _np_stable_adamw(params, grads_seq)
+  # A constant gradient keeps RMS_t = 1: both reach the spike from the same parameters.
+  _assert_trees_close(stable_params[-2], adamw_params[-2])
+  for k, rms in rms_seq[-1].items():
+    # A 50x spike after 20 steps: RMS_t = sqrt(2500 (1 - b2^21) / (b2 (1 - b2^20) + 50)) ~ 4.1.
+    assert rms > 4.0, k
+    # Adam's step and the decoupled decay alike are divided by RMS_t.
+    np.testing.assert_allclose(stable[-1][k], adamw[-1][k] / rms, rtol=1e-5, atol=1e-8,
+                               err_msg=k)
+    assert np.linalg.norm(stable[-1][k]) < 0.25 * np.linalg.norm(adamw[-1][k])
+
+
+@pytest.mark.parametrize('optimizer', optim.OPTIMIZERS)
+def test_global_norm_clipping_precedes_each_optimizer(optimizer):
+  rng = np.random.default_rng(5)
+  params = _small_tree(rng)
+  grads_seq = _grads_seq(rng, params, 3, scales=[10.0, 30.0, 20.0])
+  clip = 1.0
+  clipped_seq = []
+  for g in grads_seq:
+    norm = np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(g)))
+    clipped_seq.append(jax.tree.map(lambda x, n=norm: x * clip / n, g))
+  got, _ = _run_optax(optimizer, params, grads_seq, grad_clip_norm=clip)
+  want, _ = _run_optax(optimizer, params, clipped_seq)
+  for a, b in zip(got, want):
+    _assert_trees_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_is_the_optax_chain_bit_for_bit():
+  cfg = _ref_cfg('adamw', grad_clip_norm=1.0, ema_decay=0.9)
+  schedule = optim.learning_rate_schedule(cfg, _NUM_STEPS)
+  explicit = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.3, mask=optim.decay_mask),
+      optim.ema_of_params(0.9))
+  rng = np.random.default_rng(6)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), _small_tree(rng))
+  results = []
+  for tx in (optim.make_optimizer(cfg, _NUM_STEPS), explicit):
+    p, state = params, tx.init(params)
+    for g in _grads_seq(np.random.default_rng(7), params, 4, scales=[0.1, 3.0, 1.0, 0.5]):
+      u, state = jax.jit(tx.update)(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g),
+                                    state, p)
+      p = optax.apply_updates(p, u)
+    results.append((p, state))
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize('optimizer', optim.OPTIMIZERS)
+def test_ema_and_state_layout_with_each_optimizer(optimizer):
+  decay = 0.8
+  cfg = _ref_cfg(optimizer, ema_decay=decay, grad_clip_norm=1.0)
+  tx = optim.make_optimizer(cfg, _NUM_STEPS)
+  rng = np.random.default_rng(8)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), _small_tree(rng))
+  state = tx.init(params)
+  ref = _flat(params)
+  for g in _grads_seq(rng, params, 4):
+    u, state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), state, params)
+    params = optax.apply_updates(params, u)
+    ref = {k: decay * ref[k] + (1 - decay) * v for k, v in _flat(params).items()}
+  is_ema = lambda x: isinstance(x, optim.EmaParamsState)
+  assert sum(map(is_ema, jax.tree.leaves(state, is_leaf=is_ema))) == 1
+  _assert_trees_close(_flat(optim.ema_params(state)), ref, rtol=1e-5, atol=1e-6)
+  # Parameter-shaped state (Adam's two moments and the EMA) is what state_shardings maps onto
+  # the parameters' shardings; everything else is replicated.
+  marked = optax.tree_map_params(tx, lambda _: 'param', state, transform_non_params=lambda _: 0)
+  assert jax.tree.leaves(marked).count('param') == 3 * len(jax.tree.leaves(params))
+
+
+def test_unknown_optimizer_names_the_key():
+  with pytest.raises(ValueError, match=r"optim.optimizer='sgd'.*adamw"):
+    optim.make_optimizer(_optim_cfg(optimizer='sgd'), 10)

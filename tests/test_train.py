@@ -655,3 +655,52 @@ def test_ema_is_evaluated_and_resumes_exactly(make_tiny_config, tmp_path):
   assert whole['eval_ema/loss'] != whole['eval/loss']
   records = [json.loads(l) for l in (tmp_path / 'whole' / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in records if 'eval_ema/loss' in r] == [4, 8]
+
+
+def test_z_loss_adds_to_the_trained_loss_only(tiny_config):
+  c = tiny_config
+  vocab = 64
+  c.train.seq_len = 24
+  _, spec, graphdef = _small_step_parts(c, vocab)
+  enc_cfg = experiment.encoder_config(c, vocab)
+  params = jax.jit(train_state.make_init_fn(enc_cfg, optax.sgd(1.0), c.seed))()['params']
+  rows = jnp.asarray(_packed_rows(np.random.default_rng(0), 4, c.train.seq_len, vocab))
+  key = jax.random.key(1)
+  coef = 1e-2
+  out = {}
+  for z in (0.0, coef):
+    batch_loss = mlm_task.make_batch_loss(spec, z_loss=z)
+    out[z] = jax.jit(lambda p, bl=batch_loss: bl(nnx.merge(graphdef, p), rows, key, None, 0))(
+        params)
+  (plain, weight, sums0), (with_z, weight_z, sums) = out[0.0], out[coef]
+  assert 'z_loss_sum' not in sums0 and float(weight) == float(weight_z) > 0
+  assert float(sums['loss_sum']) == float(sums0['loss_sum']) == float(plain)  # metrics: plain CE
+  np.testing.assert_allclose(float(with_z), float(plain) + float(sums['z_loss_sum']), rtol=1e-6)
+  # A fresh model's logits are near 0, so log Z is near log(vocab).
+  per_position = float(sums['z_loss_sum']) / float(weight) / coef
+  assert 0.5 * np.log(vocab) ** 2 < per_position < 2 * np.log(vocab) ** 2
+  record = mlm_task.MlmTask(c).window_record(
+      {k: float(v) for k, v in {**sums, 'steps': 1.0, 'mask_rate_sum': 0.15,
+                                'candidates': 60.0}.items()})
+  assert record['train/z_loss'] == pytest.approx(coef * per_position, rel=1e-6)
+  assert record['train/loss'] == pytest.approx(float(plain) / float(weight), rel=1e-6)
+
+
+@pytest.mark.slow  # one run: test_optim checks each optimizer's numbers and state layout
+def test_optimizer_choice_and_z_loss_train(make_tiny_config, tmp_path):
+  optimizer, z_loss = 'lamb', 1e-4
+  c = make_tiny_config()
+  c.train.num_steps, c.eval.every_steps, c.ckpt.every_steps = 4, 4, 4
+  c.optim.optimizer, c.train.z_loss = optimizer, z_loss
+  summary = train.run(c, tmp_path)
+  assert summary['step'] == 4 and np.isfinite(summary['eval/loss'])
+  records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  train_records = [r for r in records if 'train/loss' in r]
+  assert [r['step'] for r in train_records] == [1, 2, 3, 4]
+  for r in train_records:
+    assert ('train/z_loss' in r) == (z_loss > 0)
+    if z_loss:
+      # train/loss stays the cross-entropy; the step optimized it plus the z term.
+      assert 0 < r['train/z_loss'] < 1.0
+      assert r['train/step_loss_mean'] == pytest.approx(r['train/loss'] + r['train/z_loss'],
+                                                        rel=1e-5)

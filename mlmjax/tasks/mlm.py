@@ -23,8 +23,12 @@ from mlmjax.tasks.base import Task, TaskData
 
 def make_batch_loss(spec: masking.MaskingSpec, *, cls_id: int = tokenizer_lib.CLS_ID,
                     rate_schedule: masking.RateSchedule | None = None,
-                    tables: masking.MaskingTables | None = None) -> Callable:
-  """Returns batch_loss(model, rows, mask_key, drop_key, step) -> (loss_sum, weight, metric sums)."""
+                    tables: masking.MaskingTables | None = None, z_loss: float = 0.0) -> Callable:
+  """Returns batch_loss(model, rows, mask_key, drop_key, step) -> (loss_sum, weight, metric sums).
+
+  z_loss > 0 adds z_loss * sum of weighted logsumexp(logits)^2 to loss_sum (so the objective
+  gains z_loss times its mean over predicted positions) and reports that term as z_loss_sum.
+  """
 
   def batch_loss(m, rows, mask_key, drop_key, step):
     rate = None if rate_schedule is None else rate_schedule(step)
@@ -36,6 +40,10 @@ def make_batch_loss(spec: masking.MaskingSpec, *, cls_id: int = tokenizer_lib.CL
     loss_sum, weight = losses.cross_entropy_sum(logits, mb.labels, mb.weights)
     sums = losses.mlm_metric_sums(logits, mb.labels, mb.weights, mb.kinds)
     sums['selected'] = sums['weight']
+    if z_loss > 0:
+      z_sum = z_loss * losses.z_loss_sum(logits, mb.weights)[0]
+      loss_sum = loss_sum + z_sum
+      sums['z_loss_sum'] = z_sum
     return loss_sum, weight, sums
 
   return batch_loss
@@ -60,16 +68,18 @@ def make_train_step(graphdef, tx, spec: masking.MaskingSpec, schedule, dropout: 
                     cls_id: int = tokenizer_lib.CLS_ID, *,
                     rate_schedule: masking.RateSchedule | None = None,
                     tables: masking.MaskingTables | None = None,
-                    grad_accum_steps: int = 1) -> Callable:
+                    grad_accum_steps: int = 1, z_loss: float = 0.0) -> Callable:
   """Returns the MLM train_step(state, tokens, seed_key) -> (state, metric sums) (see make_step).
 
-  rate_schedule: the masking rate at each step (None: spec.rate); tables: for unit strategies.
+  rate_schedule: the masking rate at each step (None: spec.rate); tables: for unit strategies;
+  z_loss: the z-loss coefficient (make_batch_loss).
   Masks come from fold_in(key, step); with grad_accum_steps k > 1, microbatch i is masked from
   fold_in(mask_key, i), so its masks differ from the k = 1 step's.
   """
   return train_step.make_step(
       graphdef, tx, schedule,
-      make_batch_loss(spec, cls_id=cls_id, rate_schedule=rate_schedule, tables=tables),
+      make_batch_loss(spec, cls_id=cls_id, rate_schedule=rate_schedule, tables=tables,
+                      z_loss=z_loss),
       step_sums=make_step_sums(spec, rate_schedule), dropout=dropout,
       grad_accum_steps=grad_accum_steps)
 
@@ -228,7 +238,8 @@ class MlmTask(Task):
 
   def batch_loss(self, m, rows, mask_key, drop_key, step):
     return make_batch_loss(self.spec, cls_id=self.tokenizer_cls_id(),
-                           rate_schedule=self.rate_schedule, tables=self.tables)(
+                           rate_schedule=self.rate_schedule, tables=self.tables,
+                           z_loss=float(self.config.train.z_loss))(
                                m, rows, mask_key, drop_key, step)
 
   def tokenizer_cls_id(self) -> int:
@@ -241,10 +252,13 @@ class MlmTask(Task):
   def window_record(self, sums):
     m = losses.finalize_metrics(sums)
     n = max(sums['steps'], 1.0)
-    return {'train/loss': m['loss'], 'train/accuracy': m['accuracy'],
-            'train/accuracy_at_mask': m['accuracy_at_mask'],
-            'train/mask_rate': sums['mask_rate_sum'] / n,
-            'train/mask_rate_realized': sums['selected'] / max(sums['candidates'], 1.0)}
+    record = {'train/loss': m['loss'], 'train/accuracy': m['accuracy'],
+              'train/accuracy_at_mask': m['accuracy_at_mask'],
+              'train/mask_rate': sums['mask_rate_sum'] / n,
+              'train/mask_rate_realized': sums['selected'] / max(sums['candidates'], 1.0)}
+    if 'z_loss' in m:  # train.z_loss > 0; train/loss stays the plain cross-entropy
+      record['train/z_loss'] = m['z_loss']
+    return record
 
   def evaluate(self, graphdef, params, split, to_device):
     if split != 'val' or not self.val_batches:

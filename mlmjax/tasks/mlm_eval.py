@@ -43,10 +43,14 @@ def baseline_tables(train_rows: np.ndarray, vocab_size: int,
   return unigram, successor
 
 
-def make_eval_step(graphdef, spec: masking.MaskingSpec, cls_id: int = tok.CLS_ID) -> Callable:
-  """Returns jitted (params, tokens, key, unigram, successor) -> metric sums incl. baseline hits."""
+def make_eval_step(graphdef, spec: masking.MaskingSpec, cls_id: int = tok.CLS_ID,
+                   extra_sums: Callable | None = None) -> Callable:
+  """Returns jitted (params, tokens, key, unigram, successor, *extra) -> metric sums incl. baselines.
 
-  def step(params, tokens, key, unigram, successor):
+  extra_sums(masked_batch, logits, *extra) -> more sums of the same forward (mlmjax.probe's).
+  """
+
+  def step(params, tokens, key, unigram, successor, *extra):
     mb = masking.mask_tokens(key, tokens, spec)
     position_ids, doc_ids = model_lib.packed_layout(tokens, cls_id=cls_id, pad_id=spec.pad_id)
     logits = nnx.merge(graphdef, params)(mb.inputs, mb.positions, position_ids=position_ids,
@@ -58,24 +62,35 @@ def make_eval_step(graphdef, spec: masking.MaskingSpec, cls_id: int = tok.CLS_ID
     bigram = jnp.where(bigram < 0, unigram, bigram)
     sums['baseline_unigram_correct_mask'] = jnp.sum(at_mask * (mb.labels == unigram))
     sums['baseline_bigram_correct_mask'] = jnp.sum(at_mask * (mb.labels == bigram))
+    if extra_sums is not None:
+      sums.update(extra_sums(mb, logits, *extra))
     return sums
 
   return jax.jit(step)
 
 
-def evaluate(eval_step: Callable, params, batches: Sequence, *, seed: int, unigram: int,
-             successor: np.ndarray, to_device: Callable = jnp.asarray) -> dict[str, float]:
-  """Returns validation metrics (loss, accuracy overall and by kind, baselines) over all batches."""
+def sum_batches(eval_step: Callable, params, batches: Sequence, *, seed: int, unigram: int,
+                successor: np.ndarray, extra: tuple = (), to_device: Callable = jnp.asarray):
+  """Returns the metric sums over all batches (host arrays), batch i masked by fold_in(seed, i)."""
   base_key = jax.random.key(seed)
   total = None
   succ = jnp.asarray(successor)
   for i, rows in enumerate(batches):
-    sums = eval_step(params, to_device(rows), jax.random.fold_in(base_key, i), unigram, succ)
+    sums = eval_step(params, to_device(rows), jax.random.fold_in(base_key, i), unigram, succ,
+                     *extra)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   if total is None:
     raise ValueError('evaluation has no batches: the validation split is empty '
                      '(raise data.val_fraction or use a larger corpus)')
-  total = {k: float(v) for k, v in jax.device_get(total).items()}
+  return jax.device_get(total)
+
+
+def evaluate(eval_step: Callable, params, batches: Sequence, *, seed: int, unigram: int,
+             successor: np.ndarray, to_device: Callable = jnp.asarray) -> dict[str, float]:
+  """Returns validation metrics (loss, accuracy overall and by kind, baselines) over all batches."""
+  total = sum_batches(eval_step, params, batches, seed=seed, unigram=unigram, successor=successor,
+                      to_device=to_device)
+  total = {k: float(v) for k, v in total.items()}
   out = losses.finalize_metrics(total)
   n_mask = total['count_mask']
   out['baseline/unigram_accuracy_at_mask'] = (
