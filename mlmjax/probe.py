@@ -2,7 +2,7 @@
 
   python -m mlmjax.probe --workdir runs/x [--out runs/x/probe] [--buckets 4] [--num_batches N]
 
-Writes probe.csv, probe.md and probe.png to --out (default WORKDIR/probe); docs/probe.md has the
+Writes probe.csv, probe.md and probe.png to --out (default WORKDIR/probe); docs/recipes.md has the
 columns and the frequency-bucket rule.
 """
 

@@ -18,6 +18,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mlmjax import (adapt as adapt_lib, checkpoint, cli, compile_check, experiment, flops,
                     input_pipeline, optim, phases, run_files, schema, sharding, train_state)
@@ -270,19 +271,24 @@ def _time_budget(exp, workdir: pathlib.Path, mesh) -> tuple[int, str]:
   config = exp.config
   minutes = float(config.train.budget_minutes)
   record = workdir / 'budget.json'
-  if record.exists() and (workdir / 'checkpoints').is_dir():
-    saved = json.loads(record.read_text())
-    if saved.get('budget_minutes') == minutes:
-      return int(saved['num_steps']), f'train.budget_minutes={minutes:g}, as measured at start'
-  shape = lambda c: (int(c.train.batch_size), int(c.train.seq_len), int(c.train.grad_accum_steps))
-  times = {}
-  for seg in phases.plan(config, 1 << 30):  # every shape the run will train
-    cfg = phases.config_of(config, seg)
-    if shape(cfg) not in times:
-      e = exp if shape(cfg) == shape(config) else experiment.setup(cfg, workdir, mesh,
-                                                                    log=lambda _: None)
-      times[shape(cfg)] = _step_seconds(e, config.seed)
-  steps = phases.budget_steps(config, lambda c: times[shape(c)], minutes * 60)
+  saved = json.loads(record.read_text()) if record.exists() else {}
+  if (workdir / 'checkpoints').is_dir() and saved.get('budget_minutes') == minutes:
+    steps, times = int(saved['num_steps']), None
+  else:
+    shape = lambda c: (int(c.train.batch_size), int(c.train.seq_len),
+                       int(c.train.grad_accum_steps))
+    times = {}
+    for seg in phases.plan(config, 1 << 30):  # every shape the run will train
+      cfg = phases.config_of(config, seg)
+      if shape(cfg) not in times:
+        e = exp if shape(cfg) == shape(config) else experiment.setup(cfg, workdir, mesh,
+                                                                      log=lambda _: None)
+        times[shape(cfg)] = _step_seconds(e, config.seed)
+    steps = phases.budget_steps(config, lambda c: times[shape(c)], minutes * 60)
+  if jax.process_count() > 1:  # every process trains the steps that process 0 settled on
+    steps = int(multihost_utils.broadcast_one_to_all(np.int64(steps)))
+  if times is None:
+    return steps, f'train.budget_minutes={minutes:g}, as measured at the start ({record})'
   if jax.process_index() == 0:
     run_files.atomic_write_json(record, {'budget_minutes': minutes, 'num_steps': steps,
                                          'step_seconds': {str(k): v for k, v in times.items()}})
@@ -346,6 +352,8 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
   task, data, num_steps = exp.task, exp.data, config.train.num_steps
   checkpoint.check_disk_space(workdir, exp.abstract_state, max_to_keep=config.ckpt.max_to_keep)
   segs = _Segments(exp, lambda cfg: experiment.setup(cfg, workdir, mesh, log=log))
+  if len(segs.segments) > 1:
+    log('segments of the run:\n' + phases.describe(segs.segments))
   early = _EarlyStop(config, task)
   keep_best = task.keeps_best or early.patience > 0
 
