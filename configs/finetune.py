@@ -67,6 +67,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.train.batch_size = train['batch_size']
   c.train.num_steps = train['num_steps']
   c.model.dropout_rate = 0.1  # fine-tuning regularizer (pretraining tiny uses none)
+  c.optim.decay, c.optim.decay_fraction = 'linear', 0.0  # linear decay over the whole fine-tune
   c.optim.learning_rate = 5e-4
   c.optim.warmup_steps = max(train['num_steps'] // 10, 1)
   c.eval.every_steps = max(train['num_steps'] // 5, 1)

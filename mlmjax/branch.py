@@ -39,7 +39,7 @@ def branch_config(config, step: int, decay_steps: int, decay: str = ''):
   new.unlock()
   new.train.num_steps = step + decay_steps
   new.train.budget_tokens, new.train.budget_minutes = 0, 0.0
-  new.optim.decay_steps = decay_steps
+  new.optim.decay_steps, new.optim.decay_fraction = decay_steps, 0.0
   new.optim.decay = decay or (o.decay if o.decay != 'constant' else '1-sqrt')
   new.lock()
   # The steps up to the branch point must be the source's: phases that end at a fraction of the

@@ -53,6 +53,7 @@ _RANGES = {
     'model.dropout_rate': '[0, 1)', 'model.attention_dropout_rate': '[0, 1)',
     'optim.learning_rate': '(0, inf)',
     'optim.warmup_steps': '[0, inf)', 'optim.decay_steps': '[0, inf)',
+    'optim.decay_fraction': '[0, 1]',
     'optim.end_lr_fraction': '[0, 1]',
     'optim.weight_decay': '[0, inf)', 'optim.grad_clip_norm': '[0, inf)', 'optim.b1': '[0, 1)',
     'optim.b2': '[0, 1)', 'optim.eps': '(0, inf)', 'optim.ema_decay': '[0, 1)',

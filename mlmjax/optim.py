@@ -22,7 +22,8 @@ def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   """Returns linear warmup from 0 to the peak, a stable phase, then the decay to the end lr.
 
   optim.decay_steps = 0 decays over everything after the warmup (no stable phase); N > 0 keeps
-  the peak until the last N steps (warmup-stable-decay). 'constant' never decays.
+  the peak until the last N steps (warmup-stable-decay), as does optim.decay_fraction f > 0 for
+  the last f * num_steps (at most all after the warmup). 'constant' never decays.
   """
   peak = float(optim_cfg.learning_rate)
   warmup = int(optim_cfg.warmup_steps)
@@ -34,7 +35,12 @@ def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   if warmup < 0:
     raise ValueError(f'optim.warmup_steps={warmup} must be >= 0')
   after_warmup = max(num_steps - warmup, 1)
-  decay_steps = int(optim_cfg.decay_steps) or after_warmup
+  fraction = float(optim_cfg.get('decay_fraction', 0.0))
+  if fraction and optim_cfg.decay_steps:
+    raise ValueError(f'optim.decay_steps={optim_cfg.decay_steps} and optim.decay_fraction='
+                     f'{fraction} both set the decay; set one of them')
+  decay_steps = (min(max(round(fraction * num_steps), 1), after_warmup) if fraction
+                 else int(optim_cfg.decay_steps) or after_warmup)
   if decay_steps > after_warmup:
     raise ValueError(f'optim.decay_steps={decay_steps} exceeds the {after_warmup} steps after '
                      f'the warmup of train.num_steps={num_steps}; lower it (0 = all of them)')

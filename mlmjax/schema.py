@@ -131,6 +131,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 300  # linear warmup from 0
   c.optim.decay = 'linear'  # after warmup: 'linear', 'cosine' or '1-sqrt' down to the end lr, or 'constant'
   c.optim.decay_steps = 0  # decay over the last N steps, the peak held before (warmup-stable-decay); 0 = all after warmup
+  c.optim.decay_fraction = 0.0  # > 0 instead of decay_steps: decay over this fraction of train.num_steps (tiny: 0.25)
   c.optim.end_lr_fraction = 0.0  # final lr as a fraction of the peak
   c.optim.weight_decay = 0.01  # AdamW decoupled decay, not applied to LayerNorm and biases
   c.optim.b1 = 0.9  # Adam beta1

@@ -74,6 +74,9 @@ def make_tiny_config(topics_corpus, cache_dir):
     c.eval.batch_size = 8
     c.eval.num_batches = 2
     c.ckpt.every_steps = 4
+    # The recipe these tests were written against (tiny's own is docs/tiny.md's).
+    c.masking.rate, c.model.tie_embeddings = 0.15, True
+    c.optim.decay, c.optim.decay_fraction = 'linear', 0.0
     return c
 
   return make

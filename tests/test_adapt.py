@@ -21,7 +21,7 @@ def test_budget_adapts_defaults_and_leaves_explicit_keys():
   lines, log = _notes()
   a = adapt.Adaptations(log=log)
   a.budget(c)
-  assert (c.optim.warmup_steps, c.eval.every_steps) == (20, 1000)  # a late evaluation is no error
+  assert (c.optim.warmup_steps, c.eval.every_steps) == (20, 800)  # a late evaluation is no error
   assert a.changes['optim.warmup_steps'] == {
       'from': 300, 'to': 20, 'why': 'the default warmup is longer than the 200-step run; a tenth of it'}
   assert len(lines) == 1 and lines[0].startswith('note: ')

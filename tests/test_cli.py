@@ -39,7 +39,7 @@ def test_parses_a_real_config_file_with_overrides_and_own_flags(monkeypatch):
   # No define: only --config; argv None reads sys.argv.
   monkeypatch.setattr(sys, 'argv', ['train', f'--config={PRETRAIN}:tiny'])
   f = cli.parse_flags(None)
-  assert f.config.masking.rate == 0.15 and 'workdir' not in f
+  assert f.config.masking.rate == 0.4 and 'workdir' not in f  # tiny's recipe
 
 
 def test_unknown_config_key_is_one_line_naming_the_key_and_file():

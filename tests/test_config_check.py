@@ -104,7 +104,7 @@ def test_every_variant_of_every_family_passes(family):
     ('optim.eps', 0.0, 'optim.eps=0.0 must be in (0, inf)'),
     ('ckpt.max_to_keep', 0, 'ckpt.max_to_keep=0 must be in [1, inf)'),
     ('train.max_skipped_batches', -1, 'train.max_skipped_batches=-1 must be in [0, inf)'),
-    ('optim.warmup_steps', 5001, 'optim.warmup_steps=5001 exceeds train.num_steps=5000'),
+    ('optim.warmup_steps', 3201, 'optim.warmup_steps=3201 exceeds train.num_steps=3200'),
     ('eval.split', (0.5, 0.5, 0.5), 'eval.split=(0.5, 0.5, 0.5) must be three fractions'),
     ('train.seq_len', 1024, 'train.seq_len=1024 exceeds model.max_position=512'),
     ('train.grad_accum_steps', 0, 'train.grad_accum_steps=0 must be in [1, inf)'),

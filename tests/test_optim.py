@@ -14,8 +14,9 @@ from mlmjax import model, optim, train_state
 
 
 def _optim_cfg(**fields):
-  """Returns the tiny config's optim section with `fields` set."""
+  """Returns the tiny config's optim section, linear decay over all steps, with `fields` set."""
   cfg = pretrain.get_config('tiny').optim
+  cfg.decay, cfg.decay_fraction = 'linear', 0.0
   for key, value in fields.items():
     setattr(cfg, key, value)
   return cfg
@@ -430,3 +431,21 @@ def test_ema_and_state_layout_with_each_optimizer(optimizer):
 def test_unknown_optimizer_names_the_key():
   with pytest.raises(ValueError, match=r"optim.optimizer='sgd'.*adamw"):
     optim.make_optimizer(_optim_cfg(optimizer='sgd'), 10)
+
+
+def test_a_decay_fraction_is_the_last_part_of_any_run_length():
+  for steps in (40, 3200, 10_000):
+    by_fraction = optim.learning_rate_schedule(_optim_cfg(decay_fraction=0.25, warmup_steps=4),
+                                               steps)
+    by_steps = optim.learning_rate_schedule(_optim_cfg(decay_steps=steps // 4, warmup_steps=4),
+                                            steps)
+    for t in (0, 3, steps // 2, steps * 3 // 4, steps * 3 // 4 + 1, steps - 1, steps):
+      assert _at(by_fraction, t) == _at(by_steps, t), (steps, t)
+  with pytest.raises(ValueError, match='optim.decay_steps=10 and optim.decay_fraction=0.25 both'):
+    optim.learning_rate_schedule(_optim_cfg(decay_steps=10, decay_fraction=0.25), 100)
+  # tiny's own: warmup 300, the peak until step 2,400, then 1-sqrt to 0 at 3,200.
+  tiny = pretrain.get_config('tiny')
+  schedule = optim.learning_rate_schedule(tiny.optim, tiny.train.num_steps)
+  peak = tiny.optim.learning_rate
+  assert _at(schedule, 2400) == pytest.approx(peak) and _at(schedule, 3200) == 0.0
+  assert _at(schedule, 2600) == pytest.approx(peak * (1 - 0.5), rel=1e-6)  # 1 - sqrt(1/4)

@@ -48,7 +48,7 @@ def test_encoder_config_from_the_model_section_of_every_variant():
     assert enc == model.encoder_config(c.model.size, vocab_size=c.tokenizer.vocab_size,
                                        dropout_rate=c.model.dropout_rate,
                                        attention_dropout_rate=c.model.dropout_rate,
-                                       attention_impl=None)
+                                       tie_embeddings=c.model.tie_embeddings, attention_impl=None)
 
 
 # A tiny run's config.json as written before the masking sections, attention_dropout_rate,
