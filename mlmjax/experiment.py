@@ -62,6 +62,9 @@ def validate_config(config) -> None:
   masking.spec_from_config(config.masking, vocab_size=config.tokenizer.vocab_size, seq_len=t.seq_len,
                            num_steps=t.num_steps)
   optim.learning_rate_schedule(config.optim, t.num_steps)
+  if t.budget_tokens and t.budget_minutes:
+    raise ValueError(f'train.budget_tokens={t.budget_tokens} and train.budget_minutes='
+                     f'{t.budget_minutes} both set the length of the run; set one of them')
   budget = t.budget_tokens or t.budget_minutes  # the run's length is known once it starts
   for seg in phases.plan(config, 1 << 30 if budget else None):
     if seg.overrides:

@@ -83,6 +83,10 @@ def test_a_phase_value_is_checked_like_the_run_config_and_names_the_phase():
   c = _config(phase_list=[{'until': 50, 'masking.rate': 1.5}, {}])
   with pytest.raises(ValueError, match=r'^phase 1/2 \(steps 0..50\): .*masking.rate'):
     experiment.validate_config(c)
+  c = _config(budget_tokens=10_000, budget_minutes=1.0)
+  with pytest.raises(ValueError, match='^train.budget_tokens=10000 and train.budget_minutes=1.0 '
+                     'both set'):
+    experiment.validate_config(c)
 
 
 def test_a_token_budget_buys_the_largest_affordable_run():
