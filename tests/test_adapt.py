@@ -124,24 +124,24 @@ def _main(argv, capsys) -> str:
   return capsys.readouterr().out
 
 
-@pytest.mark.slow  # a 100-step run and a 10-step fine-tune from the command line
+@pytest.mark.slow  # a 60-step run and a 10-step fine-tune from the command line
 def test_first_runs_on_defaults_complete_with_their_notes(tmp_path, cache_dir, pydocs, capsys,
                                                           monkeypatch):
-  # A user's own 400 KB text file: embedded documentation, one document per line, no blank lines
+  # A user's own 250 KB text file: embedded documentation, one document per line, no blank lines
   # (so one document for the .txt reader).
   text = tmp_path / 'mine.txt'
-  text.write_text('\n'.join(' '.join(d.split()) for d in pydocs)[:400_000], encoding='utf-8')
+  text.write_text('\n'.join(' '.join(d.split()) for d in pydocs)[:250_000], encoding='utf-8')
   monkeypatch.setenv('MLMJAX_CACHE', str(cache_dir))
   out = _main(['--config', 'pretrain:tiny', f'--config.data.corpus={text}',
-               '--config.train.num_steps=100', '--workdir', str(tmp_path / 'pre')], capsys)
+               '--config.train.num_steps=60', '--workdir', str(tmp_path / 'pre')], capsys)
   notes = [l for l in out.splitlines() if l.startswith('note: ')]
-  assert any(l.startswith('note: optim.warmup_steps 300 -> 10') for l in notes), notes
+  assert any(l.startswith('note: optim.warmup_steps 300 -> 6') for l in notes), notes
   assert any(l.startswith('note: data.passage_chars 0 -> ') for l in notes), notes
   summary = json.loads((tmp_path / 'pre' / 'summary.json').read_text())
-  assert summary['finished'] and summary['step'] == 100 and 'eval/accuracy_at_mask' in summary
+  assert summary['finished'] and summary['step'] == 60 and 'eval/accuracy_at_mask' in summary
   assert {'optim.warmup_steps', 'data.passage_chars'} <= set(summary['adapted'])
   recorded = json.loads((tmp_path / 'pre' / 'config.json').read_text())
-  assert recorded['optim']['warmup_steps'] == 10 and recorded['data']['passage_chars'] > 0
+  assert recorded['optim']['warmup_steps'] == 6 and recorded['data']['passage_chars'] > 0
 
   finetune_argv = ['--config', 'finetune:tiny', f'--config.init_from={tmp_path / "pre"}',
                    '--config.train.num_steps=10']
