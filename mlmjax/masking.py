@@ -39,9 +39,14 @@ class MaskingSpec:
   span_p: float = 0.2  # span lengths ~ Geometric(span_p) truncated to [1, span_max] (SpanBERT)
   span_max: int = 10
   span_words: bool = True  # span lengths count whole words (SpanBERT) instead of tokens
+  static_patterns: int = 0  # 0: fresh masks every step; K: each row has K fixed masks (mask_batch)
 
   def __post_init__(self):
     _check_rate(self.rate, 'masking.rate')
+    if (isinstance(self.static_patterns, bool) or not isinstance(self.static_patterns, int)
+        or self.static_patterns < 0):
+      raise ValueError(f'static_patterns must be an integer >= 0 (0: dynamic masking); '
+                       f'got {self.static_patterns!r}.')
     if self.strategy not in STRATEGIES:
       raise ValueError(f'masking.strategy must be one of {STRATEGIES}; got {self.strategy!r}.')
     if isinstance(self.span_p, bool) or not isinstance(self.span_p, numbers.Real) or not 0 < self.span_p <= 1:
@@ -166,9 +171,16 @@ def spec_from_config(masking_cfg: Any, *, vocab_size: int, seq_len: int,
     max_predictions = default_max_predictions(peak, seq_len, masking_cfg.selection, **unit)
   specials = {} if tokenizer is None else special_fields(
       tokenizer.special_mask, mask_id=tokenizer.mask_id, pad_id=tokenizer.pad_id)
+  if not isinstance(masking_cfg.dynamic, bool):
+    raise ValueError(f'masking.dynamic must be True or False; got {masking_cfg.dynamic!r}.')
+  patterns = masking_cfg.static_patterns
+  if isinstance(patterns, bool) or not isinstance(patterns, int) or patterns < 1:
+    raise ValueError(f'masking.static_patterns must be an integer >= 1 (the fixed masks per row '
+                     f'when masking.dynamic=False); got {patterns!r}.')
   return MaskingSpec(
       vocab_size=vocab_size, rate=masking_cfg.rate, split=tuple(masking_cfg.split),
-      max_predictions=max_predictions, selection=masking_cfg.selection, **unit, **specials)
+      max_predictions=max_predictions, selection=masking_cfg.selection, **unit, **specials,
+      static_patterns=0 if masking_cfg.dynamic else patterns)
 
 
 def needs_word_starts(spec: MaskingSpec) -> bool:
@@ -494,3 +506,46 @@ def mask_tokens(rng: jax.Array, tokens: jax.Array, spec: MaskingSpec,
       inputs=inputs, positions=positions.astype(jnp.int32), labels=labels.astype(jnp.int32),
       weights=slot_valid.astype(jnp.float32), kinds=kinds.astype(jnp.int32), selected=selected,
       units=units)
+
+
+_STATIC_STREAM = 0x53544154  # 'STAT': the key of static masks, apart from every step's key
+
+
+def row_hashes(tokens: jax.Array) -> jax.Array:
+  """Returns a uint32 content hash per row of (B, L) tokens: the row's identity for static masks."""
+  length = tokens.shape[1]
+  # Random odd multipliers per position make the sum a universal hash; uint32 arithmetic wraps.
+  mult = np.random.default_rng(0x5EED).integers(0, 2**31, size=length, dtype=np.uint32) * 2 + 1
+  h = jnp.sum((tokens.astype(jnp.uint32) + 1) * jnp.asarray(mult, jnp.uint32), axis=1,
+              dtype=jnp.uint32)
+  h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)  # finalizer: spread the sum's bits
+  return h ^ (h >> 15)
+
+
+def static_row_keys(seed: int, tokens: jax.Array, rng: jax.Array, patterns: int) -> jax.Array:
+  """Returns one key per row: pattern k of the row's `patterns` fixed keys, k drawn from rng.
+
+  A row's keys depend only on (seed, its tokens, k), never on the step: with patterns=1 a row is
+  masked the same way every time it is seen; with K, each time it is seen one of its K masks is
+  chosen (original BERT's duplication factor K, whose copies a shuffle spreads over the epochs).
+  """
+  base = jax.random.fold_in(jax.random.key(seed), _STATIC_STREAM)
+  hashes = row_hashes(tokens)
+  picks = jax.vmap(lambda h: jax.random.randint(jax.random.fold_in(rng, h), (), 0, patterns))(hashes)
+  return jax.vmap(lambda h, k: jax.random.fold_in(jax.random.fold_in(base, h), k))(hashes, picks)
+
+
+def mask_batch(rng: jax.Array, tokens: jax.Array, spec: MaskingSpec, *, seed: int = 0,
+               rate: jax.Array | float | None = None,
+               tables: MaskingTables | None = None) -> MaskedBatch:
+  """Returns the MaskedBatch of training rows: mask_tokens(rng, ...), or static masks per row.
+
+  With spec.static_patterns = K > 0 each row is masked from its own static_row_keys(seed, ...)
+  key, so the masks a row can receive are K fixed patterns (rng only picks one of them).
+  """
+  if not spec.static_patterns:
+    return mask_tokens(rng, tokens, spec, rate=rate, tables=tables)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  keys = static_row_keys(seed, tokens, rng, spec.static_patterns)
+  one = jax.vmap(lambda k, row: mask_tokens(k, row[None], spec, rate=rate, tables=tables))
+  return jax.tree.map(lambda x: x[:, 0], one(keys, tokens))

@@ -75,6 +75,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.masking.split = (0.8, 0.1, 0.1)  # of selected tokens: [MASK], random token, unchanged
   c.masking.selection = 'exact'  # 'exact': round(rate * n) per sequence; 'bernoulli': each token independently
   c.masking.max_predictions = 0  # prediction buffer per sequence; 0 derives it from rate and seq_len
+  c.masking.dynamic = True  # fresh masks every step; False: static masks from each row's content
+  c.masking.static_patterns = 1  # dynamic=False: fixed masks per row (BERT's duplication factor)
   c.masking.strategy = 'token'  # unit of selection: 'token', 'whole_word', 'span' or 'pmi'; the rate counts tokens
   c.masking.span = ml_collections.ConfigDict()
   c.masking.span.p = 0.2  # span: Geometric(p) lengths, mean 3.8; 3.5 as selected at seq_len 128

@@ -755,3 +755,70 @@ def test_rate_schedule_errors():
   for kw in bad:
     with pytest.raises(ValueError, match=r'masking\.schedule\.'):
       masking.rate_schedule_from_config(ml_collections.ConfigDict({'rate': 0.2, 'schedule': kw}), 100)
+
+
+# ---------------------------------------------------------------------------------------------
+# Static masking (masking.dynamic=False): a row's masks come from its content, not the step.
+
+_jit_batch = jax.jit(masking.mask_batch, static_argnums=2, static_argnames='seed')
+
+
+def _selected_sets(mb) -> list[frozenset]:
+  """Returns, per row, the set of (position, corruption kind) pairs of a MaskedBatch."""
+  pos, w, kinds = (np.asarray(x) for x in (mb.positions, mb.weights, mb.kinds))
+  return [frozenset((int(p), int(k)) for p, k, ww in zip(pos[b], kinds[b], w[b]) if ww > 0)
+          for b in range(pos.shape[0])]
+
+
+def test_static_masks_follow_the_row_not_the_step_or_its_place_in_the_batch():
+  rows = _packed_rows(11, 16, SEQ_LEN, VOCAB)[2:]
+  spec = MaskingSpec(vocab_size=VOCAB, rate=0.15, max_predictions=40, static_patterns=1)
+  first = _jit_batch(jax.random.key(1), rows, spec, seed=3)
+  # Another step's key and the rows in reverse order: every row gets the same masks.
+  second = _jit_batch(jax.random.key(2), rows[::-1], spec, seed=3)
+  assert _selected_sets(first) == _selected_sets(second)[::-1]
+  np.testing.assert_array_equal(np.asarray(first.inputs), np.asarray(second.inputs)[::-1])
+  # Another seed gives other masks; the dynamic spec draws afresh per step.
+  other_seed = _jit_batch(jax.random.key(1), rows, spec, seed=4)
+  assert sum(a != b for a, b in zip(_selected_sets(first), _selected_sets(other_seed))) >= 12
+  dynamic = MaskingSpec(vocab_size=VOCAB, rate=0.15, max_predictions=40)
+  d1, d2 = (_selected_sets(_jit_batch(jax.random.key(k), rows, dynamic)) for k in (1, 2))
+  assert sum(a != b for a, b in zip(d1, d2)) >= 12
+
+
+def test_static_masks_with_k_patterns_draw_exactly_k_masks_per_row():
+  rows = _packed_rows(12, 6, SEQ_LEN, VOCAB)[2:]
+  k = 3
+  spec = MaskingSpec(vocab_size=VOCAB, rate=0.15, max_predictions=40, static_patterns=k)
+  seen = [set() for _ in rows]
+  for step in range(60):
+    for b, s in enumerate(_selected_sets(_jit_batch(jax.random.key(step), rows, spec, seed=0))):
+      seen[b].add(s)
+  # 60 draws from 3 patterns miss one with probability 3 * (2/3)^60 < 1e-10.
+  assert [len(s) for s in seen] == [k] * len(rows)
+
+
+def test_static_masks_keep_the_rate_and_the_corruption_split():
+  rows = _packed_rows(13, 256, SEQ_LEN, VOCAB)
+  spec = MaskingSpec(vocab_size=VOCAB, rate=0.15, max_predictions=40, static_patterns=10)
+  mb = _jit_batch(jax.random.key(0), rows, spec, seed=0)
+  eligible = (rows >= FIRST_REGULAR) & (rows != MASK)
+  # exact selection: round(rate * n) per row, as in dynamic masking.
+  counts = np.asarray(mb.weights).sum(1)
+  np.testing.assert_array_equal(counts, np.minimum(np.round(0.15 * eligible.sum(1)), 40))
+  kinds = np.asarray(mb.kinds)[np.asarray(mb.weights) > 0]
+  n = kinds.size
+  share = (kinds == KIND_MASK).mean()
+  assert abs(share - 0.8) < 4 * math.sqrt(0.8 * 0.2 / n)
+  assert not np.asarray(mb.selected)[~eligible].any()
+
+
+def test_static_masking_config_keys_are_checked_and_reach_the_spec():
+  from mlmjax import schema  # pylint: disable=g-import-not-at-top
+  cfg = schema.defaults().masking
+  assert masking.spec_from_config(cfg, vocab_size=VOCAB, seq_len=64).static_patterns == 0
+  cfg.dynamic, cfg.static_patterns = False, 10
+  assert masking.spec_from_config(cfg, vocab_size=VOCAB, seq_len=64).static_patterns == 10
+  cfg.static_patterns = 0
+  with pytest.raises(ValueError, match='masking.static_patterns'):
+    masking.spec_from_config(cfg, vocab_size=VOCAB, seq_len=64)

@@ -1,6 +1,7 @@
 """End-to-end tests of mlmjax.train.run: a few steps, exact resume, workdir contents, failures."""
 
 import collections
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -684,6 +685,23 @@ def test_z_loss_adds_to_the_trained_loss_only(tiny_config):
                                 'candidates': 60.0}.items()})
   assert record['train/z_loss'] == pytest.approx(coef * per_position, rel=1e-6)
   assert record['train/loss'] == pytest.approx(float(plain) / float(weight), rel=1e-6)
+
+
+def test_static_masking_gives_the_same_loss_at_every_step(tiny_config):
+  c = tiny_config
+  vocab = 64
+  c.train.seq_len = 24
+  _, spec, graphdef = _small_step_parts(c, vocab)
+  enc_cfg = experiment.encoder_config(c, vocab)
+  params = jax.jit(train_state.make_init_fn(enc_cfg, optax.sgd(1.0), c.seed))()['params']
+  rows = jnp.asarray(_packed_rows(np.random.default_rng(0), 4, c.train.seq_len, vocab))
+  losses = {}
+  for patterns in (0, 1):
+    bl = mlm_task.make_batch_loss(dataclasses.replace(spec, static_patterns=patterns), seed=c.seed)
+    run = jax.jit(lambda p, key, bl=bl: bl(nnx.merge(graphdef, p), rows, key, None, 0)[0])
+    losses[patterns] = [float(run(params, jax.random.key(k))) for k in (1, 2)]
+  assert losses[1][0] == losses[1][1]  # static: the step's key does not reach the masks
+  assert losses[0][0] != losses[0][1]
 
 
 @pytest.mark.slow  # one run: test_optim checks each optimizer's numbers and state layout

@@ -23,16 +23,18 @@ from mlmjax.tasks.base import Task, TaskData
 
 def make_batch_loss(spec: masking.MaskingSpec, *, cls_id: int = tokenizer_lib.CLS_ID,
                     rate_schedule: masking.RateSchedule | None = None,
-                    tables: masking.MaskingTables | None = None, z_loss: float = 0.0) -> Callable:
+                    tables: masking.MaskingTables | None = None, z_loss: float = 0.0,
+                    seed: int = 0) -> Callable:
   """Returns batch_loss(model, rows, mask_key, drop_key, step) -> (loss_sum, weight, metric sums).
 
+  seed: the run's seed, from which static masks (spec.static_patterns > 0) are drawn.
   z_loss > 0 adds z_loss * sum of weighted logsumexp(logits)^2 to loss_sum (so the objective
   gains z_loss times its mean over predicted positions) and reports that term as z_loss_sum.
   """
 
   def batch_loss(m, rows, mask_key, drop_key, step):
     rate = None if rate_schedule is None else rate_schedule(step)
-    mb = masking.mask_tokens(mask_key, rows, spec, rate=rate, tables=tables)
+    mb = masking.mask_batch(mask_key, rows, spec, seed=seed, rate=rate, tables=tables)
     # Unit layout from the uncorrupted rows: positions restart and attention stops at each [CLS].
     position_ids, doc_ids = model.packed_layout(rows, cls_id=cls_id, pad_id=spec.pad_id)
     logits = m(mb.inputs, mb.positions, position_ids=position_ids, doc_ids=doc_ids,
@@ -239,7 +241,8 @@ class MlmTask(Task):
   def batch_loss(self, m, rows, mask_key, drop_key, step):
     return make_batch_loss(self.spec, cls_id=self.tokenizer_cls_id(),
                            rate_schedule=self.rate_schedule, tables=self.tables,
-                           z_loss=float(self.config.train.z_loss))(
+                           z_loss=float(self.config.train.z_loss),
+                           seed=int(self.config.seed))(
                                m, rows, mask_key, drop_key, step)
 
   def tokenizer_cls_id(self) -> int:
