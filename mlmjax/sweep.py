@@ -1,11 +1,14 @@
 r"""Grid sweeps on one host: `python -m mlmjax.sweep --config C --grid KEY=V1,V2 --workdir runs/abl`.
 
   python -m mlmjax.sweep --config configs/pretrain.py:tiny --grid masking.rate=0.15,0.3 \
-      --grid masking.strategy=token,whole_word --workdir runs/abl [--set train.num_steps=4000]
+      --grid masking.strategy=token,whole_word --workdir runs/abl [--set train.num_steps=4000] \
+      [--seeds 0,1,2]
 
 Every combination trains with the same seed and data order in `<workdir>/<name>`, named by its
-values (`rate=0.15,strategy=token`). Finished runs are skipped, interrupted ones resume from their
-checkpoint; `--shard i/n` keeps the combinations with index % n == i (one share per VM).
+values (`rate=0.15,strategy=token`). With --seeds, every combination trains once per seed (config
+key `seed`: data order, initial weights, masks), named `rate=0.15,strategy=token,seed=1`. Finished
+runs are skipped, interrupted ones resume from their checkpoint; `--shard i/n` keeps the runs with
+index % n == i (one share per VM).
 """
 
 import copy
@@ -30,11 +33,12 @@ from ml_collections.config_flags import tuple_parser
 from mlmjax import cli, experiment, report, run_files, schema, train
 
 _MAX_NAME = 120  # longer names are cut and made unique by a hash (file names stop at 255 bytes)
+SEED_KEY = report.SEED_KEY  # the config key that --seeds sets
 
 
 @dataclasses.dataclass
 class Run:
-  """One combination of the grid: its index in the product, directory name, overrides and config."""
+  """One run of the sweep: its index in the product, directory name, overrides and config."""
   index: int
   name: str
   overrides: dict[str, Any]
@@ -118,22 +122,11 @@ def parse_assignment(config, spec: str, flag: str, many: bool) -> tuple[str, lis
 # The plan: the cartesian product in a stable order, one named directory per combination.
 
 
-def _fmt(value: Any) -> str:
-  if isinstance(value, bool):
-    return str(value).lower()
-  if isinstance(value, (tuple, list)):
-    return '-'.join(_fmt(v) for v in value)
-  return repr(value) if isinstance(value, float) else str(value)
-
-
 def run_name(overrides: dict[str, Any]) -> str:
   """Returns the file-system-safe directory name of a combination, e.g. `rate=0.15,strategy=token`."""
   if not overrides:
     return 'base'
-  leaves = [k.rsplit('.', 1)[-1] for k in overrides]
-  parts = [f'{leaf if leaves.count(leaf) == 1 else key}={_fmt(v)}'
-           for key, leaf, v in zip(overrides, leaves, overrides.values())]
-  name = re.sub(r'[^A-Za-z0-9._=,+-]+', '_', ','.join(parts)).lstrip('.')
+  name = re.sub(r'[^A-Za-z0-9._=,+-]+', '_', report.settings_label(overrides)).lstrip('.')
   if len(name) > _MAX_NAME:
     name = name[:_MAX_NAME - 9] + '-' + hashlib.sha1(name.encode()).hexdigest()[:8]
   return name
@@ -151,21 +144,44 @@ def apply(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_co
   return config
 
 
-def plan(base: ml_collections.ConfigDict, grid: Sequence[tuple[str, Sequence[Any]]]) -> list[Run]:
-  """Returns every combination of grid (first key outermost, values in the given order) as Runs."""
+def plan(base: ml_collections.ConfigDict, grid: Sequence[tuple[str, Sequence[Any]]],
+         seeds: Sequence[int] | None = None) -> list[Run]:
+  """Returns every combination of grid (first key outermost, values in the given order) as Runs.
+
+  seeds: each combination once per seed, the seed outermost (every combination at the first seed
+  comes first) and last in the name; None keeps the base config's seed and today's names.
+  """
   keys = [k for k, _ in grid]
   repeated = sorted({k for k in keys if keys.count(k) > 1})
   if repeated:
     raise ValueError(f'--grid {repeated[0]} is given twice; list all its values in one --grid')
+  if seeds is not None:
+    if SEED_KEY in keys:
+      raise ValueError(f'{SEED_KEY} is given to both --grid and --seeds; keep --seeds')
+    if not seeds or len(set(seeds)) < len(seeds):
+      raise ValueError(f'--seeds {",".join(map(str, seeds))}: give distinct seeds')
   runs = []
-  for index, values in enumerate(itertools.product(*(vals for _, vals in grid))):
-    overrides = dict(zip(keys, values))
-    runs.append(Run(index, run_name(overrides), overrides, apply(base, overrides)))
+  combos = list(itertools.product(*(vals for _, vals in grid)))
+  for seed in ([None] if seeds is None else seeds):
+    for values in combos:
+      overrides = dict(zip(keys, values), **({} if seed is None else {SEED_KEY: int(seed)}))
+      runs.append(Run(len(runs), run_name(overrides), overrides, apply(base, overrides)))
   names = [r.name for r in runs]
   for name in names:
     if names.count(name) > 1:
       raise ValueError(f'two combinations share the directory name {name!r}; give distinct values')
   return runs
+
+
+def parse_seeds(text: str) -> list[int]:
+  """Returns the seeds of `--seeds 0,1,2` (distinct integers)."""
+  try:
+    seeds = [int(t) for t in split_values(text)]
+  except ValueError:
+    raise ValueError(f'--seeds {text!r}: expected distinct integers, e.g. 0,1,2') from None
+  if len(set(seeds)) < len(seeds):
+    raise ValueError(f'--seeds {text!r}: a seed is repeated')
+  return seeds
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -259,7 +275,7 @@ def _record_path(workdir: pathlib.Path, shard: tuple[int, int]) -> pathlib.Path:
 
 def _write_record(path: pathlib.Path, record: dict) -> None:
   """Writes the record atomically; records of other grids in the same file move to `other_sweeps`."""
-  mine = lambda r: (r.get('grid'), r.get('base_overrides'), r.get('config'))
+  mine = lambda r: (r.get('grid'), r.get('seeds'), r.get('base_overrides'), r.get('config'))
   others = []
   if path.is_file():
     try:
@@ -274,10 +290,11 @@ def _write_record(path: pathlib.Path, record: dict) -> None:
 
 
 def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[tuple[str, Sequence[Any]]], workdir,
-              *, shard: tuple[int, int] = (0, 1), dry_run: bool = False, config_path: str = '',
+              *, seeds: Sequence[int] | None = None, shard: tuple[int, int] = (0, 1),
+              dry_run: bool = False, config_path: str = '',
               base_overrides: dict[str, Any] | None = None, command: str = '',
               log: Callable[[str], None] = print) -> dict:
-  """Trains every combination of grid over base in workdir/<name>; returns the sweep record.
+  """Trains every combination of grid over base (per seed) in workdir/<name>; returns the record.
 
   The record (also written to workdir/sweep.json) lists each run's name, overrides and status:
   finished, skipped (finished before), partial, pending, preempted, stopped (train.max_wall_minutes),
@@ -285,7 +302,7 @@ def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[tuple[str, Sequenc
   the record says `stopped_early`.
   """
   workdir = pathlib.Path(workdir)
-  runs = plan(base, grid)
+  runs = plan(base, grid, seeds)
   i, n = shard
   mine = [r for r in runs if r.index % n == i]
   for r in runs:
@@ -302,6 +319,8 @@ def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[tuple[str, Sequenc
   record = {'config': config_path, 'base_overrides': base_overrides or {},
             'grid': {k: list(v) for k, v in grid}, 'shard': f'{i}/{n}', 'command': command,
             'stopped_early': False, 'runs': []}
+  if seeds is not None:  # absent otherwise, so that a seedless sweep's record stays as it was
+    record['seeds'] = [int(s) for s in seeds]
 
   def update_record():
     record['runs'] = [{'index': r.index, 'name': r.name, 'overrides': r.overrides, **status[r.name]}
@@ -382,7 +401,7 @@ def run_sweep(base: ml_collections.ConfigDict, grid: Sequence[tuple[str, Sequenc
 
 
 def main(argv=None) -> None:
-  """Parses --config/--grid/--set/--workdir/--shard/--dry_run and runs the sweep."""
+  """Parses --config/--grid/--set/--seeds/--workdir/--shard/--dry_run and runs the sweep."""
   argv = list(sys.argv if argv is None else argv)
 
   def define(flags_, flag_values):
@@ -390,6 +409,8 @@ def main(argv=None) -> None:
                                '(repeatable).', flag_values=flag_values)
     flags_.DEFINE_multi_string('set', [], 'KEY=VALUE: override of the base config for every run.',
                                flag_values=flag_values)
+    flags_.DEFINE_string('seeds', '', 'S1,S2,...: train every combination once per seed '
+                         '(config key seed), named NAME,seed=S.', flag_values=flag_values)
     flags_.DEFINE_string('workdir', None, 'Sweep directory; each run trains in WORKDIR/NAME.',
                          flag_values=flag_values)
     flags_.DEFINE_string('shard', '0/1', 'i/n: run only the combinations with index % n == i.',
@@ -399,9 +420,10 @@ def main(argv=None) -> None:
 
   fv = cli.parse_flags(argv, define, prog='mlmjax.sweep',
                        config_help='Base config file, e.g. configs/pretrain.py:tiny.')
-  if fv.config is None or fv.workdir is None or not (fv.grid or fv.set):
+  if fv.config is None or fv.workdir is None or not (fv.grid or fv.set or fv.seeds):
     cli.fail('usage: python -m mlmjax.sweep --config configs/pretrain.py:tiny --workdir runs/abl '
-             '--grid KEY=V1,V2 [--grid ...] [--set KEY=VALUE ...] [--shard i/n] [--dry_run]')
+             '--grid KEY=V1,V2 [--grid ...] [--set KEY=VALUE ...] [--seeds 0,1,2] [--shard i/n] '
+             '[--dry_run]')
   try:
     base_overrides = dict(config_flags.get_override_values(fv['config']))
     sets = {}
@@ -413,8 +435,13 @@ def main(argv=None) -> None:
     both = sorted(set(sets) & {k for k, _ in grid})
     if both:
       raise ValueError(f'{both[0]} is given to both --set and --grid; keep one')
-    record = run_sweep(apply(fv.config, sets), grid, fv.workdir, shard=parse_shard(fv.shard),
-                       dry_run=fv.dry_run, config_path=config_flags.get_config_filename(fv['config']),
+    seeds = parse_seeds(fv.seeds) if fv.seeds else None
+    if seeds is not None and SEED_KEY in base_overrides:
+      raise ValueError(f'{SEED_KEY} is set for every run (--set or --config.{SEED_KEY}) and '
+                       'given to --seeds; keep --seeds')
+    record = run_sweep(apply(fv.config, sets), grid, fv.workdir, seeds=seeds,
+                       shard=parse_shard(fv.shard), dry_run=fv.dry_run,
+                       config_path=config_flags.get_config_filename(fv['config']),
                        base_overrides=base_overrides,
                        command=shlex.join(['python', '-m', 'mlmjax.sweep', *argv[1:]]))
   except KeyError as e:

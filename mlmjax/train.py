@@ -36,6 +36,15 @@ class _Progress:
   best_step: int = -1
   evals_since_best: int = 0
   early_stopped: bool = False
+  # Cumulative counts through step counted_step (train/cum_* in metrics.jsonl; NaN: the run
+  # resumed from a checkpoint written before they were counted).
+  cum_tokens: float = 0.0  # token slots trained, padding included (what FLOPs count)
+  cum_flops: int = 0  # analytic training FLOPs (a Python int: the sum is exact at any size)
+  cum_predictions: float = 0.0  # prediction targets: the loss's weight (MLM: selected positions)
+  counted_step: int = 0
+
+
+_COUNTS = ('cum_tokens', 'cum_flops', 'cum_predictions')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +110,12 @@ def _restore_or_init(exp, ckpts: checkpoint.RunCheckpoints, init_run, data_key: 
     run_files.check_resume_meta(meta, data_key, task.tokenizer, config, log)
     ckpts.last_good = step0
     log(f'resumed from step {step0} (checkpoint {ckpts.latest.directory / str(step0)})')
-    return step0, state, _Progress(**meta['progress'])
+    progress = _Progress(**meta['progress'])
+    if 'counted_step' not in meta['progress']:  # written before the cumulative counts existed
+      progress.counted_step = step0
+      for name in _COUNTS:
+        setattr(progress, name, math.nan)
+    return step0, state, progress
   if had_steps:
     log(f'WARNING: no checkpoint in {ckpts.latest.directory} restores; starting over '
         '(ckpt.restart_if_unrestorable=True)')
@@ -113,16 +127,35 @@ def _restore_or_init(exp, ckpts: checkpoint.RunCheckpoints, init_run, data_key: 
   return 0, state, _Progress()
 
 
-def _meta(exp, step: int, progress: _Progress, window, t_start: float, position: dict) -> dict:
-  """Returns a checkpoint's meta at step; its tokens_seen counts the steps not yet logged too."""
+def _meta(exp, step: int, progress: _Progress, window, t_start: float, position: dict,
+          meter: flops.Meter | None = None) -> dict:
+  """Returns a checkpoint's meta at step; its counts (tokens_seen, cum_*) include unlogged steps.
+
+  window: the summed metrics of the steps since the last log line; meter: their segment's.
+  """
   config, data = exp.config, exp.data
   meta = {'step': step, 'seed': config.seed, 'cache_key': data.key, 'task': exp.task.name,
           'data': position,
           'tokenizer': exp.task.tokenizer.fingerprint, 'progress': dataclasses.asdict(progress)}
   meta['progress']['wall_time_s'] += time.perf_counter() - t_start
   if window is not None:  # the steps since the last log line
-    meta['progress']['tokens_seen'] += float(jax.device_get(window['tokens']))
+    host = jax.device_get(window)
+    meta['progress']['tokens_seen'] += float(host['tokens'])
+    counts = _window_counts(host, step - progress.counted_step, meter)
+    meta['progress'].update({k: meta['progress'][k] + v for k, v in counts.items()})
+  meta['progress']['counted_step'] = step
   return meta
+
+
+def _window_counts(sums: dict, steps: int, meter: flops.Meter) -> dict[str, float]:
+  """Returns what `steps` steps with summed metrics `sums` add to the cumulative counts.
+
+  Every step counts its token slots and FLOPs (a skipped step computed them too); predictions
+  count the steps that applied an update (a skipped step's sums are zero).
+  """
+  step_flops = round(meter.tokens_per_step * meter.flops_per_token)  # an integer up to float noise
+  return {'cum_tokens': float(steps * meter.tokens_per_step), 'cum_flops': steps * step_flops,
+          'cum_predictions': float(sums.get('weight', 0.0))}
 
 
 def _record_start(workdir: pathlib.Path, config, exp, reporter, step0: int, prov: dict,
@@ -149,10 +182,14 @@ def _log_window(window, task, meter: flops.Meter, progress: _Progress, step: int
         f'non-finite training loss at step {step - meter.steps + 1}..{step}; last good '
         f'checkpoint: {where}. Lower optim.learning_rate or check the data.')
   progress.tokens_seen += float(host['tokens'])
+  for name, add in _window_counts(host, step - progress.counted_step, meter).items():
+    setattr(progress, name, getattr(progress, name) + add)
+  progress.counted_step = step
   timing = meter.record(num_steps - step)
   record.update({k: v for k, v in timing.items() if k != 'eta_s'},
                 **{'train/skipped_batches': float(progress.skipped_batches),
-                   'train/epoch': epoch})
+                   'train/epoch': epoch},
+                **{f'train/{name}': getattr(progress, name) for name in _COUNTS})
   reporter.write(step, record)
   log(f'step {step}/{num_steps} | {task.progress_text(record)} | '
       f'{record["train/tokens_per_s"] / 1e3:.1f}k tok/s | MFU {record["train/mfu"]:.1%} | '
@@ -371,7 +408,7 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
     step, window, pending = step0, None, []  # pending: per-step `nonfinite` flags on the device
 
     def meta_of(step):
-      return _meta(exp, step, progress, window, t_start, segs.position(step))
+      return _meta(exp, step, progress, window, t_start, segs.position(step), meter)
 
     def run_eval(step):
       metrics = task.evaluate(exp.graphdef, state['params'], 'val', to_global)

@@ -94,6 +94,13 @@ def _assert_same_params(a_dir: pathlib.Path, b_dir: pathlib.Path) -> None:
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
+def _counters(workdir: pathlib.Path) -> dict[int, tuple]:
+  """Returns {step: (train/cum_tokens, train/cum_flops, train/cum_predictions)} of metrics.jsonl."""
+  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return {r['step']: (r['train/cum_tokens'], r['train/cum_flops'], r['train/cum_predictions'])
+          for r in records if 'train/loss' in r}
+
+
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory, make_tiny_config) -> pathlib.Path:
   """Returns the workdir of one uninterrupted run, in this process."""
@@ -149,6 +156,8 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(reference, m
   assert _summary(log)['finished']
   assert log.read_text().count('resumed from step') == 2
   _assert_same_params(reference, workdir)
+  # The cumulative counters continue across both resumes as in the uninterrupted run, exactly.
+  assert _counters(workdir) == _counters(reference) and len(_counters(reference)) == NUM_STEPS
 
 
 def test_stop_request_restores_the_previous_handlers():

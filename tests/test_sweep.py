@@ -159,6 +159,62 @@ def test_plan_order_names_and_types(tiny_config):
     sweep.plan(c, [('masking.rate', [0.2]), ('masking.rate', [0.3])])
 
 
+def test_seeds_multiply_the_grid_with_the_seed_last_in_the_name(tiny_config):
+  grid = [('masking.rate', [0.15, 0.3]), ('masking.strategy', ['token', 'span'])]
+  runs = sweep.plan(tiny_config, grid, seeds=[0, 1, 2])
+  assert len(runs) == 12 and [r.index for r in runs] == list(range(12))
+  # Every combination at the first seed comes first (a full grid early), then the next seed.
+  assert [r.name for r in runs[:5]] == [
+      'rate=0.15,strategy=token,seed=0', 'rate=0.15,strategy=span,seed=0',
+      'rate=0.3,strategy=token,seed=0', 'rate=0.3,strategy=span,seed=0',
+      'rate=0.15,strategy=token,seed=1']
+  assert runs[-1].name == 'rate=0.3,strategy=span,seed=2'
+  assert {(r.config.masking.rate, r.config.masking.strategy, r.config.seed) for r in runs} == {
+      (rate, strategy, seed) for rate in (0.15, 0.3) for strategy in ('token', 'span')
+      for seed in (0, 1, 2)}
+  assert runs[5].overrides == {'masking.rate': 0.15, 'masking.strategy': 'span', 'seed': 1}
+  # The report's group label of a run is its name without the seed, the way --baseline names it.
+  assert report.settings_label({k: v for k, v in runs[5].overrides.items() if k != 'seed'}) == \
+      'rate=0.15,strategy=span'
+  # Without --seeds the names (and so the directories of existing sweeps) stay as they were.
+  assert [r.name for r in sweep.plan(tiny_config, grid)] == [r.name[:-len(',seed=0')]
+                                                             for r in runs[:4]]
+  assert [r.name for r in sweep.plan(tiny_config, [], seeds=[3, 4])] == ['seed=3', 'seed=4']
+  with pytest.raises(ValueError, match='both --grid and --seeds'):
+    sweep.plan(tiny_config, [('seed', [1, 2])], seeds=[0])
+  assert sweep.parse_seeds('0, 1,7') == [0, 1, 7]
+  for bad, needle in (('0,1,1', 'repeated'), ('0,x', 'distinct integers'), ('1.5', 'integers')):
+    with pytest.raises(ValueError, match=needle):
+      sweep.parse_seeds(bad)
+
+
+def test_cli_seeds_dry_run_shards_the_product(tmp_path, capsys):
+  workdir = tmp_path / 'abl'
+  for i in (0, 1):
+    sweep.main(['sweep', '--config', CONFIG, '--grid', 'masking.rate=0.15,0.3', '--seeds', '0,1',
+                '--workdir', str(workdir), '--shard', f'{i}/2', '--dry_run'])
+  out = capsys.readouterr().out
+  assert out.count('4 runs, 2 in shard') == 2
+  for index, name in enumerate(('rate=0.15,seed=0', 'rate=0.3,seed=0', 'rate=0.15,seed=1',
+                                'rate=0.3,seed=1')):
+    assert f'[{index}] {name}: train' in out and f'[{index}] {name}: other shard' in out
+  for args, needle in ((['--seeds', '0,1', '--set', 'seed=3'], 'given to --seeds'),
+                       (['--seeds', '0,1', '--config.seed=3'], 'given to --seeds'),
+                       (['--seeds', '0,1', '--grid', 'seed=1,2'], 'both --grid and --seeds'),
+                       (['--seeds', '0,0'], 'repeated')):
+    with pytest.raises(SystemExit) as e:
+      sweep.main(['sweep', '--config', CONFIG, '--workdir', str(workdir), '--grid',
+                  'masking.rate=0.15', *args])
+    msg = str(e.value.code)
+    assert msg.startswith('error: ') and needle in msg and len(msg.splitlines()) == 1, msg
+  assert not workdir.exists()
+  # The record of a seeded sweep lists its seeds and is another sweep than the seedless one.
+  record = sweep.run_sweep(sweep.apply(pretrain.get_config('tiny'), {}), [('masking.rate', [0.3])],
+                           workdir, seeds=[0, 1], dry_run=True, log=lambda _: None)
+  assert record['seeds'] == [0, 1] and [r['name'] for r in record['runs']] == [
+      'rate=0.3,seed=0', 'rate=0.3,seed=1']
+
+
 def test_shards_split_the_grid(tiny_config, tmp_path, capsys):
   grid = [('masking.rate', [0.15, 0.3, 0.4]), ('masking.selection', ['exact', 'bernoulli'])]
   owners = {}

@@ -329,6 +329,9 @@ def test_skipped_batches_are_logged_counted_across_resume_and_stop_past_the_limi
   assert [saved[s][1]['progress']['skipped_batches'] for s in (1, 2, 3)] == [0, 1, 2]
   record = json.loads((tmp_path / 'metrics.jsonl').read_text().splitlines()[-1])
   assert record['step'] == 3 and record['train/skipped_batches'] == 2
+  # Skipped steps count their token slots (the compute was spent) but no predictions.
+  assert record['train/cum_tokens'] == 3 * c.train.batch_size * c.train.seq_len
+  assert record['train/cum_predictions'] == saved[1][1]['progress']['cum_predictions'] > 0
 
   # The resumed run carries the count: its first skip is the third, one past the limit.
   with pytest.raises(FloatingPointError) as err:
@@ -612,12 +615,36 @@ def test_checkpoints_count_the_tokens_of_steps_not_yet_logged(tiny_config, tmp_p
     _, meta = _stored_state(tmp_path, step)
     assert meta['progress']['tokens_seen'] == through[step], step
   assert summary['tokens_seen'] == through[8]
+  # Cumulative counters: token slots, analytic FLOPs, predictions (the loss's selected positions).
+  counters = ('train/cum_tokens', 'train/cum_flops', 'train/cum_predictions')
+  logged = {r['step']: r for r in map(json.loads, (tmp_path / 'metrics.jsonl').read_text()
+                                      .splitlines()) if 'train/loss' in r}
+  slots = c.train.batch_size * c.train.seq_len
+  spec = masking.spec_from_config(c.masking, vocab_size=1000, seq_len=c.train.seq_len)
+  per_token = flops.train_flops_per_token(experiment.encoder_config(c, 1000),
+                                          seq_len=c.train.seq_len,
+                                          max_predictions=spec.max_predictions)
+  for step in (4, 8):
+    assert logged[step]['train/cum_tokens'] == step * slots
+    assert logged[step]['train/cum_flops'] == pytest.approx(step * slots * per_token, rel=1e-12)
+  saved = {step: _stored_state(tmp_path, step)[1]['progress'] for step in (3, 6, 8)}
+  for step, progress in saved.items():  # checkpoints count the steps not yet logged too
+    assert progress['cum_tokens'] == step * slots and progress['counted_step'] == step
+  predictions = [saved[3]['cum_predictions'], logged[4]['train/cum_predictions'],
+                 saved[6]['cum_predictions'], logged[8]['train/cum_predictions']]
+  assert 0 < predictions[0] and predictions == sorted(set(predictions))
+  assert predictions[-1] < 8 * slots
+  assert saved[8]['cum_predictions'] == predictions[-1]
   # A crash after the save at step 3: the resumed run ends with the uninterrupted count.
   for step in (6, 8):
     shutil.rmtree(tmp_path / 'checkpoints' / str(step))
   resumed = train.run(c, tmp_path)
   assert 'resumed from step 3' in (tmp_path / 'log.txt').read_text()
   assert resumed['step'] == 8 and resumed['tokens_seen'] == summary['tokens_seen']
+  relogged = {r['step']: r for r in map(json.loads, (tmp_path / 'metrics.jsonl').read_text()
+                                        .splitlines()) if 'train/loss' in r}
+  for step in (4, 8):  # the resumed run continues the same counts, exactly
+    assert {k: relogged[step][k] for k in counters} == {k: logged[step][k] for k in counters}
 
 
 @pytest.mark.slow
