@@ -30,10 +30,10 @@ from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_flags import tuple_parser
 
-from mlmjax import cli, experiment, report, run_files, schema, train
+from mlmjax import cli, experiment, run_dirs, run_files, schema, train
 
 _MAX_NAME = 120  # longer names are cut and made unique by a hash (file names stop at 255 bytes)
-SEED_KEY = report.SEED_KEY  # the config key that --seeds sets
+SEED_KEY = run_dirs.SEED_KEY  # the config key that --seeds sets
 
 
 @dataclasses.dataclass
@@ -126,7 +126,7 @@ def run_name(overrides: dict[str, Any]) -> str:
   """Returns the file-system-safe directory name of a combination, e.g. `rate=0.15,strategy=token`."""
   if not overrides:
     return 'base'
-  name = re.sub(r'[^A-Za-z0-9._=,+-]+', '_', report.settings_label(overrides)).lstrip('.')
+  name = re.sub(r'[^A-Za-z0-9._=,+-]+', '_', run_dirs.settings_label(overrides)).lstrip('.')
   if len(name) > _MAX_NAME:
     name = name[:_MAX_NAME - 9] + '-' + hashlib.sha1(name.encode()).hexdigest()[:8]
   return name
@@ -220,11 +220,11 @@ def config_differences(run_dir: pathlib.Path, config: ml_collections.ConfigDict)
   if not path.is_file():
     return []
   try:
-    old = report.flatten(schema.upgrade(json.loads(path.read_text())).to_dict())
+    old = run_dirs.flatten(schema.upgrade(json.loads(path.read_text())).to_dict())
   except json.JSONDecodeError:
     return [f'{path} is not valid JSON']
-  new = report.flatten(json.loads(config.to_json_best_effort()))
-  keys = sorted((set(old) & set(new)) - report.BOOKKEEPING_KEYS)
+  new = run_dirs.flatten(json.loads(config.to_json_best_effort()))
+  keys = sorted((set(old) & set(new)) - run_dirs.BOOKKEEPING_KEYS)
   return [f'{k}: {old[k]!r} -> {new[k]!r}' for k in keys if old[k] != new[k]]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from mlmjax import report, schema, sweep, train
+from mlmjax import report, run_dirs, schema, sweep, train
 
 
 @pytest.fixture(scope='module')
@@ -33,7 +33,7 @@ def runs(tmp_path_factory, make_tiny_config):
 
 
 def _evals(run_dir: pathlib.Path) -> list[dict]:
-  return [r for r in report.read_metrics(run_dir / 'metrics.jsonl') if 'eval/loss' in r]
+  return [r for r in run_dirs.read_metrics(run_dir / 'metrics.jsonl') if 'eval/loss' in r]
 
 
 def _num(text: str) -> float:
@@ -144,8 +144,8 @@ def test_keys_added_after_some_runs_count_only_when_the_others_disagree():
   runs = [{'config': {'masking.rate': 0.15}},
           {'config': {'masking.rate': 0.3, 'model.remat': '', 'train.grad_accum_steps': 1}},
           {'config': {'masking.rate': 0.4, 'model.remat': 'full', 'train.grad_accum_steps': 1}}]
-  assert report.varied_keys(runs) == ['masking.rate', 'model.remat']
-  assert report.varied_keys(runs[:2]) == ['masking.rate']
+  assert run_dirs.varied_keys(runs) == ['masking.rate', 'model.remat']
+  assert run_dirs.varied_keys(runs[:2]) == ['masking.rate']
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def test_groups_give_t_intervals_and_paired_differences(seeded):
 
 
 def _load(root: pathlib.Path) -> list[dict]:
-  return [report.load_run(p, root) for p in report.find_runs(root)]
+  return [run_dirs.load_run(p, root) for p in run_dirs.find_runs(root)]
 
 
 def test_baseline_by_group_run_or_settings_and_errors(seeded, tmp_path, capsys):
@@ -302,8 +302,8 @@ def test_align_flops_and_predictions_interpolate_at_the_common_x(tmp_path):
   _write_run(root, 'b', {'model': {'hidden_size': 128}}, {10: 0.3, 25: 0.5, 40: 0.6},
              flops_per_step=2e9, predictions_per_step=10.0)
   runs = {r['name']: r for r in _load(root)}
-  assert report.eval_positions(runs['b'], 'flops') == [2e10, 5e10, 8e10]
-  assert report.eval_positions(runs['b'], 'predictions') == [100.0, 250.0, 400.0]
+  assert run_dirs.eval_positions(runs['b'], 'flops') == [2e10, 5e10, 8e10]
+  assert run_dirs.eval_positions(runs['b'], 'predictions') == [100.0, 250.0, 400.0]
 
   paths = report.write_report(root, align='flops')
   rows = _csv(paths['csv'])
@@ -320,7 +320,7 @@ def test_align_flops_and_predictions_interpolate_at_the_common_x(tmp_path):
       0.3 + 0.2 * 2 / 3)
 
   # b ends at 400 predictions; a has 400 at step 13.3, before its first evaluation (no value).
-  x = report.common_x(list(runs.values()), 'predictions')
+  x = run_dirs.common_x(list(runs.values()), 'predictions')
   rows = {r['run']: r for r in report.build_table(list(runs.values()), axis='predictions', x=x)[1]}
   assert x == 400.0 and rows['b']['eval/accuracy_at_mask@predictions'] == pytest.approx(0.6)
   assert rows['a']['eval/accuracy_at_mask@predictions'] is None
@@ -339,4 +339,4 @@ def test_align_flops_and_predictions_interpolate_at_the_common_x(tmp_path):
   with pytest.raises(SystemExit) as e:
     report.main([str(root), '--align', 'flops'])
   assert 'old log no train/cum_flops' in str(e.value.code) and '--align step' in str(e.value.code)
-  assert report.common_x(_load(root), 'step') is None  # at step, old runs compare as before
+  assert run_dirs.common_x(_load(root), 'step') is None  # at step, old runs compare as before

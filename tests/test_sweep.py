@@ -12,7 +12,7 @@ import time
 import pytest
 
 from configs import pretrain
-from mlmjax import report, sweep
+from mlmjax import run_dirs, sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f'{REPO / "configs" / "pretrain.py"}:tiny'
@@ -30,12 +30,12 @@ sweep.run_sweep(base, json.loads(sys.argv[2]), sys.argv[3])
 
 def _overrides(config) -> dict:
   """Returns {dotted key: value} where config differs from get_config('tiny')."""
-  new, base = report.flatten(config.to_dict()), report.flatten(pretrain.get_config('tiny').to_dict())
+  new, base = run_dirs.flatten(config.to_dict()), run_dirs.flatten(pretrain.get_config('tiny').to_dict())
   return {k: v for k, v in new.items() if base.get(k) != v}
 
 
 def _train_steps(run_dir: pathlib.Path) -> list[int]:
-  return [r['step'] for r in report.read_metrics(run_dir / 'metrics.jsonl') if 'train/loss' in r]
+  return [r['step'] for r in run_dirs.read_metrics(run_dir / 'metrics.jsonl') if 'train/loss' in r]
 
 
 def _statuses(workdir: pathlib.Path) -> dict[str, str]:
@@ -94,7 +94,7 @@ def test_sweep_stops_on_sigterm_resumes_then_skips(base, tmp_path):
     summary = json.loads((run_dir / 'summary.json').read_text())
     assert summary['finished'] and summary['masking']['rate'] == rate
   # Same seed and the same token cache (hence the same data order) for every combination.
-  configs = [report.flatten(json.loads((d / 'config.json').read_text())) for d in (first, second)]
+  configs = [run_dirs.flatten(json.loads((d / 'config.json').read_text())) for d in (first, second)]
   assert configs[0]['seed'] == configs[1]['seed'] == base.seed
   assert {k for k in configs[0] if configs[0][k] != configs[1][k]} == {'masking.rate'}
   summaries = [json.loads((d / 'summary.json').read_text()) for d in (first, second)]
@@ -174,7 +174,7 @@ def test_seeds_multiply_the_grid_with_the_seed_last_in_the_name(tiny_config):
       for seed in (0, 1, 2)}
   assert runs[5].overrides == {'masking.rate': 0.15, 'masking.strategy': 'span', 'seed': 1}
   # The report's group label of a run is its name without the seed, the way --baseline names it.
-  assert report.settings_label({k: v for k, v in runs[5].overrides.items() if k != 'seed'}) == \
+  assert run_dirs.settings_label({k: v for k, v in runs[5].overrides.items() if k != 'seed'}) == \
       'rate=0.15,strategy=span'
   # Without --seeds the names (and so the directories of existing sweeps) stay as they were.
   assert [r.name for r in sweep.plan(tiny_config, grid)] == [r.name[:-len(',seed=0')]
