@@ -1,4 +1,4 @@
-"""Fine-tuning configs: get_config('tiny'|'retrieve_tiny'|'bbc'|'brown_pos'|'bible').
+"""Fine-tuning configs: get_config(PRESET), PRESET one of _PRESETS (listed below).
 
   python -m mlmjax.train --config configs/finetune.py:tiny --workdir runs/cls \
       --config.init_from=runs/demo
@@ -23,6 +23,18 @@ tokenizer are loaded, the task head starts fresh. Without init_from the encoder 
   bbc            ../shared/data/tasks/bbc_news_topic5.jsonl: 5 topics (accuracy, macro-F1)
   brown_pos      ../shared/data/tasks/brown_pos_tagged.jsonl: coarse part of speech per word
   bible          ../shared/data/tasks/bible_kjv_web_verses.jsonl: KJV verse -> WEB verse retrieval
+  bible_pairs    the same verses as pairs: is WEB text b the KJV verse a, or a hard mismatch from
+                 its chapter? (task_data.path 'pairs:FILE'; accuracy, F1, MCC; docs/adaptation.md)
+  glue_*         GLUE by TFDS name (task_data.path 'tfds:glue/NAME'): sst2, cola (one sentence),
+                 mrpc, qqp, qnli, rte, mnli (pairs), stsb (pair regression: Pearson, Spearman).
+                 They need a prepared TFDS copy (data.tfds_data_dir, or data.tfds_download=True
+                 where the network reaches it; offline they stop at once naming
+                 data.tfds_data_dir). GLUE's test labels are hidden: TFDS's validation split is
+                 the reported 'test' split (test/* in summary.json is GLUE's dev score) and
+                 'val' (early stopping, best/) is cut from TFDS's train by hash of idx.
+
+SUITES names the presets of a downstream suite (mlmjax.evalsuite) and METRICS the summary.json
+keys each preset reports, its headline first.
 """
 
 import ml_collections
@@ -31,7 +43,14 @@ from mlmjax.configs import pretrain
 
 SHARED_TASKS = '../shared/data/tasks'
 
-# name: (task, task_data overrides, train overrides, section overrides)
+
+def _glue(name: str, text: str, text_b: str = '', **more) -> dict:
+  """Returns the task_data overrides of GLUE task `name` read by TFDS name (tfds:glue/NAME)."""
+  return dict(path=f'tfds:glue/{name}', text_field=text, text_b_field=text_b, label_field='label',
+              id_field='idx', **more)
+
+
+# name: (task, task_data overrides, train overrides, other dotted overrides)
 _PRESETS = {
     'tiny': ('classify', dict(path='embedded:pydoc_library'),
              dict(seq_len=128, batch_size=16, num_steps=400), {}),
@@ -49,6 +68,54 @@ _PRESETS = {
     'bible': ('retrieve', dict(path=f'{SHARED_TASKS}/bible_kjv_web_verses.jsonl', query_field='a',
                                document_field='b', id_field='ref'),
               dict(seq_len=64, batch_size=32, num_steps=600), {}),
+    # Split by chapter: a verse's pairs and its mismatches' texts stay in one split.
+    'bible_pairs': ('classify', dict(path=f'pairs:{SHARED_TASKS}/bible_kjv_web_verses.jsonl',
+                                     text_field='a', text_b_field='b', label_field='label',
+                                     id_field='id', group_field='chapter'),
+                    # 128: a KJV verse and a WEB verse together, few pairs cut (docs/adaptation.md).
+                    dict(seq_len=128, batch_size=32, num_steps=600),
+                    {'classify.positive_label': 'paraphrase'}),
+    'glue_sst2': ('classify', _glue('sst2', 'sentence'),
+                  dict(seq_len=128, batch_size=32, num_steps=2000), {}),
+    'glue_cola': ('classify', _glue('cola', 'sentence'),
+                  dict(seq_len=128, batch_size=32, num_steps=800), {'early_stop.metric': 'mcc'}),
+    'glue_mrpc': ('classify', _glue('mrpc', 'sentence1', 'sentence2'),
+                  dict(seq_len=128, batch_size=32, num_steps=400),
+                  {'classify.positive_label': 'equivalent'}),
+    'glue_qqp': ('classify', _glue('qqp', 'question1', 'question2'),
+                 dict(seq_len=128, batch_size=32, num_steps=11000),
+                 {'classify.positive_label': 'duplicate'}),
+    'glue_qnli': ('classify', _glue('qnli', 'question', 'sentence'),
+                  dict(seq_len=128, batch_size=32, num_steps=3300), {}),
+    'glue_rte': ('classify', _glue('rte', 'sentence1', 'sentence2'),
+                 dict(seq_len=128, batch_size=32, num_steps=300), {}),
+    'glue_mnli': ('classify', _glue('mnli', 'premise', 'hypothesis',
+                                    tfds_test_split='validation_matched'),
+                  dict(seq_len=128, batch_size=32, num_steps=12000), {}),
+    'glue_stsb': ('regress', _glue('stsb', 'sentence1', 'sentence2'),
+                  dict(seq_len=128, batch_size=32, num_steps=600), {}),
+}
+
+# Downstream suites: the presets mlmjax.evalsuite fine-tunes every pretrained run on.
+SUITES = {
+    'local': ('bbc', 'brown_pos', 'bible', 'bible_pairs'),  # ../shared/data/tasks, CPU, offline
+    'glue': ('glue_sst2', 'glue_mrpc', 'glue_stsb', 'glue_cola', 'glue_qnli', 'glue_rte'),
+    'glue_all': ('glue_sst2', 'glue_mrpc', 'glue_stsb', 'glue_cola', 'glue_qnli', 'glue_rte',
+                 'glue_mnli', 'glue_qqp'),
+}
+
+_CLASSIFY = ('test/accuracy', 'test/macro_f1', 'test/mcc')
+_RETRIEVE = ('test/mrr', 'test/recall_at_1', 'test/recall_at_10')
+# Per preset: the summary.json keys of its downstream numbers, headline first. test/* is the test
+# split (GLUE: its validation split); tag's test/accuracy is word accuracy.
+METRICS = {
+    'tiny': _CLASSIFY, 'retrieve_tiny': _RETRIEVE, 'bbc': _CLASSIFY,
+    'brown_pos': ('test/accuracy', 'test/macro_f1'), 'bible': _RETRIEVE,
+    'bible_pairs': ('test/accuracy', 'test/f1', 'test/mcc'),
+    'glue_sst2': ('test/accuracy',), 'glue_cola': ('test/mcc', 'test/accuracy'),
+    'glue_mrpc': ('test/accuracy', 'test/f1'), 'glue_qqp': ('test/accuracy', 'test/f1'),
+    'glue_qnli': ('test/accuracy',), 'glue_rte': ('test/accuracy',),
+    'glue_mnli': ('test/accuracy',), 'glue_stsb': ('test/pearson', 'test/spearman'),
 }
 
 
@@ -56,10 +123,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   """Returns the locked fine-tuning config for preset `arg`."""
   if arg not in _PRESETS:
     raise ValueError(f'configs/finetune.py: unknown variant {arg!r}; choose one of {sorted(_PRESETS)}')
-  task, data, train, _ = _PRESETS[arg]
+  task, data, train, more = _PRESETS[arg]
   c = pretrain.get_config('tiny')  # locked: presets set values of keys mlmjax/schema.py defines
   c.variant = arg
-  c.task = task  # 'classify', 'tag' or 'retrieve' (mlmjax/tasks/)
+  c.task = task  # 'classify', 'regress', 'tag' or 'retrieve' (mlmjax/tasks/)
 
   for k, v in data.items():
     c.task_data[k] = v
@@ -75,4 +142,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.ckpt.every_steps = c.eval.every_steps
   c.ckpt.max_to_keep = 2
+  for key, value in more.items():
+    section, name = key.split('.')
+    c[section][name] = value
   return c

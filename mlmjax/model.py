@@ -396,10 +396,11 @@ class SequenceClassifier(nnx.Module):
     self.rate = config.dropout_rate
     self.classifier = Dense(config, (config.hidden_size, num_labels), ('embed', None), rngs=rngs)
 
-  def __call__(self, input_ids: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Returns float32 logits (B, num_labels) for single-sequence rows (B, L)."""
-    hidden = self.encoder(input_ids, dropout_rng=_fold(dropout_rng, 0), cls_id=self.cls_id,
-                          pad_id=self.pad_id)
+  def __call__(self, input_ids: jax.Array, *, type_ids: jax.Array | None = None,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Returns float32 logits (B, num_labels) of rows (B, L); type_ids (B, L): pairs' segments."""
+    hidden = self.encoder(input_ids, type_ids=type_ids, dropout_rng=_fold(dropout_rng, 0),
+                          cls_id=self.cls_id, pad_id=self.pad_id)
     pooled = pool(hidden, input_ids, self.pooling, pad_id=self.pad_id)
     pooled = _dropout(pooled, self.rate, _fold(dropout_rng, 1))
     return self.classifier(pooled).astype(jnp.float32)

@@ -186,7 +186,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.phases = ()
 
   c.init_from = ''  # workdir or checkpoint to initialize the encoder (and tokenizer) from: DAPT, fine-tuning
-  c.task = 'mlm'  # what train.py trains: 'mlm', 'classify', 'tag', 'retrieve' (mlmjax/tasks/)
+  c.task = 'mlm'  # what train.py trains: mlm, classify, regress, tag, retrieve (mlmjax/tasks/)
 
   # Early stopping on a validation metric; the best evaluation's checkpoint is kept in best/.
   c.early_stop = ml_collections.ConfigDict()
@@ -197,8 +197,9 @@ def defaults() -> ml_collections.ConfigDict:
 
   # Fine-tuning data (classify, tag, retrieve): one JSON Lines file, split by hash.
   c.task_data = ml_collections.ConfigDict()
-  c.task_data.path = ''  # JSON Lines file, or 'embedded:pydoc_library' / 'embedded:pydoc_signature'
+  c.task_data.path = ''  # JSON Lines file, 'embedded:NAME', 'pairs:FILE' or 'tfds:NAME'
   c.task_data.text_field = 'text'  # classify: the text
+  c.task_data.text_b_field = ''  # classify/regress: text pairs [CLS] a [SEP] b [SEP]; '' = one text
   c.task_data.title_field = ''  # classify: a field prepended to the text ('' = none)
   c.task_data.label_field = 'label'  # classify: the class name
   c.task_data.tokens_field = 'tokens'  # tag: the list of words
@@ -211,11 +212,13 @@ def defaults() -> ml_collections.ConfigDict:
   c.task_data.test_fraction = 0.1  # share for the final test, by hash
   c.task_data.max_examples = 0  # keep the first N examples of the file; 0 keeps all
   c.task_data.tag_map = ''  # tag: '' keeps the tags as they are; 'brown_coarse' (README)
+  c.task_data.tfds_test_split = 'validation'  # tfds: the test split; 'train' gives train and val
 
   c.classify = ml_collections.ConfigDict()
   # Sentence vector: 'mean' over tokens, or 'cls' (the [CLS] hidden state). MLM pretraining here
   # has no sentence-level task, so [CLS] is not trained to summarize (docs/results.md).
   c.classify.pooling = 'mean'
+  c.classify.positive_label = ''  # also report 'f1', this label's F1 (GLUE MRPC, QQP); '' = none
 
   c.retrieve = ml_collections.ConfigDict()
   c.retrieve.pooling = 'mean'  # embedding: 'mean' over tokens or 'cls'

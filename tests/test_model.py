@@ -528,3 +528,23 @@ def test_heads_lay_out_rows_by_the_cls_and_pad_ids_they_are_given():
                              atol=1e-6)
   dual = M.DualEncoder(cfg, pooling='mean', **ids, rngs=nnx.Rngs(2))
   np.testing.assert_allclose(dual(row), M.mean_pool(dual.encoder(row, **one_unit), real), atol=1e-6)
+
+
+def test_sequence_classifier_passes_token_type_ids_to_the_embeddings():
+  """Pair rows' segments reach the type embeddings: flipping them moves every real position."""
+  cfg = small_config(num_layers=1, dropout_rate=0.0)
+  clf = M.SequenceClassifier(cfg, 3, pooling='mean', rngs=nnx.Rngs(0))
+  row = jnp.array([[CLS, 9, 10, SEP, 11, 12, 13, SEP, PAD, PAD]], jnp.int32)
+  types = jnp.array([[0, 0, 0, 0, 1, 1, 1, 1, 0, 0]], jnp.int32)
+
+  @jax.jit
+  def outputs(model, types):
+    flipped = jnp.where(row != PAD, 1 - types, 0)
+    return (model.encoder(row, type_ids=types), model.encoder(row, type_ids=flipped),
+            model(row, type_ids=types), model(row), model(row, type_ids=jnp.zeros_like(types)))
+
+  hidden, hidden_flipped, logits, plain, zeros = outputs(clf, types)
+  assert float(jnp.abs(hidden - hidden_flipped)[row != PAD].min()) > 1e-4
+  np.testing.assert_allclose(logits, clf.classifier(M.mean_pool(hidden, row != PAD)), atol=1e-5)
+  np.testing.assert_allclose(plain, zeros, atol=1e-6)  # no type ids: all segment 0
+  assert float(jnp.abs(logits - plain).max()) > 1e-5

@@ -216,3 +216,162 @@ def test_bbc_news(shared_data, tok):
   b = task.baselines()
   majority = np.bincount(data.train[:, -1]).argmax()
   assert b['majority_accuracy'] == pytest.approx(float(np.mean(data.test[:, -1] == majority)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sentence pairs: [CLS] a [SEP] b [SEP], token types, MCC, the positive label's F1
+
+
+@pytest.fixture(scope='module')
+def pair_path(tmp_path_factory):
+  """Returns a JSON Lines file of 90 pairs: 'same' when b holds a's words, else 'different'."""
+  rng = np.random.default_rng(1)
+  path = tmp_path_factory.mktemp('pairs') / 'pairs.jsonl'
+  words = sorted(w for ws in WORDS.values() for w in ws)
+  with open(path, 'w') as f:
+    for i in range(90):
+      a = list(rng.choice(words, size=int(rng.integers(2, 12))))
+      b = list(rng.permutation(a)) if i % 2 else list(rng.choice(words, size=len(a)))
+      f.write(json.dumps({'id': f'p{i}', 'a': ' '.join(a), 'b': ' '.join(b),
+                          'label': 'same' if i % 2 else 'different'}) + '\n')
+  return path
+
+
+def pair_config(path, **classify):
+  c = make_config(path, title_field='', text_field='a', text_b_field='b')
+  for k, v in classify.items():
+    c.classify[k] = v
+  return c
+
+
+@pytest.fixture(scope='module')
+def pair_prepared(tok, pair_path):
+  task = classify.ClassifyTask(pair_config(pair_path, positive_label='same'), tok, lambda s: None)
+  return task, task.prepare(None)
+
+
+@pytest.fixture(scope='module')
+def pair_net(pair_prepared, tok):
+  return tiny_model(pair_prepared[0], tok, seed=5)
+
+
+def test_pair_rows_hold_tokens_then_type_ids_then_the_label(pair_prepared, tok, pair_path):
+  task, data = pair_prepared
+  assert task.pair and task.row_width() == 2 * SEQ_LEN + 1 == data.train.shape[1]
+  assert data.stats['pair'] and data.stats['labels'] == ['different', 'same'] == task.labels
+  examples = {r['id']: r for r in td.read_examples(str(pair_path))}
+  rows = np.concatenate([data.train, data.val, data.test])
+  for row in rows:
+    tokens, types = row[:SEQ_LEN], row[SEQ_LEN:2 * SEQ_LEN]
+    seps = np.flatnonzero(tokens == td.SEP_ID)
+    assert tokens[0] == td.CLS_ID and len(seps) == 2
+    pos = np.arange(SEQ_LEN)
+    np.testing.assert_array_equal(types, (pos > seps[0]) & (pos <= seps[1]))
+  # Each pair's columns are encode_pairs' own.
+  ids, types = td.encode_pairs(tok, [examples['p3']['a']], [examples['p3']['b']], SEQ_LEN)
+  assert any((r[:SEQ_LEN] == ids[0]).all() and (r[SEQ_LEN:-1] == types[0]).all() and r[-1] == 1
+             for r in rows)
+  tokens, labels, valid = classify.split_row_parts(jnp.asarray(rows), td.PAD_ID, pair=True)
+  assert tokens.shape == (len(rows), SEQ_LEN) and (np.asarray(labels) == rows[:, -1]).all()
+  assert bool(valid.all())
+  np.testing.assert_array_equal(classify.row_type_ids(rows), rows[:, SEQ_LEN:-1])
+  # The same file read as one text per row keeps today's layout: [CLS] a [SEP] and the label.
+  single = classify.ClassifyTask(make_config(pair_path, title_field='', text_field='a'), tok,
+                                 lambda s: None)
+  one = single.prepare(None)
+  assert single.row_width() == SEQ_LEN + 1 == one.train.shape[1]
+  assert single.type_ids(one.train) is None
+  np.testing.assert_array_equal(one.train[:, :-1], td.encode_texts(
+      tok, [examples[f'p{i}']['a'] for i in range(90)
+            if td.split_of(f'id:p{i}', 0.2, 0.2) == 'train'], SEQ_LEN))
+  assert single.unlabeled_texts(examples['p3'], 1, 'x') == [examples['p3']['a']]
+  assert task.unlabeled_texts(examples['p3'], 1, 'x') == [examples['p3']['a'], examples['p3']['b']]
+
+
+def test_flipped_token_types_change_the_encoder_output(pair_prepared, pair_net):
+  task, data = pair_prepared
+  graphdef, params = pair_net
+  rows = data.train[:8].copy()
+  flipped = rows.copy()
+  real = rows[:, :SEQ_LEN] != td.PAD_ID
+  flipped[:, SEQ_LEN:2 * SEQ_LEN] = np.where(real, 1 - rows[:, SEQ_LEN:2 * SEQ_LEN], 0)
+  # Through the task's own forward (the one batch_loss and evaluate use): the loss changes.
+  nll = task._forward_fn()(graphdef, params, jnp.asarray(rows))[3]
+  nll_flipped = task._forward_fn()(graphdef, params, jnp.asarray(flipped))[3]
+  assert np.abs(np.asarray(nll) - np.asarray(nll_flipped)).min() > 1e-6
+
+  @jax.jit
+  def outputs(p, tokens, types, flipped_types):
+    m = nnx.merge(graphdef, p)
+    return (m.encoder(tokens, type_ids=types), m.encoder(tokens, type_ids=flipped_types),
+            m(tokens, type_ids=types), m(tokens), m(tokens, type_ids=jnp.zeros_like(types)))
+
+  hidden, hidden_flipped, logits, no_types, zeros = outputs(
+      params, rows[:, :SEQ_LEN], rows[:, SEQ_LEN:-1], flipped[:, SEQ_LEN:-1])
+  assert float(jnp.abs(hidden - hidden_flipped)[real].min()) > 1e-4  # every real position moves
+  # The classifier reads them too: all-zero types (one text's) give other logits.
+  assert float(jnp.abs(logits - no_types).max()) > 1e-5
+  np.testing.assert_allclose(no_types, zeros, atol=1e-6)
+
+
+def test_pair_evaluate_reports_mcc_and_the_positive_labels_f1(pair_prepared, pair_net):
+  task, data = pair_prepared
+  graphdef, params = pair_net
+  metrics = task.evaluate(graphdef, params, 'val', jnp.asarray)
+  pred = np.asarray(task._forward_fn()(graphdef, params, jnp.asarray(data.val))[0])
+  gold = data.val[:, -1]
+  assert metrics['examples'] == len(gold)
+  assert metrics['accuracy'] == pytest.approx(td.accuracy(gold, pred))
+  assert metrics['mcc'] == pytest.approx(td.mcc(gold, pred, 2))
+  assert metrics['f1'] == pytest.approx(metrics['per_class'].get('same', {'f1': 0.0})['f1'])
+  assert 'MCC' in task.eval_text(metrics) and 'F1' in task.eval_text(metrics)
+  record = {f'test/{k}': v for k, v in metrics.items()}
+  assert '| MCC ' in task.final_text(record) and '| F1 ' in task.final_text(record)
+  assert set(task.baselines()) == {'majority_accuracy', 'majority_macro_f1', 'majority_f1'}
+  no_positive = classify.ClassifyTask(pair_config('x.jsonl'), None, print)
+  no_positive.labels = task.labels
+  assert 'f1' not in no_positive.label_metrics(gold, pred) and 'mcc' in no_positive.label_metrics(
+      gold, pred)
+
+
+def test_pair_predict_takes_tab_strings_and_tuples(pair_prepared, pair_net):
+  task, _ = pair_prepared
+  graphdef, params = pair_net
+  both = task.predict(graphdef, params, 'classify', ['red blue\tblue red', ('one two', 'six')],
+                      top_k=2)
+  again = task.predict(graphdef, params, 'classify', [('red blue', 'blue red'), 'one two\tsix'],
+                       top_k=2)
+  assert both == again and [len(r) for r in both] == [2, 2]
+  assert {label for label, _ in both[0]} == {'different', 'same'}
+  assert sum(p for _, p in both[0]) == pytest.approx(1.0, abs=1e-5)
+  with pytest.raises(ValueError, match='reads text pairs'):
+    task.predict(graphdef, params, 'classify', ['no tab here'])
+
+
+def test_positive_label_must_be_a_label(tok, pair_path):
+  task = classify.ClassifyTask(pair_config(pair_path, positive_label='yes'), tok, lambda s: None)
+  with pytest.raises(ValueError, match=r"classify\.positive_label: 'yes' is not a label; the "
+                                       r"labels are \['different', 'same'\]"):
+    task.prepare(None)
+
+
+def test_bible_pairs_preset(shared_data, tok, tmp_path):
+  # The first 1,500 verses (Genesis 1-50, Exodus 1-...) keep the test fast; the whole file's
+  # pairs are checked in test_task_data.py.
+  with open(shared_data / 'tasks' / 'bible_kjv_web_verses.jsonl', encoding='utf-8') as f:
+    head = [next(f) for _ in range(1500)]
+  (tmp_path / 'verses.jsonl').write_text(''.join(head), encoding='utf-8')
+  c = finetune.get_config('bible_pairs')
+  assert c.task_data.path.startswith('pairs:') and c.task_data.path.endswith(
+      '/bible_kjv_web_verses.jsonl')
+  c.task_data.path = 'pairs:' + str(tmp_path / 'verses.jsonl')
+  c.train.seq_len = 48
+  task = classify.ClassifyTask(c, tok, lambda s: None)
+  data = task.prepare(None)
+  assert data.train.shape[1] == 2 * 48 + 1 and task.labels == ['mismatch', 'paraphrase']
+  assert data.stats['fields']['split_key'] == 'chapter' and data.stats['examples'] == 3000
+  counts = {s: sum(data.stats['label_counts'][s].values()) for s in td.SPLITS}
+  assert counts == data.stats['split_examples'] and counts['val'] and counts['test']
+  for s in td.SPLITS:  # both halves of every verse land in its chapter's split
+    assert data.stats['label_counts'][s]['paraphrase'] == data.stats['label_counts'][s]['mismatch']
+  assert task.positive_id() == 1

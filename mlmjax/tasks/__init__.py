@@ -14,6 +14,7 @@ _REGISTRY = {
     'classify': 'mlmjax.tasks.classify:ClassifyTask',
     'tag': 'mlmjax.tasks.tag:TagTask',
     'retrieve': 'mlmjax.tasks.retrieve:RetrieveTask',
+    'regress': 'mlmjax.tasks.regress:RegressTask',
 }
 
 

@@ -243,6 +243,22 @@ class LabelTask(Task):
     """Returns (tokens, labels, weights) of a batch of rows; pad_id marks padding rows."""
     raise NotImplementedError
 
+  def type_ids(self, rows: jax.Array) -> jax.Array | None:
+    """Returns the (B, L) token type ids of a batch of rows, or None (all 0: one text per row)."""
+    del rows
+    return None
+
+  def model_inputs(self, rows: jax.Array) -> dict[str, jax.Array]:
+    """Returns the keyword inputs of the model besides the tokens: {'type_ids': ...} or {}."""
+    types = self.type_ids(rows)
+    return {} if types is None else {'type_ids': types}
+
+  def label_metrics(self, gold: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    """Returns accuracy, macro_f1 and the per-class report of label ids (evaluate adds the rest)."""
+    return {'accuracy': td.accuracy(gold, pred),
+            'macro_f1': td.macro_f1(gold, pred, len(self.labels)),
+            'per_class': td.per_class_report(gold, pred, self.labels)}
+
   def label_names(self) -> list[str]:
     """Returns the sorted label names of task_data.path without tokenizing it (compile check)."""
     raise NotImplementedError
@@ -264,7 +280,7 @@ class LabelTask(Task):
   def batch_loss(self, m, rows, mask_key, drop_key, step):
     del mask_key, step
     tokens, labels, weights = self.parts(rows, self.layout_ids()['pad_id'])
-    logits = m(tokens, dropout_rng=drop_key)
+    logits = m(tokens, dropout_rng=drop_key, **self.model_inputs(rows))
     loss_sum, weight = losses.cross_entropy_sum(logits, labels, weights)
     correct, _ = losses.accuracy_sum(logits, labels, weights)
     return loss_sum, weight, {'loss_sum': loss_sum, 'weight': weight, 'correct': correct}
@@ -274,7 +290,7 @@ class LabelTask(Task):
     return {'train/loss': float(sums['loss_sum']) / w, 'train/accuracy': float(sums['correct']) / w}
 
   def evaluate(self, graphdef, params, split, to_device) -> dict[str, Any]:
-    """Returns loss, accuracy, macro-F1, the count and a per-class report on split."""
+    """Returns loss, the count and label_metrics (accuracy, macro-F1, per-class report) on split."""
     if self.splits is None:
       raise RuntimeError(f'{self.name}: call prepare() before evaluate()')
     rows = self.splits[split]
@@ -286,19 +302,17 @@ class LabelTask(Task):
     pred, gold, nll = pred[keep], gold[keep], nll[keep]
     if not gold.size:
       return {}
-    return {'loss': float(nll.mean()), 'accuracy': td.accuracy(gold, pred),
-            'macro_f1': td.macro_f1(gold, pred, len(self.labels)),
-            self.count_name: float(gold.size),
-            'per_class': td.per_class_report(gold, pred, self.labels)}
+    return {'loss': float(nll.mean()), **self.label_metrics(gold, pred),
+            self.count_name: float(gold.size)}
 
   def _forward_fn(self):
     """Returns the jitted (graphdef, params, rows) -> (pred, label, weight, nll), built once."""
     if self._forward is None:
-      parts, pad_id = self.parts, self.layout_ids()['pad_id']
+      parts, inputs, pad_id = self.parts, self.model_inputs, self.layout_ids()['pad_id']
 
       def forward(graphdef, params, rows):
         tokens, labels, weights = parts(rows, pad_id)
-        logits = nnx.merge(graphdef, params)(tokens)
+        logits = nnx.merge(graphdef, params)(tokens, **inputs(rows))
         lse = jax.nn.logsumexp(logits, axis=-1)
         gold = jnp.take_along_axis(logits, labels[..., None], axis=-1, mode='clip')[..., 0]
         return jnp.argmax(logits, -1).astype(jnp.int32), labels, weights, lse - gold
@@ -306,10 +320,21 @@ class LabelTask(Task):
       self._forward = jax.jit(forward, static_argnums=0)
     return self._forward
 
-  def probabilities(self, graphdef, params, rows: np.ndarray) -> np.ndarray:
-    """Returns the model's label probabilities of token rows (classify: (N, C); tag: (N, L, C))."""
+  def probabilities(self, graphdef, params, rows: np.ndarray,
+                    type_ids: np.ndarray | None = None) -> np.ndarray:
+    """Returns the model's label probabilities of token rows (classify: (N, C); tag: (N, L, C)).
+
+    type_ids: (N, L) token types of text-pair rows; None for one text per row.
+    """
     if graphdef not in self._probs:
-      self._probs[graphdef] = jax.jit(
-          lambda p, ids: jax.nn.softmax(nnx.merge(graphdef, p)(ids), axis=-1))
-    return batched(lambda ids: self._probs[graphdef](params, ids), rows,
+
+      def probs(p, ids):
+        # Pair rows travel as [tokens | types] (2 L columns), so one batching serves both.
+        width = int(self.config.train.seq_len)
+        types = {} if ids.shape[1] == width else {'type_ids': ids[:, width:]}
+        return jax.nn.softmax(nnx.merge(graphdef, p)(ids[:, :width], **types), axis=-1)
+
+      self._probs[graphdef] = jax.jit(probs)
+    joined = rows if type_ids is None else np.concatenate([rows, type_ids], axis=1)
+    return batched(lambda ids: self._probs[graphdef](params, ids), joined,
                    self.layout_ids()['pad_id'])

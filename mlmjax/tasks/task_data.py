@@ -1,13 +1,23 @@
 """What every fine-tuning task shares: reading examples, hash splits, encoding, metrics, eval batches.
 
-Examples come from a JSON Lines file (one object per line; `.gz` too) or from `embedded:NAME`
-(embedded_examples: tasks built from the stdlib's own documentation, walked by pydocs.api_entries).
+The metrics are defined in tasks/metrics.py and imported here (td.accuracy, td.mcc, ...).
+
+Examples come from a JSON Lines file (one object per line; `.gz` too), from `embedded:NAME`
+(embedded_examples: tasks built from the stdlib's own documentation, walked by pydocs.api_entries),
+from `pairs:FILE` (paraphrase_pairs: aligned text pairs and hard mismatches built from a file of
+aligned verses) or from `tfds:NAME` (read_tfds_examples: a prepared TensorFlow Datasets dataset,
+e.g. tfds:glue/sst2, read through corpus.py's TFDS reader with data.tfds_data_dir and
+data.tfds_download).
 
 Splits are deterministic and need no split file: the blake2b hash of a key read as a uniform number
 u in [0, 1) puts an example in 'test' when u < test_fraction, in 'val' when u < test_fraction +
 val_fraction, else in 'train'. The key is the example's `task_data.group_field` value when set (all
 sentences of one Brown document land in one split), else its `task_data.id_field` value, else (id_field
-'') the example's whole content. Adding or removing examples never moves the others.
+'') the example's whole content. Adding or removing examples never moves the others. A TFDS
+example carries its source split under the key SOURCE_SPLIT: TFDS's reported split
+(task_data.tfds_test_split, 'validation' by default, since GLUE hides its test labels) is all
+'test', and TFDS's 'train' is cut into 'train' and 'val' by the same hash with val_fraction
+(test_fraction is not used).
 
 Text is cleaned with corpus.clean_document (ftfy mojibake repair: the BBC articles' 'Â£' becomes
 '£'; Unicode NFC; whitespace) before sentencepiece, as the pretraining corpus is. Rows take every
@@ -19,6 +29,7 @@ import collections
 import functools
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -30,28 +41,63 @@ import numpy as np
 from mlmjax import corpus, input_pipeline
 from mlmjax import pydocs
 from mlmjax import tokenizer as tokenizer_lib
+# Not `from mlmjax.tasks import ...`: that package imports this module (through base).
+import mlmjax.tasks.paraphrase as paraphrase
+# The metrics live in tasks/metrics.py; the tasks read them here, beside the rest they share.
+from mlmjax.tasks.metrics import (accuracy, average_ranks, class_f1, class_table,  # noqa: F401
+                                  confusion, final_split, macro_f1, mcc, pearson,
+                                  per_class_report, spearman)
 
 # The sentencepiece layout's ids (a sentencepiece tokenizer's own); rows use the tokenizer's ids.
 PAD_ID, CLS_ID, SEP_ID, UNK_ID = (tokenizer_lib.PAD_ID, tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID,
                                   tokenizer_lib.UNK_ID)
 SPLITS = ('train', 'val', 'test')
-EMBEDDED = 'embedded:'
+EMBEDDED, PAIRS, TFDS = 'embedded:', 'pairs:', 'tfds:'
+SOURCE_SPLIT = '_split'  # a TFDS example's source: 'train' (cut into train/val) or 'test'
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading examples
 
 
-def read_examples(path: str, *, max_examples: int = 0) -> list[dict]:
-  """Returns the example dicts of a JSON Lines file or of 'embedded:NAME' (the first max_examples > 0)."""
+def read_examples(path: str, *, max_examples: int = 0, fields: Sequence[str] = (),
+                  tfds_data_dir: str = '', tfds_download: bool = False,
+                  tfds_test_split: str = 'validation') -> list[dict]:
+  """Returns the example dicts of a JSON Lines file, 'embedded:NAME', 'pairs:FILE' or 'tfds:NAME'.
+
+  max_examples > 0 keeps the first N examples (of each split for tfds:). fields and tfds_*: the
+  arguments of read_tfds_examples (load_examples takes them from a config).
+  """
   path = str(path)
   if max_examples < 0:
     raise ValueError(f'task_data.max_examples={max_examples} must be >= 0 (0 keeps all)')
   if path.startswith(EMBEDDED):
     rows = embedded_examples(path[len(EMBEDDED):])
     return rows[:max_examples] if max_examples else rows
+  if path.startswith(PAIRS):
+    rows = paraphrase_pairs(path[len(PAIRS):])
+    return rows[:max_examples] if max_examples else rows
+  if path.startswith(TFDS):
+    return read_tfds_examples(path[len(TFDS):], fields=fields, data_dir=tfds_data_dir,
+                              download=tfds_download, test_split=tfds_test_split,
+                              max_examples=max_examples)
+  return _read_jsonl(path, max_examples)
+
+
+def load_examples(config, fields: Sequence[str] = ()) -> list[dict]:
+  """Returns read_examples of config.task_data.path with the config's max_examples and TFDS keys."""
+  cfg, data = config.task_data, config.data
+  return read_examples(str(cfg.path), max_examples=int(cfg.max_examples), fields=fields,
+                       tfds_data_dir=str(data.tfds_data_dir),
+                       tfds_download=bool(data.tfds_download),
+                       tfds_test_split=str(cfg.tfds_test_split))
+
+
+def _read_jsonl(path: str, max_examples: int) -> list[dict]:
+  """Returns the objects of a JSON Lines file (.gz too); a bad line names the file and line."""
   if not path:
-    raise ValueError("task_data.path is empty: set it to a JSON Lines file or 'embedded:NAME'")
+    raise ValueError("task_data.path is empty: set it to a JSON Lines file, 'embedded:NAME', "
+                     "'pairs:FILE' or 'tfds:NAME'")
   if not os.path.isfile(path):
     raise FileNotFoundError(f'task_data.path: {path} does not exist (or is not a file)')
   rows = []
@@ -191,6 +237,114 @@ def _signature_rows(entries: Sequence[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Paraphrase pairs (task_data.path='pairs:FILE'): aligned pairs against hard mismatches
+
+PARAPHRASE, MISMATCH = 'paraphrase', 'mismatch'
+
+
+def paraphrase_pairs(path: str) -> list[dict]:
+  """Returns labelled text pairs built from a JSON Lines file of aligned verses ('pairs:FILE').
+
+  Each source row has 'ref' ('Book Chapter:Verse'), 'a' and 'b' (one verse in two versions, e.g.
+  KJV and WEB). Per verse, in file order: the aligned pair (a, its own b, 'paraphrase') and, when
+  its chapter has a candidate, a hard mismatch (a, the b of another verse of the same chapter,
+  'mismatch'): paraphrase.hard_mismatches, the verse whose b shares the largest fraction of words
+  with this a, never one whose a or b text equals this verse's. Each row: 'id' ('ref/label'), 'ref', 'ref_b' (the verse b
+  comes from), 'chapter' ('Book Chapter'), 'a', 'b', 'label'. Negatives stay inside the chapter,
+  so splitting on group_field='chapter' keeps every verse's text in one split. A pure function of
+  the file (no random state), computed once per file version.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'task_data.path=pairs:{path}: {path} does not exist '
+                            '(or is not a file)')
+  st = os.stat(path)
+  return [dict(r) for r in _paraphrase_pairs(os.path.realpath(path), st.st_size, st.st_mtime_ns)]
+
+
+@functools.lru_cache(maxsize=2)
+def _paraphrase_pairs(path: str, size: int, mtime_ns: int) -> tuple[dict, ...]:
+  """Returns paraphrase_pairs' rows of the file version (path, size, mtime_ns)."""
+  del size, mtime_ns  # the cache key: a changed file is read again
+  source = _read_jsonl(path, 0)
+  where = f'pairs:{path}'
+  refs = [text_field(r, 'ref', i, where, key='path') for i, r in enumerate(source, 1)]
+  a = [text_field(r, 'a', i, where, key='path') for i, r in enumerate(source, 1)]
+  b = [text_field(r, 'b', i, where, key='path') for i, r in enumerate(source, 1)]
+  chapters = [ref.rpartition(':')[0] or ref for ref in refs]
+  partner = paraphrase.hard_mismatches(chapters, a, b)
+  rows = []
+  for i in range(len(source)):
+    rows.append({'id': f'{refs[i]}/{PARAPHRASE}', 'ref': refs[i], 'ref_b': refs[i],
+                 'chapter': chapters[i], 'a': a[i], 'b': b[i], 'label': PARAPHRASE})
+    j = int(partner[i])
+    if j >= 0:
+      rows.append({'id': f'{refs[i]}/{MISMATCH}', 'ref': refs[i], 'ref_b': refs[j],
+                   'chapter': chapters[i], 'a': a[i], 'b': b[j], 'label': MISMATCH})
+  return tuple(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS examples (task_data.path='tfds:NAME')
+
+
+def read_tfds_examples(name: str, *, fields: Sequence[str] = (), data_dir: str = '',
+                       download: bool = False, test_split: str = 'validation',
+                       max_examples: int = 0) -> list[dict]:
+  """Returns the examples of TFDS dataset `name`: its 'train' split, then test_split's.
+
+  Each row holds the features named in `fields` that the dataset has (all its features when
+  fields is empty) and SOURCE_SPLIT: 'train' or 'test' (split_rows puts the latter in 'test').
+  Features are read through corpus.py's TFDS reader, one pass per feature, so a dataset that is
+  not prepared fails fast with its one-line message naming data.tfds_data_dir (unless
+  download=True, data.tfds_download). Text becomes str, a ClassLabel its label name, any other
+  value its str (a float label 3.8 becomes '3.8'). max_examples > 0 keeps each split's first N.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  spec = f'{TFDS}{name}'
+  where = f'data.tfds_data_dir={data_dir or "(TFDS default)"}'
+  try:
+    builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir) if data_dir else None)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f'task_data.path={spec}: TFDS knows no dataset {name!r} and none is prepared '
+                     f'in {where}; check the name (e.g. tfds:glue/sst2)') from None
+  features = builder.info.features
+  names = list(dict.fromkeys(f for f in (fields or sorted(features)) if f in features))
+  if not names:
+    raise ValueError(f'task_data.path={spec}: none of the configured fields {list(fields)} is a '
+                     f'feature (features: {", ".join(sorted(features))}); set task_data.text_field '
+                     'and the other *_field keys to its feature names')
+  class_names = {f: list(features[f].names) for f in names
+                 if isinstance(features[f], tfds.features.ClassLabel)}
+  rows = []
+  for split, source in (('train', 'train'), (test_split, 'test')):
+    columns = {}
+    for f in names:
+      try:
+        # pylint: disable-next=protected-access
+        values = corpus._read_tfds(name, f, split, data_dir, download)
+      except (FileNotFoundError, ValueError) as e:
+        message = str(e).replace('data.corpus=', 'task_data.path=')
+        if split == test_split:
+          message = message.replace('data.tfds_split=', 'task_data.tfds_test_split=')
+        raise type(e)(message) from None
+      columns[f] = list(itertools.islice(values, max_examples or None))
+    for k in range(len(columns[names[0]])):
+      row = {f: _tfds_value(columns[f][k], class_names.get(f)) for f in names}
+      row[SOURCE_SPLIT] = source
+      rows.append(row)
+  if not rows:
+    raise ValueError(f'task_data.path={spec} holds no examples in {where}')
+  return rows
+
+
+def _tfds_value(value: str, names: list[str] | None) -> str:
+  """Returns a ClassLabel id's name (ids outside the names stay: GLUE's hidden -1), else value."""
+  if names is not None and value.lstrip('-').isdigit() and 0 <= int(value) < len(names):
+    return names[int(value)]
+  return value
+
+
+# ---------------------------------------------------------------------------------------------
 # Splits
 
 
@@ -228,12 +382,22 @@ def split_key(row: dict, i: int, path: str, *, id_field: str = '', group_field: 
 
 
 def split_rows(rows: Sequence[dict], path: str, task_cfg) -> list[str]:
-  """Returns the split name of every row under the config's task_data id/group fields and fractions."""
+  """Returns the split name of every row under the config's task_data id/group fields and fractions.
+
+  A row with SOURCE_SPLIT 'test' (a TFDS reported split) is 'test'; one with 'train' goes to
+  'train' or 'val' by hash (val_fraction; no test_fraction).
+  """
   val, test = float(task_cfg.val_fraction), float(task_cfg.test_fraction)
   check_fractions(val, test)
-  return [split_of(split_key(r, i, path, id_field=task_cfg.id_field,
-                             group_field=task_cfg.group_field), val, test)
-          for i, r in enumerate(rows, 1)]
+  out = []
+  for i, r in enumerate(rows, 1):
+    source = r.get(SOURCE_SPLIT)
+    if source == 'test':
+      out.append('test')
+      continue
+    key = split_key(r, i, path, id_field=task_cfg.id_field, group_field=task_cfg.group_field)
+    out.append(split_of(key, val, 0.0 if source == 'train' else test))
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +449,56 @@ def encode_texts(tokenizer, texts: Iterable[str], seq_len: int, *,
   return np.stack([_layout(tokenizer, p, seq_len, stats) for p in pieces])
 
 
+def pair_lengths(len_a: int, len_b: int, room: int) -> tuple[int, int]:
+  """Returns the pieces of a and b kept in room: the longer loses one at a time (ties: b's)."""
+  if len_a + len_b <= room:
+    return len_a, len_b
+  if len_b <= room // 2:
+    return room - len_b, len_b  # only a is cut
+  if len_a <= (room + 1) // 2:
+    return len_a, room - len_a  # only b is cut
+  return (room + 1) // 2, room // 2
+
+
+def _pair_layout(tokenizer, a: Sequence[int], b: Sequence[int], seq_len: int,
+                 stats: dict | None) -> tuple[np.ndarray, np.ndarray]:
+  """Returns ([CLS] a [SEP] b [SEP] PAD... ids, their token types 0..0 1..1 0..), seq_len each."""
+  keep_a, keep_b = pair_lengths(len(a), len(b), seq_len - 3)
+  if (keep_a, keep_b) != (len(a), len(b)):
+    _bump(stats, 'truncated')
+    _bump(stats, 'pieces_dropped', len(a) + len(b) - keep_a - keep_b)
+  ids = np.full(seq_len, tokenizer.pad_id, np.int32)
+  types = np.zeros(seq_len, np.int32)
+  ids[0] = tokenizer.cls_id
+  ids[1:1 + keep_a] = a[:keep_a]
+  ids[1 + keep_a] = tokenizer.sep_id
+  start = 2 + keep_a
+  ids[start:start + keep_b] = b[:keep_b]
+  ids[start + keep_b] = tokenizer.sep_id
+  types[start:start + keep_b + 1] = 1
+  return ids, types
+
+
+def encode_pairs(tokenizer, texts_a: Sequence[str], texts_b: Sequence[str], seq_len: int, *,
+                 stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Returns int32 (N, seq_len) ids [CLS] a [SEP] b [SEP] PAD... and (N, seq_len) token types.
+
+  Types are 0 for [CLS] a [SEP] (and padding), 1 for b [SEP]. A pair over seq_len - 3 pieces loses
+  pieces from the end of its longer text first (pair_lengths), counted as in encode_text.
+  """
+  if seq_len < 5:
+    raise ValueError(f'train.seq_len={seq_len} is too short for [CLS] a [SEP] b [SEP]; use >= 5')
+  if len(texts_a) != len(texts_b):
+    raise ValueError(f'encode_pairs: {len(texts_a)} first texts but {len(texts_b)} second texts')
+  if not len(texts_a):
+    return np.zeros((0, seq_len), np.int32), np.zeros((0, seq_len), np.int32)
+  pieces_a = tokenizer.encode_batch([corpus.clean_document(t) for t in texts_a])
+  pieces_b = tokenizer.encode_batch([corpus.clean_document(t) for t in texts_b])
+  ids, types = zip(*(_pair_layout(tokenizer, a, b, seq_len, stats)
+                     for a, b in zip(pieces_a, pieces_b)))
+  return np.stack(ids), np.stack(types)
+
+
 def word_pieces(tokenizer, word: str, cache: dict | None = None) -> list[int]:
   """Returns the pieces of one cleaned word (with its word-start marker); [UNK] when it has none."""
   if cache is not None and word in cache:
@@ -332,69 +546,6 @@ def digest(*arrays) -> str:
     h.update(f'{a.dtype.str}{a.shape}|'.encode())
     h.update(a.tobytes())
   return h.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics (gold and pred are integer class ids)
-
-
-def confusion(gold, pred, n: int) -> np.ndarray:
-  """Returns the (n, n) int64 confusion matrix: rows are gold classes, columns predictions."""
-  gold = np.asarray(gold, np.int64).reshape(-1)
-  pred = np.asarray(pred, np.int64).reshape(-1)
-  if gold.shape != pred.shape:
-    raise ValueError(f'confusion: {gold.size} gold labels but {pred.size} predictions')
-  return np.bincount(gold * n + pred, minlength=n * n).reshape(n, n)
-
-
-def accuracy(gold, pred) -> float:
-  """Returns the fraction of predictions equal to gold (0.0 when there are none)."""
-  gold, pred = np.asarray(gold).reshape(-1), np.asarray(pred).reshape(-1)
-  return float(np.mean(gold == pred)) if gold.size else 0.0
-
-
-def _prf(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """Returns per-class precision, recall, F1, support and 'present' (in gold or predictions)."""
-  tp = np.diag(cm).astype(np.float64)
-  support, predicted = cm.sum(1), cm.sum(0)
-  precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-  recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-  denom = precision + recall
-  f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-  return precision, recall, f1, support, (support + predicted) > 0
-
-
-def macro_f1(gold, pred, n: int) -> float:
-  """Returns the mean F1 over the classes that occur in gold or in the predictions."""
-  *_, f1, _, present = _prf(confusion(gold, pred, n))
-  return float(f1[present].mean()) if present.any() else 0.0
-
-
-def per_class_report(gold, pred, names: Sequence[str]) -> dict[str, dict[str, float]]:
-  """Returns {name: precision, recall, f1, support} for the classes in gold or predictions."""
-  precision, recall, f1, support, present = _prf(confusion(gold, pred, len(names)))
-  return {names[k]: {'precision': float(precision[k]), 'recall': float(recall[k]),
-                     'f1': float(f1[k]), 'support': int(support[k])}
-          for k in np.flatnonzero(present)}
-
-
-def class_table(per_class: dict[str, dict[str, float]], indent: str = '  ') -> list[str]:
-  """Returns the lines of a precision / recall / F1 / support table."""
-  width = max([len('class')] + [len(k) for k in per_class])
-  lines = [f'{indent}{"class":<{width}}  precision  recall      f1  support']
-  for name, m in per_class.items():
-    lines.append(f'{indent}{name:<{width}}  {m["precision"]:9.3f}  {m["recall"]:6.3f}  '
-                 f'{m["f1"]:6.3f}  {int(m["support"]):7d}')
-  return lines
-
-
-def final_split(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-  """Returns ('test' or 'val', its metrics without prefix) from a summary record, or None."""
-  for split, prefix in (('test', 'test/'), ('val', 'eval/')):
-    found = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
-    if 'accuracy' in found:
-      return split, found
-  return None
 
 
 # ---------------------------------------------------------------------------------------------
