@@ -138,7 +138,8 @@ def test_shipped_configs_are_named_without_a_path(tmp_path, monkeypatch):
 @pytest.mark.parametrize('script', ['mlmjax-train', 'mlmjax-predict', 'mlmjax-sweep',
                                     'mlmjax-report', 'mlmjax-convert', 'mlmjax-task-texts',
                                     'mlmjax-corpus-report', 'mlmjax-tokenizer-report',
-                                    'mlmjax-average', 'mlmjax-probe', 'mlmjax-branch'])
+                                    'mlmjax-average', 'mlmjax-probe', 'mlmjax-branch',
+                                    'mlmjax-evalsuite'])
 def test_console_scripts_answer_help(script):
   import subprocess
   path = pathlib.Path(sys.executable).parent / script  # installed with the package (setup.cfg)
