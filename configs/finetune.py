@@ -133,7 +133,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.train.seq_len = train['seq_len']
   c.train.batch_size = train['batch_size']
   c.train.num_steps = train['num_steps']
-  c.model.dropout_rate = 0.1  # fine-tuning regularizer (pretraining tiny uses none)
+  # Fine-tuning regularizers, BERT's (pretraining tiny uses none).
+  c.model.dropout_rate = c.model.attention_dropout_rate = 0.1
   c.optim.decay, c.optim.decay_fraction = 'linear', 0.0  # linear decay over the whole fine-tune
   c.optim.learning_rate = 5e-4
   c.optim.warmup_steps = max(train['num_steps'] // 10, 1)

@@ -44,7 +44,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   c.variant = arg
   c.tokenizer.vocab_size = s['vocab_size']
   c.model.size = s['model']
-  c.model.dropout_rate = s['dropout']  # attention dropout follows it
+  c.model.dropout_rate = s['dropout']
+  # None on the probabilities, as ModernBERT and mmBERT pretrain: fused attention kernels have none.
+  c.model.attention_dropout_rate = 0.0
   c.model.tie_embeddings = s.get('tie', True)
   c.masking.rate = s.get('mask_rate', 0.15)
   c.train.num_steps = s['num_steps']

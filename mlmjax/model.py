@@ -80,6 +80,10 @@ class EncoderConfig:
     for name in ('dropout_rate', 'attention_dropout_rate'):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f'model.{name}: {getattr(self, name)} must be in [0, 1)')
+    if self.attention_impl == 'cudnn' and self.attention_dropout_rate > 0:
+      # The fused kernels have no dropout on the probabilities: training would run the einsum path.
+      raise ValueError(f"model.attention_impl='cudnn' cannot apply model.attention_dropout_rate="
+                       f"{self.attention_dropout_rate}; set it to 0 or attention_impl to ''")
 
   @property
   def compute_dtype(self) -> Any:

@@ -405,6 +405,22 @@ def test_attention_impl_empty_string_and_xla_agree_with_default():
     np.testing.assert_array_equal(make_model(attention_impl=impl).encoder(tokens), default)
 
 
+def test_cudnn_attention_with_attention_dropout_is_refused_not_bypassed():
+  with pytest.raises(ValueError, match=r"attention_impl='cudnn' cannot apply "
+                                       r"model\.attention_dropout_rate=0\.1"):
+    M.EncoderConfig(vocab_size=100, size='tiny', attention_impl='cudnn',
+                    attention_dropout_rate=0.1)
+  # Hidden dropout alone leaves the attention fused.
+  M.EncoderConfig(vocab_size=100, size='tiny', attention_impl='cudnn', dropout_rate=0.1,
+                  attention_dropout_rate=0.0)
+  from configs import finetune, pretrain  # pylint: disable=g-import-not-at-top
+  for size in ('tiny', 'mini', 'base', 'large'):  # pretraining: no dropout on the probabilities
+    c = pretrain.get_config(size)
+    assert c.model.attention_dropout_rate == 0.0
+    M.EncoderConfig(vocab_size=100, **{**c.model, 'attention_impl': 'cudnn'})
+  assert finetune.get_config('bbc').model.attention_dropout_rate == 0.1
+
+
 def test_sequence_longer_than_max_position_is_a_clear_error():
   m = make_model()
   with pytest.raises(ValueError, match='max_position'):

@@ -26,8 +26,11 @@ def test_defaults_are_unlocked_and_the_model_section_is_the_encoders_fields():
 
 
 def test_attention_dropout_follows_dropout_unless_set_and_dumps_a_number():
-  c = pretrain.get_config('tiny')
-  assert c.model.attention_dropout_rate == c.model.dropout_rate == 0.0
+  # The pretraining configs pin it to 0 (fused attention); the schema's default follows dropout.
+  assert {pretrain.get_config(v).model.attention_dropout_rate for v in pretrain._SIZES} == {0.0}
+  c = schema.defaults()
+  c.model.dropout_rate = 0.0
+  assert c.model.attention_dropout_rate == 0.0
   c.model.dropout_rate = 0.2
   assert c.model.attention_dropout_rate == 0.2
   dumped = json.loads(c.to_json_best_effort())['model']
@@ -44,10 +47,10 @@ def test_encoder_config_from_the_model_section_of_every_variant():
     c = pretrain.get_config(variant)
     enc = model.EncoderConfig(vocab_size=c.tokenizer.vocab_size, **c.model)
     assert {k: getattr(enc, k) for k in model.SIZES[c.model.size]} == model.SIZES[c.model.size]
-    assert enc.attention_dropout_rate == enc.dropout_rate == c.model.dropout_rate
+    assert (enc.attention_dropout_rate, enc.dropout_rate) == (0.0, c.model.dropout_rate)
     assert enc == model.encoder_config(c.model.size, vocab_size=c.tokenizer.vocab_size,
                                        dropout_rate=c.model.dropout_rate,
-                                       attention_dropout_rate=c.model.dropout_rate,
+                                       attention_dropout_rate=0.0,
                                        tie_embeddings=c.model.tie_embeddings, attention_impl=None)
 
 
