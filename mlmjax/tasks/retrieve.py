@@ -245,7 +245,7 @@ class RetrieveTask(Task):
     self.load_tokenizer(workdir)  # tokenizing a few ten thousand pairs takes seconds: nothing is cached
     td = self.config.task_data
     path = str(td.path)
-    examples = task_data.read_examples(path, max_examples=int(td.max_examples))
+    examples = task_data.load_examples(self.config)  # tfds: reads data.tfds_* too
     queries = [task_data.text_field(r, td.query_field, i, path, key='query_field')
                for i, r in enumerate(examples, 1)]
     documents = [task_data.text_field(r, td.document_field, i, path, key='document_field')

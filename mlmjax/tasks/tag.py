@@ -131,7 +131,7 @@ class TagTask(LabelTask):
     tag_map = str(cfg.tag_map)
     if tag_map not in TAG_MAPS:
       raise ValueError(f'task_data.tag_map: {tag_map!r} is not a tag map; use one of {list(TAG_MAPS)}')
-    rows = td.read_examples(path, max_examples=int(cfg.max_examples))
+    rows = td.load_examples(self.config)  # tfds: reads data.tfds_* too
     words, tags = [], []
     unmapped: collections.Counter = collections.Counter()
     raw = 0

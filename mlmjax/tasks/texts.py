@@ -26,7 +26,7 @@ def split_texts(config, splits=('train',)) -> list[str]:
     raise ValueError(f'task: {config.task!r} has no task data to export; use a fine-tuning config '
                      '(e.g. configs/finetune.py:bible)')
   path = str(config.task_data.path)
-  rows = td.read_examples(path, max_examples=int(config.task_data.max_examples))
+  rows = td.load_examples(config, getattr(task, 'example_fields', tuple)())
   split_of = td.split_rows(rows, path, config.task_data)
   return [t for i, (row, split) in enumerate(zip(rows, split_of), 1) if split in splits
           for t in task.unlabeled_texts(row, i, path)]
