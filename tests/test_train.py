@@ -450,13 +450,15 @@ def test_accumulated_microbatches_give_the_large_batch_update(tiny_config, optim
   # and its moments, which hold the clipped gradient itself, to 1e-5 relative (1e-6 of the largest
   # entry absolute: the attention key bias has a zero gradient, softmax ignores it, and holds
   # only rounding noise).
-  atol = 1e-7 if optimizer == 'sgd' else 1e-3 * float(schedule(0))
+  # sgd: 1e-6 absolute, float32 summation-order noise (XLA's reduction order moves gradients by
+  # ~1e-7), three orders below the 1e-3 a mean of microbatch means is off by (checked below).
+  atol = 1e-6 if optimizer == 'sgd' else 1e-3 * float(schedule(0))
   for got, want, before in zip(jax.tree.leaves(new_state['params']), jax.tree.leaves(expected),
                                jax.tree.leaves(state['params'])):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=atol)
     if optimizer == 'sgd':  # the update itself, not only the parameters, agrees
       np.testing.assert_allclose(np.asarray(got - before), np.asarray(want - before), rtol=1e-4,
-                                 atol=1e-7)
+                                 atol=1e-6)
   if optimizer == 'adamw':
     for moment in ('mu', 'nu'):
       got = jax.tree.leaves(optax.tree_utils.tree_get(new_state['opt_state'], moment))
