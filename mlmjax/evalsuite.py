@@ -15,7 +15,6 @@ import json
 import pathlib
 import shutil
 import statistics
-import sys
 from typing import Any, Callable, Sequence
 
 from mlmjax import cli, run_dirs, run_files, sweep, train
@@ -27,7 +26,7 @@ _NOT_METRICS = ('test/examples', 'test/loss')  # counts and the training objecti
 
 
 def suite_tasks(suite: str, tasks: Sequence[str] = ()) -> list[str]:
-  """Returns the presets of a suite, or the listed subset of them (ValueError naming the unknown)."""
+  """Returns the presets of a suite, or its listed subset (ValueError naming an unknown one)."""
   if suite not in finetune.SUITES:
     raise ValueError(f'--suite {suite!r}: choose one of {sorted(finetune.SUITES)}')
   names = list(finetune.SUITES[suite])
@@ -142,7 +141,8 @@ def run_suite(run_paths: Sequence[str], suite: str, seeds: int, *, tasks: Sequen
       run_files.atomic_write_json(workdir / REQUEST, {'task': task, 'set': sorted(sets)})
       summary = train.run(config, workdir)
       if summary.get('preempted') or not summary.get('finished'):
-        log(f'evalsuite stopped: {workdir} did not finish (step {summary["step"]}); rerun to resume')
+        log(f'evalsuite stopped: {workdir} did not finish (step {summary["step"]}); '
+            'rerun to resume')
         return {}
       if not keep_checkpoints:  # the metrics are in summary.json; weights of a suite add up
         for sub in ('checkpoints', 'best'):

@@ -6,11 +6,9 @@ import pathlib
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 # The suite is mostly XLA compiles of tiny models: less optimization compiles faster (also in the
-# subprocesses and notebook kernels, which inherit it). Two xdist workers share the cores, so one
-# thread per computation avoids oversubscribing them. A user's own XLA_FLAGS win.
+# subprocesses and notebook kernels, which inherit it). A user's own XLA_FLAGS win.
 os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0 '
-                      '--xla_llvm_disable_expensive_passes=true '
-                      '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')
+                      '--xla_llvm_disable_expensive_passes=true')
 
 import pytest
 

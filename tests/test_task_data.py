@@ -13,7 +13,7 @@ import pytest
 
 from mlmjax import corpus
 from mlmjax import tokenizer as tokenizer_lib
-from mlmjax.tasks import task_data as td
+from mlmjax.tasks import metrics as metrics_lib, task_data as td
 
 
 @pytest.fixture(scope='module')
@@ -210,40 +210,40 @@ def test_digest():
 def test_confusion_and_per_class_report_by_hand():
   gold = [0, 0, 0, 1, 1, 2]
   pred = [0, 0, 1, 1, 2, 2]
-  cm = td.confusion(gold, pred, 4)
+  cm = metrics_lib.confusion(gold, pred, 4)
   assert cm.tolist() == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
-  report = td.per_class_report(gold, pred, ['a', 'b', 'c', 'unused'])
+  report = metrics_lib.per_class_report(gold, pred, ['a', 'b', 'c', 'unused'])
   assert list(report) == ['a', 'b', 'c']  # a class in neither gold nor predictions is left out
   assert report['a'] == pytest.approx({'precision': 1.0, 'recall': 2 / 3, 'f1': 0.8, 'support': 3})
   assert report['b'] == pytest.approx({'precision': 0.5, 'recall': 0.5, 'f1': 0.5, 'support': 2})
   assert report['c'] == pytest.approx({'precision': 0.5, 'recall': 1.0, 'f1': 2 / 3, 'support': 1})
-  assert td.macro_f1(gold, pred, 4) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
-  assert td.accuracy(gold, pred) == pytest.approx(4 / 6)
+  assert metrics_lib.macro_f1(gold, pred, 4) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+  assert metrics_lib.accuracy(gold, pred) == pytest.approx(4 / 6)
 
 
 def test_metric_identities():
   rng = np.random.default_rng(0)
   gold = rng.integers(0, 5, 500)
-  assert td.accuracy(gold, gold) == 1.0
-  assert td.macro_f1(gold, gold, 5) == 1.0
+  assert metrics_lib.accuracy(gold, gold) == 1.0
+  assert metrics_lib.macro_f1(gold, gold, 5) == 1.0
   # A constant predictor: F1 = 2p / (p + 1) on its class (precision p = its share), 0 elsewhere.
   const = np.full_like(gold, 2)
   p = float(np.mean(gold == 2))
-  assert td.macro_f1(gold, const, 5) == pytest.approx(2 * p / (p + 1) / 5)
-  assert td.accuracy(gold, const) == pytest.approx(p)
-  assert td.confusion(gold, const, 5).sum() == 500
-  assert td.accuracy([], []) == 0.0 and td.macro_f1([], [], 3) == 0.0
+  assert metrics_lib.macro_f1(gold, const, 5) == pytest.approx(2 * p / (p + 1) / 5)
+  assert metrics_lib.accuracy(gold, const) == pytest.approx(p)
+  assert metrics_lib.confusion(gold, const, 5).sum() == 500
+  assert metrics_lib.accuracy([], []) == 0.0 and metrics_lib.macro_f1([], [], 3) == 0.0
   # A prediction outside gold's classes counts as a class of its own in macro-F1.
-  assert td.macro_f1([0, 0], [0, 1], 2) == pytest.approx((2 / 3 + 0) / 2)
+  assert metrics_lib.macro_f1([0, 0], [0, 1], 2) == pytest.approx((2 / 3 + 0) / 2)
 
 
 def test_class_table_and_final_split():
   per_class = {'sports': {'precision': 1.0, 'recall': 0.5, 'f1': 2 / 3, 'support': 4}}
-  lines = td.class_table(per_class)
+  lines = metrics_lib.class_table(per_class)
   assert 'precision' in lines[0] and lines[1].split() == ['sports', '1.000', '0.500', '0.667', '4']
-  assert td.final_split({'test/accuracy': 0.5, 'eval/accuracy': 0.4})[0] == 'test'
-  assert td.final_split({'eval/accuracy': 0.4}) == ('val', {'accuracy': 0.4})
-  assert td.final_split({'train/loss': 1.0}) is None
+  assert metrics_lib.final_split({'test/accuracy': 0.5, 'eval/accuracy': 0.4})[0] == 'test'
+  assert metrics_lib.final_split({'eval/accuracy': 0.4}) == ('val', {'accuracy': 0.4})
+  assert metrics_lib.final_split({'train/loss': 1.0}) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,18 +436,18 @@ def test_mcc_matches_direct_float64_formulas():
   fp = float(np.sum((gold == 0) & (pred == 1)))
   fn = float(np.sum((gold == 1) & (pred == 0)))
   binary = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-  assert td.mcc(gold, pred, 2) == pytest.approx(binary, abs=1e-12)
+  assert metrics_lib.mcc(gold, pred, 2) == pytest.approx(binary, abs=1e-12)
   # Multiclass: the correlation of the one-hot gold and prediction matrices (Gorodkin's R_K).
   gold, pred = rng.integers(0, 4, 400), rng.integers(0, 4, 400)
   pred[:200] = gold[:200]
   x, y = np.eye(4)[gold], np.eye(4)[pred]
   x, y = x - x.mean(0), y - y.mean(0)
   r_k = np.sum(x * y) / math.sqrt(np.sum(x * x) * np.sum(y * y))
-  assert td.mcc(gold, pred, 4) == pytest.approx(r_k, abs=1e-12)
-  assert td.mcc(gold, gold, 4) == pytest.approx(1.0)
-  assert td.mcc([0, 1, 0, 1], [1, 0, 1, 0], 2) == pytest.approx(-1.0)
-  assert td.mcc(gold, np.zeros_like(gold), 4) == 0.0  # constant predictions: undefined, 0
-  assert td.mcc([], [], 2) == 0.0
+  assert metrics_lib.mcc(gold, pred, 4) == pytest.approx(r_k, abs=1e-12)
+  assert metrics_lib.mcc(gold, gold, 4) == pytest.approx(1.0)
+  assert metrics_lib.mcc([0, 1, 0, 1], [1, 0, 1, 0], 2) == pytest.approx(-1.0)
+  assert metrics_lib.mcc(gold, np.zeros_like(gold), 4) == 0.0  # constant predictions: undefined, 0
+  assert metrics_lib.mcc([], [], 2) == 0.0
 
 
 def test_mcc_matches_sklearn():
@@ -456,14 +456,14 @@ def test_mcc_matches_sklearn():
   for n in (2, 3, 5):
     gold, pred = rng.integers(0, n, 250), rng.integers(0, n, 250)
     pred[:100] = gold[:100]
-    assert td.mcc(gold, pred, n) == pytest.approx(metrics.matthews_corrcoef(gold, pred), abs=1e-12)
+    assert metrics_lib.mcc(gold, pred, n) == pytest.approx(metrics.matthews_corrcoef(gold, pred), abs=1e-12)
 
 
 def test_class_f1_is_the_binary_f1_of_the_positive_class():
   gold, pred = [1, 1, 1, 0, 0, 0, 1], [1, 0, 1, 1, 0, 0, 0]
   # Positive 1: tp 2, fp 1, fn 2 -> precision 2/3, recall 1/2, F1 4/7.
-  assert td.class_f1(gold, pred, 2, 1) == pytest.approx(4 / 7)
-  assert td.class_f1(gold, pred, 2, 0) == pytest.approx(td.per_class_report(
+  assert metrics_lib.class_f1(gold, pred, 2, 1) == pytest.approx(4 / 7)
+  assert metrics_lib.class_f1(gold, pred, 2, 0) == pytest.approx(metrics_lib.per_class_report(
       gold, pred, ['n', 'p'])['n']['f1'])
 
 
@@ -474,12 +474,12 @@ def test_pearson_and_spearman_match_scipy():
   y = 0.6 * x + rng.normal(size=500)
   ties_x, ties_y = np.round(x * 2) / 2, np.round(y)  # many ties: average ranks
   for a, b in ((x, y), (ties_x, ties_y), (x.astype(np.float32), y)):
-    assert td.pearson(a, b) == pytest.approx(scipy.stats.pearsonr(a, b)[0], abs=1e-10)
-    assert td.spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b)[0], abs=1e-10)
-  np.testing.assert_allclose(td.average_ranks(ties_y), scipy.stats.rankdata(ties_y))
-  assert td.pearson(x, np.ones_like(x)) == 0.0 and td.spearman(np.ones(3), [1, 2, 3]) == 0.0
-  assert td.pearson([1.0], [2.0]) == 0.0
-  assert td.pearson(x, 2 * x + 1) == pytest.approx(1.0)
+    assert metrics_lib.pearson(a, b) == pytest.approx(scipy.stats.pearsonr(a, b)[0], abs=1e-10)
+    assert metrics_lib.spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b)[0], abs=1e-10)
+  np.testing.assert_allclose(metrics_lib.average_ranks(ties_y), scipy.stats.rankdata(ties_y))
+  assert metrics_lib.pearson(x, np.ones_like(x)) == 0.0 and metrics_lib.spearman(np.ones(3), [1, 2, 3]) == 0.0
+  assert metrics_lib.pearson([1.0], [2.0]) == 0.0
+  assert metrics_lib.pearson(x, 2 * x + 1) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from flax import nnx
 from configs import finetune
 from mlmjax import model
 from mlmjax.tasks import classify
-from mlmjax.tasks import task_data as td
+from mlmjax.tasks import metrics as metrics_lib, task_data as td
 
 SEQ_LEN = 24
 WORDS = {'colors': 'red green blue yellow purple orange black white'.split(),
@@ -162,7 +162,7 @@ def test_evaluate_is_consistent_with_the_forward_pass(prepared, net):
   assert metrics['examples'] == len(data.val)
   assert metrics['accuracy'] == pytest.approx(float(np.mean(pred == gold)))
   assert metrics['loss'] == pytest.approx(_np_cross_entropy(logits, gold).mean(), rel=1e-5)
-  assert metrics['macro_f1'] == pytest.approx(td.macro_f1(gold, pred, 3))
+  assert metrics['macro_f1'] == pytest.approx(metrics_lib.macro_f1(gold, pred, 3))
   assert sum(v['support'] for v in metrics['per_class'].values()) == len(data.val)
   task.evaluate(graphdef, params, 'val', jnp.asarray)
   assert task._forward._cache_size() == 1  # one compiled forward, reused
@@ -321,8 +321,8 @@ def test_pair_evaluate_reports_mcc_and_the_positive_labels_f1(pair_prepared, pai
   pred = np.asarray(task._forward_fn()(graphdef, params, jnp.asarray(data.val))[0])
   gold = data.val[:, -1]
   assert metrics['examples'] == len(gold)
-  assert metrics['accuracy'] == pytest.approx(td.accuracy(gold, pred))
-  assert metrics['mcc'] == pytest.approx(td.mcc(gold, pred, 2))
+  assert metrics['accuracy'] == pytest.approx(metrics_lib.accuracy(gold, pred))
+  assert metrics['mcc'] == pytest.approx(metrics_lib.mcc(gold, pred, 2))
   assert metrics['f1'] == pytest.approx(metrics['per_class'].get('same', {'f1': 0.0})['f1'])
   assert 'MCC' in task.eval_text(metrics) and 'F1' in task.eval_text(metrics)
   record = {f'test/{k}': v for k, v in metrics.items()}

@@ -13,7 +13,7 @@ from flax import nnx
 from configs import finetune
 from mlmjax import model
 from mlmjax.tasks import tag
-from mlmjax.tasks import task_data as td
+from mlmjax.tasks import metrics as metrics_lib, task_data as td
 
 SEQ_LEN = 20
 LEXICON = {'DET': ['the', 'a', 'every'],
@@ -201,7 +201,7 @@ def test_evaluate_is_consistent_with_the_forward_pass(prepared, net):
   assert metrics['words'] == mask.sum() == data.stats['split_words']['val']
   assert metrics['accuracy'] == pytest.approx(float(np.mean(gold == pred)))
   assert metrics['loss'] == pytest.approx(_np_nll(logits, tags)[mask].mean(), rel=1e-5)
-  assert metrics['macro_f1'] == pytest.approx(td.macro_f1(gold, pred, len(task.labels)))
+  assert metrics['macro_f1'] == pytest.approx(metrics_lib.macro_f1(gold, pred, len(task.labels)))
   assert sum(v['support'] for v in metrics['per_class'].values()) == mask.sum()
   assert 'word acc' in task.eval_text(metrics)
 

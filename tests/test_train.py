@@ -687,14 +687,21 @@ def test_ema_is_evaluated_and_resumes_exactly(make_tiny_config, tmp_path):
   assert [r['step'] for r in records if 'eval_ema/loss' in r] == [4, 8]
 
 
-def test_z_loss_adds_to_the_trained_loss_only(tiny_config):
-  c = tiny_config
+def _loss_parts(c):
+  """Returns (spec, graphdef, fresh params, 4 packed rows) of a 64-piece model at 24 tokens."""
   vocab = 64
   c.train.seq_len = 24
   _, spec, graphdef = _small_step_parts(c, vocab)
   enc_cfg = experiment.encoder_config(c, vocab)
   params = jax.jit(train_state.make_init_fn(enc_cfg, optax.sgd(1.0), c.seed))()['params']
-  rows = jnp.asarray(_packed_rows(np.random.default_rng(0), 4, c.train.seq_len, vocab))
+  return spec, graphdef, params, jnp.asarray(
+      _packed_rows(np.random.default_rng(0), 4, c.train.seq_len, vocab))
+
+
+def test_z_loss_adds_to_the_trained_loss_only(tiny_config):
+  c = tiny_config
+  vocab = 64
+  spec, graphdef, params, rows = _loss_parts(c)
   key = jax.random.key(1)
   coef = 1e-2
   out = {}
@@ -718,12 +725,7 @@ def test_z_loss_adds_to_the_trained_loss_only(tiny_config):
 
 def test_static_masking_gives_the_same_loss_at_every_step(tiny_config):
   c = tiny_config
-  vocab = 64
-  c.train.seq_len = 24
-  _, spec, graphdef = _small_step_parts(c, vocab)
-  enc_cfg = experiment.encoder_config(c, vocab)
-  params = jax.jit(train_state.make_init_fn(enc_cfg, optax.sgd(1.0), c.seed))()['params']
-  rows = jnp.asarray(_packed_rows(np.random.default_rng(0), 4, c.train.seq_len, vocab))
+  spec, graphdef, params, rows = _loss_parts(c)
   losses = {}
   for patterns in (0, 1):
     bl = mlm_task.make_batch_loss(dataclasses.replace(spec, static_patterns=patterns), seed=c.seed)

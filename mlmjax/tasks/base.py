@@ -21,7 +21,9 @@ from flax import nnx
 
 from mlmjax import losses, model as model_lib
 from mlmjax import tokenizer as tokenizer_lib
-import mlmjax.tasks.task_data as td  # not `from mlmjax.tasks import`: that package imports this one
+# Not `from mlmjax.tasks import ...`: that package imports this module.
+import mlmjax.tasks.metrics as metrics_lib
+import mlmjax.tasks.task_data as td
 
 # (record key, label, format spec): one entry of a progress or evaluation line.
 Metric = tuple[str, str, str]
@@ -255,9 +257,9 @@ class LabelTask(Task):
 
   def label_metrics(self, gold: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     """Returns accuracy, macro_f1 and the per-class report of label ids (evaluate adds the rest)."""
-    return {'accuracy': td.accuracy(gold, pred),
-            'macro_f1': td.macro_f1(gold, pred, len(self.labels)),
-            'per_class': td.per_class_report(gold, pred, self.labels)}
+    return {'accuracy': metrics_lib.accuracy(gold, pred),
+            'macro_f1': metrics_lib.macro_f1(gold, pred, len(self.labels)),
+            'per_class': metrics_lib.per_class_report(gold, pred, self.labels)}
 
   def label_names(self) -> list[str]:
     """Returns the sorted label names of task_data.path without tokenizing it (compile check)."""

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from mlmjax import model
-from mlmjax.tasks import task_data as td
+from mlmjax.tasks import metrics as metrics_lib, task_data as td
 from mlmjax.tasks.base import LabelTask, TaskData
 
 
@@ -173,10 +173,10 @@ class ClassifyTask(TextInputs, LabelTask):
   def label_metrics(self, gold, pred) -> dict[str, Any]:
     """Returns accuracy, macro_f1, mcc, f1 (classify.positive_label set) and per_class."""
     out = super().label_metrics(gold, pred)
-    out['mcc'] = td.mcc(gold, pred, len(self.labels))
+    out['mcc'] = metrics_lib.mcc(gold, pred, len(self.labels))
     k = self.positive_id()
     if k is not None:
-      out['f1'] = td.class_f1(gold, pred, len(self.labels), k)
+      out['f1'] = metrics_lib.class_f1(gold, pred, len(self.labels), k)
     return out
 
   def prepare(self, workdir) -> TaskData:
@@ -230,15 +230,15 @@ class ClassifyTask(TextInputs, LabelTask):
     majority = majority_label(self.splits['train'][:, -1], len(self.labels))
     gold = rows[:, -1]
     pred = np.full_like(gold, majority)
-    out = {'majority_accuracy': td.accuracy(gold, pred),
-           'majority_macro_f1': td.macro_f1(gold, pred, len(self.labels))}
+    out = {'majority_accuracy': metrics_lib.accuracy(gold, pred),
+           'majority_macro_f1': metrics_lib.macro_f1(gold, pred, len(self.labels))}
     k = self.positive_id()
     if k is not None:
-      out['majority_f1'] = td.class_f1(gold, pred, len(self.labels), k)
+      out['majority_f1'] = metrics_lib.class_f1(gold, pred, len(self.labels), k)
     return out
 
   def final_text(self, record):
-    found = td.final_split(record)
+    found = metrics_lib.final_split(record)
     if found is None:
       return None
     split, m = found
@@ -252,7 +252,7 @@ class ClassifyTask(TextInputs, LabelTask):
                f'macro-F1 {record["baseline/majority_macro_f1"]:.4f})')
     lines = [line]
     if isinstance(m.get('per_class'), dict):
-      lines += td.class_table(m['per_class'])
+      lines += metrics_lib.class_table(m['per_class'])
     return '\n'.join(lines)
 
   def predict(self, graphdef, params, mode, inputs, top_k=0):

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from mlmjax import model
-from mlmjax.tasks import task_data as td
+from mlmjax.tasks import metrics as metrics_lib, task_data as td
 from mlmjax.tasks.base import Task, TaskData, batched
 from mlmjax.tasks.classify import TextInputs
 
@@ -49,7 +49,7 @@ def regression_metrics(gold, pred) -> dict[str, float]:
   gold = np.asarray(gold, np.float64)
   pred = np.asarray(pred, np.float64)
   return {'loss': float(np.mean((pred - gold) ** 2)) if gold.size else 0.0,
-          'pearson': td.pearson(gold, pred), 'spearman': td.spearman(gold, pred),
+          'pearson': metrics_lib.pearson(gold, pred), 'spearman': metrics_lib.spearman(gold, pred),
           'examples': float(gold.size)}
 
 

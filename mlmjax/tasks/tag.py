@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from mlmjax import model
-from mlmjax.tasks import task_data as td
+from mlmjax.tasks import metrics as metrics_lib, task_data as td
 from mlmjax.tasks.base import LabelTask, TaskData
 
 TAG_MAPS = ('', 'brown_coarse')
@@ -234,11 +234,11 @@ class TagTask(LabelTask):
     if not words:
       return {}
     pred = most_frequent_tag_predict(*self.words['train'], words, len(self.labels))
-    return {'most_frequent_tag_accuracy': td.accuracy(gold, pred),
-            'most_frequent_tag_macro_f1': td.macro_f1(gold, pred, len(self.labels))}
+    return {'most_frequent_tag_accuracy': metrics_lib.accuracy(gold, pred),
+            'most_frequent_tag_macro_f1': metrics_lib.macro_f1(gold, pred, len(self.labels))}
 
   def final_text(self, record):
-    found = td.final_split(record)
+    found = metrics_lib.final_split(record)
     if found is None:
       return None
     split, m = found
@@ -250,7 +250,7 @@ class TagTask(LabelTask):
                f'{record["baseline/most_frequent_tag_macro_f1"]:.4f})')
     lines = [line]
     if isinstance(m.get('per_class'), dict):
-      lines += td.class_table(m['per_class'])
+      lines += metrics_lib.class_table(m['per_class'])
     return '\n'.join(lines)
 
 

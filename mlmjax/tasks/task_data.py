@@ -1,6 +1,6 @@
 """What every fine-tuning task shares: reading examples, hash splits, encoding, metrics, eval batches.
 
-The metrics are defined in tasks/metrics.py and imported here (td.accuracy, td.mcc, ...).
+The metrics are in tasks/metrics.py.
 
 Examples come from a JSON Lines file (one object per line; `.gz` too), from `embedded:NAME`
 (embedded_examples: tasks built from the stdlib's own documentation, walked by pydocs.api_entries),
@@ -43,10 +43,6 @@ from mlmjax import pydocs
 from mlmjax import tokenizer as tokenizer_lib
 # Not `from mlmjax.tasks import ...`: that package imports this module (through base).
 import mlmjax.tasks.paraphrase as paraphrase
-# The metrics live in tasks/metrics.py; the tasks read them here, beside the rest they share.
-from mlmjax.tasks.metrics import (accuracy, average_ranks, class_f1, class_table,  # noqa: F401
-                                  confusion, final_split, macro_f1, mcc, pearson,
-                                  per_class_report, spearman)
 
 # The sentencepiece layout's ids (a sentencepiece tokenizer's own); rows use the tokenizer's ids.
 PAD_ID, CLS_ID, SEP_ID, UNK_ID = (tokenizer_lib.PAD_ID, tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID,
