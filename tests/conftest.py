@@ -86,3 +86,22 @@ def make_tiny_config(topics_corpus, cache_dir):
 def tiny_config(make_tiny_config):
   """Returns a fresh shrunk tiny config (see make_tiny_config) that a test may edit."""
   return make_tiny_config()
+
+
+@pytest.fixture(scope='session')
+def tiny_task_model():
+  """Returns build(task, vocab_size, seq_len, seed) -> (graphdef, params): a 1-layer, 32-wide model."""
+  import jax
+  from flax import nnx
+  from mlmjax import model
+
+  def build(task, vocab_size: int, seq_len: int, seed: int = 0):
+    enc = model.EncoderConfig(vocab_size=vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                              intermediate_size=64, max_position=seq_len, dropout_rate=0.1)
+    # Eager construction compiles every initializer on its own; one jit of the whole init is faster.
+    graphdef = nnx.split(nnx.eval_shape(lambda: task.build_model(enc, nnx.Rngs(seed))),
+                         nnx.Param)[0]
+    params = jax.jit(lambda: nnx.split(task.build_model(enc, nnx.Rngs(seed)), nnx.Param)[1])()
+    return graphdef, params
+
+  return build

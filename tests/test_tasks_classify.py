@@ -10,7 +10,6 @@ import pytest
 from flax import nnx
 
 from configs import finetune
-from mlmjax import model
 from mlmjax.tasks import classify
 from mlmjax.tasks import metrics as metrics_lib, task_data as td
 
@@ -53,16 +52,6 @@ def make_config(path, **task_data):
   return c
 
 
-def tiny_model(task, tok, seed=0):
-  """Returns (graphdef, params) of the task's model on a 1-layer, 32-wide encoder, built under jit."""
-  enc = model.EncoderConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
-                            intermediate_size=64, max_position=SEQ_LEN, dropout_rate=0.1)
-  # Eager construction compiles every initializer on its own; one jit of the whole init is faster.
-  graphdef = nnx.split(nnx.eval_shape(lambda: task.build_model(enc, nnx.Rngs(seed))), nnx.Param)[0]
-  params = jax.jit(lambda: nnx.split(task.build_model(enc, nnx.Rngs(seed)), nnx.Param)[1])()
-  return graphdef, params
-
-
 @pytest.fixture(scope='module')
 def prepared(tok, data_path):
   task = classify.ClassifyTask(make_config(data_path), tok, lambda s: None)
@@ -70,9 +59,9 @@ def prepared(tok, data_path):
 
 
 @pytest.fixture(scope='module')
-def net(prepared, tok):
+def net(prepared, tok, tiny_task_model):
   """Returns (graphdef, params, logits_fn) of a tiny random classifier; logits_fn is jitted."""
-  graphdef, params = tiny_model(prepared[0], tok, seed=3)
+  graphdef, params = tiny_task_model(prepared[0], tok.vocab_size, SEQ_LEN, seed=3)
   logits_fn = jax.jit(lambda p, tokens: nnx.merge(graphdef, p)(tokens))
   return graphdef, params, logits_fn
 
@@ -251,8 +240,8 @@ def pair_prepared(tok, pair_path):
 
 
 @pytest.fixture(scope='module')
-def pair_net(pair_prepared, tok):
-  return tiny_model(pair_prepared[0], tok, seed=5)
+def pair_net(pair_prepared, tok, tiny_task_model):
+  return tiny_task_model(pair_prepared[0], tok.vocab_size, SEQ_LEN, seed=5)
 
 
 def test_pair_rows_hold_tokens_then_type_ids_then_the_label(pair_prepared, tok, pair_path):

@@ -10,7 +10,7 @@ import scipy.stats
 from flax import nnx
 
 from configs import finetune
-from mlmjax import model, tasks
+from mlmjax import tasks
 from mlmjax.tasks import regress
 from mlmjax.tasks import task_data as td
 
@@ -60,14 +60,9 @@ def prepared(tok, data_path):
 
 
 @pytest.fixture(scope='module')
-def net(prepared, tok):
-  """Returns (graphdef, params) of a tiny random regressor, built under jit."""
-  task = prepared[0]
-  enc = model.EncoderConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
-                            intermediate_size=64, max_position=SEQ_LEN, dropout_rate=0.1)
-  graphdef = nnx.split(nnx.eval_shape(lambda: task.build_model(enc, nnx.Rngs(0))), nnx.Param)[0]
-  params = jax.jit(lambda: nnx.split(task.build_model(enc, nnx.Rngs(0)), nnx.Param)[1])()
-  return graphdef, params
+def net(prepared, tok, tiny_task_model):
+  """Returns (graphdef, params) of a tiny random regressor."""
+  return tiny_task_model(prepared[0], tok.vocab_size, SEQ_LEN)
 
 
 def test_label_column_round_trips_floats_exactly():

@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 
 from configs import finetune
-from mlmjax import model
 from mlmjax.tasks import tag
 from mlmjax.tasks import metrics as metrics_lib, task_data as td
 
@@ -60,13 +59,9 @@ def prepared(tok, data_path):
 
 
 @pytest.fixture(scope='module')
-def net(prepared, tok):
+def net(prepared, tok, tiny_task_model):
   """Returns (graphdef, params, logits_fn) of a tiny random tagger; logits_fn is jitted."""
-  task = prepared[0]
-  enc = model.EncoderConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
-                            intermediate_size=64, max_position=SEQ_LEN, dropout_rate=0.1)
-  graphdef = nnx.split(nnx.eval_shape(lambda: task.build_model(enc, nnx.Rngs(5))), nnx.Param)[0]
-  params = jax.jit(lambda: nnx.split(task.build_model(enc, nnx.Rngs(5)), nnx.Param)[1])()
+  graphdef, params = tiny_task_model(prepared[0], tok.vocab_size, SEQ_LEN, seed=5)
   logits_fn = jax.jit(lambda p, tokens: nnx.merge(graphdef, p)(tokens))
   return graphdef, params, logits_fn
 

@@ -108,10 +108,11 @@ def class_table(per_class: dict[str, dict[str, float]], indent: str = '  ') -> l
   return lines
 
 
-def final_split(record: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-  """Returns ('test' or 'val', its metrics without prefix) from a summary record, or None."""
+def final_split(record: dict[str, Any], key: str = 'accuracy'
+                ) -> tuple[str, dict[str, Any]] | None:
+  """Returns ('test' or 'val', its metrics without prefix) of the first split with `key`, or None."""
   for split, prefix in (('test', 'test/'), ('val', 'eval/')):
     found = {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
-    if 'accuracy' in found:
+    if key in found:
       return split, found
   return None

@@ -179,13 +179,12 @@ class RegressTask(TextInputs, Task):
     return {'mean_mse': float(np.mean((gold - mean) ** 2))}
 
   def final_text(self, record):
-    for split, prefix in (('test', 'test/'), ('validation', 'eval/')):
-      if f'{prefix}pearson' in record:
-        break
-    else:
+    found = metrics_lib.final_split(record, 'pearson')
+    if found is None:
       return None
-    line = (f'{split} split: pearson {record[f"{prefix}pearson"]:.4f} | spearman '
-            f'{record[f"{prefix}spearman"]:.4f} | mse {record[f"{prefix}loss"]:.4f}')
+    split, m = found
+    line = (f'{split} split: pearson {m["pearson"]:.4f} | spearman {m["spearman"]:.4f} | '
+            f'mse {m["loss"]:.4f}')
     if 'baseline/mean_mse' in record:
       line += f'   (predicting the train mean: mse {record["baseline/mean_mse"]:.4f})'
     return line
