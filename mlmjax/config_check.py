@@ -21,7 +21,10 @@ ALLOWED: dict[str, tuple] = {
     'masking.schedule.kind': masking.RATE_SCHEDULES,
     'model.size': (*model.SIZES, 'custom'),
     'model.dtype': ('float32', 'bfloat16'),
-    'model.attention_impl': ('', 'xla', 'cudnn'),
+    'model.attention_impl': model.ATTENTION_IMPLS,
+    'model.position_embedding': model.POSITIONS,
+    'model.mlp_type': model.MLPS,
+    'model.norm': model.NORMS,
     'model.remat': tuple(model.REMAT_POLICIES),
     'optim.decay': optim.DECAYS,
     'optim.optimizer': optim.OPTIMIZERS,
@@ -51,6 +54,9 @@ _RANGES = {
     'data.max_line_chars': '[1, inf)', 'data.val_fraction': '[0, 1)', 'data.prefetch': '[0, inf)',
     'masking.span.p': '(0, 1]', 'masking.span.max': '[1, inf)', 'masking.schedule.steps': '[0, inf)',
     'model.dropout_rate': '[0, 1)', 'model.attention_dropout_rate': '[0, 1)',
+    'model.rope_theta': '(0, inf)', 'model.rope_local_theta': '(0, inf)',
+    'model.global_every': '[1, inf)', 'model.local_window': '[0, inf)',
+    'model.vocab_multiple': '[1, inf)', 'model.type_vocab_size': '[0, inf)',
     'optim.learning_rate': '(0, inf)',
     'optim.warmup_steps': '[0, inf)', 'optim.decay_steps': '[0, inf)',
     'optim.decay_fraction': '[0, 1]',
@@ -70,7 +76,8 @@ _INTEGERS = frozenset({
     'data.max_line_chars',
     'data.prefetch', 'masking.span.max', 'masking.schedule.steps', 'optim.warmup_steps',
     'optim.decay_steps',
-    'early_stop.patience', 'task_data.max_examples', 'retrieve.num_candidates'})
+    'early_stop.patience', 'task_data.max_examples', 'retrieve.num_candidates',
+    'model.global_every', 'model.local_window', 'model.vocab_multiple', 'model.type_vocab_size'})
 
 
 def _describe(ref: Any) -> str:
@@ -187,8 +194,10 @@ def check_values(config) -> None:
     raise ValueError(f'optim.warmup_steps={warmup} exceeds train.num_steps={steps}: the learning '
                      'rate would never reach its peak; lower the warmup')
   seq_len, max_position = _get(config, 'train.seq_len'), _get(config, 'model.max_position')
-  if seq_len is not None and max_position is not None and seq_len > max_position:
-    raise ValueError(f'train.seq_len={seq_len} exceeds model.max_position={max_position}')
+  learned = _get(config, 'model.position_embedding') in (None, 'learned')
+  if learned and seq_len is not None and max_position is not None and seq_len > max_position:
+    raise ValueError(f'train.seq_len={seq_len} exceeds model.max_position={max_position} (the '
+                     "learned position table; model.position_embedding='rope' has no such limit)")
   batch, accum = _get(config, 'train.batch_size'), _get(config, 'train.grad_accum_steps')
   if batch is not None and accum is not None and batch % accum:
     raise ValueError(f'train.batch_size={batch} must be divisible by '

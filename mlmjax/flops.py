@@ -3,8 +3,9 @@
 What is counted: matrix multiplies only, 2 FLOPs per multiply-add, as in the PaLM/Chinchilla MFU
 convention. Per packed row of L tokens, hidden H, MLP width I, vocabulary V, P prediction slots:
   per layer and token  q, k, v, output projections  4 * 2H^2
-                       scores Q K^T and mix A V      2 * 2LH   (bidirectional: all L x L, padding too)
-                       MLP in and out                2 * 2HI
+                       scores Q K^T and mix A V      2 * 2LH   (bidirectional: all L x L, padding too;
+                                                     a sliding-window layer: min(L, W + 1) keys)
+                       MLP in and out                2 * 2HI   (gated MLPs: 3 * 2HI)
   MLM head, per slot   transform dense 2H^2 + decoder to the vocabulary 2HV (only at the P slots)
 Embedding lookups, LayerNorm, GELU, softmax, bias adds, dropout, the loss and the optimizer are not
 counted (XLA's cost analysis counts them; tests/test_flops.py bounds the gap). A train step is 3x
@@ -26,12 +27,16 @@ def forward_flops_per_row(cfg, seq_len: int, max_predictions: int) -> dict[str, 
 
   cfg: a model.EncoderConfig (hidden_size, intermediate_size, num_layers, vocab_size).
   """
-  h, i, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+  h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  v = getattr(cfg, 'padded_vocab_size', cfg.vocab_size)  # the decoder's rows, padding included
   length, p = int(seq_len), int(max_predictions)
+  window = getattr(cfg, 'local_window', 0)
+  keys = [min(length, window + 1) if window and cfg.is_local(j) else length for j in range(n)]
+  mlp_matmuls = 2 if getattr(cfg, 'mlp_type', 'gelu') == 'gelu' else 3
   parts = {
       'projections': n * length * 4 * 2 * h * h,
-      'attention': n * length * 2 * 2 * length * h,
-      'mlp': n * length * 2 * 2 * h * i,
+      'attention': sum(length * 2 * 2 * k * h for k in keys),
+      'mlp': n * length * mlp_matmuls * 2 * h * i,
       'mlm_head': p * (2 * h * h + 2 * h * v),
   }
   parts = {k: float(val) for k, val in parts.items()}

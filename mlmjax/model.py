@@ -10,7 +10,13 @@ import numpy as np
 from flax import nnx
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-_ATTENTION_IMPLS = (None, '', 'xla', 'cudnn')
+# '' lets jax.nn.dot_product_attention choose; 'reference' is the dense einsum path that the others
+# are tested against (and the only one with dropout on the probabilities); 'splash' is Pallas splash
+# attention (TPU; interpreted elsewhere, for tests).
+ATTENTION_IMPLS = ('', 'xla', 'cudnn', 'reference', 'splash')
+POSITIONS = ('learned', 'rope')
+MLPS = ('gelu', 'geglu', 'swiglu')
+NORMS = ('layernorm', 'rmsnorm')
 # Rematerialization of each encoder block: which intermediates the backward pass keeps instead of
 # recomputing. '' keeps everything (no remat); 'full' keeps only the block's inputs; 'dots' keeps
 # every matmul output (attention scores included); 'dots_no_batch' keeps the weight matmuls only
@@ -24,6 +30,10 @@ REMAT_POLICIES: dict[str, Any] = {
 
 
 _SHAPE_FIELDS = ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size')
+# The architecture options: what a pretrained encoder's weights mean beyond their shapes.
+ARCHITECTURE_OPTIONS = ('position_embedding', 'rope_theta', 'rope_local_theta', 'mlp_type', 'norm',
+                        'norm_bias', 'use_bias', 'global_every', 'local_window',
+                        'first_attention_norm', 'vocab_multiple')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +61,20 @@ class EncoderConfig:
   tie_embeddings: bool = True  # False = the MLM decoder has its own (V, H) output embedding
   initializer_range: float = 0.02  # truncated-normal std, as BERT
   dtype: str = 'float32'  # compute dtype: 'float32' or 'bfloat16'
-  attention_impl: str = ''  # jax.nn.dot_product_attention(implementation=...); '' (or None): XLA chooses
+  attention_impl: str = ''  # a key of ATTENTION_IMPLS; '' (or None): jax.nn.dot_product_attention chooses
   remat: str = ''  # per-block rematerialization policy, a key of REMAT_POLICIES
+  # Architecture options (MODERN sets them as ModernBERT does); the defaults are BERT's.
+  position_embedding: str = 'learned'  # 'learned' table of max_position rows, or 'rope' (rotary)
+  rope_theta: float = 10000.0  # rotary base of the global-attention layers
+  rope_local_theta: float = 10000.0  # rotary base of the local (sliding-window) layers
+  mlp_type: str = 'gelu'  # 'gelu' (dense, GELU, dense), or gated 'geglu' / 'swiglu'
+  norm: str = 'layernorm'  # 'layernorm' or 'rmsnorm'
+  norm_bias: bool = True  # LayerNorm's additive bias (RMSNorm has none)
+  use_bias: bool = True  # biases of the attention, MLP and head-transform layers (the decoder's stays)
+  global_every: int = 1  # layer i attends globally when i % global_every == 0, else locally
+  local_window: int = 0  # a local layer's query sees keys at most local_window // 2 positions away
+  first_attention_norm: bool = True  # False: layer 0 attends to the embedding norm's output directly
+  vocab_multiple: int = 1  # embedding and decoder rows padded to a multiple (logits keep vocab_size)
 
   def __post_init__(self):
     if self.size not in ('', 'custom') and self.size not in SIZES:
@@ -68,7 +90,7 @@ class EncoderConfig:
       object.__setattr__(self, 'attention_impl', '')
     if self.dtype not in _DTYPES:
       raise ValueError(f'model.dtype: {self.dtype!r} is not supported; use one of {sorted(_DTYPES)}')
-    if self.attention_impl not in _ATTENTION_IMPLS:
+    if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention_impl: {self.attention_impl!r} is not supported; "
                        "use '' (XLA chooses), 'xla' or 'cudnn'")
     if self.remat not in REMAT_POLICIES:
@@ -80,10 +102,55 @@ class EncoderConfig:
     for name in ('dropout_rate', 'attention_dropout_rate'):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f'model.{name}: {getattr(self, name)} must be in [0, 1)')
-    if self.attention_impl == 'cudnn' and self.attention_dropout_rate > 0:
-      # The fused kernels have no dropout on the probabilities: training would run the einsum path.
-      raise ValueError(f"model.attention_impl='cudnn' cannot apply model.attention_dropout_rate="
-                       f"{self.attention_dropout_rate}; set it to 0 or attention_impl to ''")
+    self._check_architecture()
+
+  def _check_architecture(self):
+    for key, choices in (('position_embedding', POSITIONS), ('mlp_type', MLPS),
+                         ('norm', NORMS)):
+      if getattr(self, key) not in choices:
+        raise ValueError(f'model.{key}: {getattr(self, key)!r} is not supported; use one of '
+                         f'{list(choices)}')
+    if self.global_every < 1:
+      raise ValueError(f'model.global_every: {self.global_every} must be >= 1 (1: every layer '
+                       'attends globally)')
+    if (self.global_every > 1) != (self.local_window > 0):
+      raise ValueError(f'model.global_every={self.global_every} and model.local_window='
+                       f'{self.local_window}: set both (local layers need a window) or neither')
+    if self.local_window < 0 or self.local_window % 2:
+      raise ValueError(f'model.local_window: {self.local_window} must be even and >= 0 (a query '
+                       'sees local_window // 2 keys on each side)')
+    if self.position_embedding == 'rope' and self.head_dim % 2:
+      raise ValueError(f'model: rotary positions need an even head size, not {self.head_dim}')
+    if self.vocab_multiple < 1:
+      raise ValueError(f'model.vocab_multiple: {self.vocab_multiple} must be >= 1')
+    if not self.first_attention_norm and not self.pre_layer_norm:
+      raise ValueError('model.first_attention_norm=False needs model.pre_layer_norm=True')
+    if self.type_vocab_size < 0:
+      raise ValueError(f'model.type_vocab_size: {self.type_vocab_size} must be >= 0 (0: none)')
+    # A requested implementation that cannot be honoured is an error, never a silent fallback.
+    impl = self.attention_impl
+    if impl in ('xla', 'cudnn', 'splash') and self.attention_dropout_rate > 0:
+      raise ValueError(f"model.attention_impl={impl!r} has no dropout on the attention "
+                       f"probabilities, but model.attention_dropout_rate="
+                       f"{self.attention_dropout_rate}; set it to 0, or attention_impl to '' or "
+                       "'reference'")
+    if impl == 'cudnn' and self.local_window:
+      raise ValueError("model.attention_impl='cudnn': jax's cuDNN attention has no two-sided "
+                       "sliding window (model.local_window); use '' or 'reference' on GPU")
+
+  @property
+  def head_dim(self) -> int:
+    """Returns the width of one attention head."""
+    return self.hidden_size // self.num_heads
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """Returns the number of embedding rows: vocab_size rounded up to vocab_multiple."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  def is_local(self, layer: int) -> bool:
+    """Returns whether layer `layer` attends through the sliding window."""
+    return layer % self.global_every != 0
 
   @property
   def compute_dtype(self) -> Any:
@@ -95,14 +162,27 @@ def _size(layers: int, hidden: int, heads: int) -> dict[str, int]:
   return dict(num_layers=layers, hidden_size=hidden, num_heads=heads, intermediate_size=4 * hidden)
 
 
-# mini/small/base/large are BERT's published shapes (Turc et al. 2019; Devlin et al. 2019).
+# mini/small/base/large are BERT's published shapes (Turc et al. 2019; Devlin et al. 2019);
+# modern_base/modern_large are ModernBERT's (Warner et al. 2024), whose MLP width is the gated one.
 SIZES: dict[str, dict] = {
     'tiny': _size(2, 128, 2),
     'mini': _size(4, 256, 4),
     'small': _size(4, 512, 8),
     'base': _size(12, 768, 12),
     'large': _size(24, 1024, 16),
+    'modern_tiny': dict(num_layers=3, hidden_size=128, num_heads=2, intermediate_size=256),
+    'modern_base': dict(num_layers=22, hidden_size=768, num_heads=12, intermediate_size=1152),
+    'modern_large': dict(num_layers=28, hidden_size=1024, num_heads=16, intermediate_size=2624),
 }
+
+# ModernBERT's architecture (Warner et al. 2024) as EncoderConfig fields: rotary positions with a
+# 160k global and 10k local base, GeGLU, bias-free layers and norms, global attention every third
+# layer and a 128-token window elsewhere, no norm before the first attention, 8k positions.
+MODERN: dict[str, Any] = dict(
+    position_embedding='rope', rope_theta=160_000.0, rope_local_theta=10_000.0, mlp_type='geglu',
+    norm='layernorm', norm_bias=False, use_bias=False, global_every=3, local_window=128,
+    first_attention_norm=False, vocab_multiple=64, layer_norm_eps=1e-5, type_vocab_size=0,
+    max_position=8192)
 
 
 def encoder_config(size: str, *, vocab_size: int, **overrides) -> EncoderConfig:
@@ -135,10 +215,29 @@ def packed_layout(tokens: jax.Array, *, cls_id: int = SP_CLS_ID,
   return position_ids.astype(jnp.int32), doc_ids.astype(jnp.int32)
 
 
-def attention_mask(doc_ids: jax.Array) -> jax.Array:
-  """Returns the (B, 1, L, L) bool mask: query and key in the same unit, key not padding."""
+def attention_mask(doc_ids: jax.Array, local_window: int = 0) -> jax.Array:
+  """Returns the (B, 1, L, L) bool mask: same unit, key not padding, and within the local window."""
   same = doc_ids[:, :, None] == doc_ids[:, None, :]
-  return (same & (doc_ids[:, None, :] > 0))[:, None]
+  mask = same & (doc_ids[:, None, :] > 0)
+  if local_window:
+    idx = jnp.arange(doc_ids.shape[-1])
+    mask &= jnp.abs(idx[:, None] - idx[None, :]) <= local_window // 2
+  return mask[:, None]
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Returns x (B, L, N, D) rotated by rotary position embeddings at positions (B, L), in float32.
+
+  Dimension pairs are (d, d + D/2), as GPT-NeoX and ModernBERT pair them; pair k turns by
+  position * theta^(-2k/D).
+  """
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, L, D/2)
+  cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+  x = x.astype(jnp.float32)
+  x1, x2 = x[..., :d // 2], x[..., d // 2:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def _param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
@@ -168,38 +267,45 @@ def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
 class Dense(nnx.Module):
   """Affine map contracting the last `n_in` input axes with the first `n_in` kernel axes."""
 
-  def __init__(self, config: EncoderConfig, shape, names, *, n_in: int = 1, rngs: nnx.Rngs):
+  def __init__(self, config: EncoderConfig, shape, names, *, n_in: int = 1, bias: bool = True,
+               rngs: nnx.Rngs):
     self.n_in = n_in
     self.dtype = config.compute_dtype
     init = jax.nn.initializers.truncated_normal(config.initializer_range)
     self.kernel = _param(rngs, init, shape, names)
-    self.bias = _param(rngs, jax.nn.initializers.zeros, shape[n_in:], names[n_in:])
+    self.bias = _param(rngs, jax.nn.initializers.zeros, shape[n_in:], names[n_in:]) if bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=self.n_in)
-    return y + self.bias[...].astype(self.dtype)
+    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm whose statistics are float32; returns `dtype` (default: the compute dtype)."""
+  """LayerNorm or RMSNorm (config.norm) in float32; returns `dtype` (default: the compute dtype)."""
 
   def __init__(self, config: EncoderConfig, *, dtype: Any = None, rngs: nnx.Rngs):
     self.eps = config.layer_norm_eps
+    self.rms = config.norm == 'rmsnorm'
     self.dtype = config.compute_dtype if dtype is None else dtype
     h = config.hidden_size
     self.scale = _param(rngs, jax.nn.initializers.ones, (h,), ('embed',))
-    self.bias = _param(rngs, jax.nn.initializers.zeros, (h,), ('embed',))
+    with_bias = config.norm_bias and not self.rms
+    self.bias = _param(rngs, jax.nn.initializers.zeros, (h,), ('embed',)) if with_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+    if self.rms:
+      y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
+    else:
+      mean = x.mean(-1, keepdims=True)
+      var = jnp.square(x - mean).mean(-1, keepdims=True)
+      y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...]
+    return (y if self.bias is None else y + self.bias[...]).astype(self.dtype)
 
 
-def _attend_with_dropout(q, k, v, mask, rate: float, key: jax.Array) -> jax.Array:
-  """Returns softmax(q k^T / sqrt(d)) v with dropout on the probabilities, (B, T, N, D)."""
+def _attend_reference(q, k, v, mask, rate: float, key: jax.Array | None) -> jax.Array:
+  """Returns softmax(q k^T / sqrt(d)) v (B, T, N, D) through the dense mask, with optional dropout."""
   logits = jnp.einsum('btnd,bsnd->bnts', q, k, preferred_element_type=jnp.float32)
   logits = logits / np.sqrt(q.shape[-1])
   # A finite fill (as jax.nn.dot_product_attention uses) keeps fully masked padding rows finite.
@@ -208,72 +314,136 @@ def _attend_with_dropout(q, k, v, mask, rate: float, key: jax.Array) -> jax.Arra
   return jnp.einsum('bnts,bsnd->btnd', probs.astype(v.dtype), v)
 
 
-class Attention(nnx.Module):
-  """Multi-head self-attention with BERT's query/key/value/output projections."""
+def _attend_splash(q, k, v, doc_ids, local_window: int) -> jax.Array:
+  """Returns attention (B, T, N, D) through Pallas splash attention with segment ids, no dense mask.
 
-  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+  Padding (segment 0) attends to padding only, so its outputs differ from the dense path's; real
+  tokens' outputs are the same. Off TPU the kernel runs interpreted (slow; for tests).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  _, length, heads, d = q.shape
+  shape = (length, length)
+  one = (sm.LocalMask(shape, (local_window // 2, local_window // 2), offset=0) if local_window
+         else sm.FullMask(shape))
+  block = min(length, 512)
+  if length % block or block % 128:
+    raise ValueError(f"model.attention_impl='splash' needs a sequence length that is a multiple "
+                     f"of 128 (blocks of min(L, 512)); got {length}")
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                        block_q_dq=block, block_kv_dq=block)
+  kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1,
+                              block_sizes=sizes, interpret=jax.default_backend() != 'tpu')
+  scale = 1.0 / np.sqrt(d)
+  # Splash takes (N, L, D) per row and applies no scale.
+  qt, kt, vt = (jnp.swapaxes(t, 1, 2) for t in (q * scale, k, v))
+  seg = sk.SegmentIds(q=doc_ids, kv=doc_ids)
+  out = jax.vmap(kernel)(qt.astype(v.dtype), kt, vt, seg)
+  return jnp.swapaxes(out, 1, 2)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention, global or sliding-window, with learned or rotary positions."""
+
+  def __init__(self, config: EncoderConfig, *, local: bool = False, rngs: nnx.Rngs):
     h, n = config.hidden_size, config.num_heads
     qkv = ((h, n, h // n), ('embed', 'heads', 'kv'))
-    self.query = Dense(config, *qkv, rngs=rngs)
-    self.key = Dense(config, *qkv, rngs=rngs)
-    self.value = Dense(config, *qkv, rngs=rngs)
-    self.output = Dense(config, (n, h // n, h), ('heads', 'kv', 'embed'), n_in=2, rngs=rngs)
+    bias = config.use_bias
+    self.query = Dense(config, *qkv, bias=bias, rngs=rngs)
+    self.key = Dense(config, *qkv, bias=bias, rngs=rngs)
+    self.value = Dense(config, *qkv, bias=bias, rngs=rngs)
+    self.output = Dense(config, (n, h // n, h), ('heads', 'kv', 'embed'), n_in=2, bias=bias,
+                        rngs=rngs)
     self.rate = config.attention_dropout_rate
-    self.impl = config.attention_impl or None
+    self.impl = config.attention_impl
+    self.window = config.local_window if local else 0
+    self.theta = None
+    if config.position_embedding == 'rope':
+      self.theta = config.rope_local_theta if local else config.rope_theta
 
-  def __call__(self, x: jax.Array, mask: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, doc_ids: jax.Array, position_ids: jax.Array,
+               dropout_rng: jax.Array | None) -> jax.Array:
     q, k, v = self.query(x), self.key(x), self.value(x)
-    if dropout_rng is not None and self.rate > 0.0:
-      out = _attend_with_dropout(q, k, v, mask, self.rate, dropout_rng)
+    if self.theta is not None:
+      q = rotary(q, position_ids, self.theta).astype(v.dtype)
+      k = rotary(k, position_ids, self.theta).astype(v.dtype)
+    dropout = dropout_rng is not None and self.rate > 0.0
+    if self.impl == 'splash':
+      out = _attend_splash(q, k, v, doc_ids, self.window)
+    elif self.impl == 'reference' or (dropout and not self.impl):
+      out = _attend_reference(q, k, v, attention_mask(doc_ids, self.window), self.rate,
+                              dropout_rng if dropout else None)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
+      if self.impl == 'cudnn' and jax.default_backend() != 'gpu':
+        raise ValueError(f"model.attention_impl='cudnn' needs a GPU; this process runs on "
+                         f"{jax.default_backend()}")
+      window = (self.window // 2, self.window // 2) if self.window else None
+      out = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(doc_ids),
+                                         local_window_size=window,
+                                         implementation=self.impl or None)
     return self.output(out)
 
 
 class Mlp(nnx.Module):
-  """Position-wise feed-forward block: dense, exact GELU, dense."""
+  """Position-wise feed-forward block: dense, GELU, dense; or gated (GeGLU, SwiGLU)."""
 
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
     h, i = config.hidden_size, config.intermediate_size
-    self.intermediate = Dense(config, (h, i), ('embed', 'mlp'), rngs=rngs)
-    self.output = Dense(config, (i, h), ('mlp', 'embed'), rngs=rngs)
+    bias = config.use_bias
+    self.kind = config.mlp_type
+    self.intermediate = Dense(config, (h, i), ('embed', 'mlp'), bias=bias, rngs=rngs)
+    self.gate = (None if self.kind == 'gelu'
+                 else Dense(config, (h, i), ('embed', 'mlp'), bias=bias, rngs=rngs))
+    self.output = Dense(config, (i, h), ('mlp', 'embed'), bias=bias, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.output(jax.nn.gelu(self.intermediate(x), approximate=False))
+    y = self.intermediate(x)
+    if self.kind == 'swiglu':
+      y = jax.nn.silu(y)
+    else:
+      y = jax.nn.gelu(y, approximate=False)
+    if self.gate is not None:
+      y = y * self.gate(x)
+    return self.output(y)
 
 
 class Block(nnx.Module):
   """One transformer layer, pre-LN or post-LN per the config; the residual stream is float32."""
 
-  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: EncoderConfig, *, index: int = 0, rngs: nnx.Rngs):
     self.pre_ln = config.pre_layer_norm
     self.rate = config.dropout_rate
-    self.attention = Attention(config, rngs=rngs)
+    self.attention = Attention(config, local=config.is_local(index), rngs=rngs)
     # Post-LN's norms write the residual stream (float32); pre-LN's feed the matmuls only.
     stream = None if config.pre_layer_norm else jnp.float32
-    self.attention_norm = LayerNorm(config, dtype=stream, rngs=rngs)
+    skip = index == 0 and not config.first_attention_norm
+    self.attention_norm = None if skip else LayerNorm(config, dtype=stream, rngs=rngs)
     self.mlp = Mlp(config, rngs=rngs)
     self.mlp_norm = LayerNorm(config, dtype=stream, rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, doc_ids: jax.Array, position_ids: jax.Array,
+               dropout_rng: jax.Array | None) -> jax.Array:
     keys = [_fold(dropout_rng, i) for i in range(3)]
     # With bf16 sublayers the stream stays float32: its ~8 bits would round away each layer's
     # update where it is small against the stream; the sublayer outputs promote to float32.
     x = x.astype(jnp.float32)
+    layout = (doc_ids, position_ids)
     if self.pre_ln:
-      x = x + _dropout(self.attention(self.attention_norm(x), mask, keys[0]), self.rate, keys[1])
+      normed = x if self.attention_norm is None else self.attention_norm(x)
+      x = x + _dropout(self.attention(normed, *layout, keys[0]), self.rate, keys[1])
       return x + _dropout(self.mlp(self.mlp_norm(x)), self.rate, keys[2])
-    x = self.attention_norm(x + _dropout(self.attention(x, mask, keys[0]), self.rate, keys[1]))
+    x = self.attention_norm(x + _dropout(self.attention(x, *layout, keys[0]), self.rate, keys[1]))
     return self.mlp_norm(x + _dropout(self.mlp(x), self.rate, keys[2]))
 
 
-def _call_block(layer: Block, x: jax.Array, mask: jax.Array,
+def _call_block(layer: Block, x: jax.Array, doc_ids: jax.Array, position_ids: jax.Array,
                 dropout_rng: jax.Array | None) -> jax.Array:
-  return layer(x, mask, dropout_rng)
+  return layer(x, doc_ids, position_ids, dropout_rng)
 
 
 def block_fn(remat: str):
-  """Returns f(layer, x, mask, dropout_rng) -> x, wrapped in nnx.remat with the named policy."""
+  """Returns f(layer, x, doc_ids, position_ids, dropout_rng) -> x, remat'ed by the named policy."""
   if not remat:
     return _call_block
   return nnx.remat(_call_block, policy=REMAT_POLICIES[remat])
@@ -286,36 +456,41 @@ class Encoder(nnx.Module):
     self.config = config
     h = config.hidden_size
     init = jax.nn.initializers.truncated_normal(config.initializer_range)
-    self.token_embed = _param(rngs, init, (config.vocab_size, h), ('vocab', 'embed'))
-    self.position_embed = _param(rngs, init, (config.max_position, h), (None, 'embed'))
-    self.type_embed = _param(rngs, init, (config.type_vocab_size, h), (None, 'embed'))
+    self.token_embed = _param(rngs, init, (config.padded_vocab_size, h), ('vocab', 'embed'))
+    self.position_embed = (_param(rngs, init, (config.max_position, h), (None, 'embed'))
+                           if config.position_embedding == 'learned' else None)
+    self.type_embed = (_param(rngs, init, (config.type_vocab_size, h), (None, 'embed'))
+                       if config.type_vocab_size else None)
     self.embed_norm = LayerNorm(config, dtype=jnp.float32, rngs=rngs)  # starts the residual stream
-    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.layers = nnx.List([Block(config, index=i, rngs=rngs) for i in range(config.num_layers)])
     self.final_norm = LayerNorm(config, rngs=rngs) if config.pre_layer_norm else None
 
   def __call__(self, input_ids: jax.Array, *, type_ids: jax.Array | None = None,
                position_ids: jax.Array | None = None, doc_ids: jax.Array | None = None,
                dropout_rng: jax.Array | None = None, cls_id: int = SP_CLS_ID,
                pad_id: int = SP_PAD_ID) -> jax.Array:
-    """Returns hidden states (B, L, H) in the compute dtype; absent layout ids: packed_layout's."""
-    if input_ids.shape[-1] > self.config.max_position:
+    """Returns hidden states (B, L, H) in the compute dtype; absent layout ids: packed_layout's.
+
+    Without token-type embeddings (type_vocab_size 0) type_ids are ignored.
+    """
+    if self.position_embed is not None and input_ids.shape[-1] > self.config.max_position:
       raise ValueError(f'model.max_position: {self.config.max_position} is shorter than the '
                        f'sequence length {input_ids.shape[-1]}; raise it or lower train.seq_len')
     if position_ids is None or doc_ids is None:
       pos, doc = packed_layout(input_ids, cls_id=cls_id, pad_id=pad_id)
       position_ids = pos if position_ids is None else position_ids
       doc_ids = doc if doc_ids is None else doc_ids
-    if type_ids is None:
-      type_ids = jnp.zeros_like(input_ids)
-    x = (jnp.take(self.token_embed[...], input_ids, axis=0)
-         + jnp.take(self.position_embed[...], position_ids, axis=0)
-         + jnp.take(self.type_embed[...], type_ids, axis=0))
+    x = jnp.take(self.token_embed[...], input_ids, axis=0)
+    if self.position_embed is not None:
+      x = x + jnp.take(self.position_embed[...], position_ids, axis=0)
+    if self.type_embed is not None:
+      type_ids = jnp.zeros_like(input_ids) if type_ids is None else type_ids
+      x = x + jnp.take(self.type_embed[...], type_ids, axis=0)
     rate = self.config.dropout_rate
     x = _dropout(self.embed_norm(x), rate, _fold(dropout_rng, 0))
-    mask = attention_mask(doc_ids)
     call = block_fn(self.config.remat)
     for i, layer in enumerate(self.layers):
-      x = call(layer, x, mask, _fold(dropout_rng, i + 1))
+      x = call(layer, x, doc_ids, position_ids, _fold(dropout_rng, i + 1))
     if self.final_norm is None:
       return x.astype(self.config.compute_dtype)
     return self.final_norm(x)
@@ -327,21 +502,25 @@ class MlmHead(nnx.Module):
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
     h = config.hidden_size
     self.dtype = config.compute_dtype
-    self.transform = Dense(config, (h, h), ('embed', None), rngs=rngs)
+    self.vocab_size = config.vocab_size
+    self.transform = Dense(config, (h, h), ('embed', None), bias=config.use_bias, rngs=rngs)
     self.norm = LayerNorm(config, rngs=rngs)
-    self.bias = _param(rngs, jax.nn.initializers.zeros, (config.vocab_size,), ('vocab',))
+    rows = config.padded_vocab_size
+    self.bias = _param(rngs, jax.nn.initializers.zeros, (rows,), ('vocab',))
     self.decoder = None if config.tie_embeddings else _param(
-        rngs, jax.nn.initializers.truncated_normal(config.initializer_range),
-        (config.vocab_size, h), ('vocab', 'embed'))
+        rngs, jax.nn.initializers.truncated_normal(config.initializer_range), (rows, h),
+        ('vocab', 'embed'))
 
   def __call__(self, hidden: jax.Array, embedding: jax.Array) -> jax.Array:
-    """Returns float32 logits (..., V) for hidden states (..., H) and the (V, H) token embedding."""
+    """Returns float32 logits (..., V) for hidden states (..., H) and the (V', H) token embedding."""
     x = self.norm(jax.nn.gelu(self.transform(hidden), approximate=False))
     if self.decoder is not None:
       embedding = self.decoder[...]
     logits = jnp.einsum('...h,vh->...v', x.astype(self.dtype), embedding.astype(self.dtype),
                         preferred_element_type=jnp.float32)
-    return logits + self.bias[...]
+    logits = logits + self.bias[...]
+    # Padding rows of a vocab_multiple table are never scored.
+    return logits if logits.shape[-1] == self.vocab_size else logits[..., :self.vocab_size]
 
 
 class BertForMLM(nnx.Module):

@@ -94,13 +94,13 @@ def defaults() -> ml_collections.ConfigDict:
 
   # The encoder's fields (model.EncoderConfig, less vocab_size): EncoderConfig(vocab_size=V, **model).
   c.model = ml_collections.ConfigDict()
-  c.model.size = 'tiny'  # named shape: tiny, mini, small, base, large, or 'custom' (the four keys below)
+  c.model.size = 'tiny'  # named shape (model.SIZES: tiny..large, modern_*), or 'custom' (the four keys below)
   c.model.hidden_size = 0  # > 0 overrides the named size's hidden width (imported checkpoints set it)
   c.model.num_layers = 0  # > 0 overrides the named size's number of transformer blocks
   c.model.num_heads = 0  # > 0 overrides the named size's attention heads
   c.model.intermediate_size = 0  # > 0 overrides the named size's MLP width
-  c.model.max_position = 512  # learned position embeddings
-  c.model.type_vocab_size = 2  # token-type (segment) embeddings, as BERT
+  c.model.max_position = 512  # rows of the learned position table (the longest row it can take)
+  c.model.type_vocab_size = 2  # token-type (segment) embeddings, as BERT; 0: none (ModernBERT)
   c.model.dropout_rate = 0.0  # hidden dropout (embeddings, attention output, MLP output)
   # Attention-probability dropout: follows dropout_rate (also after overrides of it) unless set.
   c.model.attention_dropout_rate = c.model.get_oneway_ref('dropout_rate')
@@ -109,8 +109,20 @@ def defaults() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True  # False: the MLM decoder gets its own output embedding (V x H more)
   c.model.initializer_range = 0.02  # truncated-normal std of the weights, as BERT
   c.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
-  c.model.attention_impl = ''  # jax.nn.dot_product_attention implementation; '' lets XLA choose
+  c.model.attention_impl = ''  # '' (jax chooses), 'xla', 'cudnn', 'reference' (dense einsum) or 'splash' (TPU Pallas)
   c.model.remat = ''  # per-block rematerialization: '' none, 'full', 'dots', 'dots_no_batch' (model.REMAT_POLICIES)
+  # Architecture options, BERT's by default; configs/pretrain.py:modern_* sets ModernBERT's (model.MODERN).
+  c.model.position_embedding = 'learned'  # 'learned' (a table of max_position rows) or 'rope' (rotary)
+  c.model.rope_theta = 10000.0  # rotary base of the global-attention layers (ModernBERT: 160000)
+  c.model.rope_local_theta = 10000.0  # rotary base of the sliding-window layers
+  c.model.mlp_type = 'gelu'  # 'gelu' (dense, GELU, dense), or gated 'geglu' / 'swiglu'
+  c.model.norm = 'layernorm'  # 'layernorm' or 'rmsnorm'
+  c.model.norm_bias = True  # the norms' additive bias (ModernBERT: none)
+  c.model.use_bias = True  # biases of the attention, MLP and head-transform layers (the decoder's stays)
+  c.model.global_every = 1  # layer i attends globally when i % global_every == 0, else through the window
+  c.model.local_window = 0  # window of local layers: keys at most local_window // 2 positions away
+  c.model.first_attention_norm = True  # False: layer 0 attends to the embedding norm's output (ModernBERT)
+  c.model.vocab_multiple = 1  # embedding rows padded to a multiple (64 for matmul tiles); logits keep the vocabulary
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 5000  # optimizer steps

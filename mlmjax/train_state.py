@@ -96,7 +96,7 @@ def init_source(source: str) -> InitSource:
 # The model keys that shape the parameters: a run started from init_from takes them from its config.
 ARCHITECTURE_KEYS = ('size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
                      'max_position', 'type_vocab_size', 'layer_norm_eps', 'pre_layer_norm',
-                     'tie_embeddings')
+                     'tie_embeddings', *model.ARCHITECTURE_OPTIONS)
 
 
 def adopt_model(config, src: InitSource, adapt) -> None:

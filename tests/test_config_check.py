@@ -98,7 +98,8 @@ def test_every_variant_of_every_family_passes(family):
     ('optim.decay', 'step', "optim.decay='step': choose one of ('linear', 'cosine', '1-sqrt', 'constant')"),
     ('data.bad_input', 'ignore', "data.bad_input='ignore': choose one of ('skip', 'error')"),
     ('model.size', 'huge', "model.size='huge': choose one of ('tiny', 'mini', 'small', 'base', "
-                           "'large', 'custom') ('custom' takes"),
+                           "'large', 'modern_tiny', 'modern_base', 'modern_large', 'custom') "
+                           "('custom' takes"),
     ('data.val_fraction', 1.0, 'data.val_fraction=1.0 must be in [0, 1)'),
     ('optim.b2', 1.0, 'optim.b2=1.0 must be in [0, 1)'),
     ('optim.eps', 0.0, 'optim.eps=0.0 must be in (0, inf)'),

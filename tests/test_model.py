@@ -149,7 +149,7 @@ def test_dropout_attention_path_matches_fused_attention_without_dropout():
   q, k, v = (jnp.asarray(rng.normal(size=(2, 6, 3, 8)), jnp.float32) for _ in range(3))
   _, doc = M.packed_layout(jnp.array([[CLS, 5, CLS, 6, 7, PAD], [PAD] * 6]))
   mask = M.attention_mask(doc)
-  manual = M._attend_with_dropout(q, k, v, mask, 0.0, jax.random.key(0))
+  manual = M._attend_reference(q, k, v, mask, 0.0, jax.random.key(0))
   fused = jax.nn.dot_product_attention(q, k, v, mask=mask)
   np.testing.assert_allclose(manual, fused, atol=1e-5)
 
@@ -368,7 +368,10 @@ def test_encoder_config_sizes_and_errors():
   for name, shape in M.SIZES.items():
     cfg = M.encoder_config(name, vocab_size=100)
     assert cfg.hidden_size // cfg.num_heads == 64, name
-    assert cfg.intermediate_size == 4 * cfg.hidden_size, name
+    # BERT's MLP is 4H wide; ModernBERT's gated width is 1.5H (base) and about 2.6H (large).
+    ratio = {'modern_large': 2.5625}.get(name, 2.0 if name == 'modern_tiny' else
+                                         1.5 if name.startswith('modern') else 4)
+    assert cfg.intermediate_size == ratio * cfg.hidden_size, name
   assert M.encoder_config('base', vocab_size=10, num_layers=3).num_layers == 3
   with pytest.raises(ValueError, match=r"model\.size.*'huge'.*tiny"):
     M.encoder_config('huge', vocab_size=100)
@@ -402,14 +405,16 @@ def test_attention_impl_empty_string_and_xla_agree_with_default():
   tokens = two_unit_batch(np.random.default_rng(14))
   default = make_model().encoder(tokens)
   for impl in ('', 'xla'):
-    np.testing.assert_array_equal(make_model(attention_impl=impl).encoder(tokens), default)
+    np.testing.assert_array_equal(
+        make_model(attention_impl=impl, attention_dropout_rate=0.0).encoder(tokens), default)
 
 
 def test_cudnn_attention_with_attention_dropout_is_refused_not_bypassed():
-  with pytest.raises(ValueError, match=r"attention_impl='cudnn' cannot apply "
-                                       r"model\.attention_dropout_rate=0\.1"):
-    M.EncoderConfig(vocab_size=100, size='tiny', attention_impl='cudnn',
-                    attention_dropout_rate=0.1)
+  for impl in ('cudnn', 'xla', 'splash'):
+    with pytest.raises(ValueError, match=rf"attention_impl='{impl}' has no dropout on the "
+                                         r"attention probabilities.*=0\.1"):
+      M.EncoderConfig(vocab_size=100, size='tiny', attention_impl=impl,
+                      attention_dropout_rate=0.1)
   # Hidden dropout alone leaves the attention fused.
   M.EncoderConfig(vocab_size=100, size='tiny', attention_impl='cudnn', dropout_rate=0.1,
                   attention_dropout_rate=0.0)

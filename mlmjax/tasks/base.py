@@ -115,7 +115,9 @@ class Task:
   def init_match_keys(self) -> tuple[str, ...]:
     """Returns the model fields that must equal the pretrained run's for transfer()."""
     return ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size', 'max_position',
-            'type_vocab_size', 'pre_layer_norm', 'layer_norm_eps')
+            'type_vocab_size', 'pre_layer_norm', 'layer_norm_eps',
+            # The rotary bases may change: context extension raises them.
+            *(k for k in model_lib.ARCHITECTURE_OPTIONS if not k.startswith('rope_')))
 
   def batch_loss(self, model, rows: jax.Array, mask_key: jax.Array, drop_key: jax.Array | None,
                  step: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
