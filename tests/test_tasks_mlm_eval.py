@@ -252,3 +252,37 @@ def test_whole_word_scores_sum_the_pieces_of_each_word(topics_corpus, topics_tok
   assert got['words'] == len(d['chars']) and got['chars'] == d['chars'].sum()
   np.testing.assert_allclose(got['nats_per_char'], total / d['chars'].sum(), rtol=1e-5)
   assert 0 <= got['word_accuracy'] <= 1 and got['pieces_per_word'] >= 1
+
+
+def test_position_buckets_follow_the_row_length():
+  assert evaluate.position_buckets(128) == []
+  assert evaluate.position_buckets(1024) == [(0, 128), (128, 512), (512, 1024)]
+  assert evaluate.position_buckets(8192) == [(0, 128), (128, 512), (512, 2048), (2048, 8192)]
+  assert evaluate.position_buckets(9000)[-1] == (8192, 9000)
+
+
+def test_loss_by_position_recombines_to_the_loss(metrics):
+  assert not [k for k in metrics if k.startswith('loss_by_position/')]  # 32-token rows: one bucket
+  length = 300
+  enc_cfg = model.EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=2,
+                                intermediate_size=32, position_embedding='rope', type_vocab_size=0,
+                                attention_dropout_rate=0.0)
+  graphdef, state = nnx.split(model.BertForMLM(enc_cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  rows = _markov_rows(2, 8, seq=length)
+  # Half the rows open with a unit of at least 250 tokens, which reaches the second bucket.
+  rows[::2, :250] = np.where(rows[::2, :250] == tok.CLS_ID, 5, rows[::2, :250])
+  rows[::2, 0], rows[::2, 1:250] = tok.CLS_ID, np.maximum(rows[::2, 1:250], tok.NUM_SPECIAL)
+  spec = masking.MaskingSpec(vocab_size=VOCAB, rate=0.15, split=(0.8, 0.1, 0.1),
+                             max_predictions=masking.default_max_predictions(0.15, length, 'exact'),
+                             selection='exact')
+  step = evaluate.make_eval_step(graphdef, spec)
+  unigram, successor = evaluate.baseline_tables(rows, VOCAB)
+  out = evaluate.evaluate(step, nnx.to_pure_dict(state), [rows[:4], rows[4:]], seed=5,
+                          unigram=unigram, successor=successor)
+  sums = evaluate.sum_batches(step, nnx.to_pure_dict(state), [rows[:4], rows[4:]], seed=5,
+                              unigram=unigram, successor=successor)
+  weights = {b: float(sums[f'position_weight_{b}']) for b in ('0-128', '128-300')}
+  assert all(w > 0 for w in weights.values())
+  assert sum(weights.values()) == float(sums['weight'])
+  mixed = sum(out[f'loss_by_position/{b}'] * w for b, w in weights.items()) / sum(weights.values())
+  assert mixed == pytest.approx(out['loss'], rel=1e-5)

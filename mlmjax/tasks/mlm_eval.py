@@ -14,6 +14,31 @@ from mlmjax import tokenizer as tok
 
 # Rows read for the baseline counts: enough for stable argmaxes, bounded for huge corpora.
 _BASELINE_MAX_ROWS = 200_000
+# Loss by the predicted token's position in its unit (how much left context it has), for rows
+# longer than the first edge: buckets [0, 128), [128, 512), [512, 2048), [2048, 8192), [8192, ...).
+POSITION_EDGES = (128, 512, 2048, 8192)
+
+
+def position_buckets(seq_len: int) -> list[tuple[int, int]]:
+  """Returns the [lo, hi) unit-position buckets a row of seq_len reaches; [] for one bucket."""
+  if seq_len <= POSITION_EDGES[0]:
+    return []
+  edges = [0, *(e for e in POSITION_EDGES if e < seq_len), seq_len]
+  return list(zip(edges[:-1], edges[1:]))
+
+
+def position_bucket_sums(logits, labels, weights, slot_positions,
+                         seq_len: int) -> dict[str, jax.Array]:
+  """Returns loss sums and weights per unit-position bucket; slot_positions (B, P): in-unit positions."""
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), labels[..., None],
+                             axis=-1)[..., 0]
+  weights = weights.astype(jnp.float32)
+  sums = {}
+  for lo, hi in position_buckets(seq_len):
+    inside = weights * ((slot_positions >= lo) & (slot_positions < hi))
+    sums[f'position_loss_sum_{lo}-{hi}'] = jnp.sum(nll * inside)
+    sums[f'position_weight_{lo}-{hi}'] = jnp.sum(inside)
+  return sums
 
 
 def baseline_tables(train_rows: np.ndarray, vocab_size: int,
@@ -62,6 +87,9 @@ def make_eval_step(graphdef, spec: masking.MaskingSpec, cls_id: int = tok.CLS_ID
     bigram = jnp.where(bigram < 0, unigram, bigram)
     sums['baseline_unigram_correct_mask'] = jnp.sum(at_mask * (mb.labels == unigram))
     sums['baseline_bigram_correct_mask'] = jnp.sum(at_mask * (mb.labels == bigram))
+    slot_positions = jnp.take_along_axis(position_ids, mb.positions, axis=1)
+    sums.update(position_bucket_sums(logits, mb.labels, mb.weights, slot_positions,
+                                     tokens.shape[-1]))
     if extra_sums is not None:
       sums.update(extra_sums(mb, logits, *extra))
     return sums
@@ -98,6 +126,10 @@ def evaluate(eval_step: Callable, params, batches: Sequence, *, seed: int, unigr
   out['baseline/bigram_accuracy_at_mask'] = (
       total['baseline_bigram_correct_mask'] / n_mask if n_mask else float('nan'))
   out['predictions'] = total['weight']
+  for key in [k for k in total if k.startswith('position_weight_')]:
+    bucket = key[len('position_weight_'):]
+    out[f'loss_by_position/{bucket}'] = (total[f'position_loss_sum_{bucket}'] / total[key]
+                                         if total[key] else float('nan'))
   return out
 
 
