@@ -1,4 +1,4 @@
-"""Text sources and cleaning: lists of clean document strings.
+"""Text sources and cleaning: clean documents, listed (load_documents) or streamed (iter_documents).
 
 `data.corpus` names the source:
 
@@ -28,6 +28,7 @@ keeps the first N survivors. Near-duplicates are grouped later, before the split
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import gzip
 import hashlib
@@ -38,7 +39,7 @@ import platform
 import re
 import unicodedata
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import ftfy
@@ -182,33 +183,53 @@ def _check_normalization(normalization: str) -> None:
                      "('' turns normalization off)")
 
 
-def _clean_all(raw: Iterable[str], *, fix_text: bool, normalization: str, min_chars: int,
-               dedup: bool, max_documents: int) -> tuple[list[str], CleaningReport]:
-  """Returns the documents of `raw` that survive cleaning, in order, and the report."""
-  report = CleaningReport()
-  docs, seen = [], set()
-  for text in raw:
-    report.documents_in += 1
-    report.chars_in += len(text)
-    if max_documents and len(docs) >= max_documents:
+class _DropRules:
+  """The rules that drop cleaned documents, applied in corpus order, counted into a report."""
+
+  def __init__(self, report: CleaningReport, *, min_chars: int, dedup: bool, max_documents: int):
+    self.report, self.min_chars, self.dedup, self.max_documents = (report, min_chars, dedup,
+                                                                    max_documents)
+    # 16-byte digests of the kept texts: exact duplicates found without holding the texts.
+    self._seen: set[bytes] = set()
+
+  def _full(self) -> bool:
+    return bool(self.max_documents) and self.report.documents_out >= self.max_documents
+
+  def read(self, raw: str) -> str | None:
+    """Counts a raw document in; returns it, or None once max_documents are kept (not cleaned)."""
+    self.report.documents_in += 1
+    self.report.chars_in += len(raw)
+    return None if self._full() else raw
+
+  def keep(self, cleaned: tuple[str, list[str]] | None) -> bool:
+    """Returns whether a (text, changed rules) of _clean_steps survives; None: past max_documents."""
+    report = self.report
+    if cleaned is None or self._full():
       report.dropped['max_documents'] += 1  # counted, not cleaned: truncation is the last rule
-      continue
-    text, changed = _clean_steps(text, fix_text, normalization)
+      return False
+    text, changed = cleaned
     for name in changed:
       report.changed[name] += 1
     if not text:
       report.dropped['empty'] += 1
-    elif len(text) < min_chars:
+      return False
+    if len(text) < self.min_chars:
       report.dropped['too_short'] += 1
-    elif dedup and text in seen:
-      report.dropped['duplicate'] += 1
-    else:
-      if dedup:
-        seen.add(text)
-      docs.append(text)
-  report.documents_out = len(docs)
-  report.chars_out = sum(map(len, docs))
-  return docs, report
+      return False
+    if self.dedup:
+      digest = hashlib.blake2b(text.encode('utf-8'), digest_size=16).digest()
+      if digest in self._seen:
+        report.dropped['duplicate'] += 1
+        return False
+      self._seen.add(digest)
+    report.documents_out += 1
+    report.chars_out += len(text)
+    return True
+
+
+def _map_here(fn: Callable[[str], Any], items: Iterable[str | None]) -> Iterator[Any]:
+  """Returns fn(item) for each item, in this process; None for None."""
+  return (None if item is None else fn(item) for item in items)
 
 
 _BREAKS = (re.compile(r'\n\s*\n'), re.compile(r'\n'), re.compile(r'[.!?]["\')\]]*\s'),
@@ -291,27 +312,51 @@ def corpus_key(data_cfg: Any) -> str:
   return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_documents(data_cfg: Any) -> tuple[list[str], CleaningReport]:
-  """Returns the cleaned, deduplicated, filtered documents of `data_cfg.corpus` and a report."""
+def iter_documents(data_cfg: Any, report: CleaningReport, *,
+                   map_clean: Callable[..., Iterable[Any]] | None = None,
+                   select: Callable[[Iterator[str]], Iterable[str]] | None = None) -> Iterator[str]:
+  """Yields the cleaned documents of `data_cfg.corpus` that survive, in order, counting into report.
+
+  Memory is one document plus 16 bytes per kept document (for dedup), not the corpus.
+  map_clean(fn, raws): an ordered map, e.g. over worker processes, giving fn(raw) or None for None.
+  select(raws): the raw documents to clean instead of all of them (e.g. a sample).
+  """
   opts = _options(data_cfg)
   spec = _spec(data_cfg)
   bad = BadInput(opts['bad_input'], opts['max_line_chars'])
   raw = read_raw_documents(spec, text_field=opts['text_field'], tfds_split=data_cfg.tfds_split,
                            tfds_data_dir=data_cfg.tfds_data_dir,
                            tfds_download=data_cfg.tfds_download, bad_input=bad)
-  docs, report = _clean_all(raw, fix_text=opts['fix_text'], normalization=opts['normalization'],
-                            min_chars=opts['min_chars'], dedup=opts['dedup'],
-                            max_documents=opts['max_documents'])
+  if select is not None:
+    raw = select(raw)
+  rules = _DropRules(report, min_chars=opts['min_chars'], dedup=opts['dedup'],
+                     max_documents=opts['max_documents'])
+  clean = functools.partial(_clean_steps, fix_text=opts['fix_text'],
+                            normalization=opts['normalization'])
+  for cleaned in (map_clean or _map_here)(clean, (rules.read(text) for text in raw)):
+    if rules.keep(cleaned):
+      yield cleaned[0]
   report.skipped, report.first_skipped = dict(bad.counts), dict(bad.first)
+
+
+def empty_corpus_error(data_cfg: Any, report: CleaningReport) -> ValueError:
+  """Returns the error for a corpus with no documents left after cleaning, with the report's counts."""
+  counts = ', '.join(f'{k} {v}' for k, v in report.dropped.items() if v)
+  skipped = ', '.join(f'{k} {v}' for k, v in report.skipped.items() if v)
+  first = next(iter(report.first_skipped.values()), None)
+  return ValueError(f'data.corpus={_spec(data_cfg)!r} has no documents left after cleaning '
+                    f'({report.documents_in} read; dropped: {counts or "none"}; '
+                    f'skipped bad input: {skipped or "none"}); check the source or lower '
+                    f'data.min_chars={data_cfg.min_chars}'
+                    + (f'\nfirst skipped: {first}' if first else ''))
+
+
+def load_documents(data_cfg: Any) -> tuple[list[str], CleaningReport]:
+  """Returns the cleaned, deduplicated, filtered documents of `data_cfg.corpus` and a report."""
+  report = CleaningReport()
+  docs = list(iter_documents(data_cfg, report))
   if not docs:
-    counts = ', '.join(f'{k} {v}' for k, v in report.dropped.items() if v)
-    skipped = ', '.join(f'{k} {v}' for k, v in report.skipped.items() if v)
-    first = next(iter(report.first_skipped.values()), None)
-    raise ValueError(f'data.corpus={spec!r} has no documents left after cleaning '
-                     f'({report.documents_in} read; dropped: {counts or "none"}; '
-                     f'skipped bad input: {skipped or "none"}); check the source or lower '
-                     f'data.min_chars={opts["min_chars"]}'
-                     + (f'\nfirst skipped: {first}' if first else ''))
+    raise empty_corpus_error(data_cfg, report)
   return docs, report
 
 

@@ -59,6 +59,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.bad_input = 'skip'  # binary/empty files, bad UTF-8, long lines, bad JSONL rows: 'skip' (counted) or 'error'
   c.data.max_line_chars = 1_000_000  # longer lines are bad input (minified data, dumps)
   c.data.prefetch = 2  # batches tf.data prepares ahead
+  c.data.shard_chars = 16_000_000  # mlmjax.prepare: a shard takes documents until it holds this many characters
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # an existing sentencepiece .model (or WordPiece vocab.txt / tokenizer.json) to use instead of training one
@@ -66,6 +67,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.tokenizer.model_type = 'unigram'  # 'unigram' or 'bpe'
   c.tokenizer.character_coverage = 0.9995  # sentencepiece character coverage; the rest byte-fallback
   c.tokenizer.max_sentences = 2_000_000  # lines sampled for training the tokenizer
+  c.tokenizer.sample_chars = 100_000_000  # mlmjax.prepare trains on documents (a hash-drawn sample) of this many characters; 0 = all
   # DAPT: add up to N pieces learned from data.corpus's training split after the ids of init_from's
   # (or tokenizer.path's) unigram tokenizer; their embeddings start as their old pieces' mean.
   c.tokenizer.extend_pieces = 0

@@ -24,8 +24,6 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
@@ -117,6 +115,7 @@ def sources(base: tokenizer_lib.Tokenizer, extended) -> list[list[int]]:
 
 def vocab_axes(logical: Any) -> dict[str, int]:
   """Returns {parameter path: index of its 'vocab' axis} from the model's logical partition specs."""
+  import jax  # pylint: disable=g-import-not-at-top  (input_pipeline imports this module: no JAX there)
   flat = jax.tree_util.tree_flatten_with_path(
       logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
   return {jax.tree_util.keystr(path): tuple(spec).index('vocab')
@@ -125,6 +124,8 @@ def vocab_axes(logical: Any) -> dict[str, int]:
 
 def extend_params(params: Any, axes: dict[str, int], srcs: Sequence[Sequence[int]]) -> Any:
   """Returns params with each vocab axis grown by one slice per source list (the mean of its rows)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   width = max((len(s) for s in srcs), default=1)
   idx = np.zeros((len(srcs), width), np.int32)
   weight = np.zeros((len(srcs), width), np.float32)
