@@ -51,3 +51,33 @@ def test_init_source_errors_name_the_path_and_what_is_missing(run_dir, tmp_path)
   (run_dir / 'tokenizer.model').unlink()
   with pytest.raises(FileNotFoundError, match='holds no tokenizer'):
     train_state.init_source(str(run_dir))
+
+
+@pytest.mark.slow
+def test_context_extension_continues_a_rotary_run_at_a_longer_length_and_larger_base(
+    tiny_config, tmp_path):
+  from mlmjax import predict, train  # pylint: disable=g-import-not-at-top
+  short = tiny_config
+  for key, value in {**model.MODERN, 'local_window': 16, 'vocab_multiple': 8}.items():
+    short.model[key] = value
+  short.model.size = 'modern_tiny'
+  short.train.num_steps = 4
+  train.run(short, tmp_path / 'short')
+  long = pretrain.get_config('tiny')
+  long.data.corpus, long.data.cache_dir = short.data.corpus, short.data.cache_dir
+  long.init_from = str(tmp_path / 'short')
+  long.train.seq_len, long.train.batch_size, long.train.num_steps = 256, 4, 1
+  long.eval.batch_size, long.eval.num_batches, long.eval.every_steps = 4, 1, 1
+  long.optim.learning_rate, long.optim.warmup_steps = 1e-12, 0  # the step leaves the weights
+  long.model.rope_theta = 640_000.0
+  train.run(long, tmp_path / 'long',
+            explicit=('model.rope_theta', 'train.seq_len', 'init_from'))
+  saved = json.loads((tmp_path / 'long' / 'config.json').read_text())['model']
+  # The architecture comes from the short run, the larger base from this config.
+  assert saved['position_embedding'] == 'rope' and saved['rope_theta'] == 640_000.0
+  assert saved['local_window'] == 16 and saved['size'] == 'modern_tiny'
+  before = predict.load_run(tmp_path / 'short', 'latest').params['encoder']['token_embed']
+  after = predict.load_run(tmp_path / 'long', 'latest').params['encoder']['token_embed']
+  assert abs(before - after).max() < 1e-6
+  records = [json.loads(line) for line in (tmp_path / 'long' / 'metrics.jsonl').open()]
+  assert any(k.endswith('loss_by_position/128-256') for r in records for k in r), records[-1]
