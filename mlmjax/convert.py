@@ -1,4 +1,4 @@
-"""Hugging Face interop: import a BERT or RoBERTa-PreLayerNorm directory, export a workdir as one.
+"""Hugging Face interop: import BERT, RoBERTa-PreLayerNorm or ModernBERT, export a workdir as one.
 
   python -m mlmjax.convert import SRC_DIR --workdir runs/imported
   python -m mlmjax.convert export --workdir runs/x OUT_DIR
@@ -6,10 +6,12 @@
 A post-LN run exports as BertForMaskedLM, a pre-LN run (the default) as
 RobertaPreLayerNormForMaskedLM, which computes the same: LayerNorm after the embeddings, before
 attention and before the MLP, and a final one; its positions start at padding_idx + 1, so position
-row p of ours is its row p + 1 and its row 0 (padding only) is zeros. Reading needs only
-safetensors and numpy (pytorch_model.bin needs torch). The weight layout: HF Linear weights are
-(out, in) and compute x @ W.T; our kernels are (in, ...) with the output split per head for
-query/key/value (H, heads, head_dim) and the attention output (heads, head_dim, H).
+row p of ours is its row p + 1 and its row 0 (padding only) is zeros. A rotary run (model.MODERN's
+options) exports as ModernBertForMaskedLM. Reading needs only safetensors and numpy
+(pytorch_model.bin needs torch). The weight layout: HF Linear weights are (out, in) and compute
+x @ W.T; our kernels are (in, ...) with the output split per head for query/key/value
+(H, heads, head_dim) and the attention output (heads, head_dim, H). ModernBERT fuses query, key
+and value into one Wqkv (3H, H) and the GeGLU's activated input and gate into one Wi (2I, H).
 """
 
 import argparse
@@ -37,25 +39,64 @@ class Arch:
   head_dense: str
   head_norm: str
   ignored: tuple  # tensors with no use in an MLM encoder (pooler, heads of other tasks, buffers)
+  decoder: str  # the MLM decoder (output embedding) Linear
+  bias: str  # the tensor our mlm_head.bias is
+  embedding: str  # the word embedding (base model, unprefixed)
 
 
 BERT = Arch('bert', 'BertForMaskedLM', 'bert.', 'cls.predictions.', 'transform.dense',
-            'transform.LayerNorm', ('pooler.', 'cls.seq_relationship.', 'embeddings.position_ids'))
+            'transform.LayerNorm', ('pooler.', 'cls.seq_relationship.', 'embeddings.position_ids'),
+            'cls.predictions.decoder', 'cls.predictions.bias', 'embeddings.word_embeddings.weight')
 PRE_LN = Arch('roberta-prelayernorm', 'RobertaPreLayerNormForMaskedLM', 'roberta_prelayernorm.',
               'lm_head.', 'dense', 'layer_norm', ('pooler.', 'embeddings.position_ids',
-                                                  'embeddings.token_type_ids'))
-ARCHS = {a.model_type: a for a in (BERT, PRE_LN)}
+                                                  'embeddings.token_type_ids'),
+              'lm_head.decoder', 'lm_head.bias', 'embeddings.word_embeddings.weight')
+MODERN = Arch('modernbert', 'ModernBertForMaskedLM', 'model.', 'head.', 'dense', 'norm', (),
+              'decoder', 'decoder.bias', 'embeddings.tok_embeddings.weight')
+ARCHS = {a.model_type: a for a in (BERT, PRE_LN, MODERN)}
 # Rows of RoBERTa's position table before our position 0: padding_idx + 1 with [PAD] = 0.
 ROBERTA_POSITION_OFFSET = 1
 # HF config fields whose other values our encoder cannot compute, with the value it needs.
 _REQUIRED = (('hidden_act', 'gelu'), ('position_embedding_type', 'absolute'),
              ('is_decoder', False), ('add_cross_attention', False))
+_MODERN_REQUIRED = (('hidden_activation', 'gelu'), ('classifier_activation', 'gelu'),
+                    ('is_decoder', False), ('rope_scaling', None))
+# ModernBertConfig's defaults, for configs that leave a field out.
+_MODERN_THETA = {'full_attention': ('global_rope_theta', 160_000.0),
+                 'sliding_attention': ('local_rope_theta', 10_000.0)}
+_MODERN_WINDOW = 128
 IMPORTED_FILE = 'imported.json'  # what an import knew of its source, kept in the workdir
 
 
 def arch_of(enc_cfg) -> Arch:
-  """Returns the transformers class that computes what enc_cfg does (pre-LN: RoBERTa-PreLayerNorm)."""
+  """Returns the transformers class that computes what enc_cfg does (rotary: ModernBERT)."""
+  if enc_cfg.position_embedding == 'rope':
+    return MODERN
   return PRE_LN if enc_cfg.pre_layer_norm else BERT
+
+
+# What each class computes, as EncoderConfig fields; learned positions need BERT's defaults.
+_EXPRESSIBLE = {
+    MODERN: (('mlp_type', 'geglu'), ('norm', 'layernorm'), ('pre_layer_norm', True),
+             ('first_attention_norm', False), ('type_vocab_size', 0)),
+    BERT: (('mlp_type', 'gelu'), ('norm', 'layernorm'), ('norm_bias', True), ('use_bias', True),
+           ('global_every', 1), ('first_attention_norm', True)),
+}
+
+
+def check_exportable(enc_cfg) -> None:
+  """Returns None; raises ValueError naming the first model key the export class cannot express."""
+  arch = arch_of(enc_cfg)
+  for key, needed in _EXPRESSIBLE[MODERN if arch is MODERN else BERT]:
+    value = getattr(enc_cfg, key)
+    if value != needed:
+      how = ("model.position_embedding='rope' exports as ModernBertForMaskedLM" if arch is MODERN
+             else f"model.position_embedding='learned' exports as {arch.architecture}")
+      raise ValueError(f'model.{key}={value!r} cannot be exported: {how}, which computes only '
+                       f'{key}={needed!r}')
+  if arch is not MODERN and enc_cfg.type_vocab_size < 1:
+    raise ValueError(f'model.type_vocab_size=0 cannot be exported: {arch.architecture} needs at '
+                     'least one token type (rotary runs export as ModernBERT, which has none)')
 
 
 def check_supported(hf_config: dict, where: str = 'config.json') -> None:
@@ -63,12 +104,15 @@ def check_supported(hf_config: dict, where: str = 'config.json') -> None:
   kind = hf_config.get('model_type', 'bert')
   if kind not in ARCHS:
     raise ValueError(f'{where}: model_type={kind!r} is not supported; mlmjax computes only '
-                     f'model_type in {sorted(ARCHS)} (BERT, or RoBERTa-PreLayerNorm for pre-LN)')
-  for field, needed in _REQUIRED:
+                     f'model_type in {sorted(ARCHS)} (BERT, RoBERTa-PreLayerNorm for pre-LN, '
+                     'ModernBERT)')
+  modern = kind == MODERN.model_type
+  positions = 'default rotary' if modern else 'absolute'
+  for field, needed in (_MODERN_REQUIRED if modern else _REQUIRED):
     value = hf_config.get(field, needed)
     if value != needed:
       raise ValueError(f'{where}: {field}={value!r} is not supported; mlmjax computes only '
-                       f'{field}={needed!r} (exact GELU, absolute positions, an encoder)')
+                       f'{field}={needed!r} (exact GELU, {positions} positions, an encoder)')
   for field in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
                 'intermediate_size', 'max_position_embeddings'):
     if not isinstance(hf_config.get(field), int):
@@ -79,6 +123,8 @@ def check_supported(hf_config: dict, where: str = 'config.json') -> None:
   if kind == PRE_LN.model_type and hf_config['max_position_embeddings'] <= _roberta_offset(hf_config):
     raise ValueError(f'{where}: max_position_embeddings={hf_config["max_position_embeddings"]} '
                      f'leaves no position after pad_token_id={hf_config.get("pad_token_id")}')
+  if modern:
+    _modern_options(hf_config, where)
 
 
 def _roberta_offset(hf_config: dict) -> int:
@@ -86,10 +132,58 @@ def _roberta_offset(hf_config: dict) -> int:
   return (1 if pad is None else int(pad)) + 1  # RobertaPreLayerNormConfig's default pad is 1
 
 
+def _modern_options(hf_config: dict, where: str = 'config.json') -> dict:
+  """Returns the EncoderConfig architecture fields of a ModernBERT config (ValueError naming a field)."""
+  n = hf_config['num_hidden_layers']
+  types = hf_config.get('layer_types')
+  if types is None:  # configs before transformers 5 give the period only
+    every = int(hf_config.get('global_attn_every_n_layers', 3))
+    types = ['sliding_attention' if i % every else 'full_attention' for i in range(n)]
+  full = [i for i, t in enumerate(types) if t == 'full_attention']
+  every = 1 if len(full) == n else (full[1] if len(full) > 1 else n)
+  if list(types) != ['sliding_attention' if i % every else 'full_attention' for i in range(n)]:
+    raise ValueError(f'{where}: layer_types={types} is not supported; mlmjax computes full '
+                     'attention in every k-th layer from layer 0 and sliding windows in the others')
+  window = int(hf_config.get('local_attention', _MODERN_WINDOW)) if every > 1 else 0
+  if window % 2 or (every > 1 and window <= 0):
+    raise ValueError(f'{where}: local_attention={window} must be even and positive')
+  biases = {k: bool(hf_config.get(k, False))
+            for k in ('attention_bias', 'mlp_bias', 'classifier_bias')}
+  if len(set(biases.values())) > 1:
+    raise ValueError(f'{where}: ' + ', '.join(f'{k}={v}' for k, v in biases.items()) + ' differ; '
+                     "mlmjax's model.use_bias sets all three alike")
+  if (hf_config['hidden_size'] // hf_config['num_attention_heads']) % 2:
+    raise ValueError(f'{where}: hidden_size / num_attention_heads must be even (rotary positions)')
+  theta = {}
+  for kind, (old, default) in _MODERN_THETA.items():
+    rope = (hf_config.get('rope_parameters') or {}).get(kind) or {}
+    if rope.get('rope_type', 'default') != 'default':
+      raise ValueError(f'{where}: rope_parameters.{kind}.rope_type={rope["rope_type"]!r} is not '
+                       "supported; mlmjax computes only 'default' rotary positions")
+    value = rope.get('rope_theta', hf_config.get(old))
+    theta[kind] = float(default if value is None else value)
+  return dict(position_embedding='rope', rope_theta=theta['full_attention'],
+              rope_local_theta=theta['sliding_attention'], mlp_type='geglu', norm='layernorm',
+              norm_bias=bool(hf_config.get('norm_bias', False)), use_bias=biases['mlp_bias'],
+              global_every=every, local_window=window, first_attention_norm=False,
+              vocab_multiple=1)
+
+
 def encoder_config(hf_config: dict):
-  """Returns the model.EncoderConfig (float32) of a supported BERT or RoBERTa-PreLayerNorm config."""
+  """Returns the model.EncoderConfig (float32) of a supported config.json (check_supported)."""
   from mlmjax import model  # pylint: disable=g-import-not-at-top
   check_supported(hf_config)
+  if hf_config.get('model_type') == MODERN.model_type:
+    return model.EncoderConfig(
+        vocab_size=hf_config['vocab_size'], hidden_size=hf_config['hidden_size'],
+        num_layers=hf_config['num_hidden_layers'], num_heads=hf_config['num_attention_heads'],
+        intermediate_size=hf_config['intermediate_size'],
+        max_position=hf_config['max_position_embeddings'], type_vocab_size=0,
+        dropout_rate=hf_config.get('embedding_dropout', 0.0),
+        attention_dropout_rate=hf_config.get('attention_dropout', 0.0),
+        layer_norm_eps=hf_config.get('norm_eps', 1e-5), pre_layer_norm=True,
+        tie_embeddings=bool(hf_config.get('tie_word_embeddings', True)),
+        initializer_range=hf_config.get('initializer_range', 0.02), **_modern_options(hf_config))
   pre_ln = hf_config.get('model_type', 'bert') == PRE_LN.model_type
   positions = hf_config['max_position_embeddings'] - (_roberta_offset(hf_config) if pre_ln else 0)
   return model.EncoderConfig(
@@ -104,13 +198,43 @@ def encoder_config(hf_config: dict):
       initializer_range=hf_config.get('initializer_range', 0.02))
 
 
+def _modern_config(enc_cfg, pad_id: int, cls_id: int, sep_id: int) -> dict:
+  """Returns the ModernBertForMaskedLM config dict of a rotary EncoderConfig."""
+  def rope(theta):
+    return {'rope_type': 'default', 'rope_theta': float(theta)}
+  bias = enc_cfg.use_bias
+  return {
+      'architectures': [MODERN.architecture], 'model_type': MODERN.model_type,
+      'vocab_size': enc_cfg.padded_vocab_size, 'hidden_size': enc_cfg.hidden_size,
+      'num_hidden_layers': enc_cfg.num_layers, 'num_attention_heads': enc_cfg.num_heads,
+      'intermediate_size': enc_cfg.intermediate_size, 'hidden_activation': 'gelu',
+      'classifier_activation': 'gelu', 'max_position_embeddings': enc_cfg.max_position,
+      'layer_types': ['sliding_attention' if enc_cfg.is_local(i) else 'full_attention'
+                      for i in range(enc_cfg.num_layers)],
+      'local_attention': enc_cfg.local_window or _MODERN_WINDOW,  # unused without local layers
+      'rope_parameters': {'full_attention': rope(enc_cfg.rope_theta),
+                          'sliding_attention': rope(enc_cfg.rope_local_theta)},
+      'norm_eps': enc_cfg.layer_norm_eps, 'norm_bias': enc_cfg.norm_bias,
+      'attention_bias': bias, 'mlp_bias': bias, 'classifier_bias': bias, 'decoder_bias': True,
+      # Training-time only, and placed a little differently from ours: see docs/huggingface.md.
+      'embedding_dropout': enc_cfg.dropout_rate, 'mlp_dropout': enc_cfg.dropout_rate,
+      'attention_dropout': enc_cfg.attention_dropout_rate,
+      'initializer_range': enc_cfg.initializer_range, 'pad_token_id': int(pad_id),
+      'cls_token_id': int(cls_id), 'sep_token_id': int(sep_id), 'bos_token_id': int(cls_id),
+      'eos_token_id': int(sep_id), 'tie_word_embeddings': enc_cfg.tie_embeddings,
+      'torch_dtype': 'float32'}
+
+
 def hf_config_from(enc_cfg, pad_id: int = tok.PAD_ID, *, cls_id: int = tok.CLS_ID,
                    sep_id: int = tok.SEP_ID) -> dict:
-  """Returns the transformers config dict (BertForMaskedLM, or RobertaPreLayerNormForMaskedLM if pre-LN)."""
+  """Returns the transformers config dict of enc_cfg's class (BERT, RoBERTa-PreLayerNorm, ModernBERT)."""
+  check_exportable(enc_cfg)
   arch = arch_of(enc_cfg)
+  if arch is MODERN:
+    return _modern_config(enc_cfg, pad_id, cls_id, sep_id)
   common = {
       'architectures': [arch.architecture], 'model_type': arch.model_type,
-      'vocab_size': enc_cfg.vocab_size, 'hidden_size': enc_cfg.hidden_size,
+      'vocab_size': enc_cfg.padded_vocab_size, 'hidden_size': enc_cfg.hidden_size,
       'num_hidden_layers': enc_cfg.num_layers, 'num_attention_heads': enc_cfg.num_heads,
       'intermediate_size': enc_cfg.intermediate_size, 'hidden_act': 'gelu',
       'hidden_dropout_prob': enc_cfg.dropout_rate,
@@ -165,22 +289,67 @@ def _positions_out(x, c):
   return np.concatenate([np.zeros((ROBERTA_POSITION_OFFSET, c.hidden_size), x.dtype), x])
 
 
-def _norm(ours: tuple, hf: str) -> list:
+def _norm(ours: tuple, hf: str, bias: bool = True) -> list:
   return [((*ours, 'scale'), f'{hf}.weight', _ident, _ident),
-          ((*ours, 'bias'), f'{hf}.bias', _ident, _ident)]
+          *([((*ours, 'bias'), f'{hf}.bias', _ident, _ident)] if bias else [])]
 
 
 def _dense(ours: tuple, hf: str, to_ours: Callable = _linear_in, to_hf: Callable = _linear_in,
-           bias_in: Callable = _ident, bias_out: Callable = _ident) -> list:
+           bias_in: Callable = _ident, bias_out: Callable = _ident, bias: bool = True) -> list:
   return [((*ours, 'kernel'), f'{hf}.weight', to_ours, to_hf),
-          ((*ours, 'bias'), f'{hf}.bias', bias_in, bias_out)]
+          *([((*ours, 'bias'), f'{hf}.bias', bias_in, bias_out)] if bias else [])]
+
+
+def _fused(ours: list, hf: str, to_ours: Callable, to_hf: Callable) -> tuple:
+  """Returns the map entry of an HF tensor stacking len(ours) of our tensors along its first axis."""
+  def split(x, c):
+    return [to_ours(part, c) for part in np.split(x, len(ours))]
+
+  def join(xs, c):
+    return np.concatenate([to_hf(x, c) for x in xs])
+  return ours, hf, split, join
+
+
+def _modern_map(c, head: bool) -> list[tuple]:
+  """Returns name_map's entries for ModernBertForMaskedLM (see name_map)."""
+  enc, bias, nb = ('encoder',), c.use_bias, c.norm_bias
+  out = [((*enc, 'token_embed'), MODERN.embedding, _ident, _ident),
+         *_norm((*enc, 'embed_norm'), 'embeddings.norm', nb)]
+  for i in range(c.num_layers):
+    ours, hf = (*enc, 'layers', i), f'layers.{i}'
+    if i:  # layer 0 attends to the embedding norm's output (first_attention_norm=False)
+      out += _norm((*ours, 'attention_norm'), f'{hf}.attn_norm', nb)
+    qkv = [(*ours, 'attention', name) for name in ('query', 'key', 'value')]
+    out.append(_fused([(*q, 'kernel') for q in qkv], f'{hf}.attn.Wqkv.weight', _qkv_in, _qkv_out))
+    if bias:
+      out.append(_fused([(*q, 'bias') for q in qkv], f'{hf}.attn.Wqkv.bias', _qkv_in, _qkv_out))
+    out += _dense((*ours, 'attention', 'output'), f'{hf}.attn.Wo', _attn_out_in, _attn_out_out,
+                  bias=bias)
+    out += _norm((*ours, 'mlp_norm'), f'{hf}.mlp_norm', nb)
+    # Wi's first half is the GELU's input, its second the gate.
+    gated = [(*ours, 'mlp', name) for name in ('intermediate', 'gate')]
+    for kind in ('weight', 'bias') if bias else ('weight',):
+      leaf = 'kernel' if kind == 'weight' else 'bias'
+      out.append(_fused([(*g, leaf) for g in gated], f'{hf}.mlp.Wi.{kind}', _linear_in, _linear_in))
+    out += _dense((*ours, 'mlp', 'output'), f'{hf}.mlp.Wo', bias=bias)
+  out += _norm((*enc, 'final_norm'), 'final_norm', nb)
+  if head:
+    out += _dense(('mlm_head', 'transform'), 'head.dense', bias=bias)
+    out += _norm(('mlm_head', 'norm'), 'head.norm', nb)
+    out.append((('mlm_head', 'bias'), MODERN.bias, _ident, _ident))
+    if not c.tie_embeddings:
+      out.append((('mlm_head', 'decoder'), f'{MODERN.decoder}.weight', _ident, _ident))
+  return out
 
 
 def name_map(enc_cfg, *, head: bool = True) -> list[tuple]:
   """Returns [(our param path, HF tensor name (base model, unprefixed), to_ours(x, cfg), to_hf(x, cfg))].
 
-  Head tensors carry their full name (cls.predictions.* or lm_head.*).
+  Head tensors carry their full name (cls.predictions.*, lm_head.*, or head.* and decoder.*). A
+  list of our paths is one fused HF tensor: to_ours returns a list, to_hf takes one.
   """
+  if arch_of(enc_cfg) is MODERN:
+    return _modern_map(enc_cfg, head)
   arch, enc = arch_of(enc_cfg), ('encoder',)
   pre_ln = arch is PRE_LN
   out = [((*enc, 'token_embed'), 'embeddings.word_embeddings.weight', _ident, _ident),
@@ -208,22 +377,32 @@ def name_map(enc_cfg, *, head: bool = True) -> list[tuple]:
   if head:
     out += _dense(('mlm_head', 'transform'), f'{arch.head}{arch.head_dense}')
     out += _norm(('mlm_head', 'norm'), f'{arch.head}{arch.head_norm}')
-    out.append((('mlm_head', 'bias'), f'{arch.head}bias', _ident, _ident))
+    out.append((('mlm_head', 'bias'), arch.bias, _ident, _ident))
     if not enc_cfg.tie_embeddings:
-      out.append((('mlm_head', 'decoder'), f'{arch.head}decoder.weight', _ident, _ident))
+      out.append((('mlm_head', 'decoder'), f'{arch.decoder}.weight', _ident, _ident))
   return out
 
 
-def _set(tree: dict, path: tuple, value) -> None:
+def _set(tree: dict, path: tuple | list, value) -> None:
+  if isinstance(path, list):  # a fused HF tensor: one value per path
+    for p, v in zip(path, value):
+      _set(tree, p, v)
+    return
   for k in path[:-1]:
     tree = tree.setdefault(k, {})
   tree[path[-1]] = value
 
 
-def _get(tree: dict, path: tuple):
+def _get(tree: dict, path: tuple | list):
+  if isinstance(path, list):
+    return [_get(tree, p) for p in path]
   for k in path:
     tree = tree[k]
   return tree
+
+
+def _is_head(name: str, arch: Arch) -> bool:
+  return name.startswith((arch.head, arch.decoder + '.'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,21 +448,24 @@ def params_from_hf(weights: dict, enc_cfg, fresh_head: dict | None = None,
                    log: Callable[[str], None] = print) -> dict:
   """Returns our pure param dict {encoder, mlm_head} from HF tensors (base model or *ForMaskedLM).
 
-  enc_cfg.pre_layer_norm picks the naming (RoBERTa-PreLayerNorm, else BERT). fresh_head: our
-  initialized mlm_head params, used (with a warning) when the checkpoint has none.
+  arch_of(enc_cfg) picks the naming (ModernBERT if rotary, RoBERTa-PreLayerNorm if pre-LN, else
+  BERT). fresh_head: our initialized mlm_head params, used (with a warning) when the checkpoint
+  has none.
   """
   arch = arch_of(enc_cfg)
   weights = _normalize_names(weights, arch)
   has_head = any(k.startswith(arch.head) for k in weights)
   # The MLM decoder adds its own bias; in untied checkpoints it may differ from `bias`.
-  if f'{arch.head}decoder.bias' in weights:
-    weights[f'{arch.head}bias'] = weights[f'{arch.head}decoder.bias']
-  decoder = weights.get(f'{arch.head}decoder.weight')
+  if f'{arch.decoder}.bias' in weights:
+    weights[arch.bias] = weights[f'{arch.decoder}.bias']
+  elif arch is MODERN and has_head:  # decoder_bias=false: a zero bias computes the same
+    weights[arch.bias] = np.zeros(enc_cfg.padded_vocab_size, np.float32)
+  decoder = weights.get(f'{arch.decoder}.weight')
   if (enc_cfg.tie_embeddings and decoder is not None
-      and not np.array_equal(decoder, weights.get('embeddings.word_embeddings.weight'))):
-    raise ValueError(f'{arch.head}decoder.weight differs from the word embeddings but '
+      and not np.array_equal(decoder, weights.get(arch.embedding))):
+    raise ValueError(f'{arch.decoder}.weight differs from the word embeddings but '
                      'config.json has tie_word_embeddings=true; set it to false to keep it')
-  params, used = {}, {f'{arch.head}decoder.weight', f'{arch.head}decoder.bias'}
+  params, used = {}, {f'{arch.decoder}.weight', f'{arch.decoder}.bias'}
   for ours, hf, to_ours, _ in name_map(enc_cfg, head=has_head):
     if hf not in weights:
       raise ValueError(f'the checkpoint lacks tensor {hf!r} that config.json\'s shape requires')
@@ -309,12 +491,18 @@ def params_to_hf(params: dict, enc_cfg) -> dict[str, np.ndarray]:
   """Returns *ForMaskedLM tensors (base-model prefix, decoder weight and bias included) of our params."""
   arch, out = arch_of(enc_cfg), {}
   for ours, hf, _, to_hf in name_map(enc_cfg):
-    name = hf if hf.startswith(arch.head) else arch.prefix + hf
-    out[name] = np.ascontiguousarray(to_hf(np.asarray(_get(params, ours), np.float32), enc_cfg))
+    name = hf if _is_head(hf, arch) else arch.prefix + hf
+    value = _float32(_get(params, ours))
+    out[name] = np.ascontiguousarray(to_hf(value, enc_cfg))
   if enc_cfg.tie_embeddings:
-    out[f'{arch.head}decoder.weight'] = out[f'{arch.prefix}embeddings.word_embeddings.weight']
-  out[f'{arch.head}decoder.bias'] = out[f'{arch.head}bias']
+    out[f'{arch.decoder}.weight'] = out[arch.prefix + arch.embedding]
+  out[f'{arch.decoder}.bias'] = out[arch.bias]
   return out
+
+
+def _float32(x):
+  """Returns x (an array or a list of them) as float32 numpy."""
+  return [np.asarray(v, np.float32) for v in x] if isinstance(x, list) else np.asarray(x, np.float32)
 
 
 def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
@@ -327,26 +515,39 @@ def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
 # Workdir <-> HF directory.
 
 
-DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'pretrain.py') + ':base'
+_PRETRAIN = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'pretrain.py')
+DEFAULT_CONFIG = _PRETRAIN + ':base'
+MODERN_CONFIG = _PRETRAIN + ':modern_base'  # a ModernBERT import's default settings
+# The model keys an import sets from the checkpoint (model.size becomes 'custom').
+_IMPORTED_KEYS = ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size', 'type_vocab_size',
+                  'layer_norm_eps', 'max_position', 'pre_layer_norm', 'dropout_rate',
+                  'tie_embeddings', 'attention_dropout_rate', 'initializer_range')
 
 
 def read_tokenizer(src: pathlib.Path):
-  """Returns the tokenizer of a HF directory: tokenizer.model (sentencepiece), else WordPiece."""
+  """Returns the tokenizer of a HF directory: tokenizer.model (sentencepiece), else WordPiece or BPE."""
   if (src / 'tokenizer.model').is_file():  # an mlmjax export: the exact sentencepiece model
     return tok.Tokenizer.load(src / 'tokenizer.model')
   for name in ('tokenizer.json', 'vocab.txt'):
     if (src / name).is_file():
-      return tok.WordPieceTokenizer.load(src / name)
+      return tok.load_any(src / name)
   raise FileNotFoundError(f'{src} has no tokenizer.model, tokenizer.json or vocab.txt: an import '
                           "needs the checkpoint's tokenizer beside config.json")
 
 
-def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
+def _vocab_multiple(vocab: int, rows: int) -> int:
+  """Returns the smallest model.vocab_multiple that pads `vocab` tokenizer ids to `rows` rows."""
+  return next(m for m in range(1, rows + 1) if -(-vocab // m) * m == rows)
+
+
+def import_hf(src_dir, workdir, *, config_spec: str | None = None,
               log: Callable[[str], None] = print) -> dict:
   """Writes an mlmjax workdir (config.json, tokenizer, checkpoint step 0) from a HF directory.
 
-  Reads BERT and RoBERTa-PreLayerNorm checkpoints with a WordPiece or an mlmjax sentencepiece
-  tokenizer. Returns the written config as a dict. The workdir must not hold a checkpoint yet.
+  Reads BERT, RoBERTa-PreLayerNorm and ModernBERT checkpoints with a WordPiece, BPE or mlmjax
+  sentencepiece tokenizer. config_spec: the data/optim/train settings (default pretrain.py's base,
+  modern_base for ModernBERT). Returns the written config as a dict. The workdir must not hold a
+  checkpoint yet.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -365,23 +566,21 @@ def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
   if (workdir / 'checkpoints').is_dir() and any((workdir / 'checkpoints').iterdir()):
     raise ValueError(f'{workdir / "checkpoints"} already holds checkpoints; import into a new --workdir')
 
-  config = cli.load_config(config_spec)
+  modern = arch_of(enc_cfg) is MODERN
+  config = cli.load_config(config_spec or (MODERN_CONFIG if modern else DEFAULT_CONFIG))
   m = config.model
   m.size = 'custom'
-  m.hidden_size, m.num_layers = enc_cfg.hidden_size, enc_cfg.num_layers
-  m.num_heads, m.intermediate_size = enc_cfg.num_heads, enc_cfg.intermediate_size
-  m.type_vocab_size, m.layer_norm_eps = enc_cfg.type_vocab_size, enc_cfg.layer_norm_eps
-  m.max_position, m.pre_layer_norm = enc_cfg.max_position, enc_cfg.pre_layer_norm
-  m.dropout_rate, m.tie_embeddings = enc_cfg.dropout_rate, enc_cfg.tie_embeddings
-  m.attention_dropout_rate, m.initializer_range = (enc_cfg.attention_dropout_rate,
-                                                   enc_cfg.initializer_range)
+  for key in (*_IMPORTED_KEYS, *model.ARCHITECTURE_OPTIONS):
+    m[key] = getattr(enc_cfg, key)
+  # config.json's vocab_size counts embedding rows, which may pad the tokenizer's ids (never
+  # produced past them): the model keeps the rows and scores the tokenizer's ids.
+  m.vocab_multiple = _vocab_multiple(tokenizer.vocab_size, enc_cfg.vocab_size)
   config.train.seq_len = min(config.train.seq_len, enc_cfg.max_position)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / tokenizer.file_name).write_bytes(tokenizer.serialized_model)
   config.tokenizer.path = str((workdir / tokenizer.file_name).resolve())
-  config.tokenizer.vocab_size = enc_cfg.vocab_size
-  # The padded vocabulary of config.json wins: ids past the tokenizer's are never produced.
-  enc_cfg = model.EncoderConfig(vocab_size=enc_cfg.vocab_size, **config.model)
+  config.tokenizer.vocab_size = tokenizer.vocab_size
+  enc_cfg = model.EncoderConfig(vocab_size=tokenizer.vocab_size, **config.model)
 
   tx = optim.make_optimizer(config.optim, config.train.num_steps)
   fresh = model.MlmHead(enc_cfg, rngs=nnx.Rngs(config.seed))
@@ -410,8 +609,14 @@ def import_hf(src_dir, workdir, *, config_spec: str = DEFAULT_CONFIG,
   log(f'imported {src} ({hf_config.get("model_type", "bert")}, {enc_cfg.num_layers} layers, '
       f'hidden {enc_cfg.hidden_size}, vocab {enc_cfg.vocab_size}) into {workdir}')
   # init_from brings the model's architecture and the tokenizer: no model flags are needed.
-  log('continue MLM from it with: python -m mlmjax.train --config pretrain:base '
-      f'--workdir runs/NEW --config.init_from={workdir}')
+  if tokenizer.pad_id != tok.PAD_ID:
+    log(f'note: the tokenizer pads with id {tokenizer.pad_id}; fine-tune from it with '
+        f'--config.init_from={workdir} (continued MLM pretraining packs rows padded with id 0, '
+        'which it does not support yet)')
+  else:
+    log(f'continue MLM from it with: python -m mlmjax.train --config '
+        f'pretrain:{"modern_base" if modern else "base"} --workdir runs/NEW '
+        f'--config.init_from={workdir}')
   return written
 
 
@@ -432,6 +637,7 @@ def _tokenizer_files(tokenizer, max_len: int, log: Callable[[str], None]) -> dic
 
   Sentencepiece: tokenizer.json built to encode as it does, and tokenizer.model, which import
   restores exactly. WordPiece: its tokenizer.json and vocab.txt, as transformers' BERT ships them.
+  BPE: its tokenizer.json.
   """
   def dump(obj) -> bytes:
     return (json.dumps(obj, indent=2) + '\n').encode('utf-8')
@@ -440,6 +646,14 @@ def _tokenizer_files(tokenizer, max_len: int, log: Callable[[str], None]) -> dic
     files = {'tokenizer.model': tokenizer.serialized_model,
              'tokenizer.json': hf_tokenizer.sentencepiece_json(tokenizer, tokenizer.model_path, log)}
     return {**files, **{k: dump(v) for k, v in hf_tokenizer.config_files(max_len).items()}}
+  if isinstance(tokenizer, tok.BpeTokenizer):  # its own tokenizer.json, the specials named
+    specials = {f'{k}_token': tokenizer.id_to_piece(getattr(tokenizer, f'{k}_id'))
+                for k in ('unk', 'sep', 'pad', 'cls', 'mask')}
+    return {'tokenizer.json': tokenizer.serialized_model,
+            'special_tokens_map.json': dump(specials),
+            'tokenizer_config.json': dump({'tokenizer_class': 'PreTrainedTokenizerFast',
+                                           'model_max_length': max_len,
+                                           'clean_up_tokenization_spaces': False, **specials})}
   vocab = '\n'.join(tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)) + '\n'
   specials = dict(unk_token='[UNK]', sep_token='[SEP]', pad_token='[PAD]', cls_token='[CLS]',
                   mask_token='[MASK]')
@@ -453,6 +667,8 @@ def _model_shape(enc_cfg, params) -> dict:
   from mlmjax import model  # pylint: disable=g-import-not-at-top
   keys = ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
           'max_position', 'type_vocab_size', 'pre_layer_norm', 'tie_embeddings', 'layer_norm_eps')
+  if arch_of(enc_cfg) is MODERN:
+    keys += model.ARCHITECTURE_OPTIONS
   return {**{k: getattr(enc_cfg, k) for k in keys}, 'parameters': model.count_params(params)}
 
 
@@ -517,11 +733,13 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog='python -m mlmjax.convert', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='command', required=True)
-  imp = sub.add_parser('import', help='Hugging Face BERT / RoBERTa-PreLayerNorm directory -> mlmjax workdir')
+  imp = sub.add_parser('import', help='Hugging Face BERT / RoBERTa-PreLayerNorm / ModernBERT '
+                       'directory -> mlmjax workdir')
   imp.add_argument('src_dir', help='directory with config.json, model.safetensors and a tokenizer')
   imp.add_argument('--workdir', required=True, help='new mlmjax workdir to write')
-  imp.add_argument('--config', default=DEFAULT_CONFIG,
-                   help='config file:variant whose data/optim/train settings the workdir takes')
+  imp.add_argument('--config', default=None,
+                   help='config file:variant whose data/optim/train settings the workdir takes '
+                   '(default: configs/pretrain.py:base, :modern_base for ModernBERT)')
   exp = sub.add_parser('export', help='mlmjax workdir -> Hugging Face *ForMaskedLM directory')
   exp.add_argument('--workdir', required=True, help='a workdir written by mlmjax.train or import')
   exp.add_argument('out_dir', help='directory to write the model, tokenizer and model card to')

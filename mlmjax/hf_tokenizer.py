@@ -220,7 +220,9 @@ def config_files(max_len: int) -> dict[str, dict]:
 
 
 def describe(tokenizer) -> str:
-  """Returns the tokenizer's kind in words: 'sentencepiece unigram', 'sentencepiece bpe' or 'WordPiece'."""
+  """Returns the tokenizer's kind in words: 'sentencepiece unigram' or 'bpe', 'WordPiece' or 'BPE'."""
+  if isinstance(tokenizer, tok.BpeTokenizer):
+    return 'BPE'
   if not isinstance(tokenizer, tok.Tokenizer):
     return 'WordPiece'
   kind = _proto(tokenizer.serialized_model).trainer_spec.model_type

@@ -1,8 +1,9 @@
-"""Tokenizers: sentencepiece (trained here) and WordPiece (Hugging Face BERT vocabularies), one interface.
+"""Tokenizers: sentencepiece (trained here), WordPiece (BERT) and BPE (ModernBERT), one interface.
 
 `Tokenizer` is a sentencepiece model that mlmjax trains or loads; `WordPieceTokenizer` a tokenizers-
-library WordPiece model (a BERT vocab.txt or tokenizer.json); `load_any` loads either from a file
-or a directory. Both have encode / encode_batch / encode_with_specials / decode, the special ids
+library WordPiece model (a BERT vocab.txt or tokenizer.json); `BpeTokenizer` a tokenizers-library
+BPE tokenizer.json (byte-level, as ModernBERT's); `load_any` loads any of them from a file or a
+directory. All have encode / encode_batch / encode_with_specials / decode, the special ids
 (pad_id ... mask_id), special_mask and word_starts.
 
 Sentencepiece policies (decided here, relied on downstream):
@@ -29,6 +30,16 @@ WordPiece policies, matching the sentencepiece ones:
   `encode_with_specials` is for text where such literals are meant as specials (fill-mask input).
 - Word starts: a piece starts a word unless it begins with the continuation prefix '##';
   special ids count as word starts.
+
+BPE policies (tokenizer.json with a BPE model):
+- Special ids come from the tokenizer: [PAD], [UNK], [CLS], [SEP], [MASK] may be anywhere
+  (ModernBERT: 50283, 50280, 50281, 50282, 50284); `special_mask` as for WordPiece.
+- `encode` never produces an added token marked special (a literal '[MASK]' is text); added tokens
+  not marked special (ModernBERT's whitespace runs) are vocabulary and stay.
+  `encode_with_specials` also matches '[CLS]', '[SEP]', '[MASK]' with their own flags (ModernBERT's
+  [MASK] takes the space before it), so its ids are the tokenizer's own for such text.
+- Word starts: a piece starts a word when it begins with whitespace (byte-level 'Ġ', 'Ċ', ...,
+  or '▁'); special ids count as word starts.
 """
 
 import hashlib
@@ -326,17 +337,25 @@ def _canonical(serialized: bytes) -> bytes:
   return json.dumps(spec, sort_keys=True, ensure_ascii=False).encode('utf-8')
 
 
-def _without_added_tokens(serialized: str) -> tokenizers.Tokenizer:
-  """Returns the tokenizer of `serialized` minus its added tokens, so literals stay plain text."""
+def _keeping_added_tokens(serialized: str, keep) -> tokenizers.Tokenizer:
+  """Returns the tokenizer of `serialized` with only the added tokens whose entry keep() accepts."""
   spec = json.loads(serialized)
-  spec['added_tokens'] = []
+  spec['added_tokens'] = [a for a in spec.get('added_tokens') or [] if keep(a)]
   return tokenizers.Tokenizer.from_str(json.dumps(spec))
 
 
-class WordPieceTokenizer(TokenizerBase):
-  """A tokenizers-library WordPiece model with the methods and attributes of tokenizer.Tokenizer."""
+def _without_added_tokens(serialized: str) -> tokenizers.Tokenizer:
+  """Returns the tokenizer of `serialized` minus its added tokens, so literals stay plain text."""
+  return _keeping_added_tokens(serialized, lambda added: False)
 
-  def __init__(self, serialized_model: bytes, model_path: str = '<memory>'):
+
+class _JsonTokenizer(TokenizerBase):
+  """What the tokenizer.json kinds share: parsing, special ids and mask, encoding, decoding."""
+  _model_class: type  # the tokenizers model class the file must hold
+  _tok: tokenizers.Tokenizer  # the whole tokenizer, added tokens included
+  _plain: tokenizers.Tokenizer  # what encode() runs: no added token marked special
+
+  def _parse(self, serialized_model: bytes, model_path: str) -> None:
     self.model_path = str(model_path)
     try:
       self.serialized_model = _canonical(serialized_model)
@@ -345,25 +364,25 @@ class WordPieceTokenizer(TokenizerBase):
       raise ValueError(f'{self.model_path}: not a tokenizers JSON file ({str(e)[:200]}); point '
                        'tokenizer.path at a tokenizer.json or vocab.txt') from None
     self.fingerprint = hashlib.sha256(self.serialized_model).hexdigest()
-    if not isinstance(self._tok.model, tokenizers.models.WordPiece):
+    if not isinstance(self._tok.model, self._model_class):
       raise ValueError(f'{self.model_path}: holds a {type(self._tok.model).__name__} model; only '
-                       'WordPiece tokenizer.json files are supported')
-    self._plain = _without_added_tokens(self.serialized_model.decode('utf-8'))
-    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+                       'WordPiece and BPE tokenizer.json files are supported')
+
+  def _special_ids(self, what: str) -> dict[str, int]:
+    """Returns {piece: id} of SPECIAL_PIECES; ValueError naming the file when one is missing."""
     ids = {}
     for piece in SPECIAL_PIECES:
       i = self._tok.token_to_id(piece)
       if i is None:
-        raise ValueError(f'{self.model_path}: the vocabulary has no {piece} piece; a BERT '
-                         f'vocabulary needs all of {SPECIAL_PIECES}')
+        raise ValueError(f'{self.model_path}: the vocabulary has no {piece} piece; a {what} '
+                         f'needs all of {SPECIAL_PIECES}')
       ids[piece] = i
-    if ids['[PAD]'] != 0:
-      raise ValueError(f'{self.model_path}: [PAD] has id {ids["[PAD]"]}; mlmjax pads with id 0, '
-                       'so [PAD] must be the first vocabulary entry')
+    return ids
+
+  def _set_specials(self, ids: dict[str, int]) -> list[str]:
+    """Sets pad_id ... mask_id and special_mask from ids; returns the pieces in id order."""
     self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
         ids[p] for p in SPECIAL_PIECES)
-    self._special_ids = {self.cls_id: '[CLS]', self.sep_id: '[SEP]', self.mask_id: '[MASK]'}
-    self._literal_ids = {v: k for k, v in self._special_ids.items()}
     pieces = [self._tok.id_to_token(i) or '' for i in range(self.vocab_size)]
     special = np.array([bool(_UNUSED.match(p)) for p in pieces], dtype=bool)
     special[list(ids.values())] = True
@@ -371,9 +390,49 @@ class WordPieceTokenizer(TokenizerBase):
       if added.special and i < self.vocab_size:
         special[i] = True
     self.special_mask = special  # ids never selected or drawn by masking
+    return pieces
+
+  def encode(self, text: str) -> list[int]:
+    """Returns the ids of `text`; never special ids, even for a literal '[MASK]'."""
+    return self._plain.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+    """Returns encode() of each text, computed by the tokenizers library's parallel encoder."""
+    del num_threads  # the tokenizers library sizes its own thread pool
+    return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    """Returns the text of `ids`: [PAD] dropped, other specials written as words."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1) if int(i) != self.pad_id]
+    return self._tok.decode(ids, skip_special_tokens=False)
+
+  def id_to_piece(self, i: int) -> str:
+    """Returns the piece string of id `i`."""
+    return self._tok.id_to_token(int(i))
+
+  def piece_to_id(self, p: str) -> int:
+    """Returns the id of piece `p` (unk_id when the piece is not in the vocabulary)."""
+    i = self._tok.token_to_id(p)
+    return self.unk_id if i is None else i
+
+
+class WordPieceTokenizer(_JsonTokenizer):
+  """A tokenizers-library WordPiece model with the methods and attributes of tokenizer.Tokenizer."""
+  _model_class = tokenizers.models.WordPiece
+
+  def __init__(self, serialized_model: bytes, model_path: str = '<memory>'):
+    self._parse(serialized_model, model_path)
+    self._plain = _without_added_tokens(self.serialized_model.decode('utf-8'))
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    ids = self._special_ids('BERT vocabulary')
+    if ids['[PAD]'] != 0:
+      raise ValueError(f'{self.model_path}: [PAD] has id {ids["[PAD]"]}; mlmjax pads with id 0, '
+                       'so [PAD] must be the first vocabulary entry')
+    pieces = self._set_specials(ids)
+    self._literal_ids = {'[CLS]': self.cls_id, '[SEP]': self.sep_id, '[MASK]': self.mask_id}
     prefix = getattr(self._tok.model, 'continuing_subword_prefix', '##') or '##'
     self.word_start_table = np.array([not p.startswith(prefix) for p in pieces], dtype=bool)
-    self.word_start_table[special] = True
+    self.word_start_table[self.special_mask] = True
     self.file_name = WORKDIR_FILES[1]  # the name a workdir stores this tokenizer under
 
   @classmethod
@@ -391,15 +450,6 @@ class WordPieceTokenizer(TokenizerBase):
       return cls(t.to_str().encode('utf-8'), str(path))
     return cls(path.read_bytes(), str(path))
 
-  def encode(self, text: str) -> list[int]:
-    """Returns the WordPiece ids of `text`; never special ids, even for a literal '[MASK]'."""
-    return self._plain.encode(text, add_special_tokens=False).ids
-
-  def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
-    """Returns encode() of each text, computed by the tokenizers library's parallel encoder."""
-    del num_threads  # the tokenizers library sizes its own thread pool
-    return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
-
   def encode_with_specials(self, text: str) -> list[int]:
     """Returns ids where the literals '[CLS]', '[SEP]', '[MASK]' in `text` become their special ids."""
     ids = []
@@ -410,30 +460,96 @@ class WordPieceTokenizer(TokenizerBase):
         ids.extend(self.encode(part))
     return ids
 
-  def decode(self, ids) -> str:
-    """Returns the text of `ids`: [PAD] dropped, other specials written as words."""
-    ids = [int(i) for i in np.asarray(ids).reshape(-1) if int(i) != self.pad_id]
-    return self._tok.decode(ids, skip_special_tokens=False)
-
-  def id_to_piece(self, i: int) -> str:
-    """Returns the piece string of id `i`."""
-    return self._tok.id_to_token(int(i))
-
-  def piece_to_id(self, p: str) -> int:
-    """Returns the id of piece `p` (unk_id when the piece is not in the vocabulary)."""
-    i = self._tok.token_to_id(p)
-    return self.unk_id if i is None else i
-
   def save_vocab(self, path: str | os.PathLike) -> None:
     """Writes the vocabulary as a vocab.txt (one piece per line, in id order) to `path`."""
     pieces = [self._tok.id_to_token(i) for i in range(self.vocab_size)]
     pathlib.Path(path).write_text(''.join(p + '\n' for p in pieces), encoding='utf-8')
 
 
-def load_any(path: str | os.PathLike):
-  """Returns the Tokenizer (.model) or WordPieceTokenizer (vocab.txt, tokenizer.json) at path.
+def _id_map(part: tokenizers.Tokenizer, whole: tokenizers.Tokenizer) -> np.ndarray:
+  """Returns (n,) int64: whole's id of each id of part, a copy of whole with fewer added tokens."""
+  vocab = part.get_vocab(with_added_tokens=True)
+  ids = np.zeros(max(vocab.values()) + 1, np.int64)
+  for piece, i in vocab.items():
+    ids[i] = whole.token_to_id(piece)
+  return ids
 
-  A directory (a workdir or a Hugging Face model directory) is searched for tokenizer.model,
+
+def _whitespace_marks(spec: dict) -> str:
+  """Returns the characters a piece starting a word begins with, for a tokenizer.json spec."""
+  marks = _WORD_START
+  if '"ByteLevel"' in json.dumps([spec.get('pre_tokenizer'), spec.get('decoder')]):
+    # Byte-level pieces spell whitespace bytes as printable stand-ins (' ' is 'Ġ', '\n' is 'Ċ').
+    level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    marks += level.pre_tokenize_str(' \t\n\r\x0b\x0c')[0][0]
+  return marks
+
+
+class BpeTokenizer(_JsonTokenizer):
+  """A BPE tokenizer.json (byte-level, as ModernBERT's) with the methods and attributes of Tokenizer."""
+  _model_class = tokenizers.models.BPE
+
+  def __init__(self, serialized_model: bytes, model_path: str = '<memory>'):
+    self._parse(serialized_model, model_path)
+    ids = self._special_ids('BPE tokenizer.json')
+    text = self.serialized_model.decode('utf-8')
+    self._plain = _keeping_added_tokens(text, lambda a: not a.get('special'))
+    # The text specials keep their own flags: ModernBERT's [MASK] takes the space before it.
+    self._with_specials = _keeping_added_tokens(
+        text, lambda a: not a.get('special') or a.get('content') in _SPECIAL_IDS)
+    present = {a.content for a in self._with_specials.get_added_tokens_decoder().values()}
+    self._with_specials.add_special_tokens([
+        tokenizers.AddedToken(p, special=True, normalized=False)
+        for p in _SPECIAL_IDS if p not in present])
+    # Loading numbers added tokens in list order, so the two above give some of them other ids.
+    self._plain_ids, self._specials_ids = (_id_map(t, self._tok)
+                                           for t in (self._plain, self._with_specials))
+    self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+    pieces = self._set_specials(ids)
+    marks = _whitespace_marks(json.loads(text))
+    self.word_start_table = np.array([bool(p) and (p[0] in marks or p[0].isspace())
+                                      for p in pieces], dtype=bool)
+    self.word_start_table[self.special_mask] = True
+    self.file_name = WORKDIR_FILES[1]  # the name a workdir stores this tokenizer under
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> 'BpeTokenizer':
+    """Returns the tokenizer of a BPE tokenizer.json (FileNotFoundError / ValueError naming it)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f'tokenizer file {path} does not exist; set tokenizer.path to an '
+                              'existing tokenizer.json')
+    return cls(path.read_bytes(), str(path))
+
+  def encode(self, text: str) -> list[int]:
+    """Returns the ids of `text`; never special ids, even for a literal '[MASK]'."""
+    return self._plain_ids[self._plain.encode(text, add_special_tokens=False).ids].tolist()
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+    """Returns encode() of each text, computed by the tokenizers library's parallel encoder."""
+    del num_threads  # the tokenizers library sizes its own thread pool
+    return [self._plain_ids[e.ids].tolist()
+            for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
+
+  def encode_with_specials(self, text: str) -> list[int]:
+    """Returns ids where the literals '[CLS]', '[SEP]', '[MASK]' in `text` become their special ids."""
+    ids = self._with_specials.encode(text, add_special_tokens=False).ids
+    return self._specials_ids[ids].tolist()
+
+
+def _json_model_type(data: bytes) -> str | None:
+  """Returns the model type ('BPE', 'WordPiece', ...) of tokenizer.json bytes, None if unreadable."""
+  try:
+    return json.loads(data)['model']['type']
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def load_any(path: str | os.PathLike):
+  """Returns the Tokenizer, WordPieceTokenizer or BpeTokenizer stored at path.
+
+  .model is sentencepiece, vocab.txt WordPiece, a .json WordPiece or BPE as its model says. A
+  directory (a workdir or a Hugging Face model directory) is searched for tokenizer.model,
   tokenizer.json, then vocab.txt.
   """
   path = pathlib.Path(path)
@@ -445,6 +561,8 @@ def load_any(path: str | os.PathLike):
     path = found[0]
   if path.suffix == '.model':
     return Tokenizer.load(path)
+  if path.suffix == '.json' and path.is_file() and _json_model_type(path.read_bytes()) == 'BPE':
+    return BpeTokenizer.load(path)
   if path.suffix in ('.json', '.txt'):
     return WordPieceTokenizer.load(path)
   raise ValueError(f'{path}: unknown tokenizer file type; tokenizer.path takes a sentencepiece '
