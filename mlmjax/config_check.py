@@ -8,7 +8,7 @@ list where a tuple is. Keys the schema does not know (a custom task's own sectio
 
 from typing import Any
 
-from mlmjax import corpus, masking, model, optim, schema, tasks, tokenizer
+from mlmjax import corpus, heads, masking, model, optim, schema, tasks, tokenizer
 
 # Keys that take one of a fixed set of values, from the module that owns each set. config.task is
 # checked against the task registry (tasks.names(), or a 'package.module:ClassName').
@@ -29,8 +29,8 @@ ALLOWED: dict[str, tuple] = {
     'optim.decay': optim.DECAYS,
     'optim.optimizer': optim.OPTIMIZERS,
     'early_stop.mode': ('', 'min', 'max'),
-    'classify.pooling': model.POOLINGS,
-    'retrieve.pooling': model.POOLINGS,
+    'classify.pooling': heads.POOLINGS,
+    'retrieve.pooling': heads.POOLINGS,
 }
 _HINTS = {'model.size': " ('custom' takes model.hidden_size, num_layers, num_heads, "
                         "intermediate_size)",

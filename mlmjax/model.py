@@ -251,7 +251,7 @@ def _param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
   return nnx.Param(partitioned(rngs.params(), tuple(shape), jnp.float32))
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   """Returns x with inverted dropout applied, or x itself when key is None or rate is 0."""
   if key is None or rate == 0.0:
     return x
@@ -260,7 +260,8 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
+def fold_key(key: jax.Array | None, i: int) -> jax.Array | None:
+  """Returns jax.random.fold_in(key, i), or None when key is None."""
   return None if key is None else jax.random.fold_in(key, i)
 
 
@@ -310,7 +311,7 @@ def _attend_reference(q, k, v, mask, rate: float, key: jax.Array | None) -> jax.
   logits = logits / np.sqrt(q.shape[-1])
   # A finite fill (as jax.nn.dot_product_attention uses) keeps fully masked padding rows finite.
   logits = jnp.where(mask, logits, 0.7 * jnp.finfo(jnp.float32).min)
-  probs = _dropout(jax.nn.softmax(logits, axis=-1), rate, key)
+  probs = dropout(jax.nn.softmax(logits, axis=-1), rate, key)
   return jnp.einsum('bnts,bsnd->btnd', probs.astype(v.dtype), v)
 
 
@@ -368,12 +369,12 @@ class Attention(nnx.Module):
     if self.theta is not None:
       q = rotary(q, position_ids, self.theta).astype(v.dtype)
       k = rotary(k, position_ids, self.theta).astype(v.dtype)
-    dropout = dropout_rng is not None and self.rate > 0.0
+    drop = dropout_rng is not None and self.rate > 0.0
     if self.impl == 'splash':
       out = _attend_splash(q, k, v, doc_ids, self.window)
-    elif self.impl == 'reference' or (dropout and not self.impl):
+    elif self.impl == 'reference' or (drop and not self.impl):
       out = _attend_reference(q, k, v, attention_mask(doc_ids, self.window), self.rate,
-                              dropout_rng if dropout else None)
+                              dropout_rng if drop else None)
     else:
       if self.impl == 'cudnn' and jax.default_backend() != 'gpu':
         raise ValueError(f"model.attention_impl='cudnn' needs a GPU; this process runs on "
@@ -424,17 +425,17 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, doc_ids: jax.Array, position_ids: jax.Array,
                dropout_rng: jax.Array | None) -> jax.Array:
-    keys = [_fold(dropout_rng, i) for i in range(3)]
+    keys = [fold_key(dropout_rng, i) for i in range(3)]
     # With bf16 sublayers the stream stays float32: its ~8 bits would round away each layer's
     # update where it is small against the stream; the sublayer outputs promote to float32.
     x = x.astype(jnp.float32)
     layout = (doc_ids, position_ids)
     if self.pre_ln:
       normed = x if self.attention_norm is None else self.attention_norm(x)
-      x = x + _dropout(self.attention(normed, *layout, keys[0]), self.rate, keys[1])
-      return x + _dropout(self.mlp(self.mlp_norm(x)), self.rate, keys[2])
-    x = self.attention_norm(x + _dropout(self.attention(x, *layout, keys[0]), self.rate, keys[1]))
-    return self.mlp_norm(x + _dropout(self.mlp(x), self.rate, keys[2]))
+      x = x + dropout(self.attention(normed, *layout, keys[0]), self.rate, keys[1])
+      return x + dropout(self.mlp(self.mlp_norm(x)), self.rate, keys[2])
+    x = self.attention_norm(x + dropout(self.attention(x, *layout, keys[0]), self.rate, keys[1]))
+    return self.mlp_norm(x + dropout(self.mlp(x), self.rate, keys[2]))
 
 
 def _call_block(layer: Block, x: jax.Array, doc_ids: jax.Array, position_ids: jax.Array,
@@ -487,10 +488,10 @@ class Encoder(nnx.Module):
       type_ids = jnp.zeros_like(input_ids) if type_ids is None else type_ids
       x = x + jnp.take(self.type_embed[...], type_ids, axis=0)
     rate = self.config.dropout_rate
-    x = _dropout(self.embed_norm(x), rate, _fold(dropout_rng, 0))
+    x = dropout(self.embed_norm(x), rate, fold_key(dropout_rng, 0))
     call = block_fn(self.config.remat)
     for i, layer in enumerate(self.layers):
-      x = call(layer, x, doc_ids, position_ids, _fold(dropout_rng, i + 1))
+      x = call(layer, x, doc_ids, position_ids, fold_key(dropout_rng, i + 1))
     if self.final_norm is None:
       return x.astype(self.config.compute_dtype)
     return self.final_norm(x)
@@ -543,85 +544,6 @@ class BertForMLM(nnx.Module):
   def dense_logits(self, input_ids: jax.Array, **kwargs) -> jax.Array:
     """Returns float32 logits (B, L, V) at every position; takes the encoder's keywords."""
     return self.mlm_head(self.encoder(input_ids, **kwargs), self.encoder.token_embed[...])
-
-
-# ---------------------------------------------------------------------------------------------
-# Task heads: each model keeps the encoder under `encoder`, so init_from swaps in pretrained weights.
-
-POOLINGS = ('cls', 'mean')
-
-
-def mean_pool(hidden: jax.Array, valid: jax.Array) -> jax.Array:
-  """Returns float32 (B, H): the mean of hidden (B, L, H) over positions where valid (B, L)."""
-  w = valid.astype(jnp.float32)[..., None]
-  return (hidden.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
-
-
-def pool(hidden: jax.Array, tokens: jax.Array, how: str, pad_id: int = SP_PAD_ID) -> jax.Array:
-  """Returns float32 (B, H): the [CLS] (first) vector, or the mean over non-padding positions."""
-  if how == 'cls':
-    return hidden[:, 0].astype(jnp.float32)
-  if how == 'mean':
-    return mean_pool(hidden, tokens != pad_id)
-  raise ValueError(f'pooling {how!r} is not supported; use one of {list(POOLINGS)}')
-
-
-class SequenceClassifier(nnx.Module):
-  """Encoder, pooled vector ([CLS] or mean), dropout and a linear layer to num_labels logits."""
-
-  def __init__(self, config: EncoderConfig, num_labels: int, *, pooling: str = 'cls',
-               cls_id: int = SP_CLS_ID, pad_id: int = SP_PAD_ID, rngs: nnx.Rngs):
-    if pooling not in POOLINGS:
-      raise ValueError(f'pooling {pooling!r} is not supported; use one of {list(POOLINGS)}')
-    self.encoder = Encoder(config, rngs=rngs)
-    self.pooling = pooling
-    self.cls_id, self.pad_id = int(cls_id), int(pad_id)  # the tokenizer's: layout, padding
-    self.rate = config.dropout_rate
-    self.classifier = Dense(config, (config.hidden_size, num_labels), ('embed', None), rngs=rngs)
-
-  def __call__(self, input_ids: jax.Array, *, type_ids: jax.Array | None = None,
-               dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Returns float32 logits (B, num_labels) of rows (B, L); type_ids (B, L): pairs' segments."""
-    hidden = self.encoder(input_ids, type_ids=type_ids, dropout_rng=_fold(dropout_rng, 0),
-                          cls_id=self.cls_id, pad_id=self.pad_id)
-    pooled = pool(hidden, input_ids, self.pooling, pad_id=self.pad_id)
-    pooled = _dropout(pooled, self.rate, _fold(dropout_rng, 1))
-    return self.classifier(pooled).astype(jnp.float32)
-
-
-class TokenTagger(nnx.Module):
-  """Encoder, dropout and a linear layer to num_tags logits at every position."""
-
-  def __init__(self, config: EncoderConfig, num_tags: int, *, cls_id: int = SP_CLS_ID,
-               pad_id: int = SP_PAD_ID, rngs: nnx.Rngs):
-    self.encoder = Encoder(config, rngs=rngs)
-    self.cls_id, self.pad_id = int(cls_id), int(pad_id)
-    self.rate = config.dropout_rate
-    self.classifier = Dense(config, (config.hidden_size, num_tags), ('embed', None), rngs=rngs)
-
-  def __call__(self, input_ids: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Returns float32 logits (B, L, num_tags)."""
-    hidden = self.encoder(input_ids, dropout_rng=_fold(dropout_rng, 0), cls_id=self.cls_id,
-                          pad_id=self.pad_id)
-    return self.classifier(_dropout(hidden, self.rate, _fold(dropout_rng, 1))).astype(jnp.float32)
-
-
-class DualEncoder(nnx.Module):
-  """One shared encoder for queries and documents; embeddings are pooled hidden states."""
-
-  def __init__(self, config: EncoderConfig, *, pooling: str = 'mean', cls_id: int = SP_CLS_ID,
-               pad_id: int = SP_PAD_ID, rngs: nnx.Rngs):
-    if pooling not in POOLINGS:
-      raise ValueError(f'pooling {pooling!r} is not supported; use one of {list(POOLINGS)}')
-    self.encoder = Encoder(config, rngs=rngs)
-    self.pooling = pooling
-    self.cls_id, self.pad_id = int(cls_id), int(pad_id)
-
-  def __call__(self, input_ids: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Returns float32 (B, H) embeddings, not normalized."""
-    hidden = self.encoder(input_ids, dropout_rng=dropout_rng, cls_id=self.cls_id,
-                          pad_id=self.pad_id)
-    return pool(hidden, input_ids, self.pooling, pad_id=self.pad_id)
 
 
 def count_params(params) -> int:

@@ -23,9 +23,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mlmjax import checkpoint, model, schema, sharding, tasks, train_state
+from mlmjax import checkpoint, heads, model, schema, sharding, tasks, train_state
 from mlmjax import tokenizer as tok
-from mlmjax.tasks import mlm as mlm_task
 
 CHECKPOINTS = ('best', 'latest')
 
@@ -133,9 +132,6 @@ def tag(run: LoadedRun, sentences) -> list:
   return predict(run, 'tag', sentences)
 
 
-_display = mlm_task.display_piece
-
-
 @functools.partial(jax.jit, static_argnames=('graphdef', 'task', 'pooling'))
 def _embed(params, ids, *, graphdef, task: tasks.Task, pooling: str) -> jax.Array:
   """Returns the (B, H) embeddings of token rows; compiled once per model and batch shape."""
@@ -150,8 +146,8 @@ def embed(run: LoadedRun, texts, pooling: str | None = None) -> np.ndarray:
   over tokens for mlm and tag. `pooling` ('cls' or 'mean') overrides the choice.
   """
   how = pooling or run.impl.embed_pooling
-  if how not in model.POOLINGS:
-    raise ValueError(f'--pooling {how!r}: choose one of {", ".join(model.POOLINGS)}')
+  if how not in heads.POOLINGS:
+    raise ValueError(f'--pooling {how!r}: choose one of {", ".join(heads.POOLINGS)}')
   single = isinstance(texts, str)
   texts = [texts] if single else list(texts)
   if not texts:

@@ -10,7 +10,7 @@ import pytest
 import scipy.special
 from flax import nnx
 
-from mlmjax import losses
+from mlmjax import heads, losses
 from mlmjax import model as M
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
@@ -538,23 +538,23 @@ def test_heads_lay_out_rows_by_the_cls_and_pad_ids_they_are_given():
   real = (row != PAD).astype(jnp.int32)
   one_unit = dict(position_ids=jnp.arange(8, dtype=jnp.int32)[None] * real, doc_ids=real)
   ids = dict(cls_id=7, pad_id=PAD)
-  clf = M.SequenceClassifier(cfg, 3, pooling='cls', **ids, rngs=nnx.Rngs(0))
+  clf = heads.SequenceClassifier(cfg, 3, pooling='cls', **ids, rngs=nnx.Rngs(0))
   hidden = clf.encoder(row, **one_unit)
   # The sentencepiece default splits the row at id 2: the [CLS] vector would read 2 tokens only.
   assert np.abs(np.asarray(clf.encoder(row)[:, 0] - hidden[:, 0])).max() > 1e-3
   np.testing.assert_allclose(clf.encoder(row, **ids), hidden, atol=1e-6)
   np.testing.assert_allclose(clf(row), clf.classifier(hidden[:, 0]), atol=1e-6)
-  tagger = M.TokenTagger(cfg, 3, **ids, rngs=nnx.Rngs(1))
+  tagger = heads.TokenTagger(cfg, 3, **ids, rngs=nnx.Rngs(1))
   np.testing.assert_allclose(tagger(row), tagger.classifier(tagger.encoder(row, **one_unit)),
                              atol=1e-6)
-  dual = M.DualEncoder(cfg, pooling='mean', **ids, rngs=nnx.Rngs(2))
-  np.testing.assert_allclose(dual(row), M.mean_pool(dual.encoder(row, **one_unit), real), atol=1e-6)
+  dual = heads.DualEncoder(cfg, pooling='mean', **ids, rngs=nnx.Rngs(2))
+  np.testing.assert_allclose(dual(row), heads.mean_pool(dual.encoder(row, **one_unit), real), atol=1e-6)
 
 
 def test_sequence_classifier_passes_token_type_ids_to_the_embeddings():
   """Pair rows' segments reach the type embeddings: flipping them moves every real position."""
   cfg = small_config(num_layers=1, dropout_rate=0.0)
-  clf = M.SequenceClassifier(cfg, 3, pooling='mean', rngs=nnx.Rngs(0))
+  clf = heads.SequenceClassifier(cfg, 3, pooling='mean', rngs=nnx.Rngs(0))
   row = jnp.array([[CLS, 9, 10, SEP, 11, 12, 13, SEP, PAD, PAD]], jnp.int32)
   types = jnp.array([[0, 0, 0, 0, 1, 1, 1, 1, 0, 0]], jnp.int32)
 
@@ -566,6 +566,6 @@ def test_sequence_classifier_passes_token_type_ids_to_the_embeddings():
 
   hidden, hidden_flipped, logits, plain, zeros = outputs(clf, types)
   assert float(jnp.abs(hidden - hidden_flipped)[row != PAD].min()) > 1e-4
-  np.testing.assert_allclose(logits, clf.classifier(M.mean_pool(hidden, row != PAD)), atol=1e-5)
+  np.testing.assert_allclose(logits, clf.classifier(heads.mean_pool(hidden, row != PAD)), atol=1e-5)
   np.testing.assert_allclose(plain, zeros, atol=1e-6)  # no type ids: all segment 0
   assert float(jnp.abs(logits - plain).max()) > 1e-5

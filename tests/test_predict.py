@@ -14,10 +14,10 @@ import pytest
 from flax import nnx
 
 from configs import finetune, pretrain
-from mlmjax import checkpoint, experiment, model, optim, predict, train_state
+from mlmjax import checkpoint, experiment, heads, model, optim, predict, train_state
 from mlmjax import tasks as tasks_lib
 from mlmjax import tokenizer as tok
-from mlmjax.tasks import task_data
+from mlmjax.tasks import mlm, task_data
 
 SEQ_LEN = 16
 CLASSES = ['asyncio', 'email', 'logging']
@@ -155,7 +155,7 @@ def test_embed_is_the_pooled_vector_the_classifier_reads(classify_dir, tokenizer
   assert got.shape == (40, 32) and got.dtype == np.float32
   np.testing.assert_allclose(got, np.asarray(hidden[:, 0]), rtol=1e-5, atol=1e-5)
   mean = predict.embed(runs['best'], texts, pooling='mean')
-  np.testing.assert_allclose(mean, np.asarray(model.mean_pool(hidden, jnp.asarray(ids) != 0)),
+  np.testing.assert_allclose(mean, np.asarray(heads.mean_pool(hidden, jnp.asarray(ids) != 0)),
                              rtol=1e-5, atol=1e-5)
   assert predict.embed(runs['best'], []).shape == (0, 32)
   with pytest.raises(ValueError, match='--pooling'):
@@ -231,10 +231,10 @@ def test_mlm_workdir_keeps_fill_mask_and_refuses_task_modes(tmp_path, tokenizer,
   logits = np.array(models['latest'](ids, pos))[0, 0]
   logits[:tok.NUM_SPECIAL] = -np.inf
   best = np.argsort(-logits)[:3]
-  assert [w for w, _ in out[0]] == [predict._display(tokenizer.id_to_piece(int(i))) for i in best]
+  assert [w for w, _ in out[0]] == [mlm.display_token(tokenizer, i) for i in best]
   np.testing.assert_allclose([p for _, p in out[0]], _softmax(logits)[best], rtol=1e-5)
   row = task_data.encode_texts(tokenizer, TEXTS[:1], SEQ_LEN)
-  want = model.mean_pool(models['latest'].encoder(row), jnp.asarray(row) != 0)[0]
+  want = heads.mean_pool(models['latest'].encoder(row), jnp.asarray(row) != 0)[0]
   np.testing.assert_allclose(predict.embed(run, TEXTS[0]), np.asarray(want), rtol=1e-5, atol=1e-5)
   for fn in (predict.classify, predict.tag):
     with pytest.raises(ValueError, match="was trained with task 'mlm'; use --mode fill_mask or embed"):

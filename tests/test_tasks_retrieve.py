@@ -14,6 +14,7 @@ from flax import nnx
 from pydoc_data.topics import topics
 
 from configs import finetune
+from mlmjax import heads
 from mlmjax import model as M
 from mlmjax import tokenizer as tok_lib
 from mlmjax.tasks import retrieve, task_data
@@ -76,7 +77,7 @@ def pairs_file(tmp_path_factory):
 @pytest.fixture(scope='module')
 def dual_model(tok):
   """Returns (graphdef, params) of a small random DualEncoder (mean pooling, no dropout)."""
-  m = M.DualEncoder(enc_config(tok.vocab_size), pooling='mean', rngs=nnx.Rngs(0))
+  m = heads.DualEncoder(enc_config(tok.vocab_size), pooling='mean', rngs=nnx.Rngs(0))
   return nnx.split(m)
 
 
@@ -209,7 +210,7 @@ def test_batch_loss_equals_numpy_info_nce(tok, pairs_file, dual_model, tmp_path)
   assert float(sums['negatives']) == ref_negatives <= 6 * 5 - 2
 
   # With dropout (the same parameters in a dropout model) the loss follows the key.
-  dropout_model = nnx.eval_shape(lambda: M.DualEncoder(enc_config(tok.vocab_size, dropout=0.2),
+  dropout_model = nnx.eval_shape(lambda: heads.DualEncoder(enc_config(tok.vocab_size, dropout=0.2),
                                                        rngs=nnx.Rngs(0)))
   gd = nnx.split(dropout_model)[0]
   run = jax.jit(lambda k: task.batch_loss(nnx.merge(gd, params), jnp.asarray(rows), None, k, 0)[0])

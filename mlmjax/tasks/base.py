@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mlmjax import losses, model as model_lib
+from mlmjax import heads, losses, model as model_lib
 from mlmjax import tokenizer as tokenizer_lib
 # Not `from mlmjax.tasks import ...`: that package imports this module.
 import mlmjax.tasks.metrics as metrics_lib
@@ -202,7 +202,7 @@ class Task:
   def embedding(self, model, ids: jax.Array, pooling: str) -> jax.Array:
     """Returns the (B, H) embedding of rows: the encoder's output pooled by `pooling`."""
     ids_of = self.layout_ids()
-    return model_lib.pool(model.encoder(ids, **ids_of), ids, pooling, pad_id=ids_of['pad_id'])
+    return heads.pool(model.encoder(ids, **ids_of), ids, pooling, pad_id=ids_of['pad_id'])
 
 
 # Rows per prediction forward call: 8, 16 or 32 (the next power of two), so a few compiles serve any count.

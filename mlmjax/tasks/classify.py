@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from mlmjax import model
+from mlmjax import heads
 from mlmjax.tasks import metrics as metrics_lib, task_data as td
 from mlmjax.tasks.base import LabelTask, TaskData
 
@@ -138,7 +138,7 @@ class TextInputs:
 
 
 class ClassifyTask(TextInputs, LabelTask):
-  """Sequence (or sequence-pair) classification with model.SequenceClassifier (module doc)."""
+  """Sequence (or sequence-pair) classification with heads.SequenceClassifier (module doc)."""
 
   name = 'classify'
   best_metric = 'accuracy'
@@ -218,7 +218,7 @@ class ClassifyTask(TextInputs, LabelTask):
   def build_model(self, enc_cfg, rngs):
     if not self.labels:
       raise RuntimeError('classify: no labels: call prepare() or load_meta() before build_model()')
-    return model.SequenceClassifier(enc_cfg, len(self.labels), pooling=self.config.classify.pooling,
+    return heads.SequenceClassifier(enc_cfg, len(self.labels), pooling=self.config.classify.pooling,
                                     **self.layout_ids(), rngs=rngs)
 
   def baselines(self) -> dict[str, float]:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mlmjax import model
+from mlmjax import heads
 from mlmjax.tasks import metrics as metrics_lib, task_data as td
 from mlmjax.tasks.base import Task, TaskData, batched
 from mlmjax.tasks.classify import TextInputs
@@ -124,7 +124,7 @@ class RegressTask(TextInputs, Task):
                     stats=stats, key=key)
 
   def build_model(self, enc_cfg, rngs):
-    return model.SequenceClassifier(enc_cfg, 1, pooling=self.config.classify.pooling,
+    return heads.SequenceClassifier(enc_cfg, 1, pooling=self.config.classify.pooling,
                                     **self.layout_ids(), rngs=rngs)
 
   def _outputs(self, m, inputs: jax.Array, drop_key=None) -> jax.Array:

@@ -5,7 +5,7 @@ Rows are int32 (N, 2 * seq_len): the query's tokens ([CLS] pieces [SEP] PAD...) 
 is PAD is padding. Fields: task_data.query_field, document_field; splits hash id_field (group_field
 when set, the content when id_field is ''), as every task does (task_data.split_rows).
 
-Training: one shared encoder embeds queries and documents (model.DualEncoder), both L2-normalized;
+Training: one shared encoder embeds queries and documents (heads.DualEncoder), both L2-normalized;
 the loss is InfoNCE with in-batch negatives: softmax cross-entropy over cosine / temperature, the
 row's own document as the target and the batch's other documents as negatives. A document whose
 tokens equal the target's (the same verse text twice in a batch) is no negative: it is dropped from
@@ -39,7 +39,7 @@ import numpy as np
 import scipy.sparse
 from flax import nnx
 
-from mlmjax import corpus, input_pipeline, model
+from mlmjax import corpus, heads, input_pipeline
 from mlmjax.tasks import task_data
 from mlmjax.tasks.base import Task, TaskData
 
@@ -211,9 +211,9 @@ class RetrieveTask(Task):
   def __init__(self, config, tokenizer=None, log: Callable[[str], None] = print):
     super().__init__(config, tokenizer, log)
     r = config.retrieve
-    if r.pooling not in model.POOLINGS:
+    if r.pooling not in heads.POOLINGS:
       raise ValueError(f'retrieve.pooling: {r.pooling!r} is not supported; use one of '
-                       f'{list(model.POOLINGS)}')
+                       f'{list(heads.POOLINGS)}')
     if not float(r.temperature) > 0:
       raise ValueError(f'retrieve.temperature={r.temperature} must be > 0')
     if int(r.num_candidates) < 0:
@@ -285,7 +285,7 @@ class RetrieveTask(Task):
                     stats=stats, key=key)
 
   def build_model(self, enc_cfg, rngs):
-    return model.DualEncoder(enc_cfg, pooling=self.config.retrieve.pooling, **self.layout_ids(),
+    return heads.DualEncoder(enc_cfg, pooling=self.config.retrieve.pooling, **self.layout_ids(),
                              rngs=rngs)
 
   def _split_halves(self, rows: jax.Array) -> tuple[jax.Array, jax.Array]:

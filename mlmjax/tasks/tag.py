@@ -17,7 +17,7 @@ import collections
 import jax
 import numpy as np
 
-from mlmjax import model
+from mlmjax import heads
 from mlmjax.tasks import metrics as metrics_lib, task_data as td
 from mlmjax.tasks.base import LabelTask, TaskData
 
@@ -106,7 +106,7 @@ def split_row_parts(rows: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array,
 
 
 class TagTask(LabelTask):
-  """Token tagging with model.TokenTagger (word accuracy, macro-F1 over tags, per-tag report)."""
+  """Token tagging with heads.TokenTagger (word accuracy, macro-F1 over tags, per-tag report)."""
 
   name = 'tag'
   best_metric = 'accuracy'
@@ -224,7 +224,7 @@ class TagTask(LabelTask):
   def build_model(self, enc_cfg, rngs):
     if not self.labels:
       raise RuntimeError('tag: no labels: call prepare() or load_meta() before build_model()')
-    return model.TokenTagger(enc_cfg, len(self.labels), **self.layout_ids(), rngs=rngs)
+    return heads.TokenTagger(enc_cfg, len(self.labels), **self.layout_ids(), rngs=rngs)
 
   def baselines(self) -> dict[str, float]:
     if self.splits is None:

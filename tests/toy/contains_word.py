@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mlmjax import losses, model
+from mlmjax import heads, losses
 from mlmjax.tasks import base
 from mlmjax.tasks import task_data
 
@@ -55,7 +55,7 @@ class ContainsWordTask(base.Task):
                          key=task_data.digest(*splits.values()))
 
   def build_model(self, enc_cfg, rngs):
-    return model.SequenceClassifier(enc_cfg, 2, pooling='mean', rngs=rngs)
+    return heads.SequenceClassifier(enc_cfg, 2, pooling='mean', rngs=rngs)
 
   def batch_loss(self, m, rows, mask_key, drop_key, step):
     del mask_key, step
