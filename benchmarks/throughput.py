@@ -67,7 +67,7 @@ def main() -> None:
   p.add_argument('--dtype', default='', help="override model.dtype ('float32' or 'bfloat16')")
   p.add_argument('--grad_accum_steps', type=int, default=1, help='override train.grad_accum_steps')
   p.add_argument('--remat', default='', help="override model.remat ('full', 'dots', 'dots_no_batch')")
-  p.add_argument('--attention_impl', default='', help="override model.attention_impl ('xla', 'cudnn')")
+  p.add_argument('--attention_impl', default='', help="override model.attention_impl ('xla', 'cudnn', 'reference', 'splash')")
   args = p.parse_args()
 
   config = pretrain.get_config(args.config)

@@ -7,10 +7,14 @@ original facts, writes the same card. Every workdir file is optional: what is mi
 import json
 import pathlib
 
+from mlmjax import hf_models
+
 FACTS_FILE = 'mlmjax.json'
 FORMAT = 1
 _VERSIONS = ('python', 'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'sentencepiece')
 _METRIC_PREFIXES = ('eval/', 'baseline/')
+# The Hub tag of each exported class: its transformers model_type.
+_TAGS = {a.architecture: a.model_type for a in hf_models.ARCHS.values()}
 
 
 def _read_json(path: pathlib.Path):
@@ -159,24 +163,71 @@ def _training_lines(facts: dict) -> list[str]:
   return lines
 
 
+def _bert_rows(m: dict) -> list[str]:
+  """Returns the Model table's architecture rows of a BERT or RoBERTa-PreLayerNorm export."""
+  norm = ('pre-LN: before attention and MLP, plus a final LayerNorm' if m.get('pre_layer_norm')
+          else 'post-LN (BERT)')
+  return [f'| layer norm | {norm} |',
+          f'| layers, hidden, heads, MLP | {m["num_layers"]}, {m["hidden_size"]}, '
+          f'{m["num_heads"]}, {m["intermediate_size"]} |',
+          f'| parameters | {_num(m["parameters"])} |',
+          f'| positions, token types | {m["max_position"]}, {m["type_vocab_size"]} |']
+
+
+def _ordinal(n: int) -> str:
+  """Returns n as an English ordinal: 2nd, 3rd, 11th."""
+  suffix = 'th' if n % 100 in (11, 12, 13) else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')
+  return f'{n}{suffix}'
+
+
+def _base(theta) -> str:
+  """Returns a rotary base for reading: 160,000 rather than 1.6e+05."""
+  return _num(int(theta)) if float(theta).is_integer() else _num(theta)
+
+
+def _modern_rows(m: dict) -> list[str]:
+  """Returns the Model table's architecture rows of a ModernBERT export (model.MODERN's options)."""
+  every, window = int(m.get('global_every', 1)), int(m.get('local_window', 0))
+  if every > 1:
+    attention = (f'global in every {_ordinal(every)} layer from layer 0, the others local: a '
+                 f'sliding window of {_num(window)} tokens ({_num(window // 2)} on each side)')
+    rotary = (f'rotary, base {_base(m["rope_theta"])} in the global layers and '
+              f'{_base(m["rope_local_theta"])} in the local ones')
+  else:
+    attention, rotary = 'global in every layer', f'rotary, base {_base(m["rope_theta"])}'
+  mlp = {'geglu': 'GeGLU', 'swiglu': 'SwiGLU'}.get(m.get('mlp_type'), m.get('mlp_type'))
+  norm_bias = '' if m.get('norm_bias') else ' without bias'
+  biases = ('in attention, MLP and the head transform' if m.get('use_bias') else
+            'none in attention, MLP and the head transform (the decoder keeps its bias)')
+  rows = [f'| layer norm | pre-LN LayerNorm{norm_bias}: after the embeddings, before attention '
+          '(not in layer 0) and the MLP, plus a final one |',
+          f'| layers, hidden, heads, MLP | {m["num_layers"]}, {m["hidden_size"]}, '
+          f'{m["num_heads"]}, {m["intermediate_size"]} ({mlp}) |',
+          f'| attention | {attention} |',
+          f'| positions | {rotary}; up to {_num(m["max_position"])} tokens, no token types |',
+          f'| biases | {biases} |',
+          f'| parameters | {_num(m["parameters"])} |']
+  multiple = int(m.get('vocab_multiple', 1))
+  if multiple > 1:
+    padded = -(-m['vocab_size'] // multiple) * multiple
+    rows.append(f'| vocabulary rows | {_num(padded)}: {_num(m["vocab_size"])} ids padded to a '
+                f'multiple of {multiple} (no token is a padding row) |')
+  return rows
+
+
 def render(facts: dict) -> str:
   """Returns the model card (README.md with YAML front matter) of the facts."""
   facts = json.loads(dumps(facts))  # the card depends on mlmjax.json's content alone, key order too
   m, t = facts['model'], facts['tokenizer']
-  pre_ln = m.get('pre_layer_norm')
   arch = facts['architecture']
+  tag = _TAGS.get(arch) or ('roberta-prelayernorm' if m.get('pre_layer_norm') else 'bert')
   lines = ['---', 'library_name: transformers', 'pipeline_tag: fill-mask', 'tags:',
-           '- mlmjax', '- fill-mask', '- masked-language-modeling',
-           f'- {"roberta-prelayernorm" if pre_ln else "bert"}', '- jax', '- flax', '---', '',
-           f'# {facts["run"]}', '',
+           '- mlmjax', '- fill-mask', '- masked-language-modeling', f'- {tag}', '- jax', '- flax',
+           '---', '', f'# {facts["run"]}', '',
            f'A masked language model trained with mlmjax (JAX/Flax), exported as `{arch}` at step '
            f'{_num(facts["step"])}.', '', '## Model', '',
            '| | |', '|---|---|', f'| class | `{arch}` |',
-           f'| layer norm | {"pre-LN: before attention and MLP, plus a final LayerNorm" if pre_ln else "post-LN (BERT)"} |',
-           f'| layers, hidden, heads, MLP | {m["num_layers"]}, {m["hidden_size"]}, {m["num_heads"]}, '
-           f'{m["intermediate_size"]} |',
-           f'| parameters | {_num(m["parameters"])} |',
-           f'| positions, token types | {m["max_position"]}, {m["type_vocab_size"]} |',
+           *(_modern_rows(m) if tag == hf_models.MODERN.model_type else _bert_rows(m)),
            f'| output embedding | {"tied to the input embedding" if m["tie_embeddings"] else "untied"} |',
            f'| tokenizer | {t["kind"]}, {_num(t["vocab_size"])} pieces (sha256 `{t["fingerprint"][:12]}`) |',
            '']

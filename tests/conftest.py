@@ -61,7 +61,7 @@ def make_tiny_config(topics_corpus, cache_dir):
 
   def make():
     from configs import pretrain
-    c = pretrain.get_config('tiny')
+    c = pretrain.get_config('tiny_classic')
     c.data.corpus = str(topics_corpus)
     c.data.cache_dir = str(cache_dir)
     c.tokenizer.vocab_size = 1000

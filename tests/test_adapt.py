@@ -16,7 +16,7 @@ def _notes():
 
 
 def test_budget_adapts_defaults_and_leaves_explicit_keys():
-  c = pretrain.get_config('tiny')
+  c = pretrain.get_config('tiny_classic')
   c.train.num_steps = 200
   lines, log = _notes()
   a = adapt.Adaptations(log=log)
@@ -26,11 +26,11 @@ def test_budget_adapts_defaults_and_leaves_explicit_keys():
       'from': 300, 'to': 20, 'why': 'the default warmup is longer than the 200-step run; a tenth of it'}
   assert len(lines) == 1 and lines[0].startswith('note: ')
   assert 'optim.warmup_steps 300 -> 20' in lines[0] and '--config.optim.warmup_steps' in lines[0]
-  recorded = pretrain.get_config('tiny')
+  recorded = pretrain.get_config('tiny_classic')
   a.apply(recorded)
   assert recorded.optim.warmup_steps == 20
 
-  c = pretrain.get_config('tiny')
+  c = pretrain.get_config('tiny_classic')
   c.train.num_steps, c.optim.warmup_steps = 200, 300
   a = adapt.Adaptations(explicit={'optim.warmup_steps'}, log=log)
   a.budget(c)
@@ -40,7 +40,7 @@ def test_budget_adapts_defaults_and_leaves_explicit_keys():
   a = adapt.Adaptations(log=log)
   a.budget(c)
   assert c.optim.warmup_steps == 1
-  c = pretrain.get_config('tiny')  # fits: nothing changes, nothing is said
+  c = pretrain.get_config('tiny_classic')  # fits: nothing changes, nothing is said
   lines.clear()
   adapt.Adaptations(log=log).budget(c)
   assert c.optim.warmup_steps == 300 and not lines
@@ -79,7 +79,7 @@ def _one_document_corpus(tmp_path, chars: int):
 
 
 def test_prepare_data_adapts_vocabulary_and_passages_of_a_small_text(tmp_path, cache_dir):
-  c = pretrain.get_config('tiny')
+  c = pretrain.get_config('tiny_classic')
   c.data.corpus = str(_one_document_corpus(tmp_path, 40_000))
   c.data.cache_dir = str(cache_dir)
   lines, log = _notes()
@@ -95,21 +95,21 @@ def test_prepare_data_adapts_vocabulary_and_passages_of_a_small_text(tmp_path, c
   assert sum(l.startswith('note: ') for l in lines) >= 2
   # The run's stored tokenizer is the adapted one, and a resumed run says so again.
   assert tok_lib.load_any(tmp_path / 'run' / 'tokenizer.model').vocab_size == limit
-  c2 = pretrain.get_config('tiny')
+  c2 = pretrain.get_config('tiny_classic')
   c2.data.corpus, c2.data.cache_dir, c2.data.passage_chars = c.data.corpus, str(cache_dir), c.data.passage_chars
   a2 = adapt.Adaptations(log=log)
   assert ip.prepare_data(c2, tmp_path / 'run', log=log, adapt=a2).cache.key == data.cache.key
   assert a2.changes['tokenizer.vocab_size']['to'] == limit
 
   # Explicit settings are never overridden: the vocabulary error and an empty validation stay.
-  c3 = pretrain.get_config('tiny')
+  c3 = pretrain.get_config('tiny_classic')
   c3.data.corpus, c3.data.cache_dir = c.data.corpus, str(cache_dir)
   explicit = adapt.Adaptations(explicit={'tokenizer.vocab_size'}, log=log)
   with pytest.raises(tok_lib.VocabTooLarge, match=r'tokenizer.vocab_size=8000 does not fit') as e:
     ip.prepare_data(c3, tmp_path / 'explicit', log=log, adapt=explicit)
   assert e.value.limit is not None and list(explicit.changes) == ['data.passage_chars']
   assert c3.data.passage_chars > 0  # changed before the tokenizer failed
-  c3 = pretrain.get_config('tiny')
+  c3 = pretrain.get_config('tiny_classic')
   c3.data.corpus, c3.data.cache_dir, c3.tokenizer.vocab_size = c.data.corpus, str(cache_dir), 1000
   explicit = adapt.Adaptations(explicit={'data.passage_chars'}, log=log)
   kept = ip.prepare_data(c3, tmp_path / 'explicit2', log=log, adapt=explicit)
@@ -132,7 +132,7 @@ def test_first_runs_on_defaults_complete_with_their_notes(tmp_path, cache_dir, p
   text = tmp_path / 'mine.txt'
   text.write_text('\n'.join(' '.join(d.split()) for d in pydocs)[:250_000], encoding='utf-8')
   monkeypatch.setenv('MLMJAX_CACHE', str(cache_dir))
-  out = _main(['--config', 'pretrain:tiny', f'--config.data.corpus={text}',
+  out = _main(['--config', 'pretrain:tiny_classic', f'--config.data.corpus={text}',
                '--config.train.num_steps=60', '--workdir', str(tmp_path / 'pre')], capsys)
   notes = [l for l in out.splitlines() if l.startswith('note: ')]
   assert any(l.startswith('note: optim.warmup_steps 300 -> 6') for l in notes), notes

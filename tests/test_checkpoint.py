@@ -27,7 +27,7 @@ def _params(kernel_shape=(128, 128)) -> dict:
 
 def _train_state(shift: float = 0.0, kernel_shape=(128, 128)) -> dict:
   """Returns {params, opt_state, step} after one real AdamW update, so the moments are non-zero."""
-  cfg = pretrain.get_config('tiny').optim
+  cfg = pretrain.get_config('tiny_classic').optim
   cfg.warmup_steps = 0
   tx = optim.make_optimizer(cfg, 10)
   params = jax.tree.map(lambda x: x + shift, _params(kernel_shape))

@@ -33,7 +33,7 @@ def test_parses_a_real_config_file_with_overrides_and_own_flags(monkeypatch):
   f = cli.parse_flags(['train', '--config', f'{PRETRAIN}:tiny', '--config.masking.rate=0.4',
                        '--config.train.num_steps=7', '--workdir', 'runs/x', '--dry_run'], _define)
   assert f.config.masking.rate == 0.4 and f.config.train.num_steps == 7
-  assert f.config.model.size == 'tiny' and f.workdir == 'runs/x' and f.dry_run
+  assert f.config.model.size == 'modern_tiny' and f.workdir == 'runs/x' and f.dry_run
   with pytest.raises(AttributeError):  # locked: a typo in code cannot add a key
     f.config.masking.nope = 1
   # No define: only --config; argv None reads sys.argv.
@@ -169,7 +169,7 @@ def test_installed_package_runs_a_shipped_config_from_any_directory(tmp_path, to
                          env=env, capture_output=True, text=True, check=True)
   assert where.stdout.startswith(str(site)), where.stdout  # the installed copy, not the checkout
   out = subprocess.run(
-      [sys.executable, '-m', 'mlmjax.train', '--config', 'pretrain:tiny', '--workdir', 'run',
+      [sys.executable, '-m', 'mlmjax.train', '--config', 'pretrain:tiny_classic', '--workdir', 'run',
        f'--config.data.corpus={topics_corpus}', '--config.tokenizer.vocab_size=1000',
        '--config.train.num_steps=2', '--config.train.seq_len=64', '--config.train.batch_size=4',
        '--config.optim.warmup_steps=1', '--config.eval.num_batches=1', '--config.eval.batch_size=4'],

@@ -26,7 +26,7 @@ def _small(config):
 
 @pytest.mark.slow
 def test_compile_report_on_one_device():
-  c = _small(pretrain.get_config('tiny'))
+  c = _small(pretrain.get_config('tiny_classic'))
   c.data.corpus = '/nonexistent/never-read.txt'  # proves the corpus is not touched
   r = compile_check.compile_report(c)
   assert r['num_devices'] == 1 and r['mesh'] == {'data': 1, 'fsdp': 1, 'tensor': 1}
@@ -54,7 +54,7 @@ _SCRIPT = textwrap.dedent('''
     from mlmjax import compile_check
     out = {}
     for name, shape in json.loads(sys.argv[1]).items():
-      c = pretrain.get_config('tiny')
+      c = pretrain.get_config('tiny_classic')
       c.tokenizer.vocab_size, c.train.seq_len, c.train.batch_size = 1024, 32, 8
       c.mesh.shape = tuple(tuple(a) for a in shape)
       out[name] = compile_check.compile_report(c)
@@ -113,7 +113,7 @@ def test_data_parallel_splits_the_step_flops(eight_device_reports):
 
 
 def test_topology_needs_libtpu_or_compiles_for_it():
-  c = _small(pretrain.get_config('tiny'))
+  c = _small(pretrain.get_config('tiny_classic'))
   c.mesh.shape = (('data', -1), ('fsdp', 1), ('tensor', 1))
   try:
     import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
@@ -125,6 +125,21 @@ def test_topology_needs_libtpu_or_compiles_for_it():
   r = compile_check.compile_report(c, topology='v5e:2x2')
   assert r['device_kind'] == 'TPU v5 lite' and r['num_devices'] == 4
   assert r['memory_per_device']['temp_bytes'] > 0 and r['xla_flops_per_device'] > 0
+
+
+@pytest.mark.slow
+def test_modern_encoder_with_splash_attention_compiles_for_a_tpu_topology():
+  try:
+    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): nothing to compile for a TPU")
+  c = pretrain.get_config('tiny')
+  c.tokenizer.vocab_size, c.train.batch_size, c.train.seq_len = 1024, 8, 256
+  c.model.attention_impl = 'splash'  # the Pallas kernel, lowered for the TPU (Mosaic), not interpreted
+  c.mesh.shape = (('data', -1), ('fsdp', 1), ('tensor', 1))
+  r = compile_check.compile_report(c, topology='v5e:2x2')
+  assert r['device_kind'] == 'TPU v5 lite' and r['num_devices'] == 4
+  assert r['memory_per_device']['temp_bytes'] > 0
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ def _set(config, key: str, value):
     ('masking.schedule.rates', (0.3, None), 'masking.schedule.rates=(0.3, None): expected tuple of float'),
 ])
 def test_wrong_types_name_key_value_and_expected_type(key, value, expected):
-  config = _set(pretrain.get_config('tiny'), key, value)
+  config = _set(pretrain.get_config('tiny_classic'), key, value)
   with pytest.raises(ValueError) as e:
     config_check.check_config(config)
   assert str(e.value).startswith(expected)
@@ -60,7 +60,7 @@ def test_a_dict_built_config_is_checked_against_its_variant_and_lists_the_choice
 
 def test_every_family_is_typed_against_the_schema_fine_tuning_keys_included():
   # A pretraining config holds the fine-tuning sections too (schema.defaults()), typed the same.
-  config = ml_collections.ConfigDict(pretrain.get_config('tiny').to_dict(), type_safe=False)
+  config = ml_collections.ConfigDict(pretrain.get_config('tiny_classic').to_dict(), type_safe=False)
   config.task_data.val_fraction = '0.2'
   with pytest.raises(ValueError, match=r"^task_data.val_fraction='0.2': expected float$"):
     config_check.check_config(config)
@@ -72,11 +72,11 @@ def test_every_family_is_typed_against_the_schema_fine_tuning_keys_included():
 
 
 def test_missing_keys_are_named_and_unknown_keys_pass_untyped():
-  raw = pretrain.get_config('tiny').to_dict()
+  raw = pretrain.get_config('tiny_classic').to_dict()
   del raw['masking']['span']
   with pytest.raises(ValueError, match=r'^masking.span.max: missing from the config \(3 key'):
     config_check.check_config(ml_collections.ConfigDict(raw))
-  config = ml_collections.ConfigDict(pretrain.get_config('tiny').to_dict())
+  config = ml_collections.ConfigDict(pretrain.get_config('tiny_classic').to_dict())
   config.my_task = ml_collections.ConfigDict({'weight': 'high'})  # a custom task's own section
   config.task = 'my_package.my_task:MyTask'
   config_check.check_config(config)
@@ -117,7 +117,7 @@ def test_every_variant_of_every_family_passes(family):
     ('task_data.test_fraction', 0.95, 'task_data.val_fraction=0.1 + task_data.test_fraction=0.95'),
 ])
 def test_values_and_combinations_name_the_key(key, value, expected):
-  config = _set(pretrain.get_config('tiny'), key, value)
+  config = _set(pretrain.get_config('tiny_classic'), key, value)
   with pytest.raises(ValueError) as e:
     config_check.check_config(config)
   assert str(e.value).startswith(expected)
@@ -125,7 +125,7 @@ def test_values_and_combinations_name_the_key(key, value, expected):
 
 
 def test_edges_that_are_allowed():
-  config = pretrain.get_config('tiny')
+  config = pretrain.get_config('tiny_classic')
   config.optim.warmup_steps = config.train.num_steps  # the peak is reached at the last step
   config.eval.every_steps = config.ckpt.every_steps = 10 * config.train.num_steps  # end only
   config.data.val_fraction = 0.0
@@ -138,7 +138,7 @@ def test_edges_that_are_allowed():
 def test_every_variant_passes_and_train_validates_model_shape_up_front():
   for variant in ('tiny', 'mini', 'small', 'base', 'large'):
     experiment.validate_config(pretrain.get_config(variant))
-  config = pretrain.get_config('tiny')
+  config = pretrain.get_config('tiny_classic')
   config.model.num_heads = 3  # 128 is not divisible by 3: caught before any data is read
   with pytest.raises(ValueError, match='num_heads 3'):
     experiment.validate_config(config)

@@ -21,7 +21,8 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from mlmjax import convert, experiment, hf_tokenizer, model, predict, tasks, train, train_state  # pylint: disable=wrong-import-position
-from mlmjax import model_card  # pylint: disable=wrong-import-position
+from mlmjax import hf_models, model_card  # pylint: disable=wrong-import-position
+from mlmjax.tasks import mlm  # pylint: disable=wrong-import-position
 
 TOL = 1e-4  # the acceptance bound: float32 on both sides, differences are summation order only
 
@@ -107,11 +108,11 @@ SHAPES = [
 def test_import_matches_transformers(tmp_path, shape, head):
   d = hf_dir(tmp_path, head=head, **shape)
   hf_cfg = json.loads((d / 'config.json').read_text())
-  enc_cfg = convert.encoder_config(hf_cfg)
+  enc_cfg = hf_models.encoder_config(hf_cfg)
   fresh = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(
       model.MlmHead(enc_cfg, rngs=nnx.Rngs(0)), nnx.Param)))
   notes = []
-  params = convert.params_from_hf(convert.read_weights(d), enc_cfg, fresh, log=notes.append)
+  params = hf_models.params_from_hf(convert.read_weights(d), enc_cfg, fresh, log=notes.append)
   assert any('freshly initialized' in n for n in notes) == (not head)
   if head and not enc_cfg.tie_embeddings:  # the decoder came from the file, not the embedding
     assert not np.allclose(params['mlm_head']['decoder'], params['encoder']['token_embed'])
@@ -125,7 +126,7 @@ def test_import_matches_transformers(tmp_path, shape, head):
   _assert_parity(mask, hidden, out.hidden_states[-1].numpy(), logits if head else None,
                  out.logits.numpy() if head else None, 'BERT')
   # Export then import is the identity, bit for bit.
-  again = convert.params_from_hf(convert.params_to_hf(params, enc_cfg), enc_cfg)
+  again = hf_models.params_from_hf(hf_models.params_to_hf(params, enc_cfg), enc_cfg)
   jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
@@ -149,10 +150,10 @@ def test_pytorch_bin_reads_the_same_tensors_as_safetensors(tmp_path):
 def test_unsupported_configs_name_the_field(field, value):
   cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                 num_attention_heads=2, intermediate_size=32).to_dict()
-  convert.check_supported(cfg)
+  hf_models.check_supported(cfg)
   cfg[field] = value
   with pytest.raises(ValueError, match=field):
-    convert.check_supported(cfg)
+    hf_models.check_supported(cfg)
 
 
 @pytest.mark.slow
@@ -181,7 +182,7 @@ def test_import_workdir_predicts_exports_and_inits_training(tmp_path, make_tiny_
   assert not info['missing_keys'] and not info['unexpected_keys'], info
   tok = transformers.BertTokenizerFast.from_pretrained(out)
   assert tok('the list')['input_ids'] == [6] + run.tokenizer.encode('the list') + [7]
-  again = convert.params_from_hf(convert.read_weights(out), enc_cfg)
+  again = hf_models.params_from_hf(convert.read_weights(out), enc_cfg)
   jax.tree.map(np.testing.assert_array_equal, again, jax.device_get(run.params))
   facts = json.loads((out / model_card.FACTS_FILE).read_text())
   assert facts['imported_from'] == str(d.resolve())  # the weights are still the imported ones
@@ -227,14 +228,14 @@ def test_post_ln_run_exports_as_bert_with_its_sentencepiece_tokenizer(tmp_path, 
 def test_pre_ln_config_is_roberta_prelayernorm():
   enc = model.EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
                             intermediate_size=32, max_position=40, pre_layer_norm=True)
-  cfg = convert.hf_config_from(enc)
+  cfg = hf_models.hf_config_from(enc)
   assert cfg['model_type'] == 'roberta-prelayernorm'
   assert cfg['architectures'] == ['RobertaPreLayerNormForMaskedLM']
   assert cfg['max_position_embeddings'] == 41 and cfg['pad_token_id'] == 0  # positions from 1
   assert (cfg['bos_token_id'], cfg['eos_token_id']) == (2, 3)
-  assert convert.encoder_config(cfg) == enc
+  assert hf_models.encoder_config(cfg) == enc
   post = dataclasses.replace(enc, pre_layer_norm=False)
-  assert convert.encoder_config(convert.hf_config_from(post)) == post
+  assert hf_models.encoder_config(hf_models.hf_config_from(post)) == post
   transformers.RobertaPreLayerNormConfig(**cfg)  # transformers takes every field
 
 
@@ -259,11 +260,11 @@ def test_pre_ln_import_matches_transformers(tmp_path, shape, head):
          else transformers.RobertaPreLayerNormModel)
   d = tmp_path / 'hf'
   randomized(cls(cfg)).save_pretrained(d)
-  enc_cfg = convert.encoder_config(json.loads((d / 'config.json').read_text()))
+  enc_cfg = hf_models.encoder_config(json.loads((d / 'config.json').read_text()))
   assert enc_cfg.pre_layer_norm and enc_cfg.max_position == shape['max_position_embeddings'] - 1
   fresh = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(
       model.MlmHead(enc_cfg, rngs=nnx.Rngs(0)), nnx.Param)))
-  params = convert.params_from_hf(convert.read_weights(d), enc_cfg, fresh, log=lambda s: None)
+  params = hf_models.params_from_hf(convert.read_weights(d), enc_cfg, fresh, log=lambda s: None)
   ids, mask, types = padded_inputs(shape['vocab_size'], shape.get('type_vocab_size', 2))
   hidden, logits = ours_forward(merged(enc_cfg, params), ids, mask, types)
   ref = cls.from_pretrained(d).eval()
@@ -275,9 +276,9 @@ def test_pre_ln_import_matches_transformers(tmp_path, shape, head):
                       token_type_ids=torch.tensor(types)).last_hidden_state.numpy()
   _assert_parity(mask, hidden, ref_hidden, logits if head else None,
                  out.logits.numpy() if head else None, f'pre-LN {shape["hidden_size"]}')
-  tensors = convert.params_to_hf(params, enc_cfg)
+  tensors = hf_models.params_to_hf(params, enc_cfg)
   assert not tensors['roberta_prelayernorm.embeddings.position_embeddings.weight'][0].any()
-  jax.tree.map(np.testing.assert_array_equal, convert.params_from_hf(tensors, enc_cfg), params)
+  jax.tree.map(np.testing.assert_array_equal, hf_models.params_from_hf(tensors, enc_cfg), params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +356,7 @@ def assert_same_fill_mask(run, ref, hf_tok, texts):
     assert len(rows) == len(per_mask)
     for row, cands in zip(rows, per_mask):
       best = np.argsort(-probs[row])[:5]
-      assert [predict._display(t.id_to_piece(int(i))) for i in best] == [w for w, _ in cands]
+      assert [mlm.display_token(t, i) for i in best] == [w for w, _ in cands]
       worst = max(worst, np.abs(np.array([p for _, p in cands]) - probs[row][best]).max())
   print(f'fill-mask top-5: same tokens; max |probability - transformers| = {worst:.2e}')
   assert worst <= TOL

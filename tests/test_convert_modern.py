@@ -15,8 +15,9 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from mlmjax import convert, corpus, model, predict, train, train_state  # pylint: disable=wrong-import-position
+from mlmjax import convert, corpus, hf_models, model, model_card, predict, train, train_state  # pylint: disable=wrong-import-position
 from mlmjax import tokenizer as tok  # pylint: disable=wrong-import-position
+from mlmjax.tasks import mlm  # pylint: disable=wrong-import-position
 
 TOL = 1e-4  # float32 on both sides: differences are summation order only
 PAD, CLS, SEP = 0, 1, 2  # the random checkpoints' layout ids
@@ -101,31 +102,32 @@ def assert_parity(mask, got, want, what: str) -> tuple[float, float]:
 def test_import_matches_transformers_and_exports_the_same_tensors(tmp_path, name):
   d = modern_dir(tmp_path, SHAPES[name])
   hf_cfg = json.loads((d / 'config.json').read_text())
-  enc_cfg = convert.encoder_config(hf_cfg)
+  enc_cfg = hf_models.encoder_config(hf_cfg)
   every = SHAPES[name]['global_attn_every_n_layers']
   assert (enc_cfg.global_every, enc_cfg.local_window) == (every, SHAPES[name]['local_attention'])
   assert [enc_cfg.is_local(i) for i in range(enc_cfg.num_layers)] == [
       t == 'sliding_attention' for t in hf_cfg['layer_types']]
   original = convert.read_weights(d)
-  params = convert.params_from_hf(original, enc_cfg, log=lambda s: None)
+  params = hf_models.params_from_hf(original, enc_cfg, log=lambda s: None)
   ids, mask = rows(enc_cfg.vocab_size)
   ref = transformers.ModernBertForMaskedLM.from_pretrained(d, attn_implementation='eager').eval()
   assert_parity(mask, ours(merged(enc_cfg, params), ids), reference(ref, ids, mask), name)
   # Export gives the original tensors, bit for bit (plus the tied decoder and a zero decoder bias).
-  back = convert.params_to_hf(params, enc_cfg)
+  back = hf_models.params_to_hf(params, enc_cfg)
   assert set(back) - set(original) <= {'decoder.weight', 'decoder.bias'}
   for k, v in original.items():
     np.testing.assert_array_equal(back[k], v, err_msg=k)
-  jax.tree.map(np.testing.assert_array_equal, convert.params_from_hf(back, enc_cfg), params)
+  jax.tree.map(np.testing.assert_array_equal, hf_models.params_from_hf(back, enc_cfg), params)
   # A ModernBertModel (no head): the same encoder, a fresh head.
   ref.model.save_pretrained(tmp_path / 'base')
   notes, fresh = [], jax.tree.map(np.zeros_like, params['mlm_head'])
-  base = convert.params_from_hf(convert.read_weights(tmp_path / 'base'), enc_cfg, fresh,
-                                log=notes.append)
+  base = hf_models.params_from_hf(convert.read_weights(tmp_path / 'base'), enc_cfg, fresh,
+                                  log=notes.append)
   assert any('freshly initialized' in n for n in notes) and base['mlm_head'] is fresh
   jax.tree.map(np.testing.assert_array_equal, base['encoder'], params['encoder'])
   # Our config of it gives transformers the same model.
-  again = transformers.ModernBertConfig(**convert.hf_config_from(enc_cfg, PAD, cls_id=CLS, sep_id=SEP))
+  again = transformers.ModernBertConfig(**hf_models.hf_config_from(enc_cfg, PAD, cls_id=CLS,
+                                                                    sep_id=SEP))
   for key in ('layer_types', 'local_attention', 'rope_parameters', 'norm_eps', 'norm_bias',
               'attention_bias', 'mlp_bias', 'classifier_bias', 'tie_word_embeddings'):
     assert getattr(again, key) == getattr(ref.config, key), key
@@ -151,11 +153,11 @@ def test_export_of_a_modern_model_loads_in_transformers_and_computes_the_same(tm
   params = random_params(enc_cfg)
   out = tmp_path / 'hf'
   out.mkdir()
-  hf_cfg = convert.hf_config_from(enc_cfg, PAD, cls_id=CLS, sep_id=SEP)
+  hf_cfg = hf_models.hf_config_from(enc_cfg, PAD, cls_id=CLS, sep_id=SEP)
   assert hf_cfg['vocab_size'] == enc_cfg.padded_vocab_size  # 96 rows with vocab_multiple=16
   (out / 'config.json').write_text(json.dumps(hf_cfg))
   (out / 'model.safetensors').write_bytes(convert.safetensors_bytes(
-      convert.params_to_hf(params, enc_cfg)))
+      hf_models.params_to_hf(params, enc_cfg)))
   ref, info = transformers.AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
   assert type(ref).__name__ == 'ModernBertForMaskedLM'
   assert not any(info[k] for k in ('missing_keys', 'unexpected_keys', 'mismatched_keys')), info
@@ -163,7 +165,7 @@ def test_export_of_a_modern_model_loads_in_transformers_and_computes_the_same(tm
   assert_parity(mask, ours(merged(enc_cfg, params), ids), reference(ref.eval(), ids, mask),
                 f'fresh export {"-".join(overrides)}')
   # Importing the export gives the same EncoderConfig, up to the padding (import sees rows only).
-  back = convert.encoder_config(json.loads((out / 'config.json').read_text()))
+  back = hf_models.encoder_config(json.loads((out / 'config.json').read_text()))
   rows_only = dict(vocab_size=enc_cfg.padded_vocab_size, vocab_multiple=1)
   assert back == model.EncoderConfig(**{**enc_cfg.__dict__, **rows_only, 'size': ''})
 
@@ -242,6 +244,24 @@ def test_bpe_tokenizer_json_encodes_as_tokenizers_with_its_own_special_ids(tmp_p
   assert tok.load_any(out / 'tokenizer.json').fingerprint == t.fingerprint
 
 
+def test_fill_mask_shows_bpe_tokens_as_text(tmp_path):
+  bpe_tokenizer_json(tmp_path / 'tokenizer.json')
+  t = tok.load_any(tmp_path / 'tokenizer.json')
+  ids = t.encode('The capital of France is Paris.')
+  assert [t.id_to_piece(i) for i in ids] == ['T', 'he', 'Ġcapital', 'Ġof', 'ĠFrance', 'Ġis', 'Ġ',
+                                              'Paris', '.']
+  # Decoded, the word-start space dropped; whitespace alone shows as its piece.
+  assert [mlm.display_token(t, i) for i in ids] == ['T', 'he', 'capital', 'of', 'France', 'is',
+                                                     'Ġ', 'Paris', '.']
+  assert mlm.display_token(t, t.piece_to_id('Ċ')) == 'Ċ'
+  lead = t.encode('日')[0]  # a piece of part of the character's bytes: the piece, not U+FFFD
+  assert mlm.display_token(t, lead) == t.id_to_piece(lead) != '\ufffd'
+  # Sentencepiece and WordPiece pieces show as before: the word-start mark dropped, '##' kept.
+  for piece in ('\u2581capital', 'capital', '##ing', '\u2581'):
+    assert mlm.display_piece(piece) == {'\u2581capital': 'capital',
+                                        '\u2581': '\u2581'}.get(piece, piece)
+
+
 def test_bpe_tokenizer_needs_the_five_specials(tmp_path):
   t = tokenizers.Tokenizer(tokenizers.models.BPE())
   t.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -275,16 +295,16 @@ def small_modern_config(**fields) -> dict:
     (dict(num_attention_heads=16), 'must be even'),
 ])
 def test_unsupported_modernbert_configs_name_the_field(fields, message):
-  convert.check_supported(small_modern_config())
+  hf_models.check_supported(small_modern_config())
   with pytest.raises(ValueError, match=message):
-    convert.check_supported(small_modern_config(**fields))
+    hf_models.check_supported(small_modern_config(**fields))
 
 
 def test_older_modernbert_configs_give_the_period_and_rotary_bases():
   cfg = small_modern_config(global_attn_every_n_layers=2, global_rope_theta=1e5,
                             local_rope_theta=1e3, local_attention=64)
   del cfg['layer_types'], cfg['rope_parameters']
-  enc = convert.encoder_config(cfg)
+  enc = hf_models.encoder_config(cfg)
   assert (enc.global_every, enc.local_window, enc.rope_theta, enc.rope_local_theta) == (
       2, 64, 1e5, 1e3)
 
@@ -304,7 +324,61 @@ def test_unexportable_architectures_name_the_model_key(overrides, key):
   enc = model.EncoderConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
                             intermediate_size=32, **{**model.MODERN, **overrides})
   with pytest.raises(ValueError, match=rf'^model\.{key}='):
-    convert.hf_config_from(enc)
+    hf_models.hf_config_from(enc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card describes the exported class.
+
+
+@pytest.mark.parametrize('overrides,tag,says', [
+    ({}, 'modernbert', [
+        '| class | `ModernBertForMaskedLM` |',
+        '| layer norm | pre-LN LayerNorm without bias: after the embeddings, before attention '
+        '(not in layer 0) and the MLP, plus a final one |',
+        '| layers, hidden, heads, MLP | 3, 32, 2, 48 (GeGLU) |',
+        '| attention | global in every 3rd layer from layer 0, the others local: a sliding window '
+        'of 16 tokens (8 on each side) |',
+        '| positions | rotary, base 160,000 in the global layers and 10,000 in the local ones; up '
+        'to 8,192 tokens, no token types |',
+        '| biases | none in attention, MLP and the head transform (the decoder keeps its bias) |',
+        '| vocabulary rows | 128: 90 ids padded to a multiple of 64 (no token is a padding '
+        'row) |']),
+    (dict(use_bias=True, norm_bias=True, global_every=1, local_window=0, vocab_multiple=1),
+     'modernbert', [
+        '| layer norm | pre-LN LayerNorm: after the embeddings',
+        '| attention | global in every layer |', '| positions | rotary, base 160,000; up to',
+        '| biases | in attention, MLP and the head transform |']),
+    (dict(position_embedding='learned', mlp_type='gelu', norm_bias=True, use_bias=True,
+          global_every=1, local_window=0, first_attention_norm=True, type_vocab_size=2,
+          max_position=128), 'roberta-prelayernorm', [
+        '| class | `RobertaPreLayerNormForMaskedLM` |',
+        '| layer norm | pre-LN: before attention and MLP, plus a final LayerNorm |',
+        '| layers, hidden, heads, MLP | 3, 32, 2, 48 |', '| positions, token types | 128, 2 |']),
+    (dict(position_embedding='learned', mlp_type='gelu', norm_bias=True, use_bias=True,
+          global_every=1, local_window=0, first_attention_norm=True, type_vocab_size=2,
+          max_position=128, pre_layer_norm=False), 'bert', [
+        '| class | `BertForMaskedLM` |', '| layer norm | post-LN (BERT) |']),
+], ids=['modern', 'modern_biases_global', 'pre_ln', 'post_ln'])
+def test_model_card_describes_the_exported_architecture(tmp_path, overrides, tag, says):
+  import yaml  # pylint: disable=g-import-not-at-top
+  enc_cfg = model.EncoderConfig(vocab_size=90, hidden_size=32, num_layers=3, num_heads=2,
+                                intermediate_size=48, **{**model.MODERN, 'local_window': 16,
+                                                         **overrides})
+  arch = hf_models.arch_of(enc_cfg).architecture
+  facts = model_card.gather(  # what export_hf gathers, from a workdir that recorded nothing
+      tmp_path, {}, step=0, architecture=arch,
+      model_shape=convert._model_shape(enc_cfg, random_params(enc_cfg)),  # pylint: disable=protected-access
+      tokenizer={'kind': 'BPE', 'vocab_size': 90, 'fingerprint': '0' * 64}, model_sha256='0' * 64)
+  card = model_card.render(facts)
+  assert yaml.safe_load(card.split('---\n')[1])['tags'] == [
+      'mlmjax', 'fill-mask', 'masked-language-modeling', tag, 'jax', 'flax']
+  for text in says:
+    assert text in card, text
+  modern = tag == 'modernbert'
+  assert ('pre-LN: before attention' in card) is (tag == 'roberta-prelayernorm')
+  assert ('| positions, token types |' in card) is not modern
+  assert ('| attention |' in card) is modern
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +411,7 @@ def assert_same_fill_mask(run, ref, hf_tok, texts) -> float:
     assert len(rows_at) == len(per_mask)
     for row, cands in zip(rows_at, per_mask):
       best = np.argsort(-probs[row])[:5]
-      assert [predict._display(t.id_to_piece(int(i))) for i in best] == [w for w, _ in cands]  # pylint: disable=protected-access
+      assert [mlm.display_token(t, i) for i in best] == [w for w, _ in cands]
       worst = max(worst, np.abs(np.array([p for _, p in cands]) - probs[row][best]).max())
       # Over every row of the export (a padded vocabulary's too): the same five ids.
       full = np.where(np.arange(logits.shape[-1]) < t.vocab_size,
@@ -469,5 +543,7 @@ def test_modern_run_exports_as_modernbert_with_the_same_fill_mask(tmp_path, make
   assert_same_fill_mask(run, ref, hf_tok, ['Return the [MASK] of the list.',
                                            'The [MASK] statement [MASK] a function.',
                                            'A class [MASK] defines a class object.'])
-  assert 'ModernBertForMaskedLM' in (out / 'README.md').read_text()
+  card = (out / 'README.md').read_text()
+  assert '- modernbert\n' in card and 'sliding window of 16 tokens' in card
+  assert 'roberta-prelayernorm' not in card and 'ModernBertForMaskedLM' in card
   assert_round_trip(out, tmp_path)

@@ -24,7 +24,7 @@ def _data_cfg(**overrides):
       'pretrain_config', os.path.join(REPO, 'configs', 'pretrain.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = module.get_config('tiny').data
+  cfg = module.get_config('tiny_classic').data
   for name, value in overrides.items():
     setattr(cfg, name, value)
   return cfg
@@ -415,7 +415,7 @@ def test_failed_build_on_bad_input_leaves_earlier_cache_intact(tmp_path, topics_
   data = tmp_path / 'data'
   data.mkdir()
   _write(data / 'topics.txt', topics_corpus.read_bytes())
-  c = pretrain.get_config('tiny')
+  c = pretrain.get_config('tiny_classic')
   c.data.corpus, c.data.cache_dir = f'{data}/*.txt', str(tmp_path / 'cache')
   c.tokenizer.vocab_size, c.train.seq_len = 1000, 64
   for name in ('w1', 'w2', 'w3'):

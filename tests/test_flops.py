@@ -87,7 +87,7 @@ def test_forward_flops_equal_the_matmuls_of_the_lowered_model(name):
 @pytest.fixture(scope='module')
 def tiny_train_step():
   """Returns (lowered train step, encoder config, batch, seq_len, max_predictions) of train.py's step."""
-  c = pretrain.get_config('tiny')
+  c = pretrain.get_config('tiny_classic')
   c.tokenizer.vocab_size, c.train.seq_len, c.train.batch_size = 1000, 64, 8
   c.model.dropout_rate = 0.0
   vocab, length, batch = 1000, 64, 8

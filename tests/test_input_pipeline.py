@@ -408,7 +408,7 @@ def test_runs_started_together_share_the_cleaned_corpus_cache(topics_corpus, tmp
       import json, os, pathlib, sys, time
       from configs import pretrain
       from mlmjax import input_pipeline as ip
-      c = pretrain.get_config('tiny')
+      c = pretrain.get_config('tiny_classic')
       c.data.corpus = {str(topics_corpus)!r}
       while not os.path.exists({str(tmp_path / 'go')!r}):
         time.sleep(0.005)

@@ -419,7 +419,7 @@ def test_cudnn_attention_with_attention_dropout_is_refused_not_bypassed():
   M.EncoderConfig(vocab_size=100, size='tiny', attention_impl='cudnn', dropout_rate=0.1,
                   attention_dropout_rate=0.0)
   from configs import finetune, pretrain  # pylint: disable=g-import-not-at-top
-  for size in ('tiny', 'mini', 'base', 'large'):  # pretraining: no dropout on the probabilities
+  for size in ('tiny_classic', 'mini', 'base', 'large'):  # pretraining: no dropout on the probabilities
     c = pretrain.get_config(size)
     assert c.model.attention_dropout_rate == 0.0
     M.EncoderConfig(vocab_size=100, **{**c.model, 'attention_impl': 'cudnn'})

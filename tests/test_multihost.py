@@ -25,7 +25,7 @@ _CHILD = textwrap.dedent('''
     from mlmjax import input_pipeline, train
 
     args = json.loads(sys.argv[1])
-    c = pretrain.get_config('tiny')
+    c = pretrain.get_config('tiny_classic')
     for key, value in args['config'].items():
       section, name = key.split('.')
       c[section][name] = tuple(tuple(v) for v in value) if key == 'mesh.shape' else value

@@ -15,7 +15,7 @@ from mlmjax import model, optim, train_state
 
 def _optim_cfg(**fields):
   """Returns the tiny config's optim section, linear decay over all steps, with `fields` set."""
-  cfg = pretrain.get_config('tiny').optim
+  cfg = pretrain.get_config('tiny_classic').optim
   cfg.decay, cfg.decay_fraction = 'linear', 0.0
   for key, value in fields.items():
     setattr(cfg, key, value)
@@ -444,7 +444,7 @@ def test_a_decay_fraction_is_the_last_part_of_any_run_length():
   with pytest.raises(ValueError, match='optim.decay_steps=10 and optim.decay_fraction=0.25 both'):
     optim.learning_rate_schedule(_optim_cfg(decay_steps=10, decay_fraction=0.25), 100)
   # tiny's own: warmup 300, the peak until step 2,400, then 1-sqrt to 0 at 3,200.
-  tiny = pretrain.get_config('tiny')
+  tiny = pretrain.get_config('tiny_classic')
   schedule = optim.learning_rate_schedule(tiny.optim, tiny.train.num_steps)
   peak = tiny.optim.learning_rate
   assert _at(schedule, 2400) == pytest.approx(peak) and _at(schedule, 3200) == 0.0

@@ -215,7 +215,7 @@ def test_cli_prints_labels_and_tags(classify_dir, tag_dir, capsys):
 
 @pytest.mark.slow
 def test_mlm_workdir_keeps_fill_mask_and_refuses_task_modes(tmp_path, tokenizer, capsys):
-  config = _shrink(pretrain.get_config('tiny'))
+  config = _shrink(pretrain.get_config('tiny_classic'))
   models = _workdir(tmp_path, config, tokenizer, best=None)
   stored = json.loads((tmp_path / 'config.json').read_text())
   del stored['task']  # a workdir written before fine-tuning existed

@@ -25,7 +25,7 @@ CHILD = """
 import json, sys
 from configs import pretrain
 from mlmjax import train
-c = pretrain.get_config('tiny')
+c = pretrain.get_config('tiny_classic')
 for key, value in json.loads(sys.argv[1]).items():
   section, field = key.rsplit('.', 1)
   setattr(c[section] if section else c, field, value)
@@ -35,9 +35,9 @@ print('SUMMARY ' + json.dumps(train.run(c, sys.argv[2])), flush=True)
 
 
 def _overrides(config) -> dict:
-  """Returns {dotted key: value} where config differs from get_config('tiny')."""
+  """Returns {dotted key: value} where config differs from get_config('tiny_classic')."""
   new = schema.flatten(config.to_dict())
-  base = schema.flatten(pretrain.get_config('tiny').to_dict())
+  base = schema.flatten(pretrain.get_config('tiny_classic').to_dict())
   return {k: v for k, v in new.items() if base.get(k) != v}
 
 

@@ -24,7 +24,7 @@ SHARD_CHARS = 40_000  # the ~330 k characters of the help topics make about 8 tr
 
 def _config(corpus_path, tokenizer_path='', **data):
   """Returns the tiny pretraining config over a small corpus, with small shards."""
-  c = pretrain.get_config('tiny')
+  c = pretrain.get_config('tiny_classic')
   c.data.corpus = str(corpus_path)
   c.data.shard_chars = SHARD_CHARS
   c.data.passage_chars = 3000  # cuts the longest topics, so passages cross shard boundaries

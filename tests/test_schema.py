@@ -48,7 +48,7 @@ def test_encoder_config_from_the_model_section_of_every_variant():
     enc = model.EncoderConfig(vocab_size=c.tokenizer.vocab_size, **c.model)
     assert {k: getattr(enc, k) for k in model.SIZES[c.model.size]} == model.SIZES[c.model.size]
     assert (enc.attention_dropout_rate, enc.dropout_rate) == (0.0, c.model.dropout_rate)
-    arch = {k: c.model[k] for k in model.MODERN} if variant.startswith('modern') else {}
+    arch = {k: c.model[k] for k in model.MODERN} if c.model.size.startswith('modern') else {}
     assert enc == model.encoder_config(c.model.size, vocab_size=c.tokenizer.vocab_size,
                                        dropout_rate=c.model.dropout_rate,
                                        attention_dropout_rate=0.0,

@@ -176,7 +176,7 @@ _SCRIPT = textwrap.dedent('''
 
     rng = np.random.default_rng(0)
     batches = [packed_rows(rng) for _ in range(STEPS)]
-    config = pretrain.get_config('tiny')
+    config = pretrain.get_config('tiny_classic')
     config.tokenizer.vocab_size = VOCAB
     config.train.seq_len, config.train.batch_size, config.train.num_steps = SEQ, BATCH, STEPS
     config.optim.warmup_steps, config.optim.decay = 0, 'constant'

@@ -23,14 +23,14 @@ CHILD = """
 import json, sys
 from configs import pretrain
 from mlmjax import sweep
-base = sweep.apply(pretrain.get_config('tiny'), json.loads(sys.argv[1]))
+base = sweep.apply(pretrain.get_config('tiny_classic'), json.loads(sys.argv[1]))
 sweep.run_sweep(base, json.loads(sys.argv[2]), sys.argv[3])
 """
 
 
 def _overrides(config) -> dict:
-  """Returns {dotted key: value} where config differs from get_config('tiny')."""
-  new, base = run_dirs.flatten(config.to_dict()), run_dirs.flatten(pretrain.get_config('tiny').to_dict())
+  """Returns {dotted key: value} where config differs from get_config('tiny_classic')."""
+  new, base = run_dirs.flatten(config.to_dict()), run_dirs.flatten(pretrain.get_config('tiny_classic').to_dict())
   return {k: v for k, v in new.items() if base.get(k) != v}
 
 
@@ -209,7 +209,7 @@ def test_cli_seeds_dry_run_shards_the_product(tmp_path, capsys):
     assert msg.startswith('error: ') and needle in msg and len(msg.splitlines()) == 1, msg
   assert not workdir.exists()
   # The record of a seeded sweep lists its seeds and is another sweep than the seedless one.
-  record = sweep.run_sweep(sweep.apply(pretrain.get_config('tiny'), {}), [('masking.rate', [0.3])],
+  record = sweep.run_sweep(sweep.apply(pretrain.get_config('tiny_classic'), {}), [('masking.rate', [0.3])],
                            workdir, seeds=[0, 1], dry_run=True, log=lambda _: None)
   assert record['seeds'] == [0, 1] and [r['name'] for r in record['runs']] == [
       'rate=0.3,seed=0', 'rate=0.3,seed=1']
@@ -257,7 +257,7 @@ def test_cli_dry_run_and_errors(tmp_path, capsys):
 
 
 def test_tpu_launch_dry_run_prints_one_command_per_shard():
-  sweep_args = ['--config', 'configs/pretrain.py:tiny', '--grid', 'masking.rate=0.15,0.3,0.4',
+  sweep_args = ['--config', 'configs/pretrain.py:tiny_classic', '--grid', 'masking.rate=0.15,0.3,0.4',
                 '--grid', 'masking.split=(0.8,0.1,0.1),(1,0,0)', '--workdir', 'runs/abl']
   out = subprocess.run(['bash', str(REPO / 'launch' / 'sweep_tpu.sh'), '--zone', 'us-central2-b',
                         '--vms', 'abl-0,abl-1,abl-2', '--dry_run', '--', *sweep_args],

@@ -65,7 +65,7 @@ def test_cli_writes_a_corpus_that_mlm_reads(tmp_path):
   assert written == texts.train_texts(config)
   assert not list(out.parent.glob('*.tmp'))
 
-  d = pretrain.get_config('tiny').data
+  d = pretrain.get_config('tiny_classic').data
   d.corpus, d.min_chars = str(out), 1
   docs, _ = corpus.load_documents(d)
   assert docs == [corpus.clean_document(t) for t in written]

@@ -213,7 +213,7 @@ def test_bad_config_values_name_the_key(tiny_config, tmp_path, key, value, needl
 
 def test_cli_rejects_unknown_key_in_one_line(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
-    train.main(['train', '--config', 'configs/pretrain.py:tiny', '--workdir', str(tmp_path),
+    train.main(['train', '--config', 'configs/pretrain.py:tiny_classic', '--workdir', str(tmp_path),
                 '--config.masking.ratee=0.3'])
   msg = str(e.value.code)
   assert 'ratee' in msg and len(msg.strip().splitlines()) <= 2

@@ -9,7 +9,7 @@ from mlmjax import experiment, model, train_state
 
 
 def test_encoder_config_takes_the_named_size_then_the_non_zero_shape_keys():
-  c = pretrain.get_config('tiny')
+  c = pretrain.get_config('tiny_classic')
   enc = experiment.encoder_config(c, 1234)
   assert enc.vocab_size == 1234 and enc.hidden_size == model.SIZES['tiny']['hidden_size']
   c.model.num_layers = 5
@@ -63,7 +63,7 @@ def test_context_extension_continues_a_rotary_run_at_a_longer_length_and_larger_
   short.model.size = 'modern_tiny'
   short.train.num_steps = 4
   train.run(short, tmp_path / 'short')
-  long = pretrain.get_config('tiny')
+  long = pretrain.get_config('tiny_classic')
   long.data.corpus, long.data.cache_dir = short.data.corpus, short.data.cache_dir
   long.init_from = str(tmp_path / 'short')
   long.train.seq_len, long.train.batch_size, long.train.num_steps = 256, 4, 1

@@ -347,7 +347,7 @@ class MlmTask(Task):
     out = []
     for row in np.asarray(probs)[0, :len(positions)]:
       best = np.argsort(-row)[:top_k]
-      out.append([(display_piece(t.id_to_piece(int(i))), float(row[i])) for i in best])
+      out.append([(display_token(t, i), float(row[i])) for i in best])
     return out
 
   def format_prediction(self, mode, text, result) -> str:
@@ -360,6 +360,18 @@ class MlmTask(Task):
 def display_piece(piece: str) -> str:
   """Returns a piece as a word for display (the sentencepiece word-start mark removed)."""
   return piece.replace('\u2581', ' ').strip() or piece
+
+
+def display_token(tokenizer, i: int) -> str:
+  """Returns token id i as a word for display: BPE ids decoded ('Ġcapital' is 'capital')."""
+  piece = tokenizer.id_to_piece(int(i))
+  if not isinstance(tokenizer, tokenizer_lib.BpeTokenizer):
+    return display_piece(piece)
+  # Byte-level pieces spell bytes as stand-in characters; decoding gives the text. A piece that
+  # holds part of a character's UTF-8 bytes decodes to U+FFFD, and whitespace to nothing: the
+  # piece itself tells those apart.
+  text = tokenizer.decode([int(i)]).strip()
+  return piece if not text or '\ufffd' in text else text
 
 
 # One compiled forward for every text: rows padded to seq_len, [MASK] slots to a multiple of 8.
