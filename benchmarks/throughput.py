@@ -67,6 +67,8 @@ def main() -> None:
   p.add_argument('--dtype', default='', help="override model.dtype ('float32' or 'bfloat16')")
   p.add_argument('--grad_accum_steps', type=int, default=1, help='override train.grad_accum_steps')
   p.add_argument('--remat', default='', help="override model.remat ('full', 'dots', 'dots_no_batch')")
+  p.add_argument('--max_position', type=int, default=0,
+                 help='override model.max_position (learned positions beyond 512 tokens)')
   p.add_argument('--attention_impl', default='', help="override model.attention_impl ('xla', 'cudnn', 'reference', 'splash')")
   args = p.parse_args()
 
@@ -81,6 +83,8 @@ def main() -> None:
     config.train.grad_accum_steps = args.grad_accum_steps
     config.model.remat = args.remat
     config.model.attention_impl = args.attention_impl
+    if args.max_position:
+      config.model.max_position = args.max_position
   b, l, vocab = config.train.batch_size, config.train.seq_len, config.tokenizer.vocab_size
   mesh = sharding.make_mesh(config.mesh)
   exp = experiment.setup(config, None, mesh)  # the step train.run runs, from shapes
