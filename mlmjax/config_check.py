@@ -207,6 +207,16 @@ def check_values(config) -> None:
   if val is not None and test is not None and val + test >= 1:
     raise ValueError(f'task_data.val_fraction={val} + task_data.test_fraction={test} leave no '
                      'training examples; lower them')
+  prepared, mixture = _get(config, 'data.prepared'), _get(config, 'data.mixture')
+  if prepared and mixture:
+    raise ValueError(f'data.prepared={prepared!r} and data.mixture={mixture!r} both name the '
+                     'training data; set one of them')
+  if prepared or mixture:
+    key = 'data.prepared' if prepared else 'data.mixture'
+    for other in ('data.decontaminate.configs', 'tokenizer.extend_pieces'):
+      if _get(config, other):
+        raise ValueError(f'{other}={_get(config, other)!r} does not apply to a prepared build '
+                         f'({key}); clear one of them')
   split = _get(config, 'eval.split')
   if split is not None and (len(split) != 3 or min(split) < 0 or abs(sum(split) - 1) > 1e-6):
     raise ValueError(f'eval.split={tuple(split)} must be three fractions >= 0 that sum to 1 '

@@ -381,7 +381,9 @@ def train_batches(rows: np.ndarray, *, global_batch: int, seed: int, start_step:
                   prefetch: int = 2) -> Iterator[np.ndarray]:
   """Returns an endless iterator of this process's (global_batch // process_count, L) batches.
 
-  The batch of step s is the same whatever start_step the iterator began at.
+  The batch of step s is the same whatever start_step the iterator began at. rows: an (N, L)
+  array, memmap or shards.ShardRows; or an object whose step_rows(step, global_batch=, seed=,
+  process_index=, process_count=) serves each step's rows itself (shards.Mixture).
   """
   if global_batch % process_count:
     raise ValueError(f'train.batch_size={global_batch} must be divisible by the number of '
@@ -394,8 +396,12 @@ def train_batches(rows: np.ndarray, *, global_batch: int, seed: int, start_step:
   spe = steps_per_epoch(num_rows, global_batch)
   local = global_batch // process_count
   perms = {}  # the current epoch's permutation, computed once per epoch
+  step_rows = getattr(rows, 'step_rows', None)
 
   def fetch(step):
+    if step_rows is not None:
+      return step_rows(int(step), global_batch=global_batch, seed=seed,
+                       process_index=process_index, process_count=process_count)
     epoch, offset = divmod(int(step), spe)
     if epoch not in perms:
       perms.clear()

@@ -60,6 +60,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.max_line_chars = 1_000_000  # longer lines are bad input (minified data, dumps)
   c.data.prefetch = 2  # batches tf.data prepares ahead
   c.data.shard_chars = 16_000_000  # mlmjax.prepare: a shard takes documents until it holds this many characters
+  c.data.prepared = ''  # train from this mlmjax.prepare build directory (built there when missing); '' = the token cache
+  c.data.mixture = ''  # train from several prepare builds, 'DIR:WEIGHT,DIR:WEIGHT' (weights normalized); '' = none
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # an existing sentencepiece .model (or WordPiece vocab.txt / tokenizer.json) to use instead of training one

@@ -173,8 +173,8 @@ def _record_start(workdir: pathlib.Path, config, exp, reporter, step0: int, prov
 
 
 def _log_window(window, task, meter: flops.Meter, progress: _Progress, step: int, num_steps: int,
-                epoch: float, where: str, reporter, log) -> None:
-  """Writes the metrics of a logging window and prints the progress line."""
+                epoch: float, where: str, reporter, log, data_record: dict | None = None) -> None:
+  """Writes the metrics of a logging window (and data_record's) and prints the progress line."""
   host = jax.device_get(window)
   record = _window_record(host, task)
   if not math.isfinite(record['train/loss']) and host['steps'] > 0:  # skipped steps count 0
@@ -189,7 +189,8 @@ def _log_window(window, task, meter: flops.Meter, progress: _Progress, step: int
   record.update({k: v for k, v in timing.items() if k != 'eta_s'},
                 **{'train/skipped_batches': float(progress.skipped_batches),
                    'train/epoch': epoch},
-                **{f'train/{name}': getattr(progress, name) for name in _COUNTS})
+                **{f'train/{name}': getattr(progress, name) for name in _COUNTS},
+                **(data_record or {}))
   reporter.write(step, record)
   log(f'step {step}/{num_steps} | {task.progress_text(record)} | '
       f'{record["train/tokens_per_s"] / 1e3:.1f}k tok/s | MFU {record["train/mfu"]:.1%} | '
@@ -262,6 +263,15 @@ class _Segments:
     e = self.exp_of(self.index_at(step))
     return self.stream_step(step) / input_pipeline.steps_per_epoch(
         len(e.data.train), e.config.train.batch_size)
+
+  def mix_shares(self, first: int, end: int) -> dict[str, float]:
+    """Returns {train/mix/<source>: its share of the rows of steps first..end-1} (data.mixture)."""
+    e = self.exp_of(self.index_at(first))
+    rows, batch = e.data.train, e.config.train.batch_size
+    if not hasattr(rows, 'shares'):
+      return {}
+    shares = rows.shares(self.stream_step(first) * batch, (end - first) * batch, e.config.seed)
+    return {f'train/mix/{name}': float(v) for name, v in zip(rows.names, shares)}
 
   def batches(self, step: int, seed: int, prefetch: int):
     """Returns the iterator of batches from step to the end of its segment."""
@@ -405,7 +415,8 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
     _record_start(workdir, config, exp, reporter, step0, prov, log)
     if step0 == 0 and config.ckpt.keep_every:  # milestones start with the initial weights
       ckpts.save(0, state, _meta(exp, 0, progress, None, t_start, segs.position(0)))
-    step, window, pending = step0, None, []  # pending: per-step `nonfinite` flags on the device
+    # pending: per-step `nonfinite` flags on the device; window_from: the window's first step
+    step, window, window_from, pending = step0, None, step0, []
 
     def meta_of(step):
       return _meta(exp, step, progress, window, t_start, segs.position(step), meter)
@@ -464,6 +475,8 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
         state, sums = seg_exp.train_step(state, sharding.global_batch(next(batches), mesh),
                                          seed_key)
         pending.append(sums['nonfinite'])
+        if window is None:
+          window_from = step
         window = sums if window is None else jax.tree.map(jnp.add, window, sums)
         step += 1
         meter.steps += 1
@@ -480,7 +493,7 @@ def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
           pending = []
         if log_now:
           _log_window(window, task, meter, progress, step, num_steps, segs.epoch(step),
-                      ckpts.where(), reporter, log)
+                      ckpts.where(), reporter, log, segs.mix_shares(window_from, step))
           window = None
         if step % config.eval.every_steps == 0 or step == num_steps:
           eval_record = run_eval(step)

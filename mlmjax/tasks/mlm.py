@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from mlmjax import corpus, input_pipeline, losses, masking, model, pmi, tokenizer_report
-from mlmjax import train_step
+from mlmjax import shards, train_step
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax.tasks import mlm_eval, texts
 from mlmjax.tasks.base import Task, TaskData
@@ -155,7 +155,10 @@ class MlmTask(Task):
 
   def prepare(self, workdir) -> TaskData:
     config = self.config
-    if self.cache is None:
+    if self.cache is None and (config.data.prepared or config.data.mixture):
+      prepared = shards.prepared_data(config, workdir, log=self.log, adapt=self.adapt)
+      self.tokenizer, self.cache = prepared.tokenizer, prepared.cache
+    elif self.cache is None:
       exclude = texts.eval_texts(config.data.decontaminate.configs)
       prepared = input_pipeline.prepare_data(config, workdir, exclude_texts=exclude, log=self.log,
                                              adapt=self.adapt)
