@@ -18,6 +18,7 @@ from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from mlmjax import convert, corpus, hf_models, model, model_card, predict, train, train_state  # pylint: disable=wrong-import-position
 from mlmjax import tokenizer as tok  # pylint: disable=wrong-import-position
 from mlmjax.tasks import mlm  # pylint: disable=wrong-import-position
+from tests.test_convert import assert_round_trip  # pylint: disable=wrong-import-position
 
 TOL = 1e-4  # float32 on both sides: differences are summation order only
 PAD, CLS, SEP = 0, 1, 2  # the random checkpoints' layout ids
@@ -423,18 +424,6 @@ def assert_same_fill_mask(run, ref, hf_tok, texts) -> float:
         f'transformers gives the padding rows at most {padding_mass:.2e} of the probability')
   assert worst <= TOL
   return worst
-
-
-def assert_round_trip(out: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
-  """Imports an export and exports it again: every file of both exports is byte-identical."""
-  work = tmp_path / 'reimported'
-  convert.import_hf(out, work, log=lambda s: None)
-  again = convert.export_hf(work, tmp_path / 'reexported', log=lambda s: None)
-  names = sorted(p.name for p in out.iterdir())
-  assert names == sorted(p.name for p in again.iterdir())
-  for name in names:
-    assert (out / name).read_bytes() == (again / name).read_bytes(), name
-  return work
 
 
 @pytest.mark.slow
