@@ -99,7 +99,9 @@ def assert_parity(mask, got, want, what: str) -> tuple[float, float]:
   return diff_h, diff_l
 
 
-@pytest.mark.parametrize('name', list(SHAPES))
+# The second shape (biases, untied) runs in the slow tier: the fast tier keeps one of each check.
+@pytest.mark.parametrize('name', [pytest.param(n, marks=[pytest.mark.slow] if i else [])
+                                  for i, n in enumerate(SHAPES)])
 def test_import_matches_transformers_and_exports_the_same_tensors(tmp_path, name):
   d = modern_dir(tmp_path, SHAPES[name])
   hf_cfg = json.loads((d / 'config.json').read_text())
@@ -145,8 +147,9 @@ def random_params(enc_cfg, seed: int = 0) -> dict:
 
 @pytest.mark.parametrize('overrides', [
     dict(vocab_multiple=16),  # model.MODERN: no biases, global every 3rd layer, padded rows
-    dict(use_bias=True, norm_bias=True, global_every=1, local_window=0, tie_embeddings=False,
-         rope_theta=20_000.0)], ids=['modern', 'biases_global_untied'])
+    pytest.param(dict(use_bias=True, norm_bias=True, global_every=1, local_window=0,
+                      tie_embeddings=False, rope_theta=20_000.0), marks=pytest.mark.slow)],
+    ids=['modern', 'biases_global_untied'])
 def test_export_of_a_modern_model_loads_in_transformers_and_computes_the_same(tmp_path, overrides):
   enc_cfg = model.EncoderConfig(vocab_size=90, hidden_size=32, num_layers=3, num_heads=2,
                                 intermediate_size=48, **{**model.MODERN, 'local_window': 8,

@@ -401,6 +401,7 @@ def test_eval_batches():
     ip.eval_batches(rows, batch_size=0)
 
 
+@pytest.mark.slow
 def test_runs_started_together_share_the_cleaned_corpus_cache(topics_corpus, tmp_path):
   # Four processes clean the same corpus at once into one cache root; each must finish, and the
   # file they leave must be whole (one temporary file per writer, renamed into place).

@@ -80,7 +80,7 @@ def test_a_local_layer_ignores_tokens_outside_its_window_and_a_global_layer_sees
   x = jnp.asarray(np.random.default_rng(4).normal(size=(1, length, cfg.hidden_size)), jnp.float32)
   doc = jnp.ones((1, length), jnp.int32)
   pos = jnp.arange(length)[None]
-  grad = jax.grad(lambda x: block(x, doc, pos, None)[0, query].sum())(x)
+  grad = jax.jit(jax.grad(lambda x: block(x, doc, pos, None)[0, query].sum()))(x)
   reach = np.abs(np.asarray(grad[0])).sum(-1)
   far = np.abs(np.arange(length) - query) > cfg.local_window // 2
   if local:
@@ -90,15 +90,21 @@ def test_a_local_layer_ignores_tokens_outside_its_window_and_a_global_layer_sees
     assert (reach > 0).all()
 
 
+@functools.lru_cache(maxsize=None)
+def _params():
+  """Returns the parameters every attention path is run with (the paths hold no parameters)."""
+  model = M.BertForMLM(modern_config(attention_dropout_rate=0.0), rngs=nnx.Rngs(5))
+  return nnx.split(model)[1]
+
+
 def _loss_and_grads(impl: str, tokens: np.ndarray, positions: np.ndarray):
-  model = M.BertForMLM(modern_config(attention_impl=impl, attention_dropout_rate=0.0),
-                       rngs=nnx.Rngs(5))
-  graphdef, params = nnx.split(model)
+  config = modern_config(attention_impl=impl, attention_dropout_rate=0.0)
+  graphdef = nnx.split(nnx.eval_shape(lambda: M.BertForMLM(config, rngs=nnx.Rngs(5))))[0]
 
   def loss(params):
     logits = nnx.merge(graphdef, params)(jnp.asarray(tokens), jnp.asarray(positions))
     return -jax.nn.log_softmax(logits)[..., 7].mean()
-  return jax.jit(jax.value_and_grad(loss))(params)
+  return jax.jit(jax.value_and_grad(loss))(_params())
 
 
 def _assert_same(got, want):
@@ -111,8 +117,8 @@ def test_xla_attention_paths_give_the_reference_loss_and_gradients():
   tokens = packed_rows(32)
   positions = np.array([[1, 5, 14, 20], [2, 8, 17, 22]])  # real tokens only
   want = _loss_and_grads('reference', tokens, positions)
-  for impl in ('', 'xla'):
-    _assert_same(_loss_and_grads(impl, tokens, positions), want)
+  # '' is 'xla' without attention dropout: XLA is the only implementation jax chooses today.
+  _assert_same(_loss_and_grads('xla', tokens, positions), want)
 
 
 @pytest.mark.slow

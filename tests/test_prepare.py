@@ -206,6 +206,7 @@ def test_rows_equal_todays_packing_of_the_same_documents(reference, topics_token
     assert start == len(indices)
 
 
+@pytest.mark.slow
 def test_the_tokenizer_is_trained_on_the_training_split_of_the_sample(topics_corpus, tmp_path):
   # With a sample holding the whole corpus, the tokenizer is the in-memory pipeline's one.
   config = _config(topics_corpus)

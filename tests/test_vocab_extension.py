@@ -77,7 +77,7 @@ def test_sources_refuses_a_tokenizer_that_is_not_an_extension(topics_tokenizer, 
     vocab_extension.sources(other, topics_tokenizer)
 
 
-@pytest.mark.parametrize('tie', [True, False])
+@pytest.mark.parametrize('tie', [pytest.param(True, marks=pytest.mark.slow), False])
 def test_extended_model_computes_what_the_original_did_on_old_ids(topics_tokenizer, extension,
                                                                   topics_corpus, tie):
   base_v, ext_v = topics_tokenizer.vocab_size, extension.tokenizer.vocab_size
