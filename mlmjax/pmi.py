@@ -1,4 +1,4 @@
-"""PMI n-gram vocabulary for PMI masking (Levine et al., 2021), built once from the token cache."""
+"""PMI n-gram vocabulary for PMI masking (Levine et al., 2021), built once from training rows."""
 
 import hashlib
 import itertools
@@ -128,10 +128,17 @@ def build_pmi_vocab(rows: np.ndarray, special_mask: np.ndarray, *, max_n: int = 
 
 def load_or_build_pmi_vocab(cache_root: str | os.PathLike, cache_key: str, rows: np.ndarray,
                             special_mask: np.ndarray, *, min_count: int, size: int,
+                            sample: dict | None = None,
                             log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Returns the PMI vocabulary of a token cache, built once and stored beside it (atomically)."""
-  digest = hashlib.sha256(f'{FORMAT}|{cache_key}|{min_count}|{size}'.encode()).hexdigest()[:16]
-  path = pathlib.Path(cache_root) / f'pmi-{digest}.npz'
+  """Returns the PMI vocabulary of rows, built once and stored beside the token cache (atomically).
+
+  sample: what rows are (shards.sample_rows's dict); its size and seed are part of the file's key.
+  """
+  drawn = ''  # every row: the key the vocabulary had before samples
+  if sample is not None and sample['rows'] < sample['train_rows']:
+    drawn = f'|{sample["rows"]}|{sample["seed"]}'
+  digest = hashlib.sha256(f'{FORMAT}|{cache_key}|{min_count}|{size}{drawn}'.encode()).hexdigest()
+  path = pathlib.Path(cache_root) / f'pmi-{digest[:16]}.npz'
   if path.exists():
     try:
       with np.load(path) as f:
@@ -140,8 +147,13 @@ def load_or_build_pmi_vocab(cache_root: str | os.PathLike, cache_key: str, rows:
       log(f'WARNING: PMI vocabulary {path} is unreadable ({e}); rebuilding it')
   vocab = build_pmi_vocab(rows, special_mask, min_count=min_count, size=size)
   by_n = {int(n): int((vocab['length'] == n).sum()) for n in np.unique(vocab['length'])}
+  counted = f'{len(rows):,} rows'
+  if sample is not None:
+    s = sample
+    counted = (f'{s["rows"]:,} of {s["train_rows"]:,} train rows ({100 * s["fraction"]:.1f}%, '
+               f'{s["tokens"]:,} tokens, seed {s["seed"]})')
   log(f'PMI vocabulary: {len(vocab["hash1"])} n-grams (by length {by_n}; count >= {min_count}) '
-      f'-> {path}')
+      f'from {counted} -> {path}')
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp.npz')
   np.savez(tmp, **vocab)

@@ -62,6 +62,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.shard_chars = 16_000_000  # mlmjax.prepare: a shard takes documents until it holds this many characters
   c.data.prepared = ''  # train from this mlmjax.prepare build directory (built there when missing); '' = the token cache
   c.data.mixture = ''  # train from several prepare builds, 'DIR:WEIGHT,DIR:WEIGHT' (weights normalized); '' = none
+  c.data.side_table_tokens = 10_000_000  # token slots (rows x seq_len) of the seeded uniform sample of training rows the n-gram baselines and PMI count; 0 = all rows
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # an existing sentencepiece .model (or WordPiece vocab.txt / tokenizer.json) to use instead of training one
@@ -87,7 +88,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.masking.span.max = 10  # span: longest span
   c.masking.span.words = True  # span: lengths count whole words (SpanBERT), not tokens
   c.masking.pmi = ml_collections.ConfigDict()
-  c.masking.pmi.vocab_size = 10_000  # pmi: n-grams (n = 2..5) with the highest PMI_n, from the token cache
+  c.masking.pmi.vocab_size = 10_000  # pmi: n-grams (n = 2..5) with the highest PMI_n, from data.side_table_tokens's sample
   c.masking.pmi.min_count = 10  # pmi: n-grams seen fewer times are not scored
   c.masking.schedule = ml_collections.ConfigDict()
   c.masking.schedule.kind = 'constant'  # 'constant', 'linear', 'cosine' (rate -> end) or 'step'

@@ -12,6 +12,9 @@ mixing block t // MIX_BLOCK; each block holds every source's quota of its MIX_BL
 j is the next row of j's own stream, which reads j's rows in a fresh permutation each epoch
 (seeded by seed, j and the epoch): every row of a source once per epoch of that source, and
 all of it a pure function of (seed, t). docs/data.md has the commands.
+
+The side tables (the n-gram baselines, the PMI vocabulary) read sample_rows: a seeded uniform
+sample of a bounded number of training rows (a mixture's in its weights), read in chunks.
 """
 
 import collections
@@ -44,7 +47,8 @@ def _max_open() -> int:
 # Each mapped file holds a file descriptor. A batch reads from up to B files, so tables of more
 # files than this re-map some at every step (about 20 us each); the least recently read go.
 _MAX_OPEN = _max_open()
-_ORDER, _STREAM = 0, 1  # seed words of a block's source order and of a source's epochs
+_ORDER, _STREAM, _SIDE = 0, 1, 2  # seed words: a block's source order, a source's epochs, samples
+SAMPLE_CHUNK = 8192  # rows sample_rows reads at a time
 
 
 class ShardRows:
@@ -289,8 +293,8 @@ def quotas(weights: Sequence[float], total: int) -> np.ndarray:
 class Mixture:
   """Training rows drawn from several builds by weight; step_rows serves the rows of a step.
 
-  Read as a table (rows[i], np.asarray: the n-gram baselines, PMI), it is its sources' rows one
-  after another.
+  Read as a table (rows[i], np.asarray), it is its sources' rows one after another; sample_ids
+  draws from it in the weights' proportions.
   """
 
   ndim = 2
@@ -383,6 +387,15 @@ class Mixture:
         out[sel] = source.take(rows[sel])
     return out
 
+  def sample_ids(self, count: int, seed: int) -> np.ndarray:
+    """Returns sorted table rows: each source's quota of count, uniform (all of a small source)."""
+    starts = np.cumsum([0] + [len(s) for s in self.sources])
+    ids = []
+    for j, (source, quota) in enumerate(zip(self.sources, quotas(self.quotas, count).tolist())):
+      rng = np.random.default_rng([seed, _SIDE, j])
+      ids.append(starts[j] + np.sort(_draw(rng, len(source), quota)))
+    return np.concatenate(ids)
+
   def shares(self, first: int, count: int, seed: int) -> np.ndarray:
     """Returns the share of each source among global rows first .. first + count - 1."""
     labels, _ = self.sources_of(first, count, seed)
@@ -395,13 +408,47 @@ def _names(directories: Sequence[str]) -> list[str]:
   return [n if names.count(n) == 1 else f'{i}_{n}' for i, n in enumerate(names)]
 
 
+def mixture_names(text: str) -> list[str]:
+  """Returns the source names of data.mixture: what train/mix/* and eval/<name>/* are called."""
+  return _names([d for d, _ in parse_mixture(text)])
+
+
+class Interleaved:
+  """Several tables' rows interleaved one at a time (a, b, a, b, ..., then the longer one's rest)."""
+
+  ndim = 2
+  dtype = np.dtype(np.int32)
+
+  def __init__(self, tables: Sequence[ShardRows]):
+    self.base = concat(tables)
+    counts = np.array([len(t) for t in tables], np.int64)
+    labels = np.repeat(np.arange(len(tables), dtype=np.int32), counts)
+    within = np.arange(len(labels)) - np.repeat(np.cumsum(counts) - counts, counts)
+    self.order = np.lexsort((labels, within))  # by place within its table, then by table
+    self.sources = labels[self.order]  # the table of each row
+    self.shape = self.base.shape
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, key) -> np.ndarray:
+    if isinstance(key, (int, np.integer)):
+      return self.base.take([self.order[key]])[0]
+    return self.base.take(self.order[key])
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    del copy  # always a new array
+    rows = self[:]
+    return rows if dtype is None else rows.astype(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class MixedBuild:
   """The builds of data.mixture opened for training (read like input_pipeline.TokenCache)."""
   key: str
   tokenizer: tokenizer_lib.TokenizerBase
   train_rows: Mixture
-  val_rows: ShardRows  # the builds' validation rows one after another
+  val_rows: Interleaved  # the builds' validation rows, one of each in turn
   stats: dict
 
 
@@ -427,4 +474,52 @@ def open_mixture(text: str, seq_len: int, *, log: Callable[[str], None] = print)
            'tokenizer_fingerprint': builds[0].tokenizer.fingerprint,
            'vocab_size': builds[0].tokenizer.vocab_size,
            'train': {'rows': len(mix)}, 'val': {'rows': sum(len(b.val_rows) for b in builds)}}
-  return MixedBuild(key, builds[0].tokenizer, mix, concat([b.val_rows for b in builds]), stats)
+  return MixedBuild(key, builds[0].tokenizer, mix, Interleaved([b.val_rows for b in builds]), stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Side tables: a bounded sample of the training rows
+
+
+def _draw(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
+  """Returns count of range(n) drawn uniformly without replacement (all of them when count >= n)."""
+  if count >= n:
+    return np.arange(n, dtype=np.int64)
+  return rng.choice(n, size=count, replace=False).astype(np.int64)
+
+
+def sample_ids(rows, max_rows: int, seed: int) -> np.ndarray:
+  """Returns the sorted row indices of sample_rows: all rows when max_rows is 0 or >= len(rows)."""
+  n = len(rows)
+  if not max_rows or max_rows >= n:
+    return np.arange(n, dtype=np.int64)
+  if isinstance(rows, Mixture):
+    return rows.sample_ids(max_rows, seed)
+  return np.sort(_draw(np.random.default_rng([seed, _SIDE]), n, max_rows))
+
+
+def sample_rows(rows, max_rows: int, seed: int, *,
+                chunk_rows: int = SAMPLE_CHUNK) -> tuple[np.ndarray, dict]:
+  """Returns ((n, L) int32 rows drawn uniformly without replacement, what was drawn).
+
+  rows: a table (ShardRows, a Mixture, an array or memmap); a Mixture's sample holds each source's
+  share of its weights (all the rows of a source smaller than its share). Indices are sorted, so
+  each shard is read in one sweep, chunk_rows at a time: only the sample is held in memory.
+  The dict: rows, tokens (not padding), train_rows, fraction, seed.
+  """
+  ids = sample_ids(rows, max_rows, seed)
+  out = np.empty((len(ids), rows.shape[1]), np.int32)
+  for lo in range(0, len(ids), chunk_rows):
+    out[lo:lo + chunk_rows] = rows[ids[lo:lo + chunk_rows]]
+  n = len(rows)
+  info = {'rows': len(ids), 'tokens': int(np.count_nonzero(out != tokenizer_lib.PAD_ID)),
+          'train_rows': n, 'fraction': len(ids) / n if n else 0.0, 'seed': int(seed)}
+  return out, info
+
+
+def describe_sample(info: dict) -> str:
+  """Returns the sample of sample_rows in a few words for the log."""
+  if info['rows'] == info['train_rows']:
+    return f'all {info["rows"]:,} train rows ({info["tokens"]:,} tokens)'
+  return (f'{info["rows"]:,} sampled train rows ({100 * info["fraction"]:.1f}% of '
+          f'{info["train_rows"]:,}; {info["tokens"]:,} tokens; seed {info["seed"]})')

@@ -296,26 +296,129 @@ def test_each_source_serves_every_row_once_per_its_own_epoch(mix):
     assert not np.array_equal(first, second)
 
 
-def test_open_mixture_checks_its_builds(build, other, tmp_path, topics_corpus):
+@pytest.fixture(scope='module')
+def small(build, tmp_path_factory, topics_corpus):
+  """Returns the directory of a second, smaller build with the build's tokenizer (about 0.5 s)."""
   _, out, _ = build
-  small = _config(topics_corpus, out / 'tokenizer.model', max_documents=400)
-  prepare.build(small, tmp_path / 'small', workers=1, log=_quiet)
-  got = shards.open_mixture(f'{out}:3,{tmp_path / "small"}:1', SEQ_LEN, log=_quiet)
-  a, b = shards.open_build(out, SEQ_LEN), shards.open_build(tmp_path / 'small', SEQ_LEN)
-  assert got.train_rows.names == [out.name, 'small']
+  directory = tmp_path_factory.mktemp('mix') / 'small'
+  config = _config(topics_corpus, out / 'tokenizer.model', max_documents=400)
+  prepare.build(config, directory, workers=1, log=_quiet)
+  return directory
+
+
+def test_open_mixture_checks_its_builds(build, small, other, tmp_path):
+  _, out, _ = build
+  got = shards.open_mixture(f'{out}:3,{small}:1', SEQ_LEN, log=_quiet)
+  a, b = shards.open_build(out, SEQ_LEN), shards.open_build(small, SEQ_LEN)
+  assert got.train_rows.names == [out.name, 'small'] == shards.mixture_names(f'{out}:3,{small}:1')
   assert got.train_rows.quotas[0] == 3 * got.train_rows.quotas[1]
   assert len(got.train_rows) == len(a.train_rows) + len(b.train_rows)
-  np.testing.assert_array_equal(np.asarray(got.val_rows),
-                                np.concatenate([np.asarray(a.val_rows), np.asarray(b.val_rows)]))
-  assert got.key != shards.open_mixture(f'{out}:1,{tmp_path / "small"}:1', SEQ_LEN, log=_quiet).key
+  # Validation rows alternate a, b, a, b, ... until the smaller build runs out, then the rest.
+  va, vb = np.asarray(a.val_rows), np.asarray(b.val_rows)
+  n = min(len(va), len(vb))
+  assert n > 0 and len(va) != len(vb)
+  both = np.stack([va[:n], vb[:n]], axis=1).reshape(2 * n, -1)
+  rest = va[n:] if len(va) > n else vb[n:]
+  np.testing.assert_array_equal(np.asarray(got.val_rows), np.concatenate([both, rest]))
+  np.testing.assert_array_equal(got.val_rows[2 * n - 1:2 * n + 1], np.stack([vb[n - 1], rest[0]]))
+  assert got.val_rows.sources.tolist() == [0, 1] * n + [int(len(vb) > n)] * len(rest)
+  assert got.key != shards.open_mixture(f'{out}:1,{small}:1', SEQ_LEN, log=_quiet).key
   copy = tmp_path / 'copy'
-  shutil.copytree(tmp_path / 'small', copy)
+  shutil.copytree(small, copy)
   shutil.copy(other.model_path, copy / 'tokenizer.model')
   manifest = json.loads((copy / 'manifest.json').read_text())
   manifest['tokenizer']['fingerprint'] = other.fingerprint
   (copy / 'manifest.json').write_text(json.dumps(manifest))
   with pytest.raises(ValueError, match='data.mixture: .* have different tokenizers'):
     shards.open_mixture(f'{out}:1,{copy}:1', SEQ_LEN, log=_quiet)
+
+
+# ---------------------------------------------------------------------------------------------
+# The side tables' sample
+
+
+class _Reads:
+  """A table that records the indices each read asks for."""
+
+  def __init__(self, table):
+    self.table, self.shape, self.reads = table, table.shape, []
+
+  def __len__(self):
+    return len(self.table)
+
+  def __getitem__(self, idx):
+    self.reads.append(np.asarray(idx))
+    return self.table[idx]
+
+
+def test_the_side_table_sample_is_uniform_over_the_shards_and_reads_only_itself(tmp_path):
+  counts = [1_000] * 10
+  table = _id_table(tmp_path, counts)  # row i holds i
+  n, total = 2_000, sum(counts)
+  reads = _Reads(table)
+  rows, info = shards.sample_rows(reads, n, seed=3, chunk_rows=300)
+  ids = rows[:, 0].astype(np.int64)
+  assert info == {'rows': n, 'tokens': int((rows != 0).sum()), 'train_rows': total,
+                  'fraction': n / total, 'seed': 3}
+  assert len(np.unique(ids)) == n and (np.diff(ids) > 0).all()  # sorted, without replacement
+  np.testing.assert_array_equal(np.concatenate(reads.reads), ids)  # the sample is all that is read
+  assert max(len(r) for r in reads.reads) == 300
+  # Rows per shard are hypergeometric: mean n/10, variance n p (1-p) (N-n)/(N-1) with p = 1/10.
+  per_shard = np.bincount(ids // 1_000, minlength=10)
+  sd = math.sqrt(n * 0.1 * 0.9 * (total - n) / (total - 1))
+  assert np.abs(per_shard - n / 10).max() <= 5 * sd
+  # So is the count below any cut, whatever the shards.
+  for cut in (1_234, 5_000, 8_765):
+    p = cut / total
+    assert abs((ids < cut).sum() - n * p) <= 5 * math.sqrt(n * p * (1 - p))
+  again, _ = shards.sample_rows(table, n, seed=3)
+  np.testing.assert_array_equal(again, rows)
+  assert not np.array_equal(shards.sample_rows(table, n, seed=4)[0], rows)
+  whole, info = shards.sample_rows(table, 0, seed=3)  # 0: every row
+  np.testing.assert_array_equal(whole, np.asarray(table))
+  assert info['fraction'] == 1.0 and shards.describe_sample(info).startswith('all 10,000')
+
+
+def test_a_mixtures_side_table_sample_holds_its_weights(tmp_path):
+  mix = shards.Mixture([_id_table(tmp_path / 'a', [300, 400]),
+                        _id_table(tmp_path / 'b', [300], first=1000)], [0.5, 0.5], ['a', 'b'])
+  rows, info = shards.sample_rows(mix, 400, seed=0)
+  ids = rows[:, 0]
+  assert (ids < 1000).sum() == 200 and info['rows'] == 400  # by weight, not by size (700/300)
+  assert len(np.unique(ids)) == 400
+  rows, _ = shards.sample_rows(mix, 800, seed=0)  # b holds 300 < 400: all of them
+  assert (rows[:, 0] >= 1000).sum() == 300 and (rows[:, 0] < 1000).sum() == 400
+
+
+def test_side_tables_count_exactly_the_sampled_rows(build, tmp_path):
+  """The MLM task's baselines and PMI vocabulary are those of the sample's rows, none other."""
+  from mlmjax import pmi  # pylint: disable=g-import-not-at-top
+  from mlmjax.tasks import mlm, mlm_eval  # pylint: disable=g-import-not-at-top
+  config, out, _ = build
+  opened = shards.open_build(out, SEQ_LEN)
+  c = config.copy_and_resolve_references()
+  c.data.side_table_tokens, c.data.cache_dir = 300 * SEQ_LEN + SEQ_LEN - 1, str(tmp_path / 'cache')
+  c.masking.strategy, c.masking.pmi.min_count = 'pmi', 2
+  lines = []
+  task = mlm.MlmTask(c, opened.tokenizer, lines.append, cache=opened)
+  data = task.prepare(tmp_path / 'workdir')
+  ids = shards.sample_ids(opened.train_rows, 300, c.seed)
+  shard = np.searchsorted(opened.train_rows.starts, ids, side='right') - 1
+  assert len(np.unique(shard)) == len(opened.train_rows.files) >= 4  # every shard, not a prefix
+  rows = np.asarray(opened.train_rows)[ids]
+  unigram, successor = mlm_eval.baseline_tables(rows, opened.tokenizer.vocab_size,
+                                                opened.tokenizer.special_mask)
+  assert task.unigram == unigram
+  np.testing.assert_array_equal(task.successor, successor)
+  vocab = pmi.build_pmi_vocab(rows, opened.tokenizer.special_mask, min_count=2,
+                              size=c.masking.pmi.vocab_size)
+  np.testing.assert_array_equal(np.asarray(task.tables.pmi_hash1), vocab['hash1'])
+  side = data.stats['side_tables']
+  assert side['rows'] == 300 and side['train_rows'] == len(opened.train_rows)
+  assert side['tokens'] == int((rows != 0).sum())
+  text = '\n'.join(lines)
+  assert 'n-gram baselines and PMI vocabulary: 300 sampled train rows' in text
+  assert f'from 300 of {len(opened.train_rows):,} train rows' in text  # the PMI line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,21 +449,35 @@ def test_a_resumed_run_from_a_build_ends_bitwise_where_an_uninterrupted_one_does
 
 
 @pytest.mark.slow
-def test_a_mixture_run_logs_its_realised_shares(build, make_tiny_config, tmp_path, topics_corpus):
+def test_a_mixture_run_logs_its_realised_shares_and_each_sources_validation(
+    build, small, make_tiny_config, tmp_path):
   _, out, _ = build
-  small = _config(topics_corpus, out / 'tokenizer.model', max_documents=400)
-  prepare.build(small, tmp_path / 'small', workers=1, log=_quiet)
   c = make_tiny_config()
-  c.data.mixture = f'{out}:0.7,{tmp_path / "small"}:0.3'
+  c.data.mixture = f'{out}:0.7,{small}:0.3'
   c.train.num_steps, c.train.log_every_steps = 4, 2
   c.ckpt.every_steps = c.eval.every_steps = 100
-  train.run(c, tmp_path / 'run')
+  c.eval.num_batches = 1  # one batch reaches both builds: their rows alternate
+  summary = train.run(c, tmp_path / 'run')
   lines = (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()
   records = [json.loads(line) for line in lines]
   shares = [(r[f'train/mix/{out.name}'], r['train/mix/small']) for r in records
             if 'train/loss' in r]
   assert len(shares) == 2
-  mix = shards.open_mixture(c.data.mixture, SEQ_LEN, log=_quiet).train_rows
+  opened = shards.open_mixture(c.data.mixture, SEQ_LEN, log=_quiet)
   for k, (a, b) in enumerate(shares):
     assert a + b == pytest.approx(1.0)
-    assert a == pytest.approx(mix.shares(k * 16, 16, seed=c.seed)[0])  # 2 steps of 8 rows
+    assert a == pytest.approx(opened.train_rows.shares(k * 16, 16, seed=c.seed)[0])  # 2 steps of 8
+  # The pooled figures are sums over the sources' rows: predictions add up, and so do the loss,
+  # accuracy and baseline sums (each figure times its denominator).
+  ev = [r for r in records if 'eval/loss' in r][-1]
+  names = (out.name, 'small')
+  pred = [ev[f'eval/{n}/predictions'] for n in names]
+  assert all(p > 0 for p in pred) and sum(pred) == ev['eval/predictions']
+  for metric in ('loss', 'accuracy'):
+    pooled = ev[f'eval/{metric}'] * ev['eval/predictions']
+    assert sum(ev[f'eval/{n}/{metric}'] * p for n, p in zip(names, pred)) == pytest.approx(
+        pooled, rel=1e-5)
+  assert all(f'eval/{n}/{k}' in ev for n in names for k in (
+      'accuracy_at_mask', 'accuracy_at_random', 'baseline_bigram_accuracy_at_mask'))
+  assert summary[f'eval/{out.name}/loss'] == ev[f'eval/{out.name}/loss']
+  assert summary['data']['side_tables']['rows'] == len(opened.train_rows)  # under the default

@@ -196,6 +196,43 @@ def test_baseline_accuracies_match_numpy_on_the_same_masks(setup, metrics):
   assert hits_bi > 3 * max(hits_uni, 1.0)
 
 
+def test_row_groups_follow_the_eval_batches():
+  labels = [0, 2, 0, 2, 0, 2, 0, 0]
+  groups = evaluate.row_groups(labels, batch_size=3)
+  assert [g.tolist() for g in groups] == [[0, 2, 0], [2, 0, 2], [0, 0, -1]]  # -1: padding rows
+  assert len(evaluate.row_groups(labels, batch_size=3, num_batches=2)) == 2
+  assert all(g.dtype == np.int32 for g in groups)
+
+
+def test_each_groups_sums_add_up_to_the_pooled_ones_at_the_same_masks(setup, metrics):
+  _, params, batches, unigram, successor = setup
+  enc_cfg = model.encoder_config('tiny', vocab_size=VOCAB, max_position=SEQ, dropout_rate=0.0,
+                                 attention_dropout_rate=0.0)
+  graphdef = nnx.split(nnx.eval_shape(lambda: model.BertForMLM(enc_cfg, rngs=nnx.Rngs(0))),
+                       nnx.Param)[0]
+  step = evaluate.make_eval_step(graphdef, _eval_spec(), num_groups=3)
+  counts = [130, 0, 190]  # group 1 has no rows; group 0 ends inside a batch
+  groups = evaluate.row_groups(np.repeat([0, 1, 2], counts), batch_size=BATCH)
+  kw = dict(seed=1234, unigram=unigram, successor=successor)
+  out = evaluate.evaluate(step, params, batches, groups=groups,
+                          group_prefixes=['x/a', 'x/b', 'x/c'], **kw)
+  pooled = {k: v for k, v in out.items() if not k.startswith('x/')}
+  assert pooled.keys() == metrics.keys()
+  assert pooled == metrics  # the pooled numbers are those of the step without groups
+  assert 'x/b/loss' not in out and {'x/a/loss', 'x/c/loss', 'x/c/perplexity',
+                                    'x/c/baseline_bigram_accuracy_at_mask'} <= out.keys()
+  sums = evaluate.sum_batches(step, params, batches, groups=groups, **kw)
+  for k in [k for k in sums if '/' not in k]:
+    parts = sum(float(sums[f'g{g}/{k}']) for g in range(3))
+    assert parts == pytest.approx(float(sums[k]), rel=1e-5, abs=1e-6), k
+  # Each group's predictions are the masks' weights on its own rows (rows of group 0 come first).
+  weights = np.concatenate([m.weights.sum(axis=1) for m in _masks(batches, 1234)])
+  assert out['x/a/predictions'] == weights[:130].sum()
+  assert out['x/c/predictions'] == weights[130:].sum()
+  loss = (out['x/a/loss'] * out['x/a/predictions'] + out['x/c/loss'] * out['x/c/predictions'])
+  assert loss / out['predictions'] == pytest.approx(out['loss'], rel=1e-5)
+
+
 def test_empty_validation_split_is_a_clear_error(setup):
   step, params, _, unigram, successor = setup
   with pytest.raises(ValueError, match='data.val_fraction'):

@@ -1,7 +1,9 @@
 """The MLM task: dynamic masking inside the step, validation at fixed masks beside n-gram baselines.
 
 Rows are packed token rows (N, seq_len) from the token cache. With eval.other_corpus set (domain-
-adaptive MLM), a second corpus's held-out rows are evaluated too, logged as eval_<other_name>/...
+adaptive MLM), a second corpus's held-out rows are evaluated too, logged as eval_<other_name>/...;
+with data.mixture, each source's rows of the pooled validation as eval/<source>/... The n-gram
+baselines and the PMI vocabulary count a sample of data.side_table_tokens / seq_len training rows.
 """
 
 import copy
@@ -124,6 +126,10 @@ class MlmTask(Task):
     self.spec = self.eval_spec = self.tables = None
     self.val_batches = []
     self.other = None  # (name, val batches, unigram, successor) of eval.other_corpus
+    # data.mixture: the sources' names and, per validation batch, each row's source (-1: padding)
+    self.sources = shards.mixture_names(config.data.mixture) if config.data.mixture else []
+    self.val_groups = None
+    self.side_sample = None  # what the n-gram baselines and PMI counted (shards.sample_rows)
     self.eval_metrics = self._eval_metrics()
     if tokenizer is not None:
       self._build_specs()
@@ -147,6 +153,7 @@ class MlmTask(Task):
       n = self.config.eval.other_name
       declared += [(f'eval_{n}/loss', f'{n}: loss', '.4f'),
                    (f'eval_{n}/accuracy_at_mask', f'{n}: acc@[MASK]', '.4f')]
+    declared += [(f'eval/{n}/loss', f'{n}: loss', '.4f') for n in self.sources]
     return tuple(declared)
 
   def load_tokenizer(self, workdir) -> None:
@@ -165,12 +172,13 @@ class MlmTask(Task):
       self.tokenizer, self.cache = prepared.tokenizer, prepared.cache
     self._build_specs()
     cache = self.cache
+    sample, self.side_sample = self._side_sample(cache.train_rows)
     pmi_vocab = None
     if self.spec.strategy == 'pmi':
       pmi_vocab = pmi.load_or_build_pmi_vocab(
-          input_pipeline.cache_root(config.data), cache.key, cache.train_rows,
+          input_pipeline.cache_root(config.data), cache.key, sample,
           self.tokenizer.special_mask, min_count=config.masking.pmi.min_count,
-          size=config.masking.pmi.vocab_size, log=self.log)
+          size=config.masking.pmi.vocab_size, sample=self.side_sample, log=self.log)
     self.tables = masking.tables_for(self.spec, self.tokenizer, pmi_vocab)
     self.val_batches = input_pipeline.eval_batches(cache.val_rows, batch_size=config.eval.batch_size,
                                                    num_batches=config.eval.num_batches)
@@ -178,13 +186,38 @@ class MlmTask(Task):
       self.log('WARNING: the validation split is empty; evaluation is skipped (raise data.val_fraction)')
     else:
       self._log_fit('validation', cache.val_rows)
+      if isinstance(cache.val_rows, shards.Interleaved):  # a mixture (shards.MixedBuild)
+        self.sources = list(cache.train_rows.names)
+        self.eval_metrics = self._eval_metrics()
+        self.val_groups = self._source_groups(cache.val_rows.sources)
     self.unigram, self.successor = mlm_eval.baseline_tables(
-        cache.train_rows, self.tokenizer.vocab_size, self.tokenizer.special_mask)
+        sample, self.tokenizer.vocab_size, self.tokenizer.special_mask)
+    del sample
     if config.eval.other_corpus:
       self.other = self._prepare_other(workdir, config.eval.other_corpus)
     return TaskData(train=cache.train_rows, val=cache.val_rows,
-                    test=np.zeros((0, cache.train_rows.shape[1]), np.int32), stats=cache.stats,
-                    key=cache.key)
+                    test=np.zeros((0, cache.train_rows.shape[1]), np.int32),
+                    stats={**cache.stats, 'side_tables': self.side_sample}, key=cache.key)
+
+  def _side_sample(self, rows, what: str = 'n-gram baselines') -> tuple[np.ndarray, dict]:
+    """Returns (data.side_table_tokens // seq_len of rows drawn from the seed, what was drawn)."""
+    budget = int(self.config.data.side_table_tokens)
+    sample, info = shards.sample_rows(rows, budget and max(1, budget // rows.shape[1]),
+                                      int(self.config.seed))
+    if self.spec.strategy == 'pmi' and what == 'n-gram baselines':
+      what += ' and PMI vocabulary'
+    self.log(f'{what}: {shards.describe_sample(info)}; '
+             f'data.side_table_tokens={budget:,}')
+    return sample, info
+
+  def _source_groups(self, sources: np.ndarray) -> list[np.ndarray]:
+    """Returns each validation row's source per eval batch; logs the rows each source gets."""
+    e = self.config.eval
+    groups = mlm_eval.row_groups(sources, batch_size=e.batch_size, num_batches=e.num_batches)
+    seen = np.bincount(np.concatenate(groups) + 1, minlength=len(self.sources) + 1)[1:]
+    self.log('validation rows per source (interleaved): ' +
+             ', '.join(f'{n} {k:,}' for n, k in zip(self.sources, seen.tolist())))
+    return groups
 
   def prepare_shapes(self) -> None:
     """Specs from the tokenizer (or tokenizer.vocab_size), tables as same-shape stand-ins."""
@@ -225,7 +258,8 @@ class MlmTask(Task):
     if not batches:
       raise ValueError(f'eval.other_corpus={corpus_name!r}: its validation split is empty')
     self._log_fit(f'{name} validation', data.cache.val_rows)
-    unigram, successor = mlm_eval.baseline_tables(data.cache.train_rows, self.tokenizer.vocab_size,
+    sample, _ = self._side_sample(data.cache.train_rows, f'{name} n-gram baselines')
+    unigram, successor = mlm_eval.baseline_tables(sample, self.tokenizer.vocab_size,
                                                   self.tokenizer.special_mask)
     return name, batches, unigram, successor
 
@@ -271,7 +305,9 @@ class MlmTask(Task):
       return {}
     step = self._eval_step(graphdef)
     metrics = mlm_eval.evaluate(step, params, self.val_batches, seed=self.config.eval.seed,
-                                unigram=self.unigram, successor=self.successor, to_device=to_device)
+                                unigram=self.unigram, successor=self.successor, to_device=to_device,
+                                groups=self.val_groups,
+                                group_prefixes=[f'eval/{n}' for n in self.sources])
     if self.other is not None:
       name, batches, unigram, successor = self.other
       more = mlm_eval.evaluate(step, params, batches, seed=self.config.eval.seed, unigram=unigram,
@@ -282,7 +318,9 @@ class MlmTask(Task):
 
   def _eval_step(self, graphdef):
     if getattr(self, '_eval_fn', None) is None:
-      self._eval_fn = mlm_eval.make_eval_step(graphdef, self.eval_spec, cls_id=self.tokenizer_cls_id())
+      self._eval_fn = mlm_eval.make_eval_step(graphdef, self.eval_spec,
+                                              cls_id=self.tokenizer_cls_id(),
+                                              num_groups=len(self.sources))
     return self._eval_fn
 
   def final_text(self, r):
@@ -299,6 +337,13 @@ class MlmTask(Task):
     uni = r['baseline/unigram_accuracy_at_mask']
     if uni > 0:
       lines.append(f'  [MASK] accuracy is {r["eval/accuracy_at_mask"] / uni:.2f}x the unigram baseline')
+    if self.side_sample is not None:
+      lines.append(f'  baselines from {shards.describe_sample(self.side_sample)}')
+    for n in self.sources:
+      if f'eval/{n}/loss' in r:
+        lines.append(f'  source {n}: loss {r[f"eval/{n}/loss"]:.4f}, accuracy at [MASK] '
+                     f'{r[f"eval/{n}/accuracy_at_mask"]:.4f} '
+                     f'({r[f"eval/{n}/predictions"]:,.0f} predictions)')
     if self.other is not None:
       n = self.other[0]
       lines.append(f'  {n} domain: loss {r[f"eval_{n}/loss"]:.4f}, accuracy at [MASK] '

@@ -12,8 +12,6 @@ from mlmjax import losses, masking
 from mlmjax import model as model_lib
 from mlmjax import tokenizer as tok
 
-# Rows read for the baseline counts: enough for stable argmaxes, bounded for huge corpora.
-_BASELINE_MAX_ROWS = 200_000
 # Loss by the predicted token's position in its unit (how much left context it has), for rows
 # longer than the first edge: buckets [0, 128), [128, 512), [512, 2048), [2048, 8192), [8192, ...).
 POSITION_EDGES = (128, 512, 2048, 8192)
@@ -45,12 +43,13 @@ def baseline_tables(train_rows: np.ndarray, vocab_size: int,
                     special_mask: np.ndarray | None = None) -> tuple[int, np.ndarray]:
   """Returns (most frequent regular id, successor table: most frequent next regular id per id or -1).
 
+  Counts every row given (the MLM task passes shards.sample_rows's bounded sample).
   special_mask: (vocab_size,) bool of special ids (the tokenizer's); None means ids < NUM_SPECIAL.
   """
   if special_mask is None:
     special_mask = np.arange(vocab_size) < tok.NUM_SPECIAL
   special_mask = np.asarray(special_mask, dtype=bool)
-  rows = np.asarray(train_rows[:_BASELINE_MAX_ROWS], dtype=np.int64)
+  rows = np.asarray(train_rows, dtype=np.int64)
   flat = rows.ravel()
   counts = np.bincount(flat[~special_mask[flat]], minlength=vocab_size)
   unigram = int(np.argmax(counts))
@@ -68,28 +67,51 @@ def baseline_tables(train_rows: np.ndarray, vocab_size: int,
   return unigram, successor
 
 
+def row_groups(labels: np.ndarray, *, batch_size: int, num_batches: int = 0) -> list[np.ndarray]:
+  """Returns per eval batch the (batch_size,) int32 group of each row; padding rows are -1.
+
+  labels: the group of each validation row, in the order input_pipeline.eval_batches reads them.
+  """
+  labels = np.asarray(labels, np.int32)
+  total = -(-len(labels) // batch_size)
+  count = min(total, num_batches) if num_batches else total
+  padded = np.full(total * batch_size, -1, np.int32)
+  padded[:len(labels)] = labels
+  return [padded[b * batch_size:(b + 1) * batch_size] for b in range(count)]
+
+
 def make_eval_step(graphdef, spec: masking.MaskingSpec, cls_id: int = tok.CLS_ID,
-                   extra_sums: Callable | None = None) -> Callable:
+                   extra_sums: Callable | None = None, num_groups: int = 0) -> Callable:
   """Returns jitted (params, tokens, key, unigram, successor, *extra) -> metric sums incl. baselines.
 
   extra_sums(masked_batch, logits, *extra) -> more sums of the same forward (mlmjax.probe's).
+  num_groups > 0: the step also takes groups=(B,) int32 (a group per row, -1 none) and adds the
+  sums of each group's rows as 'g<k>/<sum>', from the same forward and masks.
   """
 
-  def step(params, tokens, key, unigram, successor, *extra):
+  def step(params, tokens, key, unigram, successor, *extra, groups=None):
     mb = masking.mask_tokens(key, tokens, spec)
     position_ids, doc_ids = model_lib.packed_layout(tokens, cls_id=cls_id, pad_id=spec.pad_id)
     logits = nnx.merge(graphdef, params)(mb.inputs, mb.positions, position_ids=position_ids,
                                           doc_ids=doc_ids)
-    sums = losses.mlm_metric_sums(logits, mb.labels, mb.weights, mb.kinds)
-    at_mask = mb.weights * (mb.kinds == masking.KIND_MASK)
     prev = jnp.take_along_axis(mb.inputs, jnp.maximum(mb.positions - 1, 0), axis=1)
     bigram = successor[prev]
     bigram = jnp.where(bigram < 0, unigram, bigram)
-    sums['baseline_unigram_correct_mask'] = jnp.sum(at_mask * (mb.labels == unigram))
-    sums['baseline_bigram_correct_mask'] = jnp.sum(at_mask * (mb.labels == bigram))
     slot_positions = jnp.take_along_axis(position_ids, mb.positions, axis=1)
-    sums.update(position_bucket_sums(logits, mb.labels, mb.weights, slot_positions,
-                                     tokens.shape[-1]))
+
+    def sums_of(weights):
+      sums = losses.mlm_metric_sums(logits, mb.labels, weights, mb.kinds)
+      at_mask = weights * (mb.kinds == masking.KIND_MASK)
+      sums['baseline_unigram_correct_mask'] = jnp.sum(at_mask * (mb.labels == unigram))
+      sums['baseline_bigram_correct_mask'] = jnp.sum(at_mask * (mb.labels == bigram))
+      sums.update(position_bucket_sums(logits, mb.labels, weights, slot_positions,
+                                       tokens.shape[-1]))
+      return sums
+
+    sums = sums_of(mb.weights)
+    for g in range(num_groups if groups is not None else 0):
+      mine = jnp.where((groups == g)[:, None], mb.weights, jnp.zeros_like(mb.weights))
+      sums.update({f'g{g}/{k}': v for k, v in sums_of(mine).items()})
     if extra_sums is not None:
       sums.update(extra_sums(mb, logits, *extra))
     return sums
@@ -98,14 +120,19 @@ def make_eval_step(graphdef, spec: masking.MaskingSpec, cls_id: int = tok.CLS_ID
 
 
 def sum_batches(eval_step: Callable, params, batches: Sequence, *, seed: int, unigram: int,
-                successor: np.ndarray, extra: tuple = (), to_device: Callable = jnp.asarray):
-  """Returns the metric sums over all batches (host arrays), batch i masked by fold_in(seed, i)."""
+                successor: np.ndarray, extra: tuple = (), to_device: Callable = jnp.asarray,
+                groups: Sequence[np.ndarray] | None = None):
+  """Returns the metric sums over all batches (host arrays), batch i masked by fold_in(seed, i).
+
+  groups: row_groups of the batches, for a step made with num_groups.
+  """
   base_key = jax.random.key(seed)
   total = None
   succ = jnp.asarray(successor)
   for i, rows in enumerate(batches):
+    more = {} if groups is None else {'groups': to_device(groups[i])}
     sums = eval_step(params, to_device(rows), jax.random.fold_in(base_key, i), unigram, succ,
-                     *extra)
+                     *extra, **more)
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   if total is None:
     raise ValueError('evaluation has no batches: the validation split is empty '
@@ -114,11 +141,29 @@ def sum_batches(eval_step: Callable, params, batches: Sequence, *, seed: int, un
 
 
 def evaluate(eval_step: Callable, params, batches: Sequence, *, seed: int, unigram: int,
-             successor: np.ndarray, to_device: Callable = jnp.asarray) -> dict[str, float]:
-  """Returns validation metrics (loss, accuracy overall and by kind, baselines) over all batches."""
+             successor: np.ndarray, to_device: Callable = jnp.asarray,
+             groups: Sequence[np.ndarray] | None = None,
+             group_prefixes: Sequence[str] = ()) -> dict[str, float]:
+  """Returns validation metrics (loss, accuracy overall and by kind, baselines) over all batches.
+
+  With groups (row_groups; a step made with num_groups), group g's metrics are added as
+  '<group_prefixes[g]>/<metric>' ('baseline/x' as 'baseline_x'); the pooled sums are their sums.
+  A group with no predictions in the batches gets none.
+  """
   total = sum_batches(eval_step, params, batches, seed=seed, unigram=unigram, successor=successor,
-                      to_device=to_device)
+                      to_device=to_device, groups=groups)
   total = {k: float(v) for k, v in total.items()}
+  out = _finalize({k: v for k, v in total.items() if '/' not in k})
+  for g, prefix in enumerate(group_prefixes if groups is not None else ()):
+    mine = {k[len(f'g{g}/'):]: v for k, v in total.items() if k.startswith(f'g{g}/')}
+    if mine['weight'] > 0:
+      out.update({f'{prefix}/{k.replace("baseline/", "baseline_")}': v
+                  for k, v in _finalize(mine).items()})
+  return out
+
+
+def _finalize(total: dict[str, float]) -> dict[str, float]:
+  """Returns the metrics of evaluate from one set of sums."""
   out = losses.finalize_metrics(total)
   n_mask = total['count_mask']
   out['baseline/unigram_accuracy_at_mask'] = (
