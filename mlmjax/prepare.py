@@ -16,7 +16,8 @@ Each shard is written under a temporary name and renamed when complete, then its
 `s-0000k.json` (counts, sha256, config digest, tokenizer fingerprint); manifest.json comes last,
 written once every shard of the build is complete. A rerun keeps every shard whose meta and
 checksum match and builds the rest. With --process_count=P, process i builds the shards k with
-k % P == i; the last one to finish writes the manifest. docs/data.md has the commands.
+k % P == i; the last one to finish writes the manifest. mlmjax.prepare_beam runs the same
+steps on Apache Beam. docs/data.md has the commands.
 """
 
 import collections
@@ -289,6 +290,35 @@ def _split_of(text: str, val_fraction: float) -> str:
   return 'val' if input_pipeline.split_documents([text], val_fraction)[1] else 'train'
 
 
+def _labelled(docs: Iterable[str], passage_chars: int,
+             val_fraction: float) -> Iterator[tuple[str, str]]:
+  """Yields (split, passage) for the passages of cleaned documents, in order."""
+  for doc in _passages(docs, passage_chars):
+    yield _split_of(doc, val_fraction), doc
+
+
+class _Grouping:
+  """The grouping rule: a split's group closes at the first document that brings it to shard_chars."""
+
+  def __init__(self, shard_chars: int):
+    self.shard_chars = shard_chars
+    self._open = {s: [0, 0, 0] for s in SPLITS}  # the open group: index, documents, characters
+
+  def add(self, split: str, chars: int) -> tuple[int, int]:
+    """Puts a document in split's group; returns (that group, its documents if it closed, else 0)."""
+    group = self._open[split]
+    group[1] += 1
+    group[2] += chars
+    if group[2] < self.shard_chars:
+      return group[0], 0
+    self._open[split] = [group[0] + 1, 0, 0]
+    return group[0], group[1]
+
+  def finish(self) -> list[tuple[str, int, int]]:
+    """Returns (split, group, documents) of each split's last group that holds documents."""
+    return [(s, g[0], g[1]) for s, g in self._open.items() if g[1]]
+
+
 def sample(texts: Iterable[str], budget: int, seed: int) -> Iterable[str]:
   """Returns the texts with the smallest seeded hashes that reach `budget` characters, in order.
 
@@ -320,8 +350,8 @@ def _train_tokenizer(config, path: pathlib.Path, workers: _Workers, log) -> Any:
   else:  # sampled before cleaning: only the sample is cleaned
     docs = corpus.iter_documents(data, report, map_clean=workers.map,
                                  select=lambda raw: sample(raw, budget, seed))
-  train = [d for d in _passages(docs, int(data.passage_chars))
-           if _split_of(d, data.val_fraction) == 'train']
+  train = [d for s, d in _labelled(docs, int(data.passage_chars), data.val_fraction)
+           if s == 'train']
   if not report.documents_out:
     raise corpus.empty_corpus_error(data, report)
   tok = tokenizer_lib.train_tokenizer(
@@ -354,14 +384,6 @@ def _tokenizer(config, out: pathlib.Path, digest: str, given, workers: _Workers,
   return tok
 
 
-@dataclasses.dataclass
-class _Group:
-  """The documents gathered for a split's next shard."""
-  docs: list[str] = dataclasses.field(default_factory=list)
-  chars: int = 0
-  count: int = 0  # shards closed so far
-
-
 def _shards(config, out: pathlib.Path, job: _Job, tok, workers: _Workers, process_index: int,
             process_count: int, log) -> tuple[corpus.CleaningReport, dict[str, int], dict]:
   """Builds this process's shards that are not complete yet.
@@ -370,9 +392,9 @@ def _shards(config, out: pathlib.Path, job: _Job, tok, workers: _Workers, proces
   and the metas of this process's shards.
   """
   data = config.data
-  shard_chars, passage_chars = int(data.shard_chars), int(data.passage_chars)
   report = corpus.CleaningReport()
-  groups = {s: _Group() for s in SPLITS}
+  grouping = _Grouping(int(data.shard_chars))
+  groups = {s: [] for s in SPLITS}  # the documents of each split's open group
   sizes, metas = {}, {}
   start, tokens, manifest_removed = time.perf_counter(), 0, False
 
@@ -385,11 +407,9 @@ def _shards(config, out: pathlib.Path, job: _Job, tok, workers: _Workers, proces
       log(f'prepare: wrote {meta["file"]}: {meta["rows"]:,} rows, {meta["tokens"]:,} tokens '
           f'({tokens:,} tokens in {seconds:.0f} s, {tokens / max(seconds, 1e-9):,.0f} tokens/s)')
 
-  def close(split: str) -> None:
+  def close(split: str, index: int) -> None:
     nonlocal manifest_removed
-    g = groups[split]
-    index, docs = g.count, g.docs
-    g.docs, g.chars, g.count = [], 0, g.count + 1
+    docs, groups[split] = groups[split], []
     name = shard_name(split, index)
     sizes[name] = len(docs)
     if index % process_count != process_index:
@@ -403,16 +423,14 @@ def _shards(config, out: pathlib.Path, job: _Job, tok, workers: _Workers, proces
       manifest_removed = True
     finished(workers.shard(_write_shard, out, split, index, docs, job))
 
-  for doc in _passages(corpus.iter_documents(data, report, map_clean=workers.map), passage_chars):
-    split = _split_of(doc, data.val_fraction)
-    g = groups[split]
-    g.docs.append(doc)
-    g.chars += len(doc)
-    if g.chars >= shard_chars:
-      close(split)
-  for split in SPLITS:
-    if groups[split].docs:
-      close(split)
+  docs = corpus.iter_documents(data, report, map_clean=workers.map)
+  for split, doc in _labelled(docs, int(data.passage_chars), data.val_fraction):
+    groups[split].append(doc)
+    index, closed = grouping.add(split, len(doc))
+    if closed:
+      close(split, index)
+  for split, index, _ in grouping.finish():
+    close(split, index)
   finished(workers.wait())
   if not report.documents_out:
     raise corpus.empty_corpus_error(data, report)
@@ -472,6 +490,25 @@ def build(config, out=None, *, workers: int = 1, process_index: int = 0, process
   to finish writes the manifest. out=None: default_out(config, digest).
   """
   _check(config, workers, process_index, process_count)
+  given, inputs, out, done = _start(config, out, process_index, process_count, log)
+  if done is not None:
+    return done
+  start, digest = time.perf_counter(), config_digest(inputs)
+  with _Workers(workers) as pool:
+    tok = _tokenizer(config, out, digest, given, pool, log)
+    job = _job(config, digest, tok)
+    report, sizes, metas = _shards(config, out, job, tok, pool, process_index, process_count, log)
+  manifest = _manifest(out, inputs, job, tok, report, sizes, metas, log)
+  _summary(config, out, report, manifest, time.perf_counter() - start, log)
+  return manifest
+
+
+def _start(config, out, process_index: int, process_count: int,
+           log) -> tuple[Any, dict, pathlib.Path, dict | None]:
+  """Returns (tokenizer.path's tokenizer, inputs, out, the manifest when out holds this build done).
+
+  Creates out; refuses a directory that holds another config's build; deletes temporaries.
+  """
   t_cfg = config.tokenizer
   given = tokenizer_lib.load_any(t_cfg.path) if t_cfg.path else None
   inputs = _inputs(config, given)
@@ -481,7 +518,7 @@ def build(config, out=None, *, workers: int = 1, process_index: int = 0, process
   done = _complete(out, digest)
   if done is not None:
     log(f'prepare: {out} already holds this build ({len(done["shards"])} shards, verified)')
-    return done
+    return given, inputs, out, done
   state = _read_json(out / BUILD)
   if state is not None and state.get('config_digest') != digest:
     raise ValueError(f'{out} holds a build of another config (config digest '
@@ -491,21 +528,24 @@ def build(config, out=None, *, workers: int = 1, process_index: int = 0, process
   if config.data.near_dups.threshold:
     log('prepare: data.near_dups is not applied here: each document goes to train or val by its '
         'own hash')
-  start = time.perf_counter()
-  with _Workers(workers) as pool:
-    tok = _tokenizer(config, out, digest, given, pool, log)
-    job = _Job(digest, type(tok), tok.serialized_model, int(config.train.seq_len),
-               'uint16' if tok.vocab_size <= 1 << 16 else 'int32')
-    report, sizes, metas = _shards(config, out, job, tok, pool, process_index, process_count, log)
-  manifest = _manifest(out, inputs, job, tok, report, sizes, metas, log)
-  seconds = time.perf_counter() - start
+  return given, inputs, out, None
+
+
+def _job(config, digest: str, tok) -> _Job:
+  """Returns what a worker needs to write the build's shards."""
+  return _Job(digest, type(tok), tok.serialized_model, int(config.train.seq_len),
+              'uint16' if tok.vocab_size <= 1 << 16 else 'int32')
+
+
+def _summary(config, out: pathlib.Path, report: corpus.CleaningReport, manifest: dict | None,
+             seconds: float, log) -> None:
+  """Logs the cleaning report and, once the manifest is written, the build's totals."""
   log(f'prepare: corpus {config.data.corpus!r}\n{report.summary()}')
   if manifest is not None:
     s = manifest['splits']
     log(f'prepare: {out}: {len(manifest["shards"])} shards, train {s["train"]["rows"]:,} rows / '
         f'{s["train"]["tokens"]:,} tokens, val {s["val"]["rows"]:,} rows / '
         f'{s["val"]["tokens"]:,} tokens; this run took {seconds:.1f} s')
-  return manifest
 
 
 def main(argv=None) -> None:
