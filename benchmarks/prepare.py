@@ -13,7 +13,9 @@ The tokenizer is trained once, by mlmjax.prepare on a tokenizer.sample_chars sam
 corpus (that build is timed apart); every measured build then reads it through tokenizer.path.
 Each build runs in a child process, which reports its wall time, the CPU time of itself and its
 workers during the build, and the peak RSS of itself and of its largest worker (resource.getrusage, RUSAGE_SELF
-and RUSAGE_CHILDREN). The CPU time is the number to compare on a shared machine.
+and RUSAGE_CHILDREN; the main process's from its VmHWM where Linux gives it, since ru_maxrss
+starts at the parent's RSS; a worker's is an upper bound: it starts at the build process's RSS when
+the worker is spawned). The CPU time is the number to compare on a shared machine.
 """
 
 import argparse
@@ -30,7 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN = REPO.parent / 'shared' / 'data' / 'pretrain'
 
 CHILD = """
-import json, resource, sys, time
+import json, re, resource, sys, time
 from mlmjax import cli, prepare
 args = json.loads(sys.argv[1])
 config = cli.load_config('pretrain:tiny')
@@ -44,8 +46,13 @@ manifest = prepare.build(config, args['out'], workers=args['workers'], log=lambd
 seconds = time.perf_counter() - start
 usage = {'self': resource.getrusage(resource.RUSAGE_SELF),
          'children': resource.getrusage(resource.RUSAGE_CHILDREN)}
-print(json.dumps({'seconds': seconds, 'splits': manifest['splits'],
-                  **{f'{k}_kib': u.ru_maxrss for k, u in usage.items()},  # KiB on Linux
+peak = usage['self'].ru_maxrss  # KiB on Linux; after a fork it starts at the parent's RSS, so
+try:  # VmHWM, this process's own high-water mark (reset by exec), where Linux gives it
+  peak = int(re.search(r'VmHWM:\s+(\d+) kB', open('/proc/self/status').read())[1])
+except (OSError, TypeError):
+  pass
+print(json.dumps({'seconds': seconds, 'splits': manifest['splits'], 'self_kib': peak,
+                  'children_kib': usage['children'].ru_maxrss,
                   'self_cpu_s': usage['self'].ru_utime + usage['self'].ru_stime
                                 - before.ru_utime - before.ru_stime,  # the build only
                   'children_cpu_s': usage['children'].ru_utime + usage['children'].ru_stime}))
@@ -76,7 +83,11 @@ def write_corpus(directory: pathlib.Path, total_chars: int) -> dict:
         left -= len(part) + 2
         copies += k > 0
         k += 1
-  chars = sum(len(p.read_text(encoding='utf-8')) for p in directory.glob('*.txt'))
+  chars = 0
+  for path in directory.glob('*.txt'):  # a block at a time: this process stays small
+    with open(path, encoding='utf-8') as f:
+      while block := f.read(1 << 24):
+        chars += len(block)
   return {'dir': str(directory), 'chars': chars, 'files': len(sources), 'repeated_copies': copies}
 
 

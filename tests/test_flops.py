@@ -184,13 +184,23 @@ def test_kinds_outside_the_table(kind):
   assert flops.table_peak(kind) is None
 
 
-def test_cpu_peak_is_measured_per_host():
+def test_cpu_peak_is_measured_per_host(monkeypatch):
+  monkeypatch.delenv(flops.PEAK_ENV, raising=False)
   peak = flops.device_peak('float32')
   assert jax.devices()[0].platform == 'cpu'
   assert peak.units == 1 and 'measured' in peak.source
   # Any CPU that runs these tests does a 1024^3 matmul faster than 1 GFLOP/s, and no CPU reaches
   # 100 TFLOP/s.
   assert 1e9 < peak.flops_per_s < 1e14
+
+
+def test_a_given_peak_replaces_the_measurement(monkeypatch):
+  monkeypatch.setenv(flops.PEAK_ENV, '2.5e11')
+  peak = flops.device_peak('float32')
+  assert peak.flops_per_s == 2.5e11 and peak.units == 1 and flops.PEAK_ENV in peak.source
+  monkeypatch.setenv(flops.PEAK_ENV, 'fast')
+  with pytest.raises(ValueError, match=flops.PEAK_ENV):
+    flops.device_peak('float32')
 
 
 def _best_matmul_flops(n: int, reps: int = 5) -> float:
@@ -211,6 +221,7 @@ def test_cpu_peak_is_a_matmul_large_enough_to_use_every_core():
   """A fresh process's peak is at least what a 2048^3 matmul reaches here, not a small one's."""
   code = 'from mlmjax import flops; print(flops.device_peak("float32").flops_per_s)'
   env = dict(os.environ, PYTHONPATH=str(REPO))
+  env.pop(flops.PEAK_ENV, None)
   references, peaks = [_best_matmul_flops(2048)], []
   for _ in range(2):
     proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
