@@ -10,11 +10,12 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 # subprocesses and notebook kernels, which inherit it). A user's own XLA_FLAGS win.
 os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0 '
                       '--xla_llvm_disable_expensive_passes=true')
-# One persistent XLA compilation cache for the session's processes (both xdist workers and every
-# subprocess): most tests compile the same tiny shapes, and every run jits its own step.
-_RUN = os.environ.get('PYTEST_XDIST_TESTRUNUID') or str(os.getpid())
+# One persistent XLA compilation cache for the tests' processes (both xdist workers and every
+# subprocess): most tests compile the same tiny shapes, and every run jits its own step. Entries
+# are keyed by the computation, the versions and the flags; the least recently used go past 256 MB.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.join(tempfile.gettempdir(), f'mlmjax-tests-xla-{_RUN}'))
+                      os.path.join(tempfile.gettempdir(), f'mlmjax-tests-xla-{os.getuid()}'))
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(256 << 20))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # MFU's denominator without timing matmuls in every process (tests/test_flops.py measures it).
