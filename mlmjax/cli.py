@@ -110,6 +110,13 @@ def flag_error(e: BaseException, argv: Sequence[str] = ()) -> str:
   return last if last == lines[0] else f'{lines[0].rstrip(":")}: {last}'
 
 
+def cpu_count() -> int:
+  """Returns the CPUs this process may run on (its affinity where the OS gives it)."""
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 def write_json(path, obj) -> None:
   """Writes obj as indented JSON to path (parent folders created): a report's --json file."""
   path = pathlib.Path(path)

@@ -29,7 +29,6 @@ import io
 import itertools
 import json
 import multiprocessing
-import os
 import pathlib
 import re
 import time
@@ -567,8 +566,7 @@ def main(argv=None) -> None:
   if f.config is None:
     cli.fail('usage: python -m mlmjax.prepare --config pretrain:tiny [--config.KEY=VALUE ...] '
              '[--workers N] [--out DIR] [--process_index I --process_count P]')
-  workers = f.workers or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-                          else os.cpu_count() or 1)
+  workers = f.workers or cli.cpu_count()
   with cli.user_errors():
     build(f.config, f.out or None, workers=workers, process_index=f.process_index,
           process_count=f.process_count)

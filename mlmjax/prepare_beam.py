@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import pathlib
 import shutil
 import sys
@@ -307,8 +306,7 @@ def main(argv=None) -> None:
   if f.config is None:
     cli.fail('usage: python -m mlmjax.prepare_beam --config pretrain:tiny [--config.KEY=VALUE '
              '...] [--out DIR] [-- --runner=DirectRunner ...]')
-  workers = f.workers or (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-                          else os.cpu_count() or 1)
+  workers = f.workers or cli.cpu_count()
   with cli.user_errors():
     build(f.config, f.out or None, pipeline_args=pipeline_args, workers=workers)
 

@@ -13,10 +13,11 @@ os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0 '
 # One persistent XLA compilation cache for the tests' processes (both xdist workers and every
 # subprocess): most tests compile the same tiny shapes, and every run jits its own step. Entries
 # are keyed by the computation, the versions and the flags; the least recently used go past 256 MB.
+# Only compilations of a second or more are stored (JAX's default): writing every small one costs
+# more than it saves.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), f'mlmjax-tests-xla-{os.getuid()}'))
 os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(256 << 20))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # MFU's denominator without timing matmuls in every process (tests/test_flops.py measures it).
 os.environ.setdefault('MLMJAX_PEAK_FLOPS', '1e11')

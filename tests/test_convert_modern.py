@@ -15,10 +15,10 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from mlmjax import convert, corpus, hf_models, model, model_card, predict, train, train_state  # pylint: disable=wrong-import-position
+from mlmjax import convert, hf_models, model, model_card, predict, train, train_state  # pylint: disable=wrong-import-position
 from mlmjax import tokenizer as tok  # pylint: disable=wrong-import-position
 from mlmjax.tasks import mlm  # pylint: disable=wrong-import-position
-from tests.test_convert import assert_round_trip  # pylint: disable=wrong-import-position
+from tests.test_convert import assert_round_trip, assert_same_fill_mask, shrunk_classify_config  # pylint: disable=wrong-import-position
 
 TOL = 1e-4  # float32 on both sides: differences are summation order only
 PAD, CLS, SEP = 0, 1, 2  # the random checkpoints' layout ids
@@ -389,46 +389,6 @@ def test_model_card_describes_the_exported_architecture(tmp_path, overrides, tag
 # Workdirs: an imported ModernBERT predicts, fine-tunes and exports; a rotary run exports.
 
 
-def hf_fill_mask(logits: np.ndarray, t) -> np.ndarray:
-  """Returns probabilities (L, V) over the tokenizer's non-special ids of one row of logits."""
-  logits = logits[:, :t.vocab_size]  # transformers also scores a padded vocabulary's rows
-  return softmax(np.where(t.special_mask, -np.inf, logits))
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-  e = np.exp(x - x.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
-
-
-def assert_same_fill_mask(run, ref, hf_tok, texts) -> float:
-  """Checks mlmjax's fill-mask top-5 (tokens, probabilities) against transformers'; returns the
-  largest probability difference."""
-  t, worst, padding_mass = run.tokenizer, 0.0, 0.0
-  for text, per_mask in zip(texts, predict.fill_mask(run, texts, top_k=5)):
-    assert corpus.clean_document(text) == text  # fill-mask cleans; transformers does not
-    ids = hf_tok(text)['input_ids']
-    assert ids == [t.cls_id, *t.encode_with_specials(text), t.sep_id], text
-    with torch.no_grad():
-      logits = ref(input_ids=torch.tensor([ids])).logits[0].numpy()
-    probs = hf_fill_mask(logits, t)
-    rows_at = [i for i, x in enumerate(ids) if x == t.mask_id]
-    assert len(rows_at) == len(per_mask)
-    for row, cands in zip(rows_at, per_mask):
-      best = np.argsort(-probs[row])[:5]
-      assert [mlm.display_token(t, i) for i in best] == [w for w, _ in cands]
-      worst = max(worst, np.abs(np.array([p for _, p in cands]) - probs[row][best]).max())
-      # Over every row of the export (a padded vocabulary's too): the same five ids.
-      full = np.where(np.arange(logits.shape[-1]) < t.vocab_size,
-                      np.pad(t.special_mask, (0, logits.shape[-1] - t.vocab_size)), False)
-      everything = softmax(np.where(full, -np.inf, logits[row]))
-      assert (np.argsort(-everything)[:5] == best).all()
-      padding_mass = max(padding_mass, everything[t.vocab_size:].sum())
-  print(f'fill-mask top-5: same tokens; max |probability - transformers| = {worst:.2e}; '
-        f'transformers gives the padding rows at most {padding_mass:.2e} of the probability')
-  assert worst <= TOL
-  return worst
-
-
 @pytest.mark.slow
 def test_imported_modernbert_predicts_fine_tunes_and_exports_its_tensors(tmp_path,
                                                                          make_tiny_config):
@@ -483,13 +443,7 @@ def test_imported_modernbert_predicts_fine_tunes_and_exports_its_tensors(tmp_pat
   assert_round_trip(out, tmp_path)
 
   # Fine-tuning from it: rows are [CLS] ... [SEP] [PAD]... in the tokenizer's ids ([PAD] != 0).
-  from configs import finetune  # pylint: disable=g-import-not-at-top
-  c = finetune.get_config('tiny')  # classify the embedded docstrings, shrunk as test_finetune's
-  c.data.cache_dir = make_tiny_config().data.cache_dir
-  c.train.seq_len, c.train.batch_size, c.train.num_steps = 32, 8, 2
-  c.train.log_every_steps, c.optim.warmup_steps = 1, 1
-  c.eval.every_steps, c.ckpt.every_steps, c.eval.batch_size = 2, 2, 16
-  c.task_data.max_examples = 300
+  c = shrunk_classify_config(make_tiny_config().data.cache_dir)
   c.optim.learning_rate = 1e-9  # after two steps the encoder is still the imported one
   c.model.update({k: mc[k] for k in (*train_state.ARCHITECTURE_KEYS, 'dropout_rate',
                                      'attention_dropout_rate')})
