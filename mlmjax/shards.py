@@ -436,10 +436,7 @@ class Interleaved:
       return self.base.take([self.order[key]])[0]
     return self.base.take(self.order[key])
 
-  def __array__(self, dtype=None, copy=None) -> np.ndarray:
-    del copy  # always a new array
-    rows = self[:]
-    return rows if dtype is None else rows.astype(dtype)
+  __array__ = ShardRows.__array__
 
 
 @dataclasses.dataclass(frozen=True)

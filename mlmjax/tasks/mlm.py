@@ -186,9 +186,7 @@ class MlmTask(Task):
       self.log('WARNING: the validation split is empty; evaluation is skipped (raise data.val_fraction)')
     else:
       self._log_fit('validation', cache.val_rows)
-      if isinstance(cache.val_rows, shards.Interleaved):  # a mixture (shards.MixedBuild)
-        self.sources = list(cache.train_rows.names)
-        self.eval_metrics = self._eval_metrics()
+      if isinstance(cache.val_rows, shards.Interleaved):  # data.mixture: self.sources are its names
         self.val_groups = self._source_groups(cache.val_rows.sources)
     self.unigram, self.successor = mlm_eval.baseline_tables(
         sample, self.tokenizer.vocab_size, self.tokenizer.special_mask)
