@@ -24,7 +24,6 @@ scratch folder .beam/) and data.corpus must be absolute paths that every worker 
 
 import array
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -42,7 +41,6 @@ from mlmjax import tokenizer as tokenizer_lib
 INSTALL = 'pip install -r requirements-beam.txt && pip install --no-deps -e .'
 _KEPT, _EMPTY, _SHORT = 0, 1, 2  # a cleaned document's state before the order-dependent rules
 _CHANGES = corpus._CHANGE_RULES  # bit i of a document's `changed`: rule i changed it
-_DIGEST = 16  # bytes of the exact-duplicate hash, as corpus._DropRules
 
 
 def _beam():
@@ -107,7 +105,8 @@ def _save(path: pathlib.Path, **arrays) -> None:
 
 def _scan(part, source: _Source, work: pathlib.Path) -> int:
   """Reads and cleans one partition into work/scan-NNNNN.npz; returns its number of documents."""
-  status, changed, chars, digests = array.array('B'), array.array('B'), array.array('q'), bytearray()
+  status, changed, chars, digests = (array.array('B'), array.array('B'), array.array('q'),
+                                     array.array('Q'))
   passages, passage_chars, passage_val = array.array('q'), array.array('q'), array.array('B')
   info = {'chars_in': 0, 'error': None}
   raw, bad = _raw(source, part)
@@ -122,7 +121,7 @@ def _scan(part, source: _Source, work: pathlib.Path) -> int:
         continue
       status.append(_KEPT)
       if source.options['dedup']:
-        digests += hashlib.blake2b(cleaned.encode('utf-8'), digest_size=_DIGEST).digest()
+        digests.append(corpus.text_digest(cleaned))
       cut = list(prepare._labelled([cleaned], source.passage_chars, source.val_fraction))
       passages.append(len(cut))
       for split, passage in cut:
@@ -133,7 +132,7 @@ def _scan(part, source: _Source, work: pathlib.Path) -> int:
   info['skipped'], info['first_skipped'] = bad.counts, bad.first
   _save(work / f'scan-{part[0]:05d}.npz', status=np.frombuffer(status, np.uint8),
         changed=np.frombuffer(changed, np.uint8), chars=np.frombuffer(chars, np.int64),
-        digests=np.frombuffer(bytes(digests), np.uint8), passages=np.frombuffer(passages, np.int64),
+        digests=np.frombuffer(digests, np.uint64), passages=np.frombuffer(passages, np.int64),
         passage_chars=np.frombuffer(passage_chars, np.int64),
         passage_val=np.frombuffer(passage_val, np.uint8), info=np.array(json.dumps(info)))
   return len(status)
@@ -149,7 +148,7 @@ def _plan(source: _Source, parts, shard_chars: int,
   opts = source.options
   max_documents, dedup = opts['max_documents'], opts['dedup']
   report, grouping = corpus.CleaningReport(), prepare._Grouping(shard_chars)
-  seen, sizes = set(), {}
+  seen, sizes = corpus.DigestSet(), {}
   for index, _, _ in parts:
     with np.load(work / f'scan-{index:05d}.npz') as scan:
       info = json.loads(str(scan['info']))
@@ -158,7 +157,7 @@ def _plan(source: _Source, parts, shard_chars: int,
       status, changed, chars, passages = (scan[k].tolist() for k in ('status', 'changed', 'chars',
                                                                       'passages'))
       lengths, val = scan['passage_chars'].tolist(), scan['passage_val'].tolist()
-      digests = scan['digests'].tobytes()
+      digests = scan['digests'].tolist()
     report.documents_in += len(status)
     report.chars_in += info['chars_in']
     for kind, count in info['skipped'].items():
@@ -168,9 +167,9 @@ def _plan(source: _Source, parts, shard_chars: int,
     kept, groups, splits = np.zeros(len(status), bool), array.array('q'), array.array('B')
     candidate = end = 0  # among the documents in state _KEPT: the next one, its passages' end
     for i, state in enumerate(status):
-      digest, begin = b'', end
+      digest, begin = 0, end
       if state == _KEPT:
-        digest = digests[_DIGEST * candidate:_DIGEST * (candidate + 1)]
+        digest = digests[candidate] if dedup else 0
         end += passages[candidate]
         candidate += 1
       if max_documents and report.documents_out >= max_documents:
@@ -181,11 +180,9 @@ def _plan(source: _Source, parts, shard_chars: int,
       if state != _KEPT:
         report.dropped['empty' if state == _EMPTY else 'too_short'] += 1
         continue
-      if dedup and digest in seen:
+      if dedup and not seen.add(digest):
         report.dropped['duplicate'] += 1
         continue
-      if dedup:
-        seen.add(digest)
       report.documents_out += 1
       report.chars_out += chars[i]
       kept[i] = True

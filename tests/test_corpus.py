@@ -177,6 +177,23 @@ def test_report_counts_each_rule_and_dedup_keeps_first(tmp_path):
   assert undeduped.count('first copy ' + long) == 2 and report.dropped['duplicate'] == 0
 
 
+def test_digest_set_answers_as_a_python_set_across_merged_runs():
+  rng = np.random.default_rng(0)
+  # Edge values and repeats; a buffer of 7 makes many runs and merges of unequal sizes.
+  values = [0, 2**64 - 1, 2**63] + rng.integers(0, 2**64, 2_000, dtype=np.uint64).tolist()
+  values += [values[i] for i in rng.integers(0, len(values), 500)]
+  digests, reference = corpus.DigestSet(buffer=7), set()
+  for v in values:
+    assert (v in digests) == (v in reference) != digests.add(v)
+    reference.add(v)
+    assert len(digests) == len(reference)
+  assert len(digests._runs) <= int(np.log2(len(reference) / 7)) + 1
+  # v ^ 1 shares v's filter bit, so absent neighbours reach the search of the runs.
+  for v in rng.integers(0, 2**64, 2_000, dtype=np.uint64).tolist() + values + [v ^ 1 for v in values]:
+    assert (v in digests) == (v in reference)
+  assert corpus.text_digest('a') == corpus.text_digest('a') != corpus.text_digest('b')
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 
