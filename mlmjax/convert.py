@@ -157,14 +157,9 @@ def import_hf(src_dir, workdir, *, config_spec: str | None = None,
   log(f'imported {src} ({hf_config.get("model_type", "bert")}, {enc_cfg.num_layers} layers, '
       f'hidden {enc_cfg.hidden_size}, vocab {enc_cfg.vocab_size}) into {workdir}')
   # init_from brings the model's architecture and the tokenizer: no model flags are needed.
-  if tokenizer.pad_id != tok.PAD_ID:
-    log(f'note: the tokenizer pads with id {tokenizer.pad_id}; fine-tune from it with '
-        f'--config.init_from={workdir} (continued MLM pretraining packs rows padded with id 0, '
-        'which it does not support yet)')
-  else:
-    log(f'continue MLM from it with: python -m mlmjax.train --config '
-        f'pretrain:{"modern_base" if modern else "base"} --workdir runs/NEW '
-        f'--config.init_from={workdir}')
+  log(f'continue MLM from it with: python -m mlmjax.train --config '
+      f'pretrain:{"modern_base" if modern else "base"} --workdir runs/NEW '
+      f'--config.init_from={workdir}')
   return written
 
 

@@ -147,7 +147,7 @@ def setup(config, workdir, mesh, *, log: Callable[[str], None] = print,
       train_step.make_step(graphdef, tx, schedule, task.batch_loss, step_sums=task.step_sums,
                            dropout=enc_cfg.dropout_rate > 0,
                            grad_accum_steps=config.train.grad_accum_steps,
-                           token_columns=row_tokens),
+                           token_columns=row_tokens, pad_id=task.layout_ids()['pad_id']),
       in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, replicated),
       donate_argnums=0)
   flops_per_token = flops.train_flops_per_token(enc_cfg, seq_len=config.train.seq_len,

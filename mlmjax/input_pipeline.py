@@ -103,8 +103,8 @@ def _plan_chunks(lengths: np.ndarray, seq_len: int, min_chunk: int) -> np.ndarra
 
 
 def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, *,
-                   min_chunk: int = MIN_CHUNK, cls_id: int = CLS_ID,
-                   sep_id: int = SEP_ID) -> np.ndarray:
+                   min_chunk: int = MIN_CHUNK, cls_id: int = CLS_ID, sep_id: int = SEP_ID,
+                   pad_id: int = PAD_ID) -> np.ndarray:
   """Returns (N, seq_len) int32 rows of back-to-back [CLS] piece [SEP] units, PAD at row ends.
 
   Documents keep their order. A document longer than the room left in a row is cut: the part that
@@ -118,7 +118,7 @@ def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, *,
           if len(token_lists) else np.zeros(0, np.int32))
   plan = _plan_chunks(lengths, seq_len, min_chunk)
   num_rows = int(plan[-1, 0]) + 1 if len(plan) else 0
-  out = np.full(num_rows * seq_len, PAD_ID, dtype=np.int32)
+  out = np.full(num_rows * seq_len, pad_id, dtype=np.int32)
   if not len(plan):
     return out.reshape(0, seq_len)
   row, col, src, n = plan.T
@@ -211,12 +211,12 @@ def _encode_all(tokenizer: tokenizer_lib.Tokenizer, docs: list[str]) -> list[lis
   return ids
 
 
-def _split_stats(token_lists: list[list[int]], rows: np.ndarray) -> dict:
+def _split_stats(token_lists: list[list[int]], rows: np.ndarray, pad_id: int) -> dict:
   """Returns JSON-able counts for one split."""
   tokens = int(sum(len(t) for t in token_lists))
   return {'documents': len(token_lists), 'empty_documents': sum(1 for t in token_lists if not t),
           'tokens': tokens, 'rows': int(rows.shape[0]),
-          'padding_fraction': float((rows == PAD_ID).mean()) if rows.size else 0.0}
+          'padding_fraction': float((rows == pad_id).mean()) if rows.size else 0.0}
 
 
 def _build(directory: pathlib.Path, key: str, documents: Sequence[str], split: CorpusSplit,
@@ -232,9 +232,10 @@ def _build(directory: pathlib.Path, key: str, documents: Sequence[str], split: C
     # Shuffled document order, so that one row mixes documents from anywhere in the corpus.
     order = [idx[j] for j in rng.permutation(len(idx))]
     token_lists = _encode_all(tokenizer, [documents[i] for i in order])
-    rows = pack_documents(token_lists, seq_len, cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id)
+    rows = pack_documents(token_lists, seq_len, cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id,
+                          pad_id=tokenizer.pad_id)
     _save_npy(directory / f'{name}.npy', rows)
-    stats[name] = _split_stats(token_lists, rows)
+    stats[name] = _split_stats(token_lists, rows, tokenizer.pad_id)
   return stats
 
 
@@ -421,8 +422,9 @@ def train_batches(rows: np.ndarray, *, global_batch: int, seed: int, start_step:
   return ds.as_numpy_iterator()
 
 
-def eval_batches(rows: np.ndarray, *, batch_size: int, num_batches: int = 0) -> list[np.ndarray]:
-  """Returns fixed in-order (batch_size, L) validation batches; the last is padded with PAD rows."""
+def eval_batches(rows: np.ndarray, *, batch_size: int, num_batches: int = 0,
+                 pad_id: int = PAD_ID) -> list[np.ndarray]:
+  """Returns fixed in-order (batch_size, L) validation batches; the last is padded with pad_id rows."""
   if batch_size <= 0:
     raise ValueError(f'eval.batch_size={batch_size} must be positive')
   if num_batches < 0:
@@ -433,7 +435,7 @@ def eval_batches(rows: np.ndarray, *, batch_size: int, num_batches: int = 0) -> 
   for b in range(count):
     part = np.asarray(rows[b * batch_size:(b + 1) * batch_size], dtype=np.int32)
     if len(part) < batch_size:
-      part = np.concatenate([part, np.full((batch_size - len(part), rows.shape[1]), PAD_ID,
+      part = np.concatenate([part, np.full((batch_size - len(part), rows.shape[1]), pad_id,
                                            np.int32)])
     batches.append(part)
   return batches

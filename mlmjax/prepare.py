@@ -159,7 +159,8 @@ def _write_shard(out: pathlib.Path, split: str, index: int, docs: list[str], job
   for i in range(0, len(order), _ENCODE_CHUNK):
     batch = tok.encode_batch([docs[j] for j in order[i:i + _ENCODE_CHUNK]], num_threads=1)
     ids.extend(np.asarray(x, dtype=np.int32) for x in batch)
-  rows = input_pipeline.pack_documents(ids, job.seq_len, cls_id=tok.cls_id, sep_id=tok.sep_id)
+  rows = input_pipeline.pack_documents(ids, job.seq_len, cls_id=tok.cls_id, sep_id=tok.sep_id,
+                                       pad_id=tok.pad_id)
   buffer = io.BytesIO()
   np.save(buffer, rows.astype(job.dtype))
   data = buffer.getvalue()

@@ -149,7 +149,7 @@ def probe(workdir, out=None, *, buckets: int = 4, num_batches: int | None = None
   task.prepare(workdir)  # the run's token cache (rebuilt from the corpus if it was deleted)
   n = int(config.eval.num_batches) if num_batches is None else int(num_batches)
   batches = input_pipeline.eval_batches(task.cache.val_rows, batch_size=int(config.eval.batch_size),
-                                        num_batches=n)
+                                        num_batches=n, pad_id=task.tokenizer.pad_id)
   if not batches:
     raise ValueError(f'{workdir}: the validation split is empty; nothing to evaluate')
   vocab = task.tokenizer.vocab_size

@@ -495,8 +495,8 @@ def sample_ids(rows, max_rows: int, seed: int) -> np.ndarray:
   return np.sort(_draw(np.random.default_rng([seed, _SIDE]), n, max_rows))
 
 
-def sample_rows(rows, max_rows: int, seed: int, *,
-                chunk_rows: int = SAMPLE_CHUNK) -> tuple[np.ndarray, dict]:
+def sample_rows(rows, max_rows: int, seed: int, *, chunk_rows: int = SAMPLE_CHUNK,
+                pad_id: int = tokenizer_lib.PAD_ID) -> tuple[np.ndarray, dict]:
   """Returns ((n, L) int32 rows drawn uniformly without replacement, what was drawn).
 
   rows: a table (ShardRows, a Mixture, an array or memmap); a Mixture's sample holds each source's
@@ -509,7 +509,7 @@ def sample_rows(rows, max_rows: int, seed: int, *,
   for lo in range(0, len(ids), chunk_rows):
     out[lo:lo + chunk_rows] = rows[ids[lo:lo + chunk_rows]]
   n = len(rows)
-  info = {'rows': len(ids), 'tokens': int(np.count_nonzero(out != tokenizer_lib.PAD_ID)),
+  info = {'rows': len(ids), 'tokens': int(np.count_nonzero(out != pad_id)),
           'train_rows': n, 'fraction': len(ids) / n if n else 0.0, 'seed': int(seed)}
   return out, info
 

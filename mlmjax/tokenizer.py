@@ -21,7 +21,7 @@ Sentencepiece policies (decided here, relied on downstream):
   '▁' (alone or in a piece) before them, so the word is already started.
 
 WordPiece policies, matching the sentencepiece ones:
-- Special ids come from the vocabulary: [PAD] must be id 0 (packing and the loss pad with 0),
+- Special ids come from the vocabulary: [PAD] must be id 0 (BERT's export sets padding_idx 0),
   [UNK], [CLS], [SEP], [MASK] may be anywhere (BERT: 100, 101, 102, 103).
 - `special_mask` flags every id masking must never select or draw: the five above, every added
   token marked special, and the reserved '[unusedN]' pieces.
@@ -426,8 +426,8 @@ class WordPieceTokenizer(_JsonTokenizer):
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     ids = self._special_ids('BERT vocabulary')
     if ids['[PAD]'] != 0:
-      raise ValueError(f'{self.model_path}: [PAD] has id {ids["[PAD]"]}; mlmjax pads with id 0, '
-                       'so [PAD] must be the first vocabulary entry')
+      raise ValueError(f'{self.model_path}: [PAD] has id {ids["[PAD]"]}; [PAD] must be the first '
+                       'vocabulary entry (the BERT export numbers positions with padding_idx 0)')
     pieces = self._set_specials(ids)
     self._literal_ids = {'[CLS]': self.cls_id, '[SEP]': self.sep_id, '[MASK]': self.mask_id}
     prefix = getattr(self._tok.model, 'continuing_subword_prefix', '##') or '##'

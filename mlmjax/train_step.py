@@ -39,7 +39,8 @@ def mask_microbatch(mask_key: jax.Array, i, tokens: jax.Array, spec: masking.Mas
 
 
 def make_step(graphdef, tx, schedule, batch_loss: Callable, *, step_sums: Callable | None = None,
-              dropout: bool, grad_accum_steps: int = 1, token_columns: int | None = None) -> Callable:
+              dropout: bool, grad_accum_steps: int = 1, token_columns: int | None = None,
+              pad_id: int = 0) -> Callable:
   """Returns train_step(state, rows, seed_key) -> (state, metric sums) for a task's batch_loss.
 
   batch_loss(model, rows, mask_key, drop_key, step) -> (loss_sum, weight, sums); the update
@@ -48,6 +49,7 @@ def make_step(graphdef, tx, schedule, batch_loss: Callable, *, step_sums: Callab
   fold_in(key, i); the update is the large-batch one, with the memory of one microbatch.
   A step whose loss or gradient norm is not finite applies no update (flag `nonfinite`).
   token_columns: the leading columns of a row that hold tokens (tokens/s); None = all.
+  pad_id: the tokenizer's [PAD], not counted as a token.
   """
   k = int(grad_accum_steps)
   if k < 1:
@@ -105,7 +107,7 @@ def make_step(graphdef, tx, schedule, batch_loss: Callable, *, step_sums: Callab
     token_rows = rows if token_columns is None else rows[:, :token_columns]
     sums.update(steps=jnp.ones((), jnp.float32), loss_mean_sum=loss, grad_norm_sum=grad_norm,
                 lr_sum=jnp.asarray(schedule(state['step']), jnp.float32),
-                tokens=jnp.sum(token_rows != 0).astype(jnp.float32))
+                tokens=jnp.sum(token_rows != pad_id).astype(jnp.float32))
     # Zeroed on a skipped step, so that the window's metrics stay finite.
     sums = {name: jnp.where(ok, v, jnp.zeros_like(v)) for name, v in sums.items()}
     # 0: applied; 1: non-finite loss; 2: finite loss, non-finite gradient norm.

@@ -15,7 +15,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from mlmjax import convert, hf_models, model, model_card, predict, train, train_state  # pylint: disable=wrong-import-position
+from mlmjax import convert, hf_models, input_pipeline, model, model_card, predict, train, train_state  # pylint: disable=wrong-import-position
 from mlmjax import tokenizer as tok  # pylint: disable=wrong-import-position
 from mlmjax.tasks import mlm  # pylint: disable=wrong-import-position
 from tests.test_convert import assert_round_trip, assert_same_fill_mask, shrunk_classify_config  # pylint: disable=wrong-import-position
@@ -459,6 +459,25 @@ def test_imported_modernbert_predicts_fine_tunes_and_exports_its_tensors(tmp_pat
     diff = np.abs(predict.embed(r, text, pooling='cls') - want).max()
     print(f'{r.workdir}: max |[CLS] vector - transformers| = {diff:.2e}')
     assert diff <= TOL
+
+  # Continued MLM from it: rows packed and padded in the tokenizer's ids, padding not counted.
+  c = make_tiny_config()
+  c.train.num_steps, c.train.seq_len, c.eval.every_steps, c.ckpt.every_steps = 2, 32, 2, 2
+  c.model.update({k: mc[k] for k in (*train_state.ARCHITECTURE_KEYS, 'dropout_rate',
+                                     'attention_dropout_rate')})
+  c.init_from = str(work)
+  summary = train.run(c, tmp_path / 'mlm')
+  assert summary['finished'] and np.isfinite(summary['eval/loss'])
+  cache = input_pipeline.prepare_data(c, tmp_path / 'mlm', log=lambda s: None).cache
+  for split in (cache.train_rows, cache.val_rows):
+    split = np.asarray(split)
+    after_sep = np.cumsum((split == t.sep_id)[:, ::-1], axis=1)[:, ::-1] == 0
+    assert after_sep.any() and (split[after_sep] == t.pad_id).all()  # the row ends: padding
+    assert not (split == 0).any()  # id 0 ('<|padding|>' here) is text, never in pydocs rows
+  seen = sum(int((input_pipeline.global_batch_rows(cache.train_rows, s, global_batch=8,
+                                                   seed=c.seed) != t.pad_id).sum())
+             for s in range(2))
+  assert summary['tokens_seen'] == seen
 
 
 @pytest.mark.slow

@@ -181,7 +181,8 @@ class MlmTask(Task):
           size=config.masking.pmi.vocab_size, sample=self.side_sample, log=self.log)
     self.tables = masking.tables_for(self.spec, self.tokenizer, pmi_vocab)
     self.val_batches = input_pipeline.eval_batches(cache.val_rows, batch_size=config.eval.batch_size,
-                                                   num_batches=config.eval.num_batches)
+                                                   num_batches=config.eval.num_batches,
+                                                   pad_id=self.tokenizer.pad_id)
     if not self.val_batches:
       self.log('WARNING: the validation split is empty; evaluation is skipped (raise data.val_fraction)')
     else:
@@ -201,7 +202,7 @@ class MlmTask(Task):
     """Returns (data.side_table_tokens // seq_len of rows drawn from the seed, what was drawn)."""
     budget = int(self.config.data.side_table_tokens)
     sample, info = shards.sample_rows(rows, budget and max(1, budget // rows.shape[1]),
-                                      int(self.config.seed))
+                                      int(self.config.seed), pad_id=self.tokenizer.pad_id)
     if self.spec.strategy == 'pmi' and what == 'n-gram baselines':
       what += ' and PMI vocabulary'
     self.log(f'{what}: {shards.describe_sample(info)}; '
@@ -252,7 +253,8 @@ class MlmTask(Task):
     # The workdir already holds this run's tokenizer, so the second corpus is cut into the same pieces.
     data = input_pipeline.prepare_data(other_cfg, workdir, log=self.log)
     batches = input_pipeline.eval_batches(data.cache.val_rows, batch_size=config.eval.batch_size,
-                                          num_batches=config.eval.num_batches)
+                                          num_batches=config.eval.num_batches,
+                                          pad_id=self.tokenizer.pad_id)
     if not batches:
       raise ValueError(f'eval.other_corpus={corpus_name!r}: its validation split is empty')
     self._log_fit(f'{name} validation', data.cache.val_rows)

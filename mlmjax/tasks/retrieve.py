@@ -338,7 +338,8 @@ class RetrieveTask(Task):
       return {}
     fn, pad_id = self._eval_fn(graphdef), self.layout_ids()['pad_id']
     q_parts, d_parts, totals = [], [], np.zeros(3)
-    for batch in input_pipeline.eval_batches(rows, batch_size=int(self.config.eval.batch_size)):
+    for batch in input_pipeline.eval_batches(rows, batch_size=int(self.config.eval.batch_size),
+                                             pad_id=pad_id):
       q, d, sums = fn(params, to_device(batch))
       valid = batch[:, 0] != pad_id  # the padding rows of the last batch are all PAD
       q_parts.append(task_data.to_host(q)[valid])
