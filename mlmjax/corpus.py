@@ -226,10 +226,11 @@ class DigestSet:
     self._bits[top >> 3] |= 1 << (top & 7)
     self._new.add(digest)
     if len(self._new) >= self._buffer:
-      run = np.sort(np.fromiter(self._new, np.uint64, len(self._new)))
+      run = np.fromiter(self._new, np.uint64, len(self._new))
       self._new = set()
       while self._runs and len(self._runs[-1]) <= len(run):
-        run = np.sort(np.concatenate([self._runs.pop(), run]))
+        run = np.concatenate([self._runs.pop(), run])
+      run.sort()  # in place: a merge holds the runs and one copy
       self._runs.append(run)
     return True
 
