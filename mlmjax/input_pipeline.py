@@ -143,12 +143,15 @@ class TokenCache:
 
 
 def token_cache_key(corpus_key: str, tokenizer_fingerprint: str, *, seq_len: int,
-                    val_fraction: float, seed: int, grouping: dict | None = None) -> str:
+                    val_fraction: float, seed: int, grouping: dict | None = None,
+                    pad_id: int = PAD_ID) -> str:
   """Returns the cache directory name for this corpus, tokenizer, packing and split."""
-  spec = json.dumps({'format': CACHE_FORMAT, 'corpus': corpus_key,
-                     'tokenizer': tokenizer_fingerprint, 'seq_len': int(seq_len),
-                     'val_fraction': float(val_fraction), 'seed': int(seed),
-                     'min_chunk': MIN_CHUNK, 'near_dups': grouping}, sort_keys=True)
+  parts = {'format': CACHE_FORMAT, 'corpus': corpus_key, 'tokenizer': tokenizer_fingerprint,
+           'seq_len': int(seq_len), 'val_fraction': float(val_fraction), 'seed': int(seed),
+           'min_chunk': MIN_CHUNK, 'near_dups': grouping}
+  if pad_id != PAD_ID:  # rows padded with a [PAD] other than 0 (earlier builds padded with 0)
+    parts['pad_id'] = int(pad_id)
+  spec = json.dumps(parts, sort_keys=True)
   return f'tokens-L{int(seq_len)}-{hashlib.sha256(spec.encode()).hexdigest()[:20]}'
 
 
@@ -657,7 +660,8 @@ def _prepare_data(config, workdir, exclude_texts: Sequence[str], log, adapt) -> 
   # Packing order uses a fixed seed, so runs that differ only in config.seed share one cache;
   # config.seed drives the per-epoch row order instead.
   key = token_cache_key(ckey, tokenizer.fingerprint, seq_len=config.train.seq_len,
-                        val_fraction=config.data.val_fraction, seed=0, grouping=nd_key)
+                        val_fraction=config.data.val_fraction, seed=0, grouping=nd_key,
+                        pad_id=tokenizer.pad_id)
   cache = load_or_build_token_cache(root / 'tokens', key, documents_fn=documents, tokenizer=tokenizer,
                                     seq_len=config.train.seq_len,
                                     val_fraction=config.data.val_fraction, seed=0, split_fn=split,

@@ -240,6 +240,8 @@ def _inputs(config, given) -> dict:
   data, t_cfg = config.data, config.tokenizer
   if given is not None:
     tokenizer = {'fingerprint': given.fingerprint}
+    if given.pad_id != tokenizer_lib.PAD_ID:  # rows padded with it (earlier builds padded with 0)
+      tokenizer['pad_id'] = int(given.pad_id)
   else:
     tokenizer = {k: t_cfg[k] for k in ('vocab_size', 'model_type', 'character_coverage',
                                        'max_sentences', 'sample_chars')}

@@ -189,8 +189,19 @@ def test_token_cache_key():
   others = [ip.token_cache_key('corpus2', 'fp', **base), ip.token_cache_key('corpus', 'fp2', **base),
             ip.token_cache_key('corpus', 'fp', **{**base, 'seq_len': 64}),
             ip.token_cache_key('corpus', 'fp', **{**base, 'val_fraction': 0.1}),
-            ip.token_cache_key('corpus', 'fp', **{**base, 'seed': 1})]
-  assert len(set(others + [key])) == 6
+            ip.token_cache_key('corpus', 'fp', **{**base, 'seed': 1}),
+            ip.token_cache_key('corpus', 'fp', **{**base, 'pad_id': 50283})]
+  assert len(set(others + [key])) == 7
+  assert ip.token_cache_key('corpus', 'fp', **base, pad_id=PAD_ID) == key  # keys of [PAD] 0 stay
+
+
+def test_pack_pads_with_the_given_pad_id():
+  docs = [[7, 8, 9], [10] * 20, [11, 12]]
+  zero, other = ip.pack_documents(docs, 16), ip.pack_documents(docs, 16, pad_id=99)
+  assert (zero == PAD_ID).any() and not (zero == 99).any()
+  np.testing.assert_array_equal(np.where(zero == PAD_ID, 99, zero), other)
+  batches = ip.eval_batches(other, batch_size=4, pad_id=99)
+  assert (batches[-1][len(other) % 4:] == 99).all()
 
 
 def test_cache_builds_once_and_holds_the_documents(tokenizer, tmp_path):
