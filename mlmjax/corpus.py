@@ -200,7 +200,7 @@ class DigestSet:
 
   def __init__(self, buffer: int = 1 << 18):
     self._buffer, self._new, self._runs = buffer, set(), []  # runs: sorted uint64, longest first
-    self._bits = bytearray(1 << 24)
+    self._bits = memoryview(np.zeros(1 << 24, np.uint8))  # calloc'd: pages are touched as set
 
   def __len__(self) -> int:
     return len(self._new) + sum(len(run) for run in self._runs)
