@@ -463,6 +463,7 @@ def test_imported_modernbert_predicts_fine_tunes_and_exports_its_tensors(tmp_pat
   # Continued MLM from it: rows packed and padded in the tokenizer's ids, padding not counted.
   c = make_tiny_config()
   c.train.num_steps, c.train.seq_len, c.eval.every_steps, c.ckpt.every_steps = 2, 32, 2, 2
+  c.data.max_documents = 200  # a small cache: the padding is what is checked
   c.model.update({k: mc[k] for k in (*train_state.ARCHITECTURE_KEYS, 'dropout_rate',
                                      'attention_dropout_rate')})
   c.init_from = str(work)
