@@ -201,6 +201,7 @@ def test_pack_pads_with_the_given_pad_id():
   assert (zero == PAD_ID).any() and not (zero == 99).any()
   np.testing.assert_array_equal(np.where(zero == PAD_ID, 99, zero), other)
   batches = ip.eval_batches(other, batch_size=4, pad_id=99)
+  assert len(other) % 4  # so the last batch has padding rows
   assert (batches[-1][len(other) % 4:] == 99).all()
 
 
