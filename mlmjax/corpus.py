@@ -6,6 +6,7 @@
 - A path, a glob (`data/*.txt`), or several comma-separated ones, each expanded in sorted order:
   `.txt` (documents separated by blank lines, hard-wrapped lines joined with one space) and
   `.jsonl` (one JSON object per line, text in `data.text_field`), optionally gzipped (`.gz`).
+  Paths and globs may be URLs (`gs://B/corpus/*.jsonl`), read through urlfiles.py.
 - `'tfds:NAME'` (e.g. `tfds:imdb_reviews`): a prepared TensorFlow Datasets dataset, text from
   `data.text_field` of split `data.tfds_split`. It only downloads with `data.tfds_download=True`;
   otherwise missing data fails at once. `data.max_documents` stops cleaning, not reading: to read
@@ -45,7 +46,7 @@ from typing import Any
 import ftfy
 import numpy as np
 
-from mlmjax import pydocs
+from mlmjax import pydocs, urlfiles
 
 CORPUS_BUILDER_VERSION = 1
 
@@ -354,7 +355,8 @@ def corpus_key(data_cfg: Any) -> str:
     source = {'tfds': spec[len('tfds:'):], 'split': data_cfg.tfds_split,
               'data_dir': os.path.abspath(os.path.expanduser(data_dir)) if data_dir else ''}
   else:
-    source = {'files': [(os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+    source = {'files': [(p, *urlfiles.stat(p)) if urlfiles.is_url(p) else
+                        (os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
                         for p in _expand_paths(spec)]}
   payload = {'builder': CORPUS_BUILDER_VERSION, 'source': source, 'cleaning': opts,
              'ftfy': ftfy.__version__, 'unicode': unicodedata.unidata_version}
@@ -439,7 +441,14 @@ def _expand_sources(spec: str) -> dict[str, bool]:
     if not part:
       continue
     pattern = os.path.expanduser(part)
-    if glob.has_magic(pattern):
+    if urlfiles.is_url(pattern):
+      if glob.has_magic(pattern):
+        matches = urlfiles.glob(pattern)
+      else:
+        matches = [pattern] if urlfiles.stat(pattern, missing_ok=True) else []
+      if not matches:
+        raise FileNotFoundError(f'data.corpus: {part!r} names no file; fix the URL in data.corpus')
+    elif glob.has_magic(pattern):
       matches = [p for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
       if not matches:
         raise FileNotFoundError(f'data.corpus: the glob {part!r} matches no files '
@@ -474,9 +483,8 @@ def _read_files(sources: dict[str, bool], text_field: str, bad: BadInput) -> Ite
 
 def _bad_file(path: str, bad: BadInput, *, strict: bool) -> bool:
   """Returns whether `path` is binary or not gzip (reported to `bad`), from its first bytes."""
-  opener = gzip.open if path.endswith('.gz') else open
   try:
-    with opener(path, 'rb') as f:
+    with urlfiles.open_binary(path) as f:
       head = f.read(_SNIFF_BYTES)
   except (gzip.BadGzipFile, EOFError, zlib.error) as e:
     bad('unreadable_files', f'corpus file {path} is not a valid gzip file ({e})', strict=strict)
@@ -491,13 +499,12 @@ def _bad_file(path: str, bad: BadInput, *, strict: bool) -> bool:
 
 def _decoded_lines(path: str, bad: BadInput, strict_file: bool) -> Iterator[tuple[int, str | None]]:
   """Yields (line number, line) of a UTF-8 file; the line is None where `bad` skipped it."""
-  opener = gzip.open if path.endswith('.gz') else open
   max_chars = bad.max_line_chars
   limit = 4 * max_chars + 4  # UTF-8 takes at most 4 bytes per character: more is over max_chars
   seen_text = skipped = False
   lineno = 0
   try:
-    with opener(path, 'rb') as f:
+    with urlfiles.open_binary(path) as f:
       while raw := f.readline(limit):
         lineno += 1
         where = f'corpus file {path} line {lineno}'

@@ -17,25 +17,29 @@ trains the tokenizer as prepare does, then runs two pipelines with one cheap pas
    by prepare._write_shard (a shard whose meta and checksum already hold is kept).
 
 Last, prepare._manifest writes manifest.json here. No step holds the corpus: a worker holds one
-partition's summary or one group; the plan holds one partition's summary and the 16-byte hashes of
-the kept documents (prepare holds the same set). Files are opened by path, so --out (with its
-scratch folder .beam/) and data.corpus must be absolute paths that every worker sees.
+partition's summary or one group; the plan holds one partition's summary and the 64-bit hashes of
+the kept documents (prepare holds the same set). --out (with its scratch folder .beam/) and
+data.corpus must be seen by every worker: absolute paths on a shared filesystem, or URLs
+(`gs://B/...`, through Beam's FileSystems: Dataflow's workers share no filesystem).
 """
 
 import array
+import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import pathlib
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from mlmjax import cli, corpus, prepare
+from mlmjax import cli, corpus, prepare, urlfiles
 from mlmjax import tokenizer as tokenizer_lib
 
 INSTALL = 'pip install -r requirements-beam.txt && pip install --no-deps -e .'
@@ -96,14 +100,27 @@ def _clean(source: _Source, text: str) -> tuple[str, list[str]]:
   return corpus._clean_steps(text, source.options['fix_text'], source.options['normalization'])
 
 
-def _save(path: pathlib.Path, **arrays) -> None:
-  """Writes arrays to an .npz file under a temporary name, renamed when complete."""
+def _at(folder, name: str):
+  """Returns the file `name` in a local folder (a Path) or a folder URL (a str)."""
+  return urlfiles.join(folder, name) if urlfiles.is_url(folder) else pathlib.Path(folder) / name
+
+
+def _save(path, **arrays) -> None:
+  """Writes arrays to an .npz file, complete or not at all (a local file is renamed when whole)."""
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  tokenizer_lib.write_atomically(path, buffer.getvalue())
+  if urlfiles.is_url(path):
+    urlfiles.write_bytes(path, buffer.getvalue())
+  else:
+    tokenizer_lib.write_atomically(path, buffer.getvalue())
 
 
-def _scan(part, source: _Source, work: pathlib.Path) -> int:
+def _load(path):
+  """Returns np.load of a local .npz file or of one at a URL."""
+  return np.load(io.BytesIO(urlfiles.read_bytes(path)) if urlfiles.is_url(path) else path)
+
+
+def _scan(part, source: _Source, work) -> int:
   """Reads and cleans one partition into work/scan-NNNNN.npz; returns its number of documents."""
   status, changed, chars, digests = (array.array('B'), array.array('B'), array.array('q'),
                                      array.array('Q'))
@@ -130,7 +147,7 @@ def _scan(part, source: _Source, work: pathlib.Path) -> int:
   except ValueError as e:  # bad input under data.bad_input='error': the plan raises it, in order
     info['error'] = str(e)
   info['skipped'], info['first_skipped'] = bad.counts, bad.first
-  _save(work / f'scan-{part[0]:05d}.npz', status=np.frombuffer(status, np.uint8),
+  _save(_at(work, f'scan-{part[0]:05d}.npz'), status=np.frombuffer(status, np.uint8),
         changed=np.frombuffer(changed, np.uint8), chars=np.frombuffer(chars, np.int64),
         digests=np.frombuffer(digests, np.uint64), passages=np.frombuffer(passages, np.int64),
         passage_chars=np.frombuffer(passage_chars, np.int64),
@@ -139,7 +156,7 @@ def _scan(part, source: _Source, work: pathlib.Path) -> int:
 
 
 def _plan(source: _Source, parts, shard_chars: int,
-          work: pathlib.Path) -> tuple[corpus.CleaningReport, dict[str, int]]:
+          work) -> tuple[corpus.CleaningReport, dict[str, int]]:
   """Applies the drop rules and the grouping rule to the scans in corpus order.
 
   Writes work/plan-NNNNN.npz per partition (which raw documents are kept; each kept passage's
@@ -150,7 +167,7 @@ def _plan(source: _Source, parts, shard_chars: int,
   report, grouping = corpus.CleaningReport(), prepare._Grouping(shard_chars)
   seen, sizes = corpus.DigestSet(), {}
   for index, _, _ in parts:
-    with np.load(work / f'scan-{index:05d}.npz') as scan:
+    with _load(_at(work, f'scan-{index:05d}.npz')) as scan:
       info = json.loads(str(scan['info']))
       if info['error']:
         raise ValueError(info['error'])
@@ -193,16 +210,16 @@ def _plan(source: _Source, parts, shard_chars: int,
         splits.append(val[j])
         if closed:
           sizes[prepare.shard_name(split, group)] = closed
-    _save(work / f'plan-{index:05d}.npz', kept=kept, groups=np.frombuffer(groups, np.int64),
+    _save(_at(work, f'plan-{index:05d}.npz'), kept=kept, groups=np.frombuffer(groups, np.int64),
           val=np.frombuffer(splits, np.uint8))
   for split, group, documents in grouping.finish():
     sizes[prepare.shard_name(split, group)] = documents
   return report, sizes
 
 
-def _emit(part, source: _Source, work: pathlib.Path) -> Iterator[tuple[tuple[str, int], Any]]:
+def _emit(part, source: _Source, work) -> Iterator[tuple[tuple[str, int], Any]]:
   """Yields ((split, group), ((partition, passage), text)) for a partition's kept passages."""
-  with np.load(work / f'plan-{part[0]:05d}.npz') as plan:
+  with _load(_at(work, f'plan-{part[0]:05d}.npz')) as plan:
     kept, groups, val = plan['kept'].tolist(), plan['groups'].tolist(), plan['val'].tolist()
   changed = RuntimeError(f'{part[1] or source.spec} read differently in the scan and the write '
                          '(did it change meanwhile?); run the build again')
@@ -223,42 +240,130 @@ def _emit(part, source: _Source, work: pathlib.Path) -> Iterator[tuple[tuple[str
     raise changed
 
 
-def _write(item, out: pathlib.Path, job: prepare._Job) -> dict:
-  """Writes the shard of one (split, group) and its gathered passages; returns its meta."""
+def _read_json(path) -> dict | None:
+  """Returns the JSON object in a local file or one at a URL; None when missing or damaged."""
+  if not urlfiles.is_url(path):
+    return prepare._read_json(path)
+  data = urlfiles.read_bytes(path)
+  try:
+    found = json.loads(data) if data is not None else None
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    return None
+  return found if isinstance(found, dict) else None
+
+
+def _verified_url(out: str, name: str, digest: str, fingerprint: str,
+                  documents: int) -> dict | None:
+  """prepare._verified for a folder URL: the meta of shard `name` when its checksum holds."""
+  meta = _read_json(urlfiles.join(out, f'{name}.json'))
+  if meta is None or meta.get('config_digest') != digest:
+    return None
+  data = urlfiles.read_bytes(urlfiles.join(out, meta.get('file') or f'{name}.npy'))
+  if (meta.get('tokenizer_fingerprint') != fingerprint or meta.get('documents') != documents
+      or data is None or hashlib.sha256(data).hexdigest() != meta.get('sha256')):
+    logging.warning('prepare_beam: %s/%s.npy does not match its meta file; it is built again',
+                    out, name)
+    return None
+  return meta
+
+
+def _write(item, out, job: prepare._Job) -> dict:
+  """Writes the shard of one (split, group) and its gathered passages; returns its meta.
+
+  out: a local folder, or a folder URL, where the shard is written here first and then copied,
+  its meta file last (the meta vouches for the shard).
+  """
   (split, index), values = item
   docs = [text for _, text in sorted(values, key=lambda v: v[0])]
   name = prepare.shard_name(split, index)
   fingerprint = prepare._worker_tokenizer(job).fingerprint
-  meta = prepare._verified(out, name, job.config_digest, fingerprint, len(docs), logging.warning)
-  return meta or prepare._write_shard(out, split, index, docs, job)
+  if not urlfiles.is_url(out):
+    out = pathlib.Path(out)
+    meta = prepare._verified(out, name, job.config_digest, fingerprint, len(docs), logging.warning)
+    return meta or prepare._write_shard(out, split, index, docs, job)
+  meta = _verified_url(out, name, job.config_digest, fingerprint, len(docs))
+  if meta is not None:
+    return meta
+  with tempfile.TemporaryDirectory() as tmp:
+    meta = prepare._write_shard(pathlib.Path(tmp), split, index, docs, job)
+    for file in (meta['file'], f'{name}.json'):
+      urlfiles.write_bytes(urlfiles.join(out, file), (pathlib.Path(tmp) / file).read_bytes())
+  return meta
+
+
+def _start_url(url: str, digest: str, local: pathlib.Path, log) -> dict | None:
+  """Returns the manifest when folder URL `url` holds this build done; else readies `local`.
+
+  Refuses a folder that holds another config's build; copies this build's state and tokenizer
+  from an interrupted run into `local`, where prepare._tokenizer reuses them.
+  """
+  manifest = _read_json(urlfiles.join(url, prepare.MANIFEST))
+  if manifest is not None and manifest.get('config_digest') == digest:
+    tokenizer = urlfiles.read_bytes(urlfiles.join(url, manifest['tokenizer']['file']))
+    sizes = [(urlfiles.stat(urlfiles.join(url, s['file']), missing_ok=True) or (-1,))[0]
+             == s['bytes'] for s in manifest['shards']]
+    if (all(sizes) and tokenizer is not None
+        and hashlib.sha256(tokenizer).hexdigest() == manifest['tokenizer']['fingerprint']):
+      log(f'prepare_beam: {url} already holds this build ({len(sizes)} shards of the '
+          'manifest\'s sizes)')
+      return manifest
+  state = _read_json(urlfiles.join(url, prepare.BUILD))
+  if state is None:
+    return None
+  if state.get('config_digest') != digest:
+    raise ValueError(f'{url} holds a build of another config (config digest '
+                     f'{str(state.get("config_digest"))[:12]}, this config {digest[:12]}): '
+                     'choose another --out or delete it')
+  for name in (prepare.BUILD, state.get('tokenizer_file')):
+    data = urlfiles.read_bytes(urlfiles.join(url, name)) if name else None
+    if data is not None:
+      tokenizer_lib.write_atomically(local / name, data)
+  return None
 
 
 def build(config, out=None, *, pipeline_args=(), workers: int = 1,
           log: Callable[[str], None] = print) -> dict:
   """Builds (or completes) the token shards of `config` in `out` on Beam; returns the manifest.
 
-  pipeline_args: Beam's pipeline options (the runner and its settings); workers: processes that
-  clean the tokenizer's sample here. out=None: prepare.default_out(config, digest).
+  out: a folder every worker sees, or a folder URL (gs://B/shards/base: the build's small files
+  are made in a local temporary folder and copied, the manifest last); None:
+  prepare.default_out(config, digest). pipeline_args: Beam's pipeline options (the runner and its
+  settings); workers: processes that clean the tokenizer's sample here.
   """
   beam = _beam()
   from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
   prepare._check(config, workers, 0, 1)
-  given, inputs, out, done = prepare._start(config, out, 0, 1, log)
-  if done is not None:
-    return done
-  start, digest = time.perf_counter(), prepare.config_digest(inputs)
-  with prepare._Workers(workers) as pool:
-    tok = prepare._tokenizer(config, out, digest, given, pool, log)
-  job = prepare._job(config, digest, tok)
-  out = out.resolve()
-  (out / prepare.MANIFEST).unlink(missing_ok=True)
-  work = out / '.beam'  # the scans and plans of this run, deleted when it ends
-  shutil.rmtree(work, ignore_errors=True)
-  work.mkdir()
-  source = _source(config.data)
-  parts = _partitions(source)
-  options = pipeline_options.PipelineOptions(list(pipeline_args))
-  try:
+  url = str(out).rstrip('/') if out is not None and urlfiles.is_url(out) else None
+  with contextlib.ExitStack() as stack:
+    local = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory())) if url else out
+    given, inputs, local, done = prepare._start(config, local, 0, 1, log)
+    digest = prepare.config_digest(inputs)
+    if url:
+      done = _start_url(url, digest, local, log)
+    if done is not None:
+      return done
+    start = time.perf_counter()
+    with prepare._Workers(workers) as pool:
+      tok = prepare._tokenizer(config, local, digest, given, pool, log)
+    job = prepare._job(config, digest, tok)
+    target = url or local.resolve()
+    if url:  # from the start, the folder says which build it holds
+      urlfiles.delete([urlfiles.join(url, prepare.MANIFEST)])
+      for name in (tok.file_name, prepare.BUILD):
+        urlfiles.write_bytes(urlfiles.join(url, name), (local / name).read_bytes())
+    else:
+      (local / prepare.MANIFEST).unlink(missing_ok=True)
+    work = _at(target, '.beam')  # the scans and plans of this run, deleted when it ends
+    source = _source(config.data)
+    parts = _partitions(source)
+    if url:
+      scratch = [_at(work, f'{kind}-{i:05d}.npz') for kind in ('scan', 'plan') for i, _, _ in parts]
+      stack.callback(urlfiles.delete, scratch)
+    else:
+      shutil.rmtree(work, ignore_errors=True)
+      work.mkdir()
+      stack.callback(shutil.rmtree, work, ignore_errors=True)
+    options = pipeline_options.PipelineOptions(list(pipeline_args))
     log(f'prepare_beam: scanning {len(parts)} partition(s) of {source.spec!r}')
     with beam.Pipeline(options=options) as p:
       _ = (p | 'partitions' >> beam.Create(parts) | 'spread' >> beam.Reshuffle()
@@ -270,16 +375,17 @@ def build(config, out=None, *, pipeline_args=(), workers: int = 1,
     with beam.Pipeline(options=options) as p:
       _ = (p | 'partitions' >> beam.Create(parts) | 'spread' >> beam.Reshuffle()
            | 'read' >> beam.FlatMap(_emit, source, work) | 'group' >> beam.GroupByKey()
-           | 'write' >> beam.Map(_write, out, job))
-  finally:
-    shutil.rmtree(work, ignore_errors=True)
-  metas = {}
-  for name in sizes:
-    meta = prepare._read_json(out / f'{name}.json')
-    if meta is not None and meta.get('config_digest') == digest:
-      metas[name] = meta
-  manifest = prepare._manifest(out, inputs, job, tok, report, sizes, metas, log)
-  prepare._summary(config, out, report, manifest, time.perf_counter() - start, log)
+           | 'write' >> beam.Map(_write, target, job))
+    metas = {}
+    for name in sizes:
+      meta = _read_json(_at(target, f'{name}.json'))
+      if meta is not None and meta.get('config_digest') == digest:
+        metas[name] = meta
+    manifest = prepare._manifest(local, inputs, job, tok, report, sizes, metas, log)
+    if url and manifest is not None:  # last: the manifest vouches for the folder
+      urlfiles.write_bytes(urlfiles.join(url, prepare.MANIFEST),
+                           (local / prepare.MANIFEST).read_bytes())
+    prepare._summary(config, target, report, manifest, time.perf_counter() - start, log)
   return manifest
 
 

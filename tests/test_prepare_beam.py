@@ -3,6 +3,8 @@
 import collections
 import dataclasses
 import json
+import os
+import pathlib
 
 import pytest
 
@@ -11,6 +13,58 @@ from mlmjax import corpus, prepare, prepare_beam
 
 SHARD_CHARS = 30_000  # the ~400 k characters below make about a dozen train shards
 
+try:
+  from apache_beam.io import filesystem as beam_filesystem
+  from apache_beam.io import localfilesystem
+except ImportError:
+  localfilesystem = None
+else:
+
+  class _UrlFileSystem(localfilesystem.LocalFileSystem):
+    """Beam's filesystem for `mlmjaxtest://NAME` URLs, kept in the folder `root`."""
+
+    root = pathlib.Path('/nonexistent')
+    prefix = 'mlmjaxtest://'
+
+    @classmethod
+    def scheme(cls):
+      return 'mlmjaxtest'
+
+    def _local(self, url: str) -> str:
+      assert url.startswith(self.prefix), url  # no local path may reach this filesystem
+      return str(self.root / url[len(self.prefix):])
+
+    def join(self, base, *paths):
+      return '/'.join([base.rstrip('/'), *paths])
+
+    def _url_dirname(self, url):
+      return url.rsplit('/', 1)[0]
+
+    def exists(self, path):
+      return os.path.exists(self._local(path))
+
+    def _list(self, dir_or_prefix):
+      for folder, _, names in os.walk(self._local(dir_or_prefix)):
+        for name in names:
+          path = os.path.join(folder, name)
+          yield beam_filesystem.FileMetadata(self.prefix + os.path.relpath(path, self.root),
+                                             os.path.getsize(path), os.path.getmtime(path))
+
+    def metadata(self, path):
+      local = self._local(path)
+      return beam_filesystem.FileMetadata(path, os.path.getsize(local), os.path.getmtime(local))
+
+    def create(self, path, *args, **kwargs):
+      os.makedirs(os.path.dirname(self._local(path)), exist_ok=True)
+      return self._path_open(self._local(path), 'wb', *args, **kwargs)
+
+    def open(self, path, *args, **kwargs):
+      return self._path_open(self._local(path), 'rb', *args, **kwargs)
+
+    def delete(self, paths):
+      for path in paths:
+        os.remove(self._local(path))
+
 
 def _quiet(_):
   pass
@@ -18,7 +72,7 @@ def _quiet(_):
 
 def _files(directory) -> dict[str, bytes]:
   """Returns {file name: bytes} of a build directory."""
-  return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+  return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 @pytest.fixture(scope='module')
@@ -155,3 +209,84 @@ def test_without_beam_the_command_names_the_install(tmp_path):
   message = str(e.value.code)
   assert message.startswith('error: mlmjax.prepare_beam needs apache-beam')
   assert prepare_beam.INSTALL in message and '\n' not in message
+
+
+def test_the_steps_read_and_write_folder_urls(reference, tmp_path):
+  tf = pytest.importorskip('tensorflow', reason='tf.io.gfile serves URLs where Beam is absent')
+  if prepare_beam.urlfiles._beam() is not None:
+    pytest.skip('Beam serves URLs here: test_the_direct_runner_builds_in_a_folder_url covers it')
+  config, out, manifest = reference
+  root = f'ram://{tmp_path.name}'  # TensorFlow's in-memory filesystem: no local path works there
+  for path in sorted(pathlib.Path(config.data.corpus).parent.iterdir()):
+    with tf.io.gfile.GFile(f'{root}/corpus/{path.name}', 'wb') as f:
+      f.write(path.read_bytes())
+  folder, config = config.data.corpus[:-2], _config(f'{root}/corpus/*', config.tokenizer.path)
+  source, parts, report, sizes = _scan_and_plan(config, f'{root}/work')
+  assert [p[1] for p in parts] == [f'{root}/corpus/{n}' for n in ('a.txt', 'b.txt', 'c.jsonl')]
+  report.first_skipped = {k: v.replace(f'{root}/corpus', folder)
+                          for k, v in report.first_skipped.items()}
+  assert dataclasses.asdict(report) == manifest['cleaning']
+  assert sizes == {e['file'][:-4]: e['documents'] for e in manifest['shards']}
+  groups = collections.defaultdict(list)
+  for part in parts:
+    for key, value in prepare_beam._emit(part, source, f'{root}/work'):
+      groups[key].append(value)
+  job = prepare._job(config, manifest['config_digest'], prepare.tokenizer_lib.load_any(
+      config.tokenizer.path))
+  for item in groups.items():
+    prepare_beam._write(item, f'{root}/shards', job)
+  reference_files = _files(out)
+  for entry in manifest['shards']:
+    for name in (entry['file'], entry['file'][:-4] + '.json'):
+      with tf.io.gfile.GFile(f'{root}/shards/{name}', 'rb') as f:
+        assert f.read() == reference_files[name], name
+  # A damaged shard is written again; a sound one is kept.
+  name = manifest['shards'][0]['file']
+  with tf.io.gfile.GFile(f'{root}/shards/{name}', 'wb') as f:
+    f.write(reference_files[name][:-1])
+  key = next(k for k in groups if prepare.shard_name(*k) + '.npy' == name)
+  assert prepare_beam._write((key, groups[key]), f'{root}/shards', job) == json.loads(
+      reference_files[name[:-4] + '.json'])
+  with tf.io.gfile.GFile(f'{root}/shards/{name}', 'rb') as f:
+    assert f.read() == reference_files[name]
+
+
+def test_the_direct_runner_builds_in_a_folder_url(reference, tmp_path):
+  if localfilesystem is None:
+    pytest.skip(f'apache-beam needs its own environment (protobuf<7): {prepare_beam.INSTALL}')
+  config, out, manifest = reference
+  _UrlFileSystem.root = tmp_path
+  folder = pathlib.Path(config.data.corpus).parent
+  (tmp_path / 'corpus').mkdir()
+  for path in folder.iterdir():
+    (tmp_path / 'corpus' / path.name).write_bytes(path.read_bytes())
+  config = _config('mlmjaxtest://corpus/*', config.tokenizer.path)
+  url, args = 'mlmjaxtest://shards', ['--runner=DirectRunner']
+
+  def same_build(built):
+    """Asserts that a build at the URL holds the reference's shards and tokenizer."""
+    assert built['shards'] == manifest['shards'] and built['splits'] == manifest['splits']
+    cleaning = json.dumps(built['cleaning']).replace('mlmjaxtest://corpus', str(folder))
+    assert json.loads(cleaning) == manifest['cleaning']
+    files, reference_files = _files(tmp_path / 'shards'), _files(out)
+    assert files.keys() == reference_files.keys()
+    assert not list(tmp_path.glob('shards/.beam/*'))  # no scratch left behind
+    assert all(files[k] == v for k, v in reference_files.items() if k.endswith(('.npy', '.model')))
+    assert json.loads(files[prepare.MANIFEST]) == built
+
+  same_build(prepare_beam.build(config, url, pipeline_args=args, log=_quiet))
+  # A rerun keeps what holds and writes what is missing or damaged.
+  (tmp_path / 'shards' / prepare.MANIFEST).unlink()
+  (tmp_path / 'shards' / 'train-00001.json').unlink()
+  damaged = bytearray((tmp_path / 'shards' / 'train-00002.npy').read_bytes())
+  damaged[-1] ^= 0xFF
+  (tmp_path / 'shards' / 'train-00002.npy').write_bytes(bytes(damaged))
+  kept = (tmp_path / 'shards' / 'train-00000.npy').stat().st_mtime_ns
+  same_build(prepare_beam.build(config, url, pipeline_args=args, log=_quiet))
+  assert (tmp_path / 'shards' / 'train-00000.npy').stat().st_mtime_ns == kept
+  lines = []
+  same_build(prepare_beam.build(config, url, pipeline_args=args, log=lines.append))
+  assert len(lines) == 1 and 'already holds this build' in lines[0]
+  config.data.shard_chars = 2 * SHARD_CHARS
+  with pytest.raises(ValueError, match='mlmjaxtest://shards holds a build of another config'):
+    prepare_beam.build(config, url + '/', pipeline_args=args, log=_quiet)
