@@ -5,9 +5,10 @@ r"""Downstream suites: `python -m mlmjax.evalsuite RUN_DIRS... --suite local --s
 
 Every pretrained run (a workdir, or every run under a sweep directory) is fine-tuned on every task
 of the suite (the presets of configs/finetune.py) once per seed, in RUN/downstream/TASK/seedS.
-Finished pairs are skipped and interrupted ones resume. RUN/downstream.json then holds, per task,
-the mean over seeds of the task's test metrics; `mlmjax.report` joins them as `task/metric`
-columns. RUN/downstream/results.json keeps every seed's value and the spread.
+Finished pairs are skipped and interrupted ones resume. As soon as a run's pairs are done,
+RUN/downstream.json holds, per task, the mean over seeds of the task's test metrics;
+`mlmjax.report` joins them as `task/metric` columns. RUN/downstream/results.json keeps every
+seed's value and the spread.
 """
 
 import argparse
@@ -116,41 +117,43 @@ def run_suite(run_paths: Sequence[str], suite: str, seeds: int, *, tasks: Sequen
   runs = pretrained_runs(run_paths)
   for task in names:  # bad --set values fail before anything trains
     task_config(task, runs[0], 0, sets)
-  pairs = [(r, t, s) for r in runs for t in names for s in range(seeds)]
+  pairs = len(runs) * len(names) * seeds
   log(f'evalsuite {suite}: {len(runs)} run(s) x {len(names)} task(s) x {seeds} seed(s) = '
-      f'{len(pairs)} fine-tunes')
-  done, out = {}, {}
-  for k, (run_dir, task, seed) in enumerate(pairs, 1):
-    workdir = run_dir / 'downstream' / task / f'seed{seed}'
-    state, step = sweep.disk_state(workdir)
-    prefix = f'[{k}/{len(pairs)}] {run_dir} {task} seed {seed}'
-    if not (run_dir / 'summary.json').is_file() or not json.loads(
-        (run_dir / 'summary.json').read_text()).get('finished'):
-      log(f'{prefix}: pretraining has not finished; skipped')
-      continue
-    config = task_config(task, run_dir, seed, sets)
-    _check_request(workdir, {'task': task, 'set': sorted(sets)})
-    if state == 'finished':
-      log(f'{prefix}: finished before, skipped')
-    elif dry_run:
-      log(f'{prefix}: ' + (f'resume from step {step}' if state == 'partial' else 'train'))
-      continue
-    else:
-      log(f'{prefix}: ' + (f'resuming from step {step}' if state == 'partial' else 'training'))
-      workdir.mkdir(parents=True, exist_ok=True)
-      run_files.atomic_write_json(workdir / REQUEST, {'task': task, 'set': sorted(sets)})
-      summary = train.run(config, workdir)
-      if summary.get('preempted') or not summary.get('finished'):
-        log(f'evalsuite stopped: {workdir} did not finish (step {summary["step"]}); '
-            'rerun to resume')
-        return {}
-      if not keep_checkpoints:  # the metrics are in summary.json; weights of a suite add up
-        for sub in ('checkpoints', 'best'):
-          shutil.rmtree(workdir / sub, ignore_errors=True)
-    summary = json.loads((workdir / 'summary.json').read_text())
-    done.setdefault(run_dir, {}).setdefault(task, {})[seed] = task_metrics(summary, task)
-  for run_dir, by_task in done.items():
-    results = {t: aggregate(per_seed) for t, per_seed in by_task.items() if len(per_seed) == seeds}
+      f'{pairs} fine-tunes')
+  out, k = {}, 0
+  for run_dir in runs:  # each run's downstream.json is written once its pairs are done
+    done = {}
+    for task, seed in [(t, s) for t in names for s in range(seeds)]:
+      k += 1
+      workdir = run_dir / 'downstream' / task / f'seed{seed}'
+      state, step = sweep.disk_state(workdir)
+      prefix = f'[{k}/{pairs}] {run_dir} {task} seed {seed}'
+      if not (run_dir / 'summary.json').is_file() or not json.loads(
+          (run_dir / 'summary.json').read_text()).get('finished'):
+        log(f'{prefix}: pretraining has not finished; skipped')
+        continue
+      config = task_config(task, run_dir, seed, sets)
+      _check_request(workdir, {'task': task, 'set': sorted(sets)})
+      if state == 'finished':
+        log(f'{prefix}: finished before, skipped')
+      elif dry_run:
+        log(f'{prefix}: ' + (f'resume from step {step}' if state == 'partial' else 'train'))
+        continue
+      else:
+        log(f'{prefix}: ' + (f'resuming from step {step}' if state == 'partial' else 'training'))
+        workdir.mkdir(parents=True, exist_ok=True)
+        run_files.atomic_write_json(workdir / REQUEST, {'task': task, 'set': sorted(sets)})
+        summary = train.run(config, workdir)
+        if summary.get('preempted') or not summary.get('finished'):
+          log(f'evalsuite stopped: {workdir} did not finish (step {summary["step"]}); '
+              'rerun to resume')
+          return out
+        if not keep_checkpoints:  # the metrics are in summary.json; weights of a suite add up
+          for sub in ('checkpoints', 'best'):
+            shutil.rmtree(workdir / sub, ignore_errors=True)
+      summary = json.loads((workdir / 'summary.json').read_text())
+      done.setdefault(task, {})[seed] = task_metrics(summary, task)
+    results = {t: aggregate(per_seed) for t, per_seed in done.items() if len(per_seed) == seeds}
     if results:
       out[str(run_dir)] = results
       write_downstream(run_dir, results)

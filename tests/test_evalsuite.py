@@ -118,9 +118,14 @@ def test_sweep_with_seeds_then_the_suite_then_the_report(make_tiny_config, share
   subset = _bbc_subset(shared_data, tmp_path / 'bbc.jsonl', per_label=16)
   sets = [f'task_data.path={subset}', 'train.num_steps=2', 'train.seq_len=64',
           'train.batch_size=8', 'eval.batch_size=16']
-  lines = []
-  out = evalsuite.run_suite([str(root)], 'local', 1, tasks=['bbc'], sets=sets, log=lines.append)
-  assert len(out) == 4 and sum(l.endswith(': training') for l in lines) == 4
+  lines, first = [], root / 'rate=0.15,seed=0' / 'downstream.json'
+
+  def log(line):  # notes whether the first run's results were written before this line
+    lines.append((line, first.is_file()))
+
+  out = evalsuite.run_suite([str(root)], 'local', 1, tasks=['bbc'], sets=sets, log=log)
+  training = [written for line, written in lines if line.endswith(': training')]
+  assert len(out) == 4 and training == [False, True, True, True]  # each run's, once it is done
   for run, results in out.items():
     run = pathlib.Path(run)
     assert set(results['bbc']) == {'accuracy', 'macro_f1', 'mcc'}
