@@ -450,13 +450,18 @@ def test_mcc_matches_direct_float64_formulas():
   assert metrics_lib.mcc([], [], 2) == 0.0
 
 
-def test_mcc_matches_sklearn():
+def test_mcc_and_f1_match_sklearn():
   from sklearn import metrics  # pylint: disable=g-import-not-at-top  (the test extra has it)
   rng = np.random.default_rng(2)
   for n in (2, 3, 5):
     gold, pred = rng.integers(0, n, 250), rng.integers(0, n, 250)
     pred[:100] = gold[:100]
     assert metrics_lib.mcc(gold, pred, n) == pytest.approx(metrics.matthews_corrcoef(gold, pred), abs=1e-12)
+    assert metrics_lib.macro_f1(gold, pred, n) == pytest.approx(
+        metrics.f1_score(gold, pred, average='macro'), abs=1e-12)
+    for k in range(n):
+      assert metrics_lib.class_f1(gold, pred, n, k) == pytest.approx(
+          metrics.f1_score(gold, pred, labels=[k], average='macro'), abs=1e-12)
 
 
 def test_class_f1_is_the_binary_f1_of_the_positive_class():
