@@ -8,13 +8,13 @@ list where a tuple is. Keys the schema does not know (a custom task's own sectio
 
 from typing import Any
 
-from mlmjax import corpus, heads, masking, model, optim, schema, tasks, tokenizer
+from mlmjax import corpus, heads, masking, model, optim, schema, sources, tasks, tokenizer
 
 # Keys that take one of a fixed set of values, from the module that owns each set. config.task is
 # checked against the task registry (tasks.names(), or a 'package.module:ClassName').
 ALLOWED: dict[str, tuple] = {
     'data.normalization': corpus.NORMALIZATIONS,
-    'data.bad_input': corpus.BAD_INPUT_POLICIES,
+    'data.bad_input': sources.BAD_INPUT_POLICIES,
     'tokenizer.model_type': tokenizer.MODEL_TYPES,
     'masking.selection': masking.SELECTIONS,
     'masking.strategy': masking.STRATEGIES,

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from mlmjax import cli, corpus, prepare, urlfiles
+from mlmjax import cli, corpus, prepare, sources
 from mlmjax import tokenizer as tokenizer_lib
 
 INSTALL = 'pip install -r requirements-beam.txt && pip install --no-deps -e .'
@@ -79,18 +79,18 @@ def _partitions(source: _Source) -> list[tuple[int, str | None, bool]]:
   if source.spec == 'pydocs' or source.spec.startswith('tfds:'):
     return [(0, None, True)]
   return [(i, path, literal)
-          for i, (path, literal) in enumerate(corpus._expand_sources(source.spec).items())]
+          for i, (path, literal) in enumerate(sources.expand_sources(source.spec).items())]
 
 
-def _raw(source: _Source, part) -> tuple[Iterator[str], corpus.BadInput]:
+def _raw(source: _Source, part) -> tuple[Iterator[str], sources.BadInput]:
   """Returns the raw documents of a partition, in order, and the BadInput that counts what it skips."""
   opts = source.options
-  bad = corpus.BadInput(opts['bad_input'], opts['max_line_chars'])
+  bad = sources.BadInput(opts['bad_input'], opts['max_line_chars'])
   _, path, literal = part
   if path is not None:
-    return corpus._read_files({path: literal}, opts['text_field'], bad), bad
+    return sources.read_files({path: literal}, opts['text_field'], bad), bad
   split, data_dir, download = source.tfds
-  return corpus.read_raw_documents(source.spec, text_field=opts['text_field'], tfds_split=split,
+  return sources.read_raw_documents(source.spec, text_field=opts['text_field'], tfds_split=split,
                                    tfds_data_dir=data_dir, tfds_download=download,
                                    bad_input=bad), bad
 
@@ -102,22 +102,22 @@ def _clean(source: _Source, text: str) -> tuple[str, list[str]]:
 
 def _at(folder, name: str):
   """Returns the file `name` in a local folder (a Path) or a folder URL (a str)."""
-  return urlfiles.join(folder, name) if urlfiles.is_url(folder) else pathlib.Path(folder) / name
+  return sources.join(folder, name) if sources.is_url(folder) else pathlib.Path(folder) / name
 
 
 def _save(path, **arrays) -> None:
   """Writes arrays to an .npz file, complete or not at all (a local file is renamed when whole)."""
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  if urlfiles.is_url(path):
-    urlfiles.write_bytes(path, buffer.getvalue())
+  if sources.is_url(path):
+    sources.write_bytes(path, buffer.getvalue())
   else:
     tokenizer_lib.write_atomically(path, buffer.getvalue())
 
 
 def _load(path):
   """Returns np.load of a local .npz file or of one at a URL."""
-  return np.load(io.BytesIO(urlfiles.read_bytes(path)) if urlfiles.is_url(path) else path)
+  return np.load(io.BytesIO(sources.read_bytes(path)) if sources.is_url(path) else path)
 
 
 def _scan(part, source: _Source, work) -> int:
@@ -242,9 +242,9 @@ def _emit(part, source: _Source, work) -> Iterator[tuple[tuple[str, int], Any]]:
 
 def _read_json(path) -> dict | None:
   """Returns the JSON object in a local file or one at a URL; None when missing or damaged."""
-  if not urlfiles.is_url(path):
+  if not sources.is_url(path):
     return prepare._read_json(path)
-  data = urlfiles.read_bytes(path)
+  data = sources.read_bytes(path)
   try:
     found = json.loads(data) if data is not None else None
   except (UnicodeDecodeError, json.JSONDecodeError):
@@ -255,10 +255,10 @@ def _read_json(path) -> dict | None:
 def _verified_url(out: str, name: str, digest: str, fingerprint: str,
                   documents: int) -> dict | None:
   """prepare._verified for a folder URL: the meta of shard `name` when its checksum holds."""
-  meta = _read_json(urlfiles.join(out, f'{name}.json'))
+  meta = _read_json(sources.join(out, f'{name}.json'))
   if meta is None or meta.get('config_digest') != digest:
     return None
-  data = urlfiles.read_bytes(urlfiles.join(out, meta.get('file') or f'{name}.npy'))
+  data = sources.read_bytes(sources.join(out, meta.get('file') or f'{name}.npy'))
   if (meta.get('tokenizer_fingerprint') != fingerprint or meta.get('documents') != documents
       or data is None or hashlib.sha256(data).hexdigest() != meta.get('sha256')):
     logging.warning('prepare_beam: %s/%s.npy does not match its meta file; it is built again',
@@ -277,7 +277,7 @@ def _write(item, out, job: prepare._Job) -> dict:
   docs = [text for _, text in sorted(values, key=lambda v: v[0])]
   name = prepare.shard_name(split, index)
   fingerprint = prepare._worker_tokenizer(job).fingerprint
-  if not urlfiles.is_url(out):
+  if not sources.is_url(out):
     out = pathlib.Path(out)
     meta = prepare._verified(out, name, job.config_digest, fingerprint, len(docs), logging.warning)
     return meta or prepare._write_shard(out, split, index, docs, job)
@@ -287,7 +287,7 @@ def _write(item, out, job: prepare._Job) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     meta = prepare._write_shard(pathlib.Path(tmp), split, index, docs, job)
     for file in (meta['file'], f'{name}.json'):
-      urlfiles.write_bytes(urlfiles.join(out, file), (pathlib.Path(tmp) / file).read_bytes())
+      sources.write_bytes(sources.join(out, file), (pathlib.Path(tmp) / file).read_bytes())
   return meta
 
 
@@ -297,17 +297,17 @@ def _start_url(url: str, digest: str, local: pathlib.Path, log) -> dict | None:
   Refuses a folder that holds another config's build; copies this build's state and tokenizer
   from an interrupted run into `local`, where prepare._tokenizer reuses them.
   """
-  manifest = _read_json(urlfiles.join(url, prepare.MANIFEST))
+  manifest = _read_json(sources.join(url, prepare.MANIFEST))
   if manifest is not None and manifest.get('config_digest') == digest:
-    tokenizer = urlfiles.read_bytes(urlfiles.join(url, manifest['tokenizer']['file']))
-    sizes = [(urlfiles.stat(urlfiles.join(url, s['file']), missing_ok=True) or (-1,))[0]
+    tokenizer = sources.read_bytes(sources.join(url, manifest['tokenizer']['file']))
+    sizes = [(sources.url_stat(sources.join(url, s['file']), missing_ok=True) or (-1,))[0]
              == s['bytes'] for s in manifest['shards']]
     if (all(sizes) and tokenizer is not None
         and hashlib.sha256(tokenizer).hexdigest() == manifest['tokenizer']['fingerprint']):
       log(f'prepare_beam: {url} already holds this build ({len(sizes)} shards of the '
           'manifest\'s sizes)')
       return manifest
-  state = _read_json(urlfiles.join(url, prepare.BUILD))
+  state = _read_json(sources.join(url, prepare.BUILD))
   if state is None:
     return None
   if state.get('config_digest') != digest:
@@ -315,7 +315,7 @@ def _start_url(url: str, digest: str, local: pathlib.Path, log) -> dict | None:
                      f'{str(state.get("config_digest"))[:12]}, this config {digest[:12]}): '
                      'choose another --out or delete it')
   for name in (prepare.BUILD, state.get('tokenizer_file')):
-    data = urlfiles.read_bytes(urlfiles.join(url, name)) if name else None
+    data = sources.read_bytes(sources.join(url, name)) if name else None
     if data is not None:
       tokenizer_lib.write_atomically(local / name, data)
   return None
@@ -333,7 +333,7 @@ def build(config, out=None, *, pipeline_args=(), workers: int = 1,
   beam = _beam()
   from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
   prepare._check(config, workers, 0, 1)
-  url = str(out).rstrip('/') if out is not None and urlfiles.is_url(out) else None
+  url = str(out).rstrip('/') if out is not None and sources.is_url(out) else None
   with contextlib.ExitStack() as stack:
     local = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory())) if url else out
     given, inputs, local, done = prepare._start(config, local, 0, 1, log)
@@ -348,9 +348,9 @@ def build(config, out=None, *, pipeline_args=(), workers: int = 1,
     job = prepare._job(config, digest, tok)
     target = url or local.resolve()
     if url:  # from the start, the folder says which build it holds
-      urlfiles.delete([urlfiles.join(url, prepare.MANIFEST)])
+      sources.delete([sources.join(url, prepare.MANIFEST)])
       for name in (tok.file_name, prepare.BUILD):
-        urlfiles.write_bytes(urlfiles.join(url, name), (local / name).read_bytes())
+        sources.write_bytes(sources.join(url, name), (local / name).read_bytes())
     else:
       (local / prepare.MANIFEST).unlink(missing_ok=True)
     work = _at(target, '.beam')  # the scans and plans of this run, deleted when it ends
@@ -358,7 +358,7 @@ def build(config, out=None, *, pipeline_args=(), workers: int = 1,
     parts = _partitions(source)
     if url:
       scratch = [_at(work, f'{kind}-{i:05d}.npz') for kind in ('scan', 'plan') for i, _, _ in parts]
-      stack.callback(urlfiles.delete, scratch)
+      stack.callback(sources.delete, scratch)
     else:
       shutil.rmtree(work, ignore_errors=True)
       work.mkdir()
@@ -383,7 +383,7 @@ def build(config, out=None, *, pipeline_args=(), workers: int = 1,
         metas[name] = meta
     manifest = prepare._manifest(local, inputs, job, tok, report, sizes, metas, log)
     if url and manifest is not None:  # last: the manifest vouches for the folder
-      urlfiles.write_bytes(urlfiles.join(url, prepare.MANIFEST),
+      sources.write_bytes(sources.join(url, prepare.MANIFEST),
                            (local / prepare.MANIFEST).read_bytes())
     prepare._summary(config, target, report, manifest, time.perf_counter() - start, log)
   return manifest

@@ -1,6 +1,6 @@
 """The embedded corpus and fine-tuning tasks: Python's own documentation, walked offline.
 
-`data.corpus='pydocs'` (corpus.read_raw_documents reads `documents`) is the embedded corpus every
+`data.corpus='pydocs'` (sources.read_raw_documents reads `documents`) is the embedded corpus every
 installation already has (no download): the text of `pydoc_data.topics` (Python's language
 reference, one document per topic), then the docstrings of the standard library, then those of the
 installed numpy and scipy, one document per docstring. Modules come from a fixed, sorted walk: the

@@ -13,7 +13,7 @@ import ftfy
 import numpy as np
 import pytest
 
-from mlmjax import corpus
+from mlmjax import corpus, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +58,7 @@ def test_txt_splits_on_blank_lines_and_unwraps(tmp_path):
           'Second   one\n  indented continuation \n \t \n\n\n'
           'Third\n')
   path = _write(tmp_path / 'a.txt', text)
-  assert list(corpus.read_raw_documents(path)) == [
+  assert list(sources.read_raw_documents(path)) == [
       'First paragraph, wrapped over two lines.', 'Second   one indented continuation', 'Third']
 
 
@@ -68,7 +68,7 @@ def test_txt_gzip_and_comma_separated_globs_in_sorted_order(tmp_path):
   _write(tmp_path / 'd' / 'a.txt', 'from a\n\nalso a\n')
   (tmp_path / 'c.txt.gz').write_bytes(gzip.compress(b'from c\n'))
   spec = f'{tmp_path}/c.txt.gz, {tmp_path}/d/*.txt, {tmp_path}/d/a.txt'
-  assert list(corpus.read_raw_documents(spec)) == ['from c', 'from a', 'also a', 'from b']
+  assert list(sources.read_raw_documents(spec)) == ['from c', 'from a', 'also a', 'from b']
 
 
 def test_txt_real_novel_keeps_every_word_in_paragraphs(shared_data):
@@ -76,7 +76,7 @@ def test_txt_real_novel_keeps_every_word_in_paragraphs(shared_data):
   if not path.exists():
     pytest.skip(f'{path} is absent')
   text = path.read_text(encoding='utf-8')
-  docs = list(corpus.read_raw_documents(str(path)))
+  docs = list(sources.read_raw_documents(str(path)))
   paragraphs = [p for p in re.split(r'\n\s*\n', text) if p.strip()]
   assert len(docs) == len(paragraphs) > 10_000
   assert all('\n' not in d for d in docs)
@@ -88,7 +88,7 @@ def test_txt_real_novel_keeps_every_word_in_paragraphs(shared_data):
 
 def test_jsonl_reads_text_field_and_skips_blank_lines(tmp_path):
   path = _write(tmp_path / 'a.jsonl', '{"id": 1, "body": "one"}\n\n{"body": "two", "x": null}\n')
-  assert list(corpus.read_raw_documents(path, text_field='body')) == ['one', 'two']
+  assert list(sources.read_raw_documents(path, text_field='body')) == ['one', 'two']
 
 
 @pytest.mark.parametrize('line,expected', [
@@ -100,7 +100,7 @@ def test_jsonl_reads_text_field_and_skips_blank_lines(tmp_path):
 def test_jsonl_bad_lines_name_file_line_and_field(tmp_path, line, expected):
   path = _write(tmp_path / 'bad.jsonl', '{"body": "fine"}\n' + line + '\n')
   with pytest.raises(ValueError) as e:
-    list(corpus.read_raw_documents(path, text_field='body'))
+    list(sources.read_raw_documents(path, text_field='body'))
   for part in [path, *expected]:
     assert part in str(e.value)
 
@@ -109,7 +109,7 @@ def test_real_bbc_mojibake_is_repaired(shared_data):
   path = shared_data / 'tasks' / 'bbc_news_topic5.jsonl'
   if not path.exists():
     pytest.skip(f'{path} is absent')
-  raw = list(itertools.islice(corpus.read_raw_documents(str(path)), 200))
+  raw = list(itertools.islice(sources.read_raw_documents(str(path)), 200))
   broken = [t for t in raw if 'Â£' in t]
   assert broken
   for text in broken:
@@ -138,7 +138,7 @@ def test_fast_paths_match_ftfy_and_cleaning_is_idempotent(pydocs, shared_data):
   samples = [d for d in pydocs if not d.isascii() or '&' in d][:150] + pydocs[::100]
   bbc = shared_data / 'tasks' / 'bbc_news_topic5.jsonl'
   if bbc.exists():
-    samples += list(itertools.islice(corpus.read_raw_documents(str(bbc)), 150))
+    samples += list(itertools.islice(sources.read_raw_documents(str(bbc)), 150))
   for text in samples:
     cleaned = corpus.clean_document(text, normalization='')
     reference = corpus.clean_document(ftfy.fix_text(text, normalization=None), fix_text=False,
@@ -222,9 +222,9 @@ def test_non_utf8_file_names_file_and_line(tmp_path):
 def test_bad_extension_directory_and_config_values(tmp_path):
   path = _write(tmp_path / 'doc.md', 'text')
   with pytest.raises(ValueError, match=r'\.txt, \.jsonl'):
-    corpus.read_raw_documents(path)
+    sources.read_raw_documents(path)
   with pytest.raises(FileNotFoundError, match='is a directory'):
-    corpus.read_raw_documents(str(tmp_path))
+    sources.read_raw_documents(str(tmp_path))
   with pytest.raises(ValueError, match='data.normalization'):
     corpus.load_documents(_data_cfg(normalization='NFX'))
   with pytest.raises(ValueError, match='data.min_chars'):
@@ -343,7 +343,7 @@ def test_bad_input_in_a_glob_is_skipped_and_counted_or_names_file_and_line(tmp_p
   docs, report = corpus.load_documents(_data_cfg(corpus=spec, max_line_chars=100, dedup=False))
   assert docs == [GOOD + ' (a)'] + kept  # paragraphs around a skipped line are dropped whole
   assert report.skipped == {k: BAD_COUNTS.get(k, 1) if k == kind else 0
-                            for k in corpus.BAD_INPUT_KINDS}
+                            for k in sources.BAD_INPUT_KINDS}
   summary = report.summary()
   assert f'{kind} {BAD_COUNTS.get(kind, 1)}' in summary and path in summary
   with pytest.raises(ValueError) as e:
@@ -359,7 +359,7 @@ def test_a_bad_file_named_literally_is_an_error_under_either_policy(tmp_path, ki
   name, content, _, parts = BAD_FILES[kind]
   good = _write(tmp_path / 'good.txt', GOOD + '\n')
   path = _write(tmp_path / name, content)
-  for policy in corpus.BAD_INPUT_POLICIES:
+  for policy in sources.BAD_INPUT_POLICIES:
     with pytest.raises(ValueError) as e:
       corpus.load_documents(_data_cfg(corpus=f'{good},{path}', bad_input=policy))
     for part in [path, *parts]:

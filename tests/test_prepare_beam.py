@@ -213,7 +213,7 @@ def test_without_beam_the_command_names_the_install(tmp_path):
 
 def test_the_steps_read_and_write_folder_urls(reference, tmp_path):
   tf = pytest.importorskip('tensorflow', reason='tf.io.gfile serves URLs where Beam is absent')
-  if prepare_beam.urlfiles._beam() is not None:
+  if prepare_beam.sources._beam() is not None:
     pytest.skip('Beam serves URLs here: test_the_direct_runner_builds_in_a_folder_url covers it')
   config, out, manifest = reference
   root = f'ram://{tmp_path.name}'  # TensorFlow's in-memory filesystem: no local path works there

@@ -6,7 +6,7 @@ Examples come from a JSON Lines file (one object per line; `.gz` too), from `emb
 (embedded_examples: tasks built from the stdlib's own documentation, walked by pydocs.api_entries),
 from `pairs:FILE` (paraphrase_pairs: aligned text pairs and hard mismatches built from a file of
 aligned verses) or from `tfds:NAME` (read_tfds_examples: a prepared TensorFlow Datasets dataset,
-e.g. tfds:glue/sst2, read through corpus.py's TFDS reader with data.tfds_data_dir and
+e.g. tfds:glue/sst2, read through sources.py's TFDS reader with data.tfds_data_dir and
 data.tfds_download).
 
 Splits are deterministic and need no split file: the blake2b hash of a key read as a uniform number
@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 import jax
 import numpy as np
 
-from mlmjax import corpus, input_pipeline
+from mlmjax import corpus, input_pipeline, sources
 from mlmjax import pydocs
 from mlmjax import tokenizer as tokenizer_lib
 # Not `from mlmjax.tasks import ...`: that package imports this module (through base).
@@ -290,7 +290,7 @@ def read_tfds_examples(name: str, *, fields: Sequence[str] = (), data_dir: str =
 
   Each row holds the features named in `fields` that the dataset has (all its features when
   fields is empty) and SOURCE_SPLIT: 'train' or 'test' (split_rows puts the latter in 'test').
-  Features are read through corpus.py's TFDS reader, one pass per feature, so a dataset that is
+  Features are read through sources.py's TFDS reader, one pass per feature, so a dataset that is
   not prepared fails fast with its one-line message naming data.tfds_data_dir (unless
   download=True, data.tfds_download). Text becomes str, a ClassLabel its label name, any other
   value its str (a float label 3.8 becomes '3.8'). max_examples > 0 keeps each split's first N.
@@ -317,7 +317,7 @@ def read_tfds_examples(name: str, *, fields: Sequence[str] = (), data_dir: str =
     for f in names:
       try:
         # pylint: disable-next=protected-access
-        values = corpus._read_tfds(name, f, split, data_dir, download)
+        values = sources.read_tfds(name, f, split, data_dir, download)
       except (FileNotFoundError, ValueError) as e:
         message = str(e).replace('data.corpus=', 'task_data.path=')
         if split == test_split:
