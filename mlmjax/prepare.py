@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from mlmjax import cli, corpus, input_pipeline
+from mlmjax import cli, corpus, input_pipeline, sources
 from mlmjax import tokenizer as tokenizer_lib
 
 FORMAT = 1  # bump when the shard layout, the grouping or the packing order changes
@@ -188,20 +188,23 @@ def _json_bytes(obj: Any) -> bytes:
   return (json.dumps(obj, indent=1, sort_keys=True) + '\n').encode('utf-8')
 
 
-def _read_json(path: pathlib.Path) -> dict | None:
-  """Returns the JSON object in `path`, or None when it is missing or damaged."""
+def _read_json(path) -> dict | None:
+  """Returns the JSON object in a local file or one at a URL, or None when missing or damaged."""
   try:
-    found = json.loads(path.read_text(encoding='utf-8'))
+    data = sources.read_bytes(path) if sources.is_url(path) else pathlib.Path(path).read_bytes()
+    found = json.loads(data) if data is not None else None
   except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
     return None
   return found if isinstance(found, dict) else None
 
 
-def sha256_file(path: pathlib.Path) -> str | None:
-  """Returns the hex sha256 of the file at `path`, or None when there is none."""
+def sha256_file(path) -> str | None:
+  """Returns the hex sha256 of a local file or one at a URL, or None when there is none."""
   digest = hashlib.sha256()
+  if sources.is_url(path) and sources.url_stat(path, missing_ok=True) is None:
+    return None
   try:
-    with open(path, 'rb') as f:
+    with sources.open_url(path) if sources.is_url(path) else open(path, 'rb') as f:
       while block := f.read(_READ_BLOCK):
         digest.update(block)
   except FileNotFoundError:
@@ -209,16 +212,19 @@ def sha256_file(path: pathlib.Path) -> str | None:
   return digest.hexdigest()
 
 
-def _verified(out: pathlib.Path, name: str, digest: str, fingerprint: str,
-              documents: int | None, log: Callable[[str], None]) -> dict | None:
-  """Returns the meta of shard `name` when it belongs to this build and its checksum holds."""
-  meta = _read_json(out / f'{name}.json')
+def _verified(out, name: str, digest: str, fingerprint: str, documents: int | None,
+              log: Callable[[str], None]) -> dict | None:
+  """Returns the meta of shard `name` in `out` (a folder or a folder URL) when it belongs to this
+  build and its checksum holds."""
+  meta = _read_json(sources.in_folder(out, f'{name}.json'))
   if meta is None or meta.get('config_digest') != digest:
     return None
   if (meta.get('tokenizer_fingerprint') != fingerprint
       or (documents is not None and meta.get('documents') != documents)
-      or sha256_file(out / meta.get('file', '')) != meta.get('sha256')):
-    log(f'prepare: {out / name}.npy does not match its meta file; it is built again')
+      or sha256_file(sources.in_folder(out, meta.get('file') or f'{name}.npy'))
+      != meta.get('sha256')):
+    log(f'prepare: {sources.in_folder(out, name)}.npy does not match its meta file; it is built '
+        'again')
     return None
   return meta
 

@@ -26,7 +26,6 @@ data.corpus must be seen by every worker: absolute paths on a shared filesystem,
 import array
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -100,11 +99,6 @@ def _clean(source: _Source, text: str) -> tuple[str, list[str]]:
   return corpus._clean_steps(text, source.options['fix_text'], source.options['normalization'])
 
 
-def _at(folder, name: str):
-  """Returns the file `name` in a local folder (a Path) or a folder URL (a str)."""
-  return sources.join(folder, name) if sources.is_url(folder) else pathlib.Path(folder) / name
-
-
 def _save(path, **arrays) -> None:
   """Writes arrays to an .npz file, complete or not at all (a local file is renamed when whole)."""
   buffer = io.BytesIO()
@@ -147,7 +141,8 @@ def _scan(part, source: _Source, work) -> int:
   except ValueError as e:  # bad input under data.bad_input='error': the plan raises it, in order
     info['error'] = str(e)
   info['skipped'], info['first_skipped'] = bad.counts, bad.first
-  _save(_at(work, f'scan-{part[0]:05d}.npz'), status=np.frombuffer(status, np.uint8),
+  _save(sources.in_folder(work, f'scan-{part[0]:05d}.npz'),
+        status=np.frombuffer(status, np.uint8),
         changed=np.frombuffer(changed, np.uint8), chars=np.frombuffer(chars, np.int64),
         digests=np.frombuffer(digests, np.uint64), passages=np.frombuffer(passages, np.int64),
         passage_chars=np.frombuffer(passage_chars, np.int64),
@@ -167,7 +162,7 @@ def _plan(source: _Source, parts, shard_chars: int,
   report, grouping = corpus.CleaningReport(), prepare._Grouping(shard_chars)
   seen, sizes = corpus.DigestSet(), {}
   for index, _, _ in parts:
-    with _load(_at(work, f'scan-{index:05d}.npz')) as scan:
+    with _load(sources.in_folder(work, f'scan-{index:05d}.npz')) as scan:
       info = json.loads(str(scan['info']))
       if info['error']:
         raise ValueError(info['error'])
@@ -210,7 +205,8 @@ def _plan(source: _Source, parts, shard_chars: int,
         splits.append(val[j])
         if closed:
           sizes[prepare.shard_name(split, group)] = closed
-    _save(_at(work, f'plan-{index:05d}.npz'), kept=kept, groups=np.frombuffer(groups, np.int64),
+    _save(sources.in_folder(work, f'plan-{index:05d}.npz'), kept=kept,
+          groups=np.frombuffer(groups, np.int64),
           val=np.frombuffer(splits, np.uint8))
   for split, group, documents in grouping.finish():
     sizes[prepare.shard_name(split, group)] = documents
@@ -219,7 +215,7 @@ def _plan(source: _Source, parts, shard_chars: int,
 
 def _emit(part, source: _Source, work) -> Iterator[tuple[tuple[str, int], Any]]:
   """Yields ((split, group), ((partition, passage), text)) for a partition's kept passages."""
-  with _load(_at(work, f'plan-{part[0]:05d}.npz')) as plan:
+  with _load(sources.in_folder(work, f'plan-{part[0]:05d}.npz')) as plan:
     kept, groups, val = plan['kept'].tolist(), plan['groups'].tolist(), plan['val'].tolist()
   changed = RuntimeError(f'{part[1] or source.spec} read differently in the scan and the write '
                          '(did it change meanwhile?); run the build again')
@@ -240,33 +236,6 @@ def _emit(part, source: _Source, work) -> Iterator[tuple[tuple[str, int], Any]]:
     raise changed
 
 
-def _read_json(path) -> dict | None:
-  """Returns the JSON object in a local file or one at a URL; None when missing or damaged."""
-  if not sources.is_url(path):
-    return prepare._read_json(path)
-  data = sources.read_bytes(path)
-  try:
-    found = json.loads(data) if data is not None else None
-  except (UnicodeDecodeError, json.JSONDecodeError):
-    return None
-  return found if isinstance(found, dict) else None
-
-
-def _verified_url(out: str, name: str, digest: str, fingerprint: str,
-                  documents: int) -> dict | None:
-  """prepare._verified for a folder URL: the meta of shard `name` when its checksum holds."""
-  meta = _read_json(sources.join(out, f'{name}.json'))
-  if meta is None or meta.get('config_digest') != digest:
-    return None
-  data = sources.read_bytes(sources.join(out, meta.get('file') or f'{name}.npy'))
-  if (meta.get('tokenizer_fingerprint') != fingerprint or meta.get('documents') != documents
-      or data is None or hashlib.sha256(data).hexdigest() != meta.get('sha256')):
-    logging.warning('prepare_beam: %s/%s.npy does not match its meta file; it is built again',
-                    out, name)
-    return None
-  return meta
-
-
 def _write(item, out, job: prepare._Job) -> dict:
   """Writes the shard of one (split, group) and its gathered passages; returns its meta.
 
@@ -277,13 +246,11 @@ def _write(item, out, job: prepare._Job) -> dict:
   docs = [text for _, text in sorted(values, key=lambda v: v[0])]
   name = prepare.shard_name(split, index)
   fingerprint = prepare._worker_tokenizer(job).fingerprint
-  if not sources.is_url(out):
-    out = pathlib.Path(out)
-    meta = prepare._verified(out, name, job.config_digest, fingerprint, len(docs), logging.warning)
-    return meta or prepare._write_shard(out, split, index, docs, job)
-  meta = _verified_url(out, name, job.config_digest, fingerprint, len(docs))
+  meta = prepare._verified(out, name, job.config_digest, fingerprint, len(docs), logging.warning)
   if meta is not None:
     return meta
+  if not sources.is_url(out):
+    return prepare._write_shard(pathlib.Path(out), split, index, docs, job)
   with tempfile.TemporaryDirectory() as tmp:
     meta = prepare._write_shard(pathlib.Path(tmp), split, index, docs, job)
     for file in (meta['file'], f'{name}.json'):
@@ -297,17 +264,17 @@ def _start_url(url: str, digest: str, local: pathlib.Path, log) -> dict | None:
   Refuses a folder that holds another config's build; copies this build's state and tokenizer
   from an interrupted run into `local`, where prepare._tokenizer reuses them.
   """
-  manifest = _read_json(sources.join(url, prepare.MANIFEST))
+  manifest = prepare._read_json(sources.join(url, prepare.MANIFEST))
   if manifest is not None and manifest.get('config_digest') == digest:
-    tokenizer = sources.read_bytes(sources.join(url, manifest['tokenizer']['file']))
-    sizes = [(sources.url_stat(sources.join(url, s['file']), missing_ok=True) or (-1,))[0]
+    whole = [(sources.url_stat(sources.join(url, s['file']), missing_ok=True) or (-1,))[0]
              == s['bytes'] for s in manifest['shards']]
-    if (all(sizes) and tokenizer is not None
-        and hashlib.sha256(tokenizer).hexdigest() == manifest['tokenizer']['fingerprint']):
-      log(f'prepare_beam: {url} already holds this build ({len(sizes)} shards of the '
+    tokenizer = manifest['tokenizer']
+    if all(whole) and prepare.sha256_file(
+        sources.join(url, tokenizer['file'])) == tokenizer['fingerprint']:
+      log(f'prepare_beam: {url} already holds this build ({len(whole)} shards of the '
           'manifest\'s sizes)')
       return manifest
-  state = _read_json(sources.join(url, prepare.BUILD))
+  state = prepare._read_json(sources.join(url, prepare.BUILD))
   if state is None:
     return None
   if state.get('config_digest') != digest:
@@ -353,11 +320,12 @@ def build(config, out=None, *, pipeline_args=(), workers: int = 1,
         sources.write_bytes(sources.join(url, name), (local / name).read_bytes())
     else:
       (local / prepare.MANIFEST).unlink(missing_ok=True)
-    work = _at(target, '.beam')  # the scans and plans of this run, deleted when it ends
+    work = sources.in_folder(target, '.beam')  # this run's scans and plans, deleted when it ends
     source = _source(config.data)
     parts = _partitions(source)
     if url:
-      scratch = [_at(work, f'{kind}-{i:05d}.npz') for kind in ('scan', 'plan') for i, _, _ in parts]
+      scratch = [sources.in_folder(work, f'{kind}-{i:05d}.npz')
+                 for kind in ('scan', 'plan') for i, _, _ in parts]
       stack.callback(sources.delete, scratch)
     else:
       shutil.rmtree(work, ignore_errors=True)
@@ -378,7 +346,7 @@ def build(config, out=None, *, pipeline_args=(), workers: int = 1,
            | 'write' >> beam.Map(_write, target, job))
     metas = {}
     for name in sizes:
-      meta = _read_json(_at(target, f'{name}.json'))
+      meta = prepare._read_json(sources.in_folder(target, f'{name}.json'))
       if meta is not None and meta.get('config_digest') == digest:
         metas[name] = meta
     manifest = prepare._manifest(local, inputs, job, tok, report, sizes, metas, log)

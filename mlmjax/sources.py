@@ -28,6 +28,7 @@ import gzip
 import io
 import json
 import os
+import pathlib
 import re
 import zlib
 from typing import Any, Iterator, Sequence
@@ -283,6 +284,11 @@ def join(base: str, name: str) -> str:
   return f'{base.rstrip("/")}/{name}'
 
 
+def in_folder(folder, name: str):
+  """Returns the file `name` in a local folder (a Path) or a folder URL (a str)."""
+  return join(str(folder), name) if is_url(folder) else pathlib.Path(folder) / name
+
+
 def _beam():
   """Returns Beam's FileSystems class, or None where apache_beam is not installed."""
   try:
@@ -370,7 +376,8 @@ def read_bytes(path: str) -> bytes | None:
 
 def write_bytes(path: str, data: bytes) -> None:
   """Writes `data` to the file at a URL, replacing the one there."""
-  delete([path])  # TensorFlow's ram:// appends to an existing file instead of replacing it
+  if _beam() is None:
+    delete([path])  # TensorFlow's ram:// appends to an existing file instead of replacing it
   with open_url(path, 'wb') as f:
     f.write(data)
 
