@@ -7,6 +7,9 @@ convention. Per packed row of L tokens, hidden H, MLP width I, vocabulary V, P p
                                                      a sliding-window layer: min(L, W + 1) keys)
                        MLP in and out                2 * 2HI   (gated MLPs: 3 * 2HI)
   MLM head, per slot   transform dense 2H^2 + decoder to the vocabulary 2HV (only at the P slots)
+The last layer's outputs are needed only at the P slots (model.Encoder's query_index): there its
+keys and values cover all L tokens (2 * 2H^2 per token) while its queries, output projection, scores
+and MLP cover the P slots only. A cuDNN or splash run computes the last layer at every token.
 Embedding lookups, LayerNorm, GELU, softmax, bias adds, dropout, the loss and the optimizer are not
 counted (XLA's cost analysis counts them; tests/test_flops.py bounds the gap). A train step is 3x
 the forward: the backward pass multiplies by the weights and by the activations, 2 matmuls per
@@ -33,11 +36,14 @@ def forward_flops_per_row(cfg, seq_len: int, max_predictions: int) -> dict[str, 
   length, p = int(seq_len), int(max_predictions)
   window = getattr(cfg, 'local_window', 0)
   keys = [min(length, window + 1) if window and cfg.is_local(j) else length for j in range(n)]
+  queries = [length] * n
+  if hasattr(cfg, 'sparse_last_layer') and cfg.sparse_last_layer(length, p):
+    queries[-1] = p
   mlp_matmuls = 2 if getattr(cfg, 'mlp_type', 'gelu') == 'gelu' else 3
   parts = {
-      'projections': n * length * 4 * 2 * h * h,
-      'attention': sum(length * 2 * 2 * k * h for k in keys),
-      'mlp': n * length * mlp_matmuls * 2 * h * i,
+      'projections': sum((length + q) * 2 * 2 * h * h for q in queries),
+      'attention': sum(q * 2 * 2 * k * h for q, k in zip(queries, keys)),
+      'mlp': sum(queries) * mlp_matmuls * 2 * h * i,
       'mlm_head': p * (2 * h * h + 2 * h * v),
   }
   parts = {k: float(val) for k, val in parts.items()}

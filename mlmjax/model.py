@@ -14,6 +14,8 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # are tested against (and the only one with dropout on the probabilities); 'splash' is Pallas splash
 # attention (TPU; interpreted elsewhere, for tests).
 ATTENTION_IMPLS = ('', 'xla', 'cudnn', 'reference', 'splash')
+# The implementations that attend from a subset of positions (the last layer at the MLM slots).
+SPARSE_QUERY_IMPLS = ('', 'xla', 'reference')
 POSITIONS = ('learned', 'rope')
 MLPS = ('gelu', 'geglu', 'swiglu')
 NORMS = ('layernorm', 'rmsnorm')
@@ -148,6 +150,10 @@ class EncoderConfig:
     """Returns the number of embedding rows: vocab_size rounded up to vocab_multiple."""
     return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
+  def sparse_last_layer(self, seq_len: int, slots: int) -> bool:
+    """Returns whether the last layer runs at `slots` positions of each row, not all seq_len."""
+    return self.attention_impl in SPARSE_QUERY_IMPLS and slots < seq_len
+
   def is_local(self, layer: int) -> bool:
     """Returns whether layer `layer` attends through the sliding window."""
     return layer % self.global_every != 0
@@ -215,14 +221,25 @@ def packed_layout(tokens: jax.Array, *, cls_id: int = SP_CLS_ID,
   return position_ids.astype(jnp.int32), doc_ids.astype(jnp.int32)
 
 
-def attention_mask(doc_ids: jax.Array, local_window: int = 0) -> jax.Array:
-  """Returns the (B, 1, L, L) bool mask: same unit, key not padding, and within the local window."""
-  same = doc_ids[:, :, None] == doc_ids[:, None, :]
-  mask = same & (doc_ids[:, None, :] > 0)
+def attention_mask(doc_ids: jax.Array, local_window: int = 0,
+                   query_index: jax.Array | None = None) -> jax.Array:
+  """Returns the (B, 1, T, L) bool mask: same unit, key not padding, and within the local window.
+
+  Queries are every position (T = L), or the positions query_index (B, T) names.
+  """
+  keys = jnp.arange(doc_ids.shape[-1], dtype=jnp.int32)
+  queries = keys[None] if query_index is None else query_index.astype(jnp.int32)
+  doc_q = doc_ids if query_index is None else jnp.take_along_axis(doc_ids, queries, axis=1)
+  mask = (doc_q[:, :, None] == doc_ids[:, None, :]) & (doc_ids[:, None, :] > 0)
   if local_window:
-    idx = jnp.arange(doc_ids.shape[-1])
-    mask &= jnp.abs(idx[:, None] - idx[None, :]) <= local_window // 2
+    mask &= jnp.abs(queries[:, :, None] - keys[None, None, :]) <= local_window // 2
   return mask[:, None]
+
+
+def gather_positions(x: jax.Array, index: jax.Array) -> jax.Array:
+  """Returns x (B, L, ...) at the positions index (B, T): (B, T, ...)."""
+  index = index.astype(jnp.int32).reshape(index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -364,17 +381,30 @@ class Attention(nnx.Module):
       self.theta = config.rope_local_theta if local else config.rope_theta
 
   def __call__(self, x: jax.Array, doc_ids: jax.Array, position_ids: jax.Array,
-               dropout_rng: jax.Array | None) -> jax.Array:
-    q, k, v = self.query(x), self.key(x), self.value(x)
+               dropout_rng: jax.Array | None, query_index: jax.Array | None = None) -> jax.Array:
+    """Returns the attention output at every position, or (B, T, H) at query_index (B, T) only."""
+    k, v = self.key(x), self.value(x)
+    if query_index is None:
+      q, q_positions = self.query(x), position_ids
+    else:
+      q = self.query(gather_positions(x, query_index))
+      q_positions = gather_positions(position_ids, query_index)
     if self.theta is not None:
-      q = rotary(q, position_ids, self.theta).astype(v.dtype)
+      q = rotary(q, q_positions, self.theta).astype(v.dtype)
       k = rotary(k, position_ids, self.theta).astype(v.dtype)
     drop = dropout_rng is not None and self.rate > 0.0
+    if query_index is not None and self.impl not in SPARSE_QUERY_IMPLS:
+      raise ValueError(f'model.attention_impl={self.impl!r} attends from every position only')
     if self.impl == 'splash':
       out = _attend_splash(q, k, v, doc_ids, self.window)
     elif self.impl == 'reference' or (drop and not self.impl):
-      out = _attend_reference(q, k, v, attention_mask(doc_ids, self.window), self.rate,
+      out = _attend_reference(q, k, v, attention_mask(doc_ids, self.window, query_index), self.rate,
                               dropout_rng if drop else None)
+    elif query_index is not None:
+      # The window is in the mask: jax's local_window_size assumes query i sits at key i.
+      out = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(doc_ids, self.window,
+                                                                      query_index),
+                                         implementation=self.impl or None)
     else:
       if self.impl == 'cudnn' and jax.default_backend() != 'gpu':
         raise ValueError(f"model.attention_impl='cudnn' needs a GPU; this process runs on "
@@ -424,27 +454,29 @@ class Block(nnx.Module):
     self.mlp_norm = LayerNorm(config, dtype=stream, rngs=rngs)
 
   def __call__(self, x: jax.Array, doc_ids: jax.Array, position_ids: jax.Array,
-               dropout_rng: jax.Array | None) -> jax.Array:
+               dropout_rng: jax.Array | None, query_index: jax.Array | None = None) -> jax.Array:
+    """Returns the layer's output (B, L, H), or (B, T, H) at query_index (B, T) only."""
     keys = [fold_key(dropout_rng, i) for i in range(3)]
     # With bf16 sublayers the stream stays float32: its ~8 bits would round away each layer's
     # update where it is small against the stream; the sublayer outputs promote to float32.
     x = x.astype(jnp.float32)
-    layout = (doc_ids, position_ids)
+    layout = (doc_ids, position_ids, keys[0], query_index)
+    skip = x if query_index is None else gather_positions(x, query_index)
     if self.pre_ln:
       normed = x if self.attention_norm is None else self.attention_norm(x)
-      x = x + dropout(self.attention(normed, *layout, keys[0]), self.rate, keys[1])
+      x = skip + dropout(self.attention(normed, *layout), self.rate, keys[1])
       return x + dropout(self.mlp(self.mlp_norm(x)), self.rate, keys[2])
-    x = self.attention_norm(x + dropout(self.attention(x, *layout, keys[0]), self.rate, keys[1]))
+    x = self.attention_norm(skip + dropout(self.attention(x, *layout), self.rate, keys[1]))
     return self.mlp_norm(x + dropout(self.mlp(x), self.rate, keys[2]))
 
 
 def _call_block(layer: Block, x: jax.Array, doc_ids: jax.Array, position_ids: jax.Array,
-                dropout_rng: jax.Array | None) -> jax.Array:
-  return layer(x, doc_ids, position_ids, dropout_rng)
+                dropout_rng: jax.Array | None, query_index: jax.Array | None = None) -> jax.Array:
+  return layer(x, doc_ids, position_ids, dropout_rng, query_index)
 
 
 def block_fn(remat: str):
-  """Returns f(layer, x, doc_ids, position_ids, dropout_rng) -> x, remat'ed by the named policy."""
+  """Returns f(layer, x, doc_ids, position_ids, dropout_rng[, query_index]) -> x, remat'ed."""
   if not remat:
     return _call_block
   return nnx.remat(_call_block, policy=REMAT_POLICIES[remat])
@@ -469,9 +501,11 @@ class Encoder(nnx.Module):
   def __call__(self, input_ids: jax.Array, *, type_ids: jax.Array | None = None,
                position_ids: jax.Array | None = None, doc_ids: jax.Array | None = None,
                dropout_rng: jax.Array | None = None, cls_id: int = SP_CLS_ID,
-               pad_id: int = SP_PAD_ID) -> jax.Array:
+               pad_id: int = SP_PAD_ID, query_index: jax.Array | None = None) -> jax.Array:
     """Returns hidden states (B, L, H) in the compute dtype; absent layout ids: packed_layout's.
 
+    With query_index (B, T) it returns (B, T, H) at those positions, and the last layer computes
+    its queries, MLP and norms only there (its keys and values still come from every position).
     Without token-type embeddings (type_vocab_size 0) type_ids are ignored.
     """
     if self.position_embed is not None and input_ids.shape[-1] > self.config.max_position:
@@ -490,8 +524,16 @@ class Encoder(nnx.Module):
     rate = self.config.dropout_rate
     x = dropout(self.embed_norm(x), rate, fold_key(dropout_rng, 0))
     call = block_fn(self.config.remat)
+    # The last layer's outputs are needed only at query_index: it attends from there, and its MLP
+    # and norms run there, which gives the same values as computing every position and gathering.
+    sparse = query_index is not None and self.config.sparse_last_layer(input_ids.shape[-1],
+                                                                       query_index.shape[-1])
+    last = len(self.layers) - 1
     for i, layer in enumerate(self.layers):
-      x = call(layer, x, doc_ids, position_ids, fold_key(dropout_rng, i + 1))
+      at = query_index if sparse and i == last else None
+      x = call(layer, x, doc_ids, position_ids, fold_key(dropout_rng, i + 1), at)
+    if query_index is not None and not sparse:
+      x = gather_positions(x, query_index)
     if self.final_norm is None:
       return x.astype(self.config.compute_dtype)
     return self.final_norm(x)
@@ -537,9 +579,8 @@ class BertForMLM(nnx.Module):
                dropout_rng: jax.Array | None = None) -> jax.Array:
     """Returns float32 logits (B, P, V) at pred_positions (B, P)."""
     hidden = self.encoder(input_ids, type_ids=type_ids, position_ids=position_ids,
-                          doc_ids=doc_ids, dropout_rng=dropout_rng)
-    gathered = jnp.take_along_axis(hidden, pred_positions[..., None].astype(jnp.int32), axis=1)
-    return self.mlm_head(gathered, self.encoder.token_embed[...])
+                          doc_ids=doc_ids, dropout_rng=dropout_rng, query_index=pred_positions)
+    return self.mlm_head(hidden, self.encoder.token_embed[...])
 
   def dense_logits(self, input_ids: jax.Array, **kwargs) -> jax.Array:
     """Returns float32 logits (B, L, V) at every position; takes the encoder's keywords."""

@@ -1,5 +1,6 @@
 """Tests of mlmjax.flops: analytic FLOPs against the lowered program and XLA's cost analysis, peaks, MFU."""
 
+import dataclasses
 import math
 import os
 import pathlib
@@ -147,15 +148,30 @@ def test_parts_and_per_token():
   cfg, _, length, p = _encoder(SHAPES['tiny_preln'])
   parts = flops.forward_flops_per_row(cfg, length, p)
   h, n = cfg.hidden_size, cfg.num_layers
-  assert parts['attention'] == n * 4 * length * length * h  # every query attends to all L keys
+  # Every query of the first layer attends to all L keys; the last layer's queries are the P slots.
+  assert n == 2 and parts['attention'] == 4 * (length + p) * length * h
+  assert parts['projections'] == 2 * 2 * h * h * (2 * length + length + p)
+  assert parts['mlp'] == 2 * 2 * h * cfg.intermediate_size * (length + p)
   assert parts['mlm_head'] == p * (2 * h * h + 2 * h * cfg.vocab_size)  # only the P slots
   assert parts['total'] == sum(v for k, v in parts.items() if k != 'total')
   per_token = flops.train_flops_per_token(cfg, seq_len=length, max_predictions=p)
   assert per_token == pytest.approx(3 * parts['total'] / length)
-  # Doubling the row length doubles the per-token attention term and leaves the rest.
+  # Doubling the row length: every query sees twice the keys, and the first layer has twice the
+  # queries; the last layer's MLP still runs at the P slots.
   longer = flops.forward_flops_per_row(cfg, 2 * length, p)
-  assert longer['attention'] / (2 * length) == pytest.approx(2 * parts['attention'] / length)
-  assert longer['mlp'] / (2 * length) == pytest.approx(parts['mlp'] / length)
+  assert longer['attention'] == 4 * (2 * length + p) * (2 * length) * h
+  assert longer['mlp'] - parts['mlp'] == pytest.approx(parts['mlp'] * length / (length + p))
+
+
+@pytest.mark.parametrize('impl', ['cudnn', 'splash'])
+def test_fused_attention_counts_the_last_layer_at_every_token(impl):
+  cfg, _, length, p = _encoder(SHAPES['tiny_preln'])
+  full = flops.forward_flops_per_row(dataclasses.replace(cfg, attention_impl=impl), length, p)
+  h, n = cfg.hidden_size, cfg.num_layers
+  assert full['attention'] == n * 4 * length * length * h
+  assert full['mlp'] == n * length * 2 * 2 * h * cfg.intermediate_size
+  # The same count as slots == seq_len, where there is nothing to save.
+  assert flops.forward_flops_per_row(cfg, length, length)['mlp'] == full['mlp']
 
 
 # ---------------------------------------------------------------------------------------------

@@ -183,6 +183,71 @@ def test_sparse_head_equals_gathered_dense_logits_and_same_loss():
   np.testing.assert_allclose(sparse_loss, dense_loss, rtol=1e-5)
 
 
+def test_attention_mask_at_query_positions_is_those_rows_of_the_full_mask():
+  doc = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+  index = jnp.array([[0, 4, 5], [5, 2, 2]])
+  for window in (0, 2):
+    full = M.attention_mask(doc, window)
+    want = np.take_along_axis(np.asarray(full[:, 0]), np.asarray(index)[..., None], axis=1)
+    got = M.attention_mask(doc, window, index)
+    assert got.shape == (2, 1, 3, 6)
+    np.testing.assert_array_equal(got[:, 0], want)
+
+
+# The last layer at the prediction slots must give what every position then a gather gives:
+# learned and rotary positions, pre- and post-LN, a sliding-window last layer, both XLA paths.
+LAST_LAYER_SETTINGS = {
+    'pre_ln': {},
+    'post_ln': dict(pre_layer_norm=False),
+    'reference': dict(attention_impl='reference'),
+    'modern_local_last': {**M.MODERN, 'local_window': 6, 'max_position': 64, 'vocab_multiple': 1},
+}
+
+
+@pytest.mark.parametrize('name', sorted(LAST_LAYER_SETTINGS))
+def test_last_layer_at_the_slots_gives_every_position_then_gather(name):
+  config = small_config(**LAST_LAYER_SETTINGS[name], dropout_rate=0.0, attention_dropout_rate=0.0)
+  assert config.is_local(config.num_layers - 1) == (name == 'modern_local_last')
+  graphdef, params = nnx.split(M.BertForMLM(config, rngs=nnx.Rngs(3)))
+  tokens, positions, labels, weights = sparse_batch(np.random.default_rng(11))
+
+  def loss(params, sparse):
+    m = nnx.merge(graphdef, params)
+    if sparse:
+      logits = m(tokens, positions)
+    else:
+      hidden = M.gather_positions(m.encoder(tokens), positions)
+      logits = m.mlm_head(hidden, m.encoder.token_embed[...])
+    return losses.cross_entropy_sum(logits, labels, weights)[0] / weights.sum()
+
+  got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, True)
+  want = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, False)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=1e-5)
+
+
+def test_last_layer_at_the_slots_with_dropout_and_the_paths_that_refuse_it():
+  m = make_model(dropout_rate=0.1, attention_dropout_rate=0.1)
+  tokens, positions, _, _ = sparse_batch(np.random.default_rng(12))
+  key = jax.random.key(1)
+  hidden = m.encoder(tokens, dropout_rng=key, query_index=positions)
+  assert hidden.shape == positions.shape + (32,) and np.isfinite(np.asarray(hidden)).all()
+  np.testing.assert_array_equal(hidden, m.encoder(tokens, dropout_rng=key, query_index=positions))
+  assert np.abs(np.asarray(hidden - m.encoder(tokens, query_index=positions))).max() > 1e-3
+  # Fused kernels attend from every position: asked for a subset, the layer says so.
+  splash = M.Block(small_config(attention_impl='splash', attention_dropout_rate=0.0),
+                   rngs=nnx.Rngs(0))
+  x = jnp.zeros((2, 24, 32))
+  _, doc = M.packed_layout(tokens)
+  with pytest.raises(ValueError, match="'splash' attends from every position only"):
+    splash(x, doc, doc, None, jnp.asarray(positions))
+  for impl, sparse in (('', True), ('xla', True), ('reference', True), ('cudnn', False),
+                       ('splash', False)):
+    config = small_config(attention_impl=impl, attention_dropout_rate=0.0)
+    assert config.sparse_last_layer(128, 20) == sparse and not config.sparse_last_layer(128, 128)
+
+
 def test_dropout_keys():
   m = make_model(dropout_rate=0.1, attention_dropout_rate=0.1)
   tokens = two_unit_batch(np.random.default_rng(6))

@@ -207,7 +207,8 @@ def test_flops_count_gated_mlps_and_windows():
   cfg = modern_config()
   parts = flops.forward_flops_per_row(cfg, 32, 4)
   h, i = cfg.hidden_size, cfg.intermediate_size
-  assert parts['mlp'] == 3 * 32 * 3 * 2 * h * i  # three layers, three matmuls each
-  # one global layer over 32 keys, two local layers over 9 keys each
-  assert parts['attention'] == 32 * 2 * 2 * h * (32 + 9 + 9)
+  # three layers, three matmuls each; the last runs at the 4 slots only
+  assert parts['mlp'] == (32 + 32 + 4) * 3 * 2 * h * i
+  # one global layer over 32 keys, two local layers over 9 keys each (the last from 4 queries)
+  assert parts['attention'] == 2 * 2 * h * (32 * 32 + 32 * 9 + 4 * 9)
   assert parts['mlm_head'] == 4 * (2 * h * h + 2 * h * 64)
