@@ -539,6 +539,32 @@ class Encoder(nnx.Module):
     return self.final_norm(x)
 
 
+@jax.custom_vjp
+def decoder_logits(x: jax.Array, embedding: jax.Array, bias: jax.Array) -> jax.Array:
+  """Returns float32 logits x (..., H) @ embedding (V, H)^T + bias (V,)."""
+  return jnp.einsum('...h,vh->...v', x, embedding, preferred_element_type=jnp.float32) + bias
+
+
+def _decoder_logits_fwd(x, embedding, bias):
+  return decoder_logits(x, embedding, bias), (x, embedding)
+
+
+def _decoder_logits_bwd(residuals, g):
+  x, embedding = residuals
+  g2 = g.reshape(-1, g.shape[-1])  # (P, V)
+  dx = jnp.einsum('...v,vh->...h', g, embedding, preferred_element_type=jnp.float32)
+  dembedding = jnp.einsum('pv,ph->vh', g2, x.reshape(-1, x.shape[-1]),
+                          preferred_element_type=jnp.float32)
+  # The bias gradient as a (1, P) x (P, V) product: XLA:CPU's column sum of g2 reads it at ~1.3 GB/s
+  # (60 ms of mini's 1.25 s step on 2 cores). The barrier keeps XLA from folding the product with
+  # ones back into that sum.
+  ones = jax.lax.optimization_barrier(jnp.ones((1, g2.shape[0]), g2.dtype))
+  return dx.astype(x.dtype), dembedding.astype(embedding.dtype), (ones @ g2)[0]
+
+
+decoder_logits.defvjp(_decoder_logits_fwd, _decoder_logits_bwd)
+
+
 class MlmHead(nnx.Module):
   """BERT's MLM head: transform (dense, GELU, LayerNorm), then a tied or untied decoder and a bias."""
 
@@ -559,9 +585,7 @@ class MlmHead(nnx.Module):
     x = self.norm(jax.nn.gelu(self.transform(hidden), approximate=False))
     if self.decoder is not None:
       embedding = self.decoder[...]
-    logits = jnp.einsum('...h,vh->...v', x.astype(self.dtype), embedding.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
-    logits = logits + self.bias[...]
+    logits = decoder_logits(x.astype(self.dtype), embedding.astype(self.dtype), self.bias[...])
     # Padding rows of a vocab_multiple table are never scored.
     return logits if logits.shape[-1] == self.vocab_size else logits[..., :self.vocab_size]
 

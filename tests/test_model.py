@@ -248,6 +248,23 @@ def test_last_layer_at_the_slots_with_dropout_and_the_paths_that_refuse_it():
     assert config.sparse_last_layer(128, 20) == sparse and not config.sparse_last_layer(128, 128)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_decoder_logits_gradients_are_autodiffs(dtype):
+  rng = np.random.default_rng(13)
+  x = jnp.asarray(rng.normal(size=(3, 5, 8)), dtype)
+  emb = jnp.asarray(rng.normal(size=(11, 8)), dtype)
+  bias = jnp.asarray(rng.normal(size=(11,)), jnp.float32)
+  plain = lambda x, e, b: jnp.einsum('...h,vh->...v', x, e, preferred_element_type=jnp.float32) + b
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)) * jnp.arange(11.0))
+  np.testing.assert_array_equal(M.decoder_logits(x, emb, bias), plain(x, emb, bias))
+  got = jax.grad(loss(M.decoder_logits), (0, 1, 2))(x, emb, bias)
+  want = jax.grad(loss(plain), (0, 1, 2))(x, emb, bias)
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-6,
+                               atol=1e-5)
+
+
 def test_dropout_keys():
   m = make_model(dropout_rate=0.1, attention_dropout_rate=0.1)
   tokens = two_unit_batch(np.random.default_rng(6))
