@@ -282,6 +282,23 @@ def test_dropout_keys():
   np.testing.assert_array_equal(m0.encoder(tokens), m0.encoder(tokens, dropout_rng=key))
 
 
+def test_dropout_masks_are_philox_draws_at_the_rate():
+  x = jnp.ones((64, 1024), jnp.float32)
+  key = jax.random.key(4)
+  y = np.asarray(M.dropout(x, 0.1, key))
+  philox = jax.random.wrap_key_data(jax.random.key_data(key), impl='philox4x32')
+  keep = np.asarray(jax.random.bernoulli(philox, 0.9, (x.size,))).reshape(x.shape)
+  np.testing.assert_array_equal(y != 0, keep)
+  np.testing.assert_allclose(y[keep], 1 / 0.9, rtol=1e-6)
+  n = x.size  # the dropped share within 4 standard deviations of a binomial draw
+  assert abs((y == 0).mean() - 0.1) < 4 * np.sqrt(0.1 * 0.9 / n)
+  # Another key, another mask; a key of another implementation is used as it is.
+  assert (np.asarray(M.dropout(x, 0.1, jax.random.key(5))) != y).any()
+  rbg = jax.random.key(4, impl='rbg')
+  np.testing.assert_array_equal(np.asarray(M.dropout(x, 0.1, rbg)) != 0,
+                                np.asarray(jax.random.bernoulli(rbg, 0.9, (x.size,))).reshape(x.shape))
+
+
 def test_attention_dropout_alone_changes_output():
   m = make_model(dropout_rate=0.0, attention_dropout_rate=0.3)
   tokens = two_unit_batch(np.random.default_rng(9))
