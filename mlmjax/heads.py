@@ -25,6 +25,18 @@ def pool(hidden: jax.Array, tokens: jax.Array, how: str, pad_id: int = model.SP_
   raise ValueError(f'pooling {how!r} is not supported; use one of {list(POOLINGS)}')
 
 
+def encode_pooled(encoder: model.Encoder, input_ids: jax.Array, how: str, *, pad_id: int,
+                  **kwargs) -> jax.Array:
+  """Returns float32 (B, H): encoder(input_ids, pad_id=pad_id, **kwargs) pooled by `how`.
+
+  [CLS] pooling reads position 0 only, so the encoder's last layer runs there only (query_index).
+  """
+  if how == 'cls':
+    first = jnp.zeros((input_ids.shape[0], 1), jnp.int32)
+    return encoder(input_ids, pad_id=pad_id, query_index=first, **kwargs)[:, 0].astype(jnp.float32)
+  return pool(encoder(input_ids, pad_id=pad_id, **kwargs), input_ids, how, pad_id=pad_id)
+
+
 class SequenceClassifier(nnx.Module):
   """model.Encoder, pooled vector ([CLS] or mean), dropout and a linear layer to num_labels logits."""
 
@@ -41,9 +53,9 @@ class SequenceClassifier(nnx.Module):
   def __call__(self, input_ids: jax.Array, *, type_ids: jax.Array | None = None,
                dropout_rng: jax.Array | None = None) -> jax.Array:
     """Returns float32 logits (B, num_labels) of rows (B, L); type_ids (B, L): pairs' segments."""
-    hidden = self.encoder(input_ids, type_ids=type_ids, dropout_rng=model.fold_key(dropout_rng, 0),
-                          cls_id=self.cls_id, pad_id=self.pad_id)
-    pooled = pool(hidden, input_ids, self.pooling, pad_id=self.pad_id)
+    pooled = encode_pooled(self.encoder, input_ids, self.pooling, pad_id=self.pad_id,
+                           type_ids=type_ids, dropout_rng=model.fold_key(dropout_rng, 0),
+                           cls_id=self.cls_id)
     pooled = model.dropout(pooled, self.rate, model.fold_key(dropout_rng, 1))
     return self.classifier(pooled).astype(jnp.float32)
 
@@ -78,6 +90,5 @@ class DualEncoder(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Returns float32 (B, H) embeddings, not normalized."""
-    hidden = self.encoder(input_ids, dropout_rng=dropout_rng, cls_id=self.cls_id,
-                          pad_id=self.pad_id)
-    return pool(hidden, input_ids, self.pooling, pad_id=self.pad_id)
+    return encode_pooled(self.encoder, input_ids, self.pooling, pad_id=self.pad_id,
+                         dropout_rng=dropout_rng, cls_id=self.cls_id)

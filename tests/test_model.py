@@ -650,6 +650,30 @@ def test_heads_lay_out_rows_by_the_cls_and_pad_ids_they_are_given():
   np.testing.assert_allclose(dual(row), heads.mean_pool(dual.encoder(row, **one_unit), real), atol=1e-6)
 
 
+@pytest.mark.parametrize('pre_ln', [True, False])
+def test_cls_pooling_runs_the_last_layer_at_cls_with_every_position_gradients(pre_ln):
+  cfg = small_config(pre_layer_norm=pre_ln, dropout_rate=0.0, attention_dropout_rate=0.0)
+  clf = heads.SequenceClassifier(cfg, 3, pooling='cls', rngs=nnx.Rngs(4))
+  graphdef, params = nnx.split(clf)
+  rows = jnp.asarray(two_unit_batch(np.random.default_rng(14)))
+  types = jnp.asarray(np.random.default_rng(15).integers(0, 2, rows.shape), jnp.int32)
+
+  def loss(params, sparse):
+    m = nnx.merge(graphdef, params)
+    if sparse:
+      pooled = heads.encode_pooled(m.encoder, rows, 'cls', pad_id=PAD, type_ids=types)
+      assert pooled.shape == (2, 32)
+    else:
+      pooled = heads.pool(m.encoder(rows, type_ids=types), rows, 'cls')
+    return jnp.sum(jnp.sin(m.classifier(pooled)))
+
+  got = jax.value_and_grad(loss)(params, True)
+  want = jax.value_and_grad(loss)(params, False)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=1e-5)
+
+
 def test_sequence_classifier_passes_token_type_ids_to_the_embeddings():
   """Pair rows' segments reach the type embeddings: flipping them moves every real position."""
   cfg = small_config(num_layers=1, dropout_rate=0.0)

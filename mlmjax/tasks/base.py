@@ -202,7 +202,7 @@ class Task:
   def embedding(self, model, ids: jax.Array, pooling: str) -> jax.Array:
     """Returns the (B, H) embedding of rows: the encoder's output pooled by `pooling`."""
     ids_of = self.layout_ids()
-    return heads.pool(model.encoder(ids, **ids_of), ids, pooling, pad_id=ids_of['pad_id'])
+    return heads.encode_pooled(model.encoder, ids, pooling, **ids_of)
 
 
 # Rows per prediction forward call: 8, 16 or 32 (the next power of two), so a few compiles serve any count.
