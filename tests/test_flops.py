@@ -116,8 +116,8 @@ def test_train_step_matmuls_are_three_forwards(tiny_train_step):
 # XLA's cost analysis of the compiled program also counts elementwise work (LayerNorm, exact GELU's
 # erf polynomial, softmax exps, bias adds, the loss, AdamW): the analytic count is a lower bound and
 # the excess is the non-matmul share. That share falls as ~1/hidden: per token and layer the
-# elementwise ops scale with H + I + heads * L, the matmuls with H^2 + L * H. Measured here: 8.9%
-# (forward, H=128), 4.3% (forward, H=256), 7.0% (train step, H=128).
+# elementwise ops scale with H + I + heads * L, the matmuls with H^2 + L * H. The measured shares
+# are in docs/benchmarks.md#mfu.
 
 _TOLERANCE = {128: 0.15, 256: 0.08}
 
