@@ -15,7 +15,8 @@ All three have the `mini` shape: 4 layers, hidden 256, 4 heads, intermediate 102
 pretraining configs set it), float32, batch 32 x 128, AdamW (betas 0.9/0.98, eps 1e-6, decay 0.01
 except biases and LayerNorm), linear warmup. What each step does:
 - ours: benchmarks/throughput.py's step (experiment.setup's, which train.run jits): masking on the
-  device inside the step, the MLM head at the 20 prediction slots per row only.
+  device inside the step, the MLM head and the last layer's queries and MLP at the 20 prediction
+  slots per row only, dropout masks from philox4x32.
 - flax: run_mlm_flax.py's step: the MLM head over every position (dense (B, L, V) logits), softmax
   cross-entropy against one-hot labels weighted by labels > 0, summed and divided by the number of
   labels, one jitted step donating the state. Its masking (15%, 80/10/10, numpy, in the collator)
