@@ -275,8 +275,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   data = jax.random.key_data(key)
   if data.shape == (2,):
     # Philox-4x32 over the key's 64 bits (threefry2x32's key space): XLA:CPU runs threefry's rounds
-    # as a loop of passes over the array, 10x philox's time for a mask (86 against 8.6 ms for nine
-    # 1M-element masks on 2 cores).
+    # as a loop of passes over the array, about 10x philox's time per mask (docs/benchmarks.md).
     key = jax.random.wrap_key_data(data, impl='philox4x32')
   # Flat draw, as in _param: eager calls then share one compiled sampler per size.
   keep = jax.random.bernoulli(key, 1.0 - rate, (x.size,)).reshape(x.shape)
@@ -561,9 +560,8 @@ def _decoder_logits_bwd(residuals, g):
   dx = jnp.einsum('...v,vh->...h', g, embedding, preferred_element_type=jnp.float32)
   dembedding = jnp.einsum('pv,ph->vh', g2, x.reshape(-1, x.shape[-1]),
                           preferred_element_type=jnp.float32)
-  # The bias gradient as a (1, P) x (P, V) product: XLA:CPU's column sum of g2 reads it at ~1.3 GB/s
-  # (60 ms of mini's 1.25 s step on 2 cores). The barrier keeps XLA from folding the product with
-  # ones back into that sum.
+  # The bias gradient as a (1, P) x (P, V) product: XLA:CPU's column sum of g2 is far slower
+  # (docs/benchmarks.md). The barrier keeps XLA from folding the product with ones back into it.
   ones = jax.lax.optimization_barrier(jnp.ones((1, g2.shape[0]), g2.dtype))
   return dx.astype(x.dtype), dembedding.astype(embedding.dtype), (ones @ g2)[0]
 
