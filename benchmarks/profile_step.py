@@ -8,7 +8,8 @@ The step is experiment.setup's (as benchmarks/throughput.py times it, masking in
 scatter) is matched by name to the compiled HLO, whose metadata names the Python line that emitted
 it; times are summed per thunk and per mlmjax source line (the innermost frame in mlmjax/), as
 milliseconds per step and as shares of the step's wall time. Thunks may run on both cores at once,
-so shares can sum to more than 100%.
+so shares can sum to more than 100%. On a GPU the GPU's own kernel events are counted, matched by
+the HLO instruction their `hlo_op` names. --save DIR keeps the trace and the compiled HLO.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -90,6 +92,7 @@ def main() -> None:
   p.add_argument('--top', type=int, default=25, help='rows per table')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                  help='config override, e.g. model.dropout_rate=0 (repeatable)')
+  p.add_argument('--save', default='', help='a folder to keep the trace and the compiled HLO in')
   args = p.parse_args()
   config = pretrain.get_config(args.config)
   with config.unlocked():
@@ -109,7 +112,8 @@ def main() -> None:
   pool = [sharding.global_batch(throughput.synthetic_rows(rng, b, l, vocab), mesh)
           for _ in range(4)]
   key = jax.random.key(0)
-  sources = hlo_sources(exp.train_step.lower(state, pool[0], key).compile().as_text())
+  hlo = exp.train_step.lower(state, pool[0], key).compile().as_text()
+  sources = hlo_sources(hlo)
   for i in range(2):
     state, sums = exp.train_step(state, pool[i % 4], key)
   jax.block_until_ready(sums)
@@ -121,15 +125,24 @@ def main() -> None:
         jax.block_until_ready(sums)
     wall = (time.perf_counter() - t0) / args.steps
     trace = next(pathlib.Path(d).rglob('*.trace.json.gz'))
+    if args.save:
+      os.makedirs(args.save, exist_ok=True)
+      shutil.copy(trace, os.path.join(args.save, 'step.trace.json.gz'))
+      pathlib.Path(args.save, 'step.hlo.txt').write_text(hlo)
     events = json.loads(gzip.decompress(trace.read_bytes()))
   events = events['traceEvents'] if isinstance(events, dict) else events
+  gpu_pids = {e['pid'] for e in events if e.get('ph') == 'M' and e.get('name') == 'process_name'
+              and '/device:GPU' in str(e.get('args', {}).get('name', ''))}
   by_thunk, by_line, calls = collections.Counter(), collections.Counter(), collections.Counter()
   for e in events:
-    if e.get('ph') == 'X' and e['name'] in sources:
+    if e.get('ph') != 'X' or (gpu_pids and e.get('pid') not in gpu_pids):
+      continue
+    name = e.get('args', {}).get('hlo_op') or e['name']
+    if name in sources:
       ms = e.get('dur', 0) / 1e3 / args.steps
-      by_thunk[e['name']] += ms
-      by_line[sources[e['name']][2]] += ms
-      calls[e['name']] += 1
+      by_thunk[name] += ms
+      by_line[sources[name][2]] += ms
+      calls[name] += 1
   total = sum(by_thunk.values())
   print(f'config {args.config} {" ".join(args.set)}: batch {b} x {l}, {exp.num_params / 1e6:.2f} M '
         f'params; step wall time {wall * 1e3:.0f} ms (traced, median not taken), thunk time '
