@@ -76,6 +76,8 @@ def compile_report(config, *, topology: str = '', explicit=None) -> dict:
   t_lower = time.perf_counter()
   compiled = exp.train_step.lower(exp.abstract_state, rows, seed_key).compile()
   compile_s = time.perf_counter() - t_lower
+  # Pallas kernels compiled for a TPU (Mosaic) appear as custom calls; interpreted ones would not.
+  tpu_kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
 
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -101,7 +103,7 @@ def compile_report(config, *, topology: str = '', explicit=None) -> dict:
       'xla_flops_per_step': xla_flops * n_dev,
       'analytic_flops_per_step': analytic,
       'analytic_flops_per_token': exp.flops_per_token,
-      'compile_s': compile_s, 'total_s': time.perf_counter() - t0,
+      'tpu_kernels': tpu_kernels, 'compile_s': compile_s, 'total_s': time.perf_counter() - t0,
   }
 
 
@@ -120,7 +122,8 @@ def format_report(r: dict) -> str:
       f"{m['intermediate']}, vocab {m['vocab']}, {m['dtype']}; {r['num_params'] / 1e6:.2f} M params",
       f"step ({r['task']}): batch {r['batch_size']} rows of {r['row_width']} columns "
       f"(seq_len {r['seq_len']}), {r['max_predictions']} prediction slots per row; compiled in "
-      f"{r['compile_s']:.1f} s",
+      f"{r['compile_s']:.1f} s" + (f"; {r['tpu_kernels']} Pallas TPU kernel calls (Mosaic)"
+                                   if r['tpu_kernels'] else ''),
       'per device, from the shardings:',
       f"  parameters (float32)           {_mib(r['params_bytes_per_device'])}",
       f"  optimizer state                {_mib(r['opt_state_bytes_per_device'])}",

@@ -143,13 +143,16 @@ def setup(config, workdir, mesh, *, log: Callable[[str], None] = print,
   row_tokens = int(config.train.seq_len) * task.sequences_per_row
   # The seed key and the metric sums are replicated explicitly so that a topology's devices (not
   # attached in an ahead-of-time compile) receive every array.
-  step = jax.jit(
-      train_step.make_step(graphdef, tx, schedule, task.batch_loss, step_sums=task.step_sums,
-                           dropout=enc_cfg.dropout_rate > 0,
-                           grad_accum_steps=config.train.grad_accum_steps,
-                           token_columns=row_tokens, pad_id=task.layout_ids()['pad_id']),
-      in_shardings=(shardings, batch_sharding, replicated), out_shardings=(shardings, replicated),
-      donate_argnums=0)
+  step_fn = train_step.make_step(graphdef, tx, schedule, task.batch_loss, step_sums=task.step_sums,
+                                 dropout=enc_cfg.dropout_rate > 0,
+                                 grad_accum_steps=config.train.grad_accum_steps,
+                                 token_columns=row_tokens, pad_id=task.layout_ids()['pad_id'])
+
+  def step_on_mesh(*args):
+    with model.mesh_context(mesh):  # while tracing: splash attention runs per shard
+      return step_fn(*args)
+  step = jax.jit(step_on_mesh, in_shardings=(shardings, batch_sharding, replicated),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
   flops_per_token = flops.train_flops_per_token(enc_cfg, seq_len=config.train.seq_len,
                                                 max_predictions=task.flops_max_predictions())
   return Experiment(

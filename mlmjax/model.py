@@ -1,5 +1,7 @@
 """BERT-style Flax NNX encoder over packed rows, with a sparse (gathered) MLM head."""
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Any
@@ -8,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # '' lets jax.nn.dot_product_attention choose; 'reference' is the dense einsum path that the others
@@ -337,32 +340,70 @@ def _attend_reference(q, k, v, mask, rate: float, key: jax.Array | None) -> jax.
   return jnp.einsum('bnts,bsnd->btnd', probs.astype(v.dtype), v)
 
 
+_MESH = contextvars.ContextVar('mlmjax_model_mesh', default=None)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh):
+  """Model code traced in this context runs its per-device kernels (splash attention) on mesh."""
+  token = _MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _MESH.reset(token)
+
+
 def _attend_splash(q, k, v, doc_ids, local_window: int) -> jax.Array:
   """Returns attention (B, T, N, D) through Pallas splash attention with segment ids, no dense mask.
 
   Padding (segment 0) attends to padding only, so its outputs differ from the dense path's; real
-  tokens' outputs are the same. Off TPU the kernel runs interpreted (slow; for tests).
+  tokens' outputs are the same. Compiled for a TPU it is the Mosaic kernel; elsewhere the kernel
+  runs interpreted (slow; for tests). Traced inside mesh_context(mesh) it runs per shard: rows
+  split over the batch axes, heads over 'tensor' where they divide.
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  _, length, heads, d = q.shape
-  shape = (length, length)
-  one = (sm.LocalMask(shape, (local_window // 2, local_window // 2), offset=0) if local_window
-         else sm.FullMask(shape))
+  rows, length, heads, d = q.shape
   block = min(length, 512)
   if length % block or block % 128:
     raise ValueError(f"model.attention_impl='splash' needs a sequence length that is a multiple "
                      f"of 128 (blocks of min(L, 512)); got {length}")
+  if jax.default_backend() == 'gpu':
+    raise ValueError("model.attention_impl='splash' is a TPU kernel (interpreted elsewhere, far too "
+                     "slow to train); on GPU use 'cudnn', '' or 'reference'")
+  mesh = _MESH.get()
+  names = mesh.axis_names if mesh is not None else ()
+  row_axes = tuple(a for a in ('data', 'fsdp') if a in names and mesh.shape[a] > 1)
+  if row_axes and rows % math.prod(mesh.shape[a] for a in row_axes):
+    row_axes = ()
+  head_axis = ('tensor' if 'tensor' in names and mesh.shape['tensor'] > 1
+               and heads % mesh.shape['tensor'] == 0 else None)
+  shape = (length, length)
+  one = (sm.LocalMask(shape, (local_window // 2, local_window // 2), offset=0) if local_window
+         else sm.FullMask(shape))
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                         block_q_dq=block, block_kv_dq=block)
-  kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1,
-                              block_sizes=sizes, interpret=jax.default_backend() != 'tpu')
+
+  def attend(qt, kt, vt, seg_ids):
+    def run(interpret: bool):
+      kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * qt.shape[1]), head_shards=1,
+                                  q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+      return lambda *a: jax.vmap(kernel)(*a)
+    seg = sk.SegmentIds(q=seg_ids, kv=seg_ids)
+    # The lowering platform picks the branch: the Mosaic kernel when compiling for a TPU (also
+    # ahead of time from a CPU host, where jax.default_backend() is 'cpu'), the interpreter elsewhere.
+    return jax.lax.platform_dependent(qt, kt, vt, seg, tpu=run(False), default=run(True))
+
   scale = 1.0 / np.sqrt(d)
   # Splash takes (N, L, D) per row and applies no scale.
   qt, kt, vt = (jnp.swapaxes(t, 1, 2) for t in (q * scale, k, v))
-  seg = sk.SegmentIds(q=doc_ids, kv=doc_ids)
-  out = jax.vmap(kernel)(qt.astype(v.dtype), kt, vt, seg)
+  if row_axes or head_axis:
+    # A Mosaic kernel cannot be partitioned by XLA: each device runs it on its own rows and heads.
+    spec = P(row_axes or None, head_axis, None, None)
+    attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, P(row_axes or None, None)),
+                           out_specs=spec, check_vma=False)
+  out = attend(qt.astype(v.dtype), kt, vt, doc_ids)
   return jnp.swapaxes(out, 1, 2)
 
 

@@ -21,7 +21,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mlmjax import (adapt as adapt_lib, checkpoint, cli, compile_check, experiment, flops,
-                    input_pipeline, optim, phases, run_files, schema, sharding, train_state)
+                    input_pipeline, model, optim, phases, run_files, schema, sharding,
+                    train_state)
 
 
 @dataclasses.dataclass
@@ -359,22 +360,24 @@ def run(config, workdir, *, stop_after: int | None = None, explicit=()) -> dict:
   config itself is not modified, config.json and summary['adapted'] record the changes.
   """
   try:
-    return _run(copy.deepcopy(config), workdir, stop_after=stop_after, explicit=explicit)
+    config = copy.deepcopy(config)
+    sharding.maybe_initialize_distributed(config)  # first: before anything touches a device
+    mesh = sharding.make_mesh(config.mesh)
+    with model.mesh_context(mesh):  # every step traced in the run sees the mesh
+      return _run(config, workdir, mesh, stop_after=stop_after, explicit=explicit)
   except Exception as e:
     run_files.log_fatal(workdir, e, cli.USER_ERRORS)
     raise
 
 
-def _run(config, workdir, *, stop_after: int | None, explicit) -> dict:
+def _run(config, workdir, mesh, *, stop_after: int | None, explicit) -> dict:
   """The body of run()."""
   # --- setup
   t_start = time.perf_counter()
-  sharding.maybe_initialize_distributed(config)  # first: before anything touches a device
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   run_files.check_writable(workdir)
   is_main = jax.process_index() == 0
-  mesh = sharding.make_mesh(config.mesh)
   reporter = run_files.Reporter(workdir, enabled=is_main, wandb=config.wandb)
   log = reporter.log
   log(f'mlmjax: workdir {workdir} | task {config.task} | devices {jax.device_count()} '

@@ -135,11 +135,15 @@ def test_modern_encoder_with_splash_attention_compiles_for_a_tpu_topology():
     pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): nothing to compile for a TPU")
   c = pretrain.get_config('tiny')
   c.tokenizer.vocab_size, c.train.batch_size, c.train.seq_len = 1024, 8, 256
-  c.model.attention_impl = 'splash'  # the Pallas kernel, lowered for the TPU (Mosaic), not interpreted
-  c.mesh.shape = (('data', -1), ('fsdp', 1), ('tensor', 1))
+  c.model.attention_impl = 'splash'
+  # Two rows per device and both heads on one: the kernel runs per shard (XLA cannot partition it).
+  c.mesh.shape = (('data', 2), ('fsdp', 1), ('tensor', 2))
   r = compile_check.compile_report(c, topology='v5e:2x2')
   assert r['device_kind'] == 'TPU v5 lite' and r['num_devices'] == 4
   assert r['memory_per_device']['temp_bytes'] > 0
+  # The Pallas kernel lowered for the TPU (Mosaic), not interpreted: forward and backward kernels
+  # in each of the encoder's layers.
+  assert r['tpu_kernels'] >= r['model']['layers']
 
 
 @pytest.mark.slow

@@ -1,6 +1,12 @@
 """Tests for mlmjax.model's architecture options: rotary positions, windows, gated MLPs, norms, paths."""
 
 import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +18,7 @@ from flax import nnx
 from mlmjax import flops
 from mlmjax import model as M
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 PAD, CLS, SEP = 0, 2, 3
 VOCAB = 61
 
@@ -129,6 +136,67 @@ def test_splash_attention_gives_the_reference_loss_and_gradients():
                _loss_and_grads('reference', tokens, positions))
 
 
+_SHARDED_SPLASH = textwrap.dedent('''
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from mlmjax import model as M, sharding
+    import ml_collections
+
+    def config(impl):
+      return M.EncoderConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4,
+                             intermediate_size=48, **{**M.MODERN, 'local_window': 32},
+                             attention_impl=impl, attention_dropout_rate=0.0, dropout_rate=0.0)
+
+    rng = np.random.default_rng(0)
+    tokens = np.zeros((4, 128), np.int32)
+    for r, lengths in enumerate(((40, 50), (30, 60, 20), (100,), (10, 20, 30))):
+      row = []
+      for n in lengths:
+        row += [2] + list(rng.integers(5, 61, n)) + [3]
+      tokens[r, :len(row)] = row
+    slots = np.stack([np.sort(rng.choice(np.flatnonzero(t), 8, replace=False)) for t in tokens])
+    params = nnx.split(M.BertForMLM(config('reference'), rngs=nnx.Rngs(5)))[1]
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(
+        {'shape': (('data', 2), ('fsdp', 1), ('tensor', 2))}))
+
+    def loss_and_grads(impl):
+      graphdef = nnx.split(nnx.eval_shape(lambda: M.BertForMLM(config(impl), rngs=nnx.Rngs(5))))[0]
+      def loss(p, t, s):
+        return -jax.nn.log_softmax(nnx.merge(graphdef, p)(t, s))[..., 7].mean()
+      rows = NamedSharding(mesh, P(('data', 'fsdp'), None))
+      f = jax.jit(jax.value_and_grad(loss), in_shardings=(NamedSharding(mesh, P()), rows, rows))
+      with M.mesh_context(mesh):
+        lowered = f.lower(params, tokens, slots)
+      return lowered.compile()(params, tokens, slots), lowered.as_text()
+
+    (want, want_g), _ = loss_and_grads('reference')
+    (got, got_g), text = loss_and_grads('splash')
+    gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+              zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)))
+    print('RESULT ' + json.dumps({'devices': jax.device_count(), 'loss': [float(got), float(want)],
+                                  'grad_gap': gap, 'manual': text.count('manual_computation')}))
+''')
+
+
+@pytest.mark.slow
+def test_splash_runs_per_shard_on_a_mesh_and_gives_the_reference_loss_and_gradients(tmp_path):
+  # XLA cannot partition a Mosaic kernel, so under model.mesh_context splash runs in a shard_map:
+  # rows over 'data', heads over 'tensor'. Four forced host devices, the kernel interpreted.
+  script = tmp_path / 'sharded_splash.py'
+  script.write_text(_SHARDED_SPLASH)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
+             PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL='2')
+  proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')][-1][7:])
+  assert out['devices'] == 4 and out['manual'] > 0
+  np.testing.assert_allclose(out['loss'][0], out['loss'][1], atol=1e-5, rtol=0)
+  assert out['grad_gap'] < 1e-5
+
+
 def test_a_requested_attention_impl_that_cannot_run_is_an_error():
   with pytest.raises(ValueError, match="cuDNN attention has no two-sided sliding window"):
     modern_config(attention_impl='cudnn', attention_dropout_rate=0.0)
@@ -142,6 +210,15 @@ def test_a_requested_attention_impl_that_cannot_run_is_an_error():
                        rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="'splash' needs a sequence length that is a multiple of 128"):
     model.encoder(jnp.asarray(packed_rows(32)))
+
+
+def test_splash_on_a_gpu_is_an_error_not_the_interpreter(monkeypatch):
+  # Off TPU the kernel would run interpreted: fine for CPU tests, a silent crawl on a GPU.
+  model = M.BertForMLM(modern_config(attention_impl='splash', attention_dropout_rate=0.0),
+                       rngs=nnx.Rngs(0))
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  with pytest.raises(ValueError, match="'splash' is a TPU kernel"):
+    model.encoder(jnp.asarray(packed_rows(128)))
 
 
 @pytest.mark.parametrize('overrides,message', [
