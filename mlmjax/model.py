@@ -373,6 +373,7 @@ def _attend_splash(q, k, v, doc_ids, local_window: int) -> jax.Array:
                      "slow to train); on GPU use 'cudnn', '' or 'reference'")
   mesh = _MESH.get()
   names = mesh.axis_names if mesh is not None else ()
+  # Rows and heads are split where they divide, else each device computes all of them.
   row_axes = tuple(a for a in ('data', 'fsdp') if a in names and mesh.shape[a] > 1)
   if row_axes and rows % math.prod(mesh.shape[a] for a in row_axes):
     row_axes = ()
@@ -398,7 +399,7 @@ def _attend_splash(q, k, v, doc_ids, local_window: int) -> jax.Array:
   scale = 1.0 / np.sqrt(d)
   # Splash takes (N, L, D) per row and applies no scale.
   qt, kt, vt = (jnp.swapaxes(t, 1, 2) for t in (q * scale, k, v))
-  if row_axes or head_axis:
+  if mesh is not None and mesh.size > 1:
     # A Mosaic kernel cannot be partitioned by XLA: each device runs it on its own rows and heads.
     spec = P(row_axes or None, head_axis, None, None)
     attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, P(row_axes or None, None)),
