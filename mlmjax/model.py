@@ -139,6 +139,9 @@ class EncoderConfig:
                        f"probabilities, but model.attention_dropout_rate="
                        f"{self.attention_dropout_rate}; set it to 0, or attention_impl to '' or "
                        "'reference'")
+    if impl == 'cudnn' and self.dtype != 'bfloat16':
+      raise ValueError(f"model.attention_impl='cudnn' needs model.dtype='bfloat16' (jax's cuDNN "
+                       f"attention takes 16-bit inputs), not {self.dtype!r}")
     if impl == 'cudnn' and self.local_window:
       raise ValueError("model.attention_impl='cudnn': jax's cuDNN attention has no two-sided "
                        "sliding window (model.local_window); use '' or 'reference' on GPU")

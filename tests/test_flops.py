@@ -168,7 +168,8 @@ def test_parts_and_per_token():
 @pytest.mark.parametrize('impl', ['cudnn', 'splash'])
 def test_fused_attention_counts_the_last_layer_at_every_token(impl):
   cfg, _, length, p = _encoder(SHAPES['tiny_preln'])
-  full = flops.forward_flops_per_row(dataclasses.replace(cfg, attention_impl=impl), length, p)
+  full = flops.forward_flops_per_row(dataclasses.replace(cfg, attention_impl=impl, dtype='bfloat16'),
+                                     length, p)
   h, n = cfg.hidden_size, cfg.num_layers
   assert full['attention'] == n * 4 * length * length * h
   assert full['mlp'] == n * length * 2 * 2 * h * cfg.intermediate_size

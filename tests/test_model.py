@@ -244,7 +244,7 @@ def test_last_layer_at_the_slots_with_dropout_and_the_paths_that_refuse_it():
     splash(x, doc, doc, None, jnp.asarray(positions))
   for impl, sparse in (('', True), ('xla', True), ('reference', True), ('cudnn', False),
                        ('splash', False)):
-    config = small_config(attention_impl=impl, attention_dropout_rate=0.0)
+    config = small_config(attention_impl=impl, attention_dropout_rate=0.0, dtype='bfloat16')
     assert config.sparse_last_layer(128, 20) == sparse and not config.sparse_last_layer(128, 128)
 
 
@@ -516,12 +516,15 @@ def test_cudnn_attention_with_attention_dropout_is_refused_not_bypassed():
                       attention_dropout_rate=0.1)
   # Hidden dropout alone leaves the attention fused.
   M.EncoderConfig(vocab_size=100, size='tiny', attention_impl='cudnn', dropout_rate=0.1,
-                  attention_dropout_rate=0.0)
+                  attention_dropout_rate=0.0, dtype='bfloat16')
   from configs import finetune, pretrain  # pylint: disable=g-import-not-at-top
   for size in ('tiny_classic', 'mini', 'base', 'large'):  # pretraining: no dropout on the probabilities
     c = pretrain.get_config(size)
     assert c.model.attention_dropout_rate == 0.0
-    M.EncoderConfig(vocab_size=100, **{**c.model, 'attention_impl': 'cudnn'})
+    M.EncoderConfig(vocab_size=100, **{**c.model, 'attention_impl': 'cudnn', 'dtype': 'bfloat16'})
+  # cuDNN's attention takes 16-bit inputs only: float32 is refused by name, not deep in a trace.
+  with pytest.raises(ValueError, match=r"attention_impl='cudnn' needs model\.dtype='bfloat16'"):
+    M.EncoderConfig(vocab_size=100, size='tiny', attention_impl='cudnn', attention_dropout_rate=0.0)
   assert finetune.get_config('bbc').model.attention_dropout_rate == 0.1
 
 

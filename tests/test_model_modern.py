@@ -199,10 +199,11 @@ def test_splash_runs_per_shard_on_a_mesh_and_gives_the_reference_loss_and_gradie
 
 def test_a_requested_attention_impl_that_cannot_run_is_an_error():
   with pytest.raises(ValueError, match="cuDNN attention has no two-sided sliding window"):
-    modern_config(attention_impl='cudnn', attention_dropout_rate=0.0)
+    modern_config(attention_impl='cudnn', attention_dropout_rate=0.0, dtype='bfloat16')
   if jax.default_backend() != 'gpu':
     cfg = M.EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=2,
-                          intermediate_size=32, attention_impl='cudnn', attention_dropout_rate=0.0)
+                          intermediate_size=32, attention_impl='cudnn', attention_dropout_rate=0.0,
+                          dtype='bfloat16')
     model = M.BertForMLM(cfg, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU"):
       model.encoder(jnp.asarray(packed_rows(32)))
