@@ -34,8 +34,8 @@ SMALL = dict(hidden_size=256, num_layers=3, num_heads=4, intermediate_size=512)
 
 def paths(backend: str, config: str, splash: bool) -> list[str]:
   """Returns the fused attention_impl values to check on this backend."""
-  if backend == 'gpu':
-    return ['xla'] if config.startswith('modern') else ['cudnn', 'xla']
+  if backend == 'gpu':  # cuDNN has no two-sided sliding window
+    return ['xla'] if pretrain.get_config(config).model.local_window else ['cudnn', 'xla']
   if backend == 'tpu':
     return ['splash', 'xla']
   return ['xla', 'splash'] if splash else ['xla']

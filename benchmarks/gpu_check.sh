@@ -6,6 +6,9 @@
 #   benchmarks/gpu_check.sh [OUT_DIR]      # default: $OUT, else ./gpu_check
 #   SWEEP_BUDGET_S=600 PYTHON=.venv/bin/python benchmarks/gpu_check.sh runs/gpu_check
 #
+# PARITY, PROFILE and SWEEP replace each script's arguments (e.g. a small run on a CPU:
+# PROFILE='--config tiny_classic --steps 2' SWEEP='--configs tiny --lengths 128 --dtype float32').
+#
 # Every part writes its file as it goes, so a run cut short still leaves what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +22,10 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
   "$py" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
                                             "optax", optax.__version__, jax.devices())'
 } 2>&1 | tee "$out/versions.txt"
-"$py" benchmarks/attention_parity.py 2>&1 | tee "$out/parity.md"
-"$py" benchmarks/profile_step.py --config base --steps 5 --set model.dtype=bfloat16 \
-    --set model.attention_impl=cudnn --save "$out/profile" 2>&1 | tee "$out/profile.txt"
-"$py" benchmarks/attention_sweep.py --budget_s "${SWEEP_BUDGET_S:-240}" 2>&1 | tee "$out/sweep.md"
+# shellcheck disable=SC2086  # the argument strings are split on purpose
+"$py" benchmarks/attention_parity.py ${PARITY:-} 2>&1 | tee "$out/parity.md"
+"$py" benchmarks/profile_step.py \
+    ${PROFILE:---config base --steps 5 --set model.dtype=bfloat16 --set model.attention_impl=cudnn} \
+    --save "$out/profile" 2>&1 | tee "$out/profile.txt"
+"$py" benchmarks/attention_sweep.py --budget_s "${SWEEP_BUDGET_S:-240}" ${SWEEP:-} 2>&1 \
+    | tee "$out/sweep.md"
