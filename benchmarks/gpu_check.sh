@@ -11,10 +11,10 @@
 #
 # Every part writes its file as it goes, so a run cut short still leaves what it measured.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_check}}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
