@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import throughput  # pylint: disable=g-import-not-at-top
+import attention_sweep  # pylint: disable=g-import-not-at-top
+import throughput
 from configs import pretrain
 from mlmjax import model as M
 
@@ -34,8 +35,8 @@ SMALL = dict(hidden_size=256, num_layers=3, num_heads=4, intermediate_size=512)
 
 def paths(backend: str, config: str, splash: bool) -> list[str]:
   """Returns the fused attention_impl values to check on this backend."""
-  if backend == 'gpu':  # cuDNN has no two-sided sliding window
-    return ['xla'] if pretrain.get_config(config).model.local_window else ['cudnn', 'xla']
+  if backend == 'gpu':
+    return ['cudnn', 'xla'] if attention_sweep.fused_path(config) == 'cudnn' else ['xla']
   if backend == 'tpu':
     return ['splash', 'xla']
   return ['xla', 'splash'] if splash else ['xla']

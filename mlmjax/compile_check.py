@@ -77,7 +77,8 @@ def compile_report(config, *, topology: str = '', explicit=None) -> dict:
   compiled = exp.train_step.lower(exp.abstract_state, rows, seed_key).compile()
   compile_s = time.perf_counter() - t_lower
   # Pallas kernels compiled for a TPU (Mosaic) appear as custom calls; interpreted ones would not.
-  tpu_kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+  tpu_kernels = (compiled.as_text().count('custom_call_target="tpu_custom_call"')
+                 if devices[0].platform == 'tpu' else 0)
 
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

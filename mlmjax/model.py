@@ -371,9 +371,6 @@ def _attend_splash(q, k, v, doc_ids, local_window: int) -> jax.Array:
   if length % block or block % 128:
     raise ValueError(f"model.attention_impl='splash' needs a sequence length that is a multiple "
                      f"of 128 (blocks of min(L, 512)); got {length}")
-  if jax.default_backend() == 'gpu':
-    raise ValueError("model.attention_impl='splash' is a TPU kernel (interpreted elsewhere, far too "
-                     "slow to train); on GPU use 'cudnn', '' or 'reference'")
   mesh = _MESH.get()
   names = mesh.axis_names if mesh is not None else ()
   # Rows and heads are split where they divide, else each device computes all of them.
@@ -445,6 +442,12 @@ class Attention(nnx.Module):
     drop = dropout_rng is not None and self.rate > 0.0
     if query_index is not None and self.impl not in SPARSE_QUERY_IMPLS:
       raise ValueError(f'model.attention_impl={self.impl!r} attends from every position only')
+    backend = jax.default_backend()
+    if self.impl == 'cudnn' and backend != 'gpu':
+      raise ValueError(f"model.attention_impl='cudnn' needs a GPU; this process runs on {backend}")
+    if self.impl == 'splash' and backend == 'gpu':
+      raise ValueError("model.attention_impl='splash' is a TPU kernel (interpreted elsewhere, far too "
+                       "slow to train); on GPU use 'cudnn', '' or 'reference'")
     if self.impl == 'splash':
       out = _attend_splash(q, k, v, doc_ids, self.window)
     elif self.impl == 'reference' or (drop and not self.impl):
@@ -456,9 +459,6 @@ class Attention(nnx.Module):
                                                                       query_index),
                                          implementation=self.impl or None)
     else:
-      if self.impl == 'cudnn' and jax.default_backend() != 'gpu':
-        raise ValueError(f"model.attention_impl='cudnn' needs a GPU; this process runs on "
-                         f"{jax.default_backend()}")
       window = (self.window // 2, self.window // 2) if self.window else None
       out = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(doc_ids),
                                          local_window_size=window,
